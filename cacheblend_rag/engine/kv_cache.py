@@ -1,0 +1,25 @@
+"""The fused KV cache of one request: keys after RoPE, ordered by absolute position."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """k, v: [L, Hkv, capacity, D]; rows 0..length-1 are filled (key j at position j)."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+        shape = (n_layers, n_kv_heads, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def layer(self, index: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [Hkv, length, D] of one layer's keys and values."""
+        n = self.length if length is None else length
+        return self.k[index, :, :n], self.v[index, :, :n]

@@ -1,0 +1,130 @@
+"""The blended prefill: one loop over layers that serves every strategy.
+
+A plan says which prompt rows have stored KV (``spans``), which rows are computed from layer 0
+(``initial``: all for full_recompute and cacheblend, the uncached rows for full_reuse and prefix_cache)
+and at which layers cacheblend narrows the computed rows (``checks``). At each layer:
+
+1. the stored pre-RoPE K and V of the cached rows are copied into the fused cache;
+2. Q/K/V are computed for the selected rows; at a check layer the deviation of their fresh K or V from
+   the stored one picks the rows to keep (top ratio x cached rows, plus every forced row);
+3. the selected rows' K/V overwrite theirs (at a check layer every computed row is written), all keys
+   are rotated to their absolute positions;
+4. attention runs for the kept rows over all keys with an exact causal mask by position, then the MLP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kernels import apply_rope, kv_deviation, scatter_rows, select_top, selected_attention
+from ..model.forward import ModelForward
+from ..store.chunk import ChunkKV
+from .kv_cache import KVCache
+
+
+@dataclass
+class CachedSpan:
+    """Prompt rows start..start+T-1 take their KV from ``kv`` ([L, Hkv, T, D], keys before RoPE)."""
+
+    start: int
+    kv: ChunkKV
+
+    @property
+    def end(self) -> int:
+        return self.start + self.kv.n_tokens
+
+
+@dataclass
+class PrefillPlan:
+    ids: torch.Tensor  # [N] token ids
+    spans: list[CachedSpan] = field(default_factory=list)
+    initial: torch.Tensor | None = None  # [M0] sorted rows computed from layer 0; None = all rows
+    forced: torch.Tensor | None = None  # [N] bool: rows a check layer must keep
+    checks: dict[int, float] = field(default_factory=dict)  # layer -> ratio of cached rows kept
+    deviation: str = "v"
+    capture: tuple[int, int] | None = None  # rows whose pre-RoPE K and V to return
+    need_logits: bool = True
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor | None  # [vocab] float32 at the last prompt position
+    rows: torch.Tensor  # [M] rows computed through the last layer
+    layer_rows: list[int]
+    flops: float
+    captured: ChunkKV | None
+
+
+def layer_flops(fwd: ModelForward) -> tuple[float, float]:
+    """FLOPs per row of one layer: (q/k/v projections, output projection + MLP)."""
+    hidden, inner, kv = fwd.hidden_size, fwd.n_heads * fwd.head_dim, fwd.n_kv_heads * fwd.head_dim
+    intermediate = fwd.config.intermediate_size
+    return 2.0 * hidden * (inner + 2 * kv), 2.0 * (inner * hidden + 3 * hidden * intermediate)
+
+
+def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: str = "auto") -> PrefillResult:
+    """Fill ``cache`` rows 0..N-1 for every layer following ``plan``; return the last position's logits."""
+    ids = plan.ids
+    n = ids.shape[0]
+    device = ids.device
+    positions = torch.arange(n, device=device)
+    from_cache = torch.zeros(n, dtype=torch.bool, device=device)
+    for span in plan.spans:
+        from_cache[span.start : span.end] = True
+    n_cached = int(from_cache.sum())
+    forced = plan.forced if plan.forced is not None else ~from_cache
+    sel = positions if plan.initial is None else plan.initial
+    h = fwd.embed(ids[sel])
+    qkv_flops, rest_flops = layer_flops(fwd)
+    flops = 0.0
+    layer_rows: list[int] = []
+    captured_k: list[torch.Tensor] = []
+    captured_v: list[torch.Tensor] = []
+    cache.length = n
+    for layer in range(fwd.n_layers):
+        keys, values = cache.layer(layer, n)
+        for span in plan.spans:
+            k_stored, v_stored = span.kv.layer(layer)
+            keys[:, span.start : span.end].copy_(k_stored)
+            values[:, span.start : span.end].copy_(v_stored)
+        q, k_new, v_new = fwd.qkv(layer, h, sel, backend=backend)
+        flops += qkv_flops * sel.shape[0]
+        keep = None
+        if layer in plan.checks:
+            keep = _check(plan, layer, sel, k_new, v_new, keys, values, from_cache, forced, n_cached, backend)
+        scatter_rows(keys, sel, k_new)
+        scatter_rows(values, sel, v_new)
+        if plan.capture is not None:
+            a, b = plan.capture
+            captured_k.append(keys[:, a:b].clone())
+            captured_v.append(values[:, a:b].clone())
+        if layer == fwd.n_layers - 1 and not plan.need_logits:
+            layer_rows.append(0)
+            break
+        apply_rope(keys, positions, fwd.rope, out=keys, backend=backend)
+        if keep is not None:
+            q, h, sel = q[:, keep], h[keep], sel[keep]
+        attn = selected_attention(q, sel, keys, values, fwd.scale, backend=backend)
+        h = fwd.finish_layer(layer, h, attn)
+        layer_rows.append(sel.shape[0])
+        flops += rest_flops * sel.shape[0] + 4.0 * fwd.n_heads * fwd.head_dim * float((sel + 1).sum())
+    logits = None
+    if plan.need_logits:
+        logits = fwd.logits(h[-1:])[0]
+        flops += 2.0 * fwd.hidden_size * fwd.vocab_size
+    captured = ChunkKV(torch.stack(captured_k), torch.stack(captured_v)) if plan.capture is not None else None
+    return PrefillResult(logits=logits, rows=sel, layer_rows=layer_rows, flops=flops, captured=captured)
+
+
+def _check(plan, layer, sel, k_new, v_new, keys, values, from_cache, forced, n_cached, backend) -> torch.Tensor:
+    """Rows of ``sel`` to keep after check ``layer``: forced rows plus the most deviating cached rows."""
+    fresh, stored = (v_new, values) if plan.deviation == "v" else (k_new, keys)
+    sel_cached = from_cache[sel]
+    keep = forced[sel].clone()
+    deviation = kv_deviation(fresh, stored[:, sel], sel_cached, backend=backend)
+    deviation.masked_fill_(keep, float("-inf"))
+    budget = round(plan.checks[layer] * n_cached) - int((keep & sel_cached).sum())
+    keep[select_top(deviation, budget)] = True
+    return keep.nonzero().squeeze(1)

@@ -1,0 +1,116 @@
+"""A request after its prefill: decoding, streaming, and the final GenerationResult."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .decode import Sampler, TextStreamer, decode_step
+from .kv_cache import KVCache
+from .stats import RequestStats
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    ttft_s: float
+    stats: RequestStats
+    finish_reason: str = "length"  # "eos", "stop" or "length"
+    prompt_token_ids: list[int] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class PreparedRequest:
+    """State right after the prefill: the fused cache and the logits of the first new token."""
+
+    cache: KVCache
+    logits: torch.Tensor  # [vocab] float32
+    stats: RequestStats
+    prompt_ids: list[int]
+    started: float  # perf_counter() when the request arrived
+
+
+class GenerationStream:
+    """Iterate for text pieces as they are produced; ``result`` holds the GenerationResult afterwards."""
+
+    def __init__(
+        self,
+        engine,
+        request: PreparedRequest,
+        sampler: Sampler,
+        streamer: TextStreamer,
+        max_new_tokens: int,
+        backend: str,
+        on_finish: Callable[[GenerationResult], None],
+    ) -> None:
+        self._engine = engine
+        self._request = request
+        self._sampler = sampler
+        self._streamer = streamer
+        self._max_new = max_new_tokens
+        self._backend = backend
+        self._on_finish = on_finish
+        self._result: GenerationResult | None = None
+        self._pieces = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    @property
+    def result(self) -> GenerationResult:
+        """The finished result (drains the stream first if it was not read to the end)."""
+        for _ in self._pieces:
+            pass
+        assert self._result is not None
+        return self._result
+
+    def _run(self) -> Iterator[str]:
+        req = self._request
+        stats = req.stats
+        fwd = self._engine.forward
+        eos = self._engine.eos_token_ids
+        logits = req.logits
+        tokens: list[int] = []
+        finish = "length"
+        decode_start = None
+        for i in range(self._max_new):
+            token = self._sampler(logits)
+            if i == 0:
+                stats.ttft_s = time.perf_counter() - req.started
+                decode_start = time.perf_counter()
+            if token in eos:
+                finish = "eos"
+                break
+            tokens.append(token)
+            piece = self._streamer.push(token)
+            if piece:
+                yield piece
+            if self._streamer.done:
+                finish = "stop"
+                break
+            if i + 1 == self._max_new:
+                break
+            with torch.inference_mode():
+                logits = decode_step(fwd, req.cache, token, backend=self._backend)
+        rest = self._streamer.finish()
+        if rest:
+            yield rest
+        stats.new_tokens = len(tokens)
+        stats.decode_s = time.perf_counter() - decode_start if decode_start is not None else 0.0
+        self._result = GenerationResult(
+            text=self._streamer.text,
+            token_ids=tokens,
+            ttft_s=stats.ttft_s,
+            stats=stats,
+            finish_reason=finish,
+            prompt_token_ids=req.prompt_ids,
+        )
+        self._request = None  # type: ignore[assignment]  # frees the KV cache
+        self._on_finish(self._result)

@@ -1,0 +1,51 @@
+"""Turning a request's segments (text and chunk handles) into token blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..store.chunk import ChunkHandle
+
+
+@dataclass
+class Block:
+    """A run of prompt tokens: either text to compute or a cached chunk."""
+
+    token_ids: list[int]
+    handle: ChunkHandle | None = None
+    start: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+def merge_text(segments: Sequence[str | ChunkHandle]) -> list[str | ChunkHandle]:
+    """Validate segment types and join adjacent strings (they are tokenized together)."""
+    if isinstance(segments, (str, ChunkHandle)):
+        segments = [segments]
+    out: list[str | ChunkHandle] = []
+    for i, seg in enumerate(segments):
+        if isinstance(seg, str):
+            if out and isinstance(out[-1], str):
+                out[-1] += seg
+            elif seg:
+                out.append(seg)
+        elif isinstance(seg, ChunkHandle):
+            out.append(seg)
+        else:
+            raise TypeError(
+                f"segment {i} is a {type(seg).__name__}; segments must be str (computed) or ChunkHandle (reused, "
+                "from engine.precompute)"
+            )
+    return out
+
+
+def place(blocks: list[Block]) -> int:
+    """Assign each block its start row; return the prompt length."""
+    pos = 0
+    for block in blocks:
+        block.start = pos
+        pos += len(block.token_ids)
+    return pos

@@ -1,0 +1,67 @@
+"""Per-request statistics and the engine's cumulative counters."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RequestStats:
+    """What one request reused and recomputed, and where its time went.
+
+    prompt_tokens: tokens in the prompt. cached_tokens: prompt tokens whose KV came from the store.
+    recomputed_tokens: tokens computed through every layer (all uncached tokens plus the cached tokens a
+    strategy chose to recompute). reused_tokens: prompt_tokens - recomputed_tokens.
+    layer_rows: rows computed at each layer. prefill_flops: multiply-adds x 2 of the prefill.
+    """
+
+    strategy: str
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    reused_tokens: int = 0
+    recomputed_tokens: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    new_tokens: int = 0
+    recompute_ratio: float | None = None
+    load_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_flops: float = 0.0
+    layer_rows: list[int] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class EngineMetrics:
+    """Thread-safe cumulative counters, read through ``snapshot()``."""
+
+    FIELDS = ("requests", "prompt_tokens", "reused_tokens", "recomputed_tokens", "generated_tokens",
+              "cache_hits", "cache_misses", "precomputed_chunks", "precompute_cache_hits")  # fmt: skip
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(self.FIELDS, 0)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                self._counts[name] += delta
+
+    def record(self, stats: RequestStats) -> None:
+        self.add(
+            requests=1,
+            prompt_tokens=stats.prompt_tokens,
+            reused_tokens=stats.reused_tokens,
+            recomputed_tokens=stats.recomputed_tokens,
+            generated_tokens=stats.new_tokens,
+            cache_hits=stats.cache_hits,
+            cache_misses=stats.cache_misses,
+        )
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)

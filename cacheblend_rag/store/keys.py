@@ -1,0 +1,70 @@
+"""Content-addressed keys for KV blocks.
+
+A block's key chains the model fingerprint, the key of everything before it, and its own token ids
+(as nano-vllm hashes prefix blocks). A chunk precomputed alone is the block that follows the chunk prefix,
+so its key is ``chain_key(fp, chain_key(fp, None, prefix_ids), chunk_ids)``; an exact prompt prefix is
+a chain of such blocks. Different models, tokenizers, prefixes or tokens give different keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+import torch
+
+
+def chain_key(model_fingerprint: str, parent: str | None, token_ids: Sequence[int]) -> str:
+    """sha256 hex of (model fingerprint, parent key, token ids)."""
+    h = hashlib.sha256()
+    h.update(b"cacheblend-kv-v1\0")
+    h.update(model_fingerprint.encode())
+    h.update(b"\0" + (parent or "root").encode() + b"\0")
+    h.update(torch.tensor(list(token_ids), dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Digest of every parameter's name, shape, dtype, float64 sum and sum of squares, and a strided sample.
+
+    Any retrained or fine-tuned weight changes a sum (and the sample); hashing every byte of a large model
+    would cost seconds per load.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            stats = torch.stack([flat.double().sum(), flat.double().square().sum()]).cpu()
+            sample = flat[::step].float().cpu()
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(stats.numpy().tobytes())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Digest of the tokenizer's full definition (fast tokenizers) or its vocabulary and special tokens."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(getattr(tokenizer, "all_special_tokens", []), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module, tokenizer, *, extra: str = "") -> str:
+    """Identity of (architecture config, weights, tokenizer, compute dtype): the namespace of every key."""
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "_commit_hash", "transformers_version", "_attn_implementation_autoset",
+                     "_attn_implementation", "use_cache", "dtype", "torch_dtype"):  # fmt: skip
+        config.pop(volatile, None)
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(weights_fingerprint(model).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    h.update(extra.encode())
+    return h.hexdigest()

@@ -1,0 +1,35 @@
+"""The interface every store tier implements, and its counters."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from .chunk import ChunkKV
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0
+    bytes_read: int = 0
+    writes: int = 0
+    bytes_written: int = 0
+    evictions: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Tier(Protocol):
+    name: str
+    stats: TierStats
+
+    def contains(self, key: str) -> bool: ...
+
+    def get(self, key: str) -> ChunkKV | None: ...
+
+    def put(self, key: str, kv: ChunkKV) -> None: ...
+
+    def delete(self, key: str) -> None: ...

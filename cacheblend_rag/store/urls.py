@@ -1,0 +1,41 @@
+"""Build store tiers from URLs: ``memory://?max_bytes=2GB``, ``file:///var/cache/cb``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+from .disk import DiskTier
+from .memory import MemoryTier
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"2GB"`` -> 2_000_000_000, ``"512MiB"`` -> 536_870_912, ``1024`` -> 1024."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot read a byte size from {text!r}; write e.g. 2GB, 512MiB or 1000000")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def tier_from_url(url: str, model_fingerprint: str):
+    """One tier from its URL."""
+    parsed = urlparse(url)
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    if parsed.scheme == "memory":
+        return MemoryTier(parse_bytes(query.get("max_bytes", "2GiB")))
+    if parsed.scheme == "file":
+        path = unquote(parsed.netloc + parsed.path)
+        if not path:
+            raise ValueError(f"file store URL needs a path, e.g. file:///var/cache/cb; got {url!r}")
+        return DiskTier(Path(path), model_fingerprint)
+    if parsed.scheme in ("redis", "rediss"):
+        from .redis_tier import RedisTier
+
+        return RedisTier.from_url(url, model_fingerprint)
+    raise ValueError(f"unknown store URL scheme in {url!r}; use memory://?max_bytes=..., file:///path or redis://host:port/db")

@@ -1,0 +1,118 @@
+"""The correctness anchors of DESIGN.md: every strategy against full recompute."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tests.conftest import MESSI, PASSAGES, RONALDO, config
+
+QUESTION = "\nQuestion: which river reaches the Black Sea?"
+
+
+def greedy(engine, segments, cfg, n=8):
+    return engine.generate(segments, max_new_tokens=n, config=cfg).token_ids
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3_rope"])
+def test_cacheblend_ratio_one_equals_full_recompute(arch, make_engine):
+    engine = make_engine(arch, seed=7, store_dtype=torch.float16)
+    handles = engine.precompute(PASSAGES)
+    segments = ["Read the passages.\n", *handles, QUESTION]
+    full = engine.prepare(segments, config=config("full_recompute"))
+    blended = engine.prepare(segments, config=config("cacheblend", recompute_ratio=1.0))
+    assert blended.stats.recomputed_tokens == blended.stats.prompt_tokens
+    assert_close(blended.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert greedy(engine, segments, config("cacheblend", recompute_ratio=1.0)) == greedy(
+        engine, segments, config("full_recompute")
+    )
+
+
+def test_gradual_filtering_and_k_deviation_at_ratio_one_equal_full_recompute(make_engine):
+    engine = make_engine("llama", seed=2)
+    segments = ["Read.\n", *engine.precompute(PASSAGES), QUESTION]
+    full = engine.prepare(segments, config=config("full_recompute")).logits
+    for cfg in (
+        config("cacheblend", recompute_ratio=1.0, check_layers=(1, 2, 3)),
+        config("cacheblend", recompute_ratio=1.0, deviation="k"),
+    ):
+        assert_close(engine.prepare(segments, config=cfg).logits, full, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_cache_equals_full_recompute(make_engine):
+    engine = make_engine("qwen2", seed=4)
+    handles = engine.precompute(PASSAGES)
+    segments = ["System: answer briefly.\n", *handles, QUESTION]
+    full = engine.prepare(segments, config=config("full_recompute"))
+    first = engine.prepare(segments, config=config("prefix_cache"))
+    assert first.stats.reused_tokens == 0 and first.stats.cache_misses == 1
+    second = engine.prepare(segments, config=config("prefix_cache"))
+    # every block but the last (the question) comes from the prefix cache the first request filled
+    assert second.stats.reused_tokens == second.stats.prompt_tokens - len(engine.tokenize(QUESTION))
+    assert_close(first.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert_close(second.logits, full.logits, atol=1e-5, rtol=1e-5)
+    # a different continuation after the same prefix reuses the shared part only
+    other = engine.prepare([segments[0], handles[0], handles[2], QUESTION], config=config("prefix_cache"))
+    assert other.stats.reused_tokens == len(engine.tokenize(segments[0])) + handles[0].n_tokens
+    assert_close(other.logits, engine.prepare([segments[0], handles[0], handles[2], QUESTION],
+                                              config=config("full_recompute")).logits, atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_one_chunk_right_after_the_prefix_under_full_reuse_equals_full_recompute(make_engine, tokenizer):
+    engine = make_engine("llama", seed=8)
+    prefix_text = tokenizer.decode(engine.chunk_prefix_ids)
+    assert engine.tokenize(prefix_text) == engine.chunk_prefix_ids
+    (handle,) = engine.precompute([PASSAGES[2]])
+    segments = [prefix_text, handle, QUESTION]
+    reuse = engine.prepare(segments, config=config("full_reuse"))
+    full = engine.prepare(segments, config=config("full_recompute"))
+    assert reuse.stats.reused_tokens == handle.n_tokens
+    assert_close(reuse.logits, full.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_full_reuse_loses_cross_attention_and_cacheblend_recovers_it(make_engine):
+    engine = make_engine("llama", seed=9)
+    handles = engine.precompute(PASSAGES + [MESSI, RONALDO])
+    segments = ["Passages:\n", *handles, "\nWho scored more?"]
+    full = engine.prepare(segments, config=config("full_recompute")).logits
+    reuse = engine.prepare(segments, config=config("full_reuse")).logits
+    blend = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.5)).logits
+    err_reuse = (reuse - full).abs().max()
+    err_blend = (blend - full).abs().max()
+    assert err_reuse > 1e-3  # the chunks never saw each other
+    assert err_blend < err_reuse
+
+
+def test_selection_counts(make_engine):
+    engine = make_engine("llama", seed=1)
+    handles = engine.precompute(PASSAGES)
+    segments = ["Read.\n", *handles, QUESTION]
+    cached = sum(h.n_tokens for h in handles)
+    req = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.15))
+    uncached = req.stats.prompt_tokens - cached
+    assert req.stats.cached_tokens == cached
+    assert req.stats.recomputed_tokens == round(0.15 * cached) + uncached
+    assert req.stats.layer_rows[:2] == [req.stats.prompt_tokens, req.stats.recomputed_tokens]
+    reuse = engine.prepare(segments, config=config("full_reuse"))
+    assert reuse.stats.recomputed_tokens == uncached and reuse.stats.reused_tokens == cached
+    heads = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.15, recompute_chunk_head=2))
+    assert heads.stats.recomputed_tokens == round(0.15 * cached) + uncached
+    gradual = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.1, check_layers=(1, 2)))
+    assert gradual.stats.layer_rows[1] == round(0.2 * cached) + uncached
+    assert gradual.stats.layer_rows[2] == round(0.1 * cached) + uncached
+
+
+def test_prompt_ending_in_a_chunk_still_computes_the_last_token(make_engine):
+    engine = make_engine("llama", seed=3)
+    handles = engine.precompute(PASSAGES[:2])
+    segments = ["Read.\n", *handles]
+    reuse = engine.prepare(segments, config=config("full_reuse"))
+    assert reuse.stats.recomputed_tokens == len(engine.tokenize("Read.\n")) + 1
+    assert torch.isfinite(reuse.logits).all()
+
+
+def test_flops_shrink_with_reuse(make_engine):
+    engine = make_engine("llama", seed=3)
+    segments = ["Read.\n", *engine.precompute(PASSAGES), QUESTION]
+    flops = {s: engine.prepare(segments, config=config(s)).stats.prefill_flops
+             for s in ("full_recompute", "full_reuse", "cacheblend")}  # fmt: skip
+    assert flops["full_reuse"] < flops["cacheblend"] < flops["full_recompute"]
