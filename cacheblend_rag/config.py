@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -55,13 +56,15 @@ class BlendConfig:
                 f"check_layers must be >= 1 (layer 0's KV depends only on the token, so it never deviates); "
                 f"got {layers}"
             )
-        if any(b <= a for a, b in zip(layers, layers[1:])):
+        if any(b <= a for a, b in itertools.pairwise(layers)):
             raise ValueError(f"check_layers must be strictly increasing, got {layers}")
         ratios = self._resolve_ratios(layers)
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"deviation must be 'v' or 'k', got {self.deviation!r}")
-        if isinstance(self.recompute_chunk_head, bool) or not isinstance(self.recompute_chunk_head, int) or (
-            self.recompute_chunk_head < 0
+        if (
+            isinstance(self.recompute_chunk_head, bool)
+            or not isinstance(self.recompute_chunk_head, int)
+            or (self.recompute_chunk_head < 0)
         ):
             raise ValueError(f"recompute_chunk_head must be an int >= 0, got {self.recompute_chunk_head!r}")
         if self.backend not in BACKENDS:
@@ -81,7 +84,7 @@ class BlendConfig:
             )
         if any(not _is_number(r) or not 0.0 <= r <= 1.0 for r in ratios):
             raise ValueError(f"every check ratio must be a number in [0, 1], got {ratios}")
-        if any(b > a for a, b in zip(ratios, ratios[1:])):
+        if any(b > a for a, b in itertools.pairwise(ratios)):
             raise ValueError(f"check_ratios must not increase from one check layer to the next, got {ratios}")
         if not math.isclose(ratios[-1], self.recompute_ratio):
             raise ValueError(

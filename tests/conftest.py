@@ -55,7 +55,14 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 4, vocab: int = 49152, **overrides):
     """A tiny random decoder of the given architecture (float32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,

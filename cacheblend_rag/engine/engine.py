@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import BlendConfig
+from ..kernels import resolve_backend
 from ..model.forward import ModelForward
 from ..model.loading import default_cache_dir, load_model
 from ..store import ChunkHandle, ChunkKV, DiskTier, KVStore, MemoryTier, chain_key, model_fingerprint, tier_from_url
@@ -345,6 +346,7 @@ class CacheBlendEngine:
         too_deep = [layer for layer in config.check_layers if layer >= self.forward.n_layers]
         if config.strategy == "cacheblend" and too_deep:
             raise ValueError(f"check_layers {too_deep} do not exist: the model has {self.forward.n_layers} layers")
+        resolve_backend(config.backend, self.device)  # fails early, with the fix, if Triton cannot run here
         return config
 
     def _ids_tensor(self, ids: Sequence[int]) -> torch.Tensor:

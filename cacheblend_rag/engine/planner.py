@@ -27,7 +27,9 @@ class Planner:
     def __init__(self, engine) -> None:
         self.engine = engine
 
-    def plan(self, blocks: list[Block], config: BlendConfig, stats: RequestStats) -> tuple[PrefillPlan, PrefixBlocks | None]:
+    def plan(
+        self, blocks: list[Block], config: BlendConfig, stats: RequestStats
+    ) -> tuple[PrefillPlan, PrefixBlocks | None]:
         engine = self.engine
         ids = engine._ids_tensor([t for b in blocks for t in b.token_ids])
         n = ids.shape[0]

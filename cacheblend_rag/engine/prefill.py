@@ -57,11 +57,11 @@ class PrefillResult:
     captured: ChunkKV | None
 
 
-def layer_flops(fwd: ModelForward) -> tuple[float, float]:
-    """FLOPs per row of one layer: (q/k/v projections, output projection + MLP)."""
+def layer_flops(fwd: ModelForward) -> tuple[float, float, float]:
+    """FLOPs per row of one layer: (k/v projections, q projection, output projection + MLP)."""
     hidden, inner, kv = fwd.hidden_size, fwd.n_heads * fwd.head_dim, fwd.n_kv_heads * fwd.head_dim
     intermediate = fwd.config.intermediate_size
-    return 2.0 * hidden * (inner + 2 * kv), 2.0 * (inner * hidden + 3 * hidden * intermediate)
+    return 2.0 * hidden * 2 * kv, 2.0 * hidden * inner, 2.0 * (inner * hidden + 3 * hidden * intermediate)
 
 
 def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: str = "auto") -> PrefillResult:
@@ -77,7 +77,7 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
     forced = plan.forced if plan.forced is not None else ~from_cache
     sel = positions if plan.initial is None else plan.initial
     h = fwd.embed(ids[sel])
-    qkv_flops, rest_flops = layer_flops(fwd)
+    kv_flops, q_flops, rest_flops = layer_flops(fwd)
     flops = 0.0
     layer_rows: list[int] = []
     captured_k: list[torch.Tensor] = []
@@ -89,8 +89,9 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
             k_stored, v_stored = span.kv.layer(layer)
             keys[:, span.start : span.end].copy_(k_stored)
             values[:, span.start : span.end].copy_(v_stored)
-        q, k_new, v_new = fwd.qkv(layer, h, sel, backend=backend)
-        flops += qkv_flops * sel.shape[0]
+        x = fwd.attn_input(layer, h)
+        k_new, v_new = fwd.project_kv(layer, x)
+        flops += kv_flops * sel.shape[0]
         keep = None
         if layer in plan.checks:
             keep = _check(plan, layer, sel, k_new, v_new, keys, values, from_cache, forced, n_cached, backend)
@@ -105,11 +106,12 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
             break
         apply_rope(keys, positions, fwd.rope, out=keys, backend=backend)
         if keep is not None:
-            q, h, sel = q[:, keep], h[keep], sel[keep]
+            x, h, sel = x[keep], h[keep], sel[keep]
+        q = fwd.project_q(layer, x, sel, backend=backend)
         attn = selected_attention(q, sel, keys, values, fwd.scale, backend=backend)
         h = fwd.finish_layer(layer, h, attn)
         layer_rows.append(sel.shape[0])
-        flops += rest_flops * sel.shape[0] + 4.0 * fwd.n_heads * fwd.head_dim * float((sel + 1).sum())
+        flops += (q_flops + rest_flops) * sel.shape[0] + 4.0 * fwd.n_heads * fwd.head_dim * float((sel + 1).sum())
     logits = None
     if plan.need_logits:
         logits = fwd.logits(h[-1:])[0]

@@ -59,15 +59,25 @@ class RopeTable:
         return cos, sin
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rope_torch(x: torch.Tensor, positions: torch.Tensor, rope: RopeTable, out: torch.Tensor | None = None
+                     ) -> torch.Tensor:  # fmt: skip
+    """Reference. x: [H, T, D]; positions: [T] -> [H, T, D] (into ``out`` if given; it may be x).
 
-
-def apply_rope_torch(x: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> torch.Tensor:
-    """Reference. x: [H, T, D]; positions: [T] -> [H, T, D] (new tensor)."""
+    Written on the two halves: ``x1*cos - x2*sin`` and ``x2*cos + x1*sin`` are the same IEEE operations as
+    Hugging Face's ``x*cos + rotate_half(x)*sin`` (its cos/sin repeat across the halves), so results are
+    bitwise equal, without the concatenations.
+    """
     cos, sin = rope.cos_sin(positions, x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    cos, sin = cos[:, :half], sin[:, :half]
+    x1, x2 = x[..., :half], x[..., half:]
+    first = x1 * cos - x2 * sin
+    second = x2 * cos + x1 * sin
+    if out is None:
+        return torch.cat((first, second), dim=-1)
+    out[..., :half] = first
+    out[..., half:] = second
+    return out
 
 
 if HAVE_TRITON:
@@ -143,8 +153,4 @@ def apply_rope(
         target = out if out is not None else torch.empty_like(x)
         apply_rope_triton(x, positions, rope, target)
         return target
-    rotated = apply_rope_torch(x, positions, rope)
-    if out is None:
-        return rotated
-    out.copy_(rotated)
-    return out
+    return apply_rope_torch(x, positions, rope, out)

@@ -98,18 +98,31 @@ class ModelForward:
         """ids: [M] -> hidden: [M, hidden]."""
         return self.embed_tokens(ids)
 
+    def attn_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """h: [M, hidden] -> the normalised attention input [M, hidden]."""
+        return self.layers[layer].input_layernorm(h)
+
+    def project_kv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [M, hidden] normalised -> k: [Hkv, M, D] before RoPE, v: [Hkv, M, D]."""
+        attn = self.layers[layer].self_attn
+        m = x.shape[0]
+        k = attn.k_proj(x).view(m, self.n_kv_heads, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(x).view(m, self.n_kv_heads, self.head_dim).transpose(0, 1)
+        return k, v
+
+    def project_q(self, layer: int, x: torch.Tensor, positions: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """x: [M, hidden] normalised; positions: [M] -> q: [Hq, M, D] rotated to its positions."""
+        m = x.shape[0]
+        q = self.layers[layer].self_attn.q_proj(x).view(m, self.n_heads, self.head_dim).transpose(0, 1)
+        return apply_rope(q, positions, self.rope, backend=backend)
+
     def qkv(
         self, layer: int, h: torch.Tensor, positions: torch.Tensor, backend: str = "auto"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h: [M, hidden]; positions: [M] -> q: [Hq, M, D] rotated, k: [Hkv, M, D] before RoPE, v: [Hkv, M, D]."""
-        attn = self.layers[layer].self_attn
-        x = self.layers[layer].input_layernorm(h)
-        m = x.shape[0]
-        q = attn.q_proj(x).view(m, self.n_heads, self.head_dim).transpose(0, 1)
-        k = attn.k_proj(x).view(m, self.n_kv_heads, self.head_dim).transpose(0, 1)
-        v = attn.v_proj(x).view(m, self.n_kv_heads, self.head_dim).transpose(0, 1)
-        q = apply_rope(q, positions, self.rope, backend=backend)
-        return q, k, v
+        x = self.attn_input(layer, h)
+        k, v = self.project_kv(layer, x)
+        return self.project_q(layer, x, positions, backend), k, v
 
     def finish_layer(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """h: [M, hidden] (the layer's input rows); attn_out: [Hq, M, D] -> the layer's output rows [M, hidden]."""

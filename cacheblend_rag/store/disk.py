@@ -9,6 +9,7 @@ wrong shape, bad checksum) is a miss: it is logged, deleted, and recomputed by t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -61,7 +62,7 @@ class DiskTier:
         except FileNotFoundError:
             self._count(misses=1)
             return None
-        except Exception as exc:  # noqa: BLE001 - any failure to read or validate is a miss, never a crash
+        except Exception as exc:
             logger.warning("KV cache file %s is unusable (%s); treating it as a miss and recomputing", path, exc)
             self._count(misses=1, corrupt=1)
             self.delete(key)
@@ -124,10 +125,8 @@ class DiskTier:
         self._count(writes=1, bytes_written=path.stat().st_size if path.exists() else 0)
 
     def delete(self, key: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.path(key).unlink()
-        except FileNotFoundError:
-            pass
 
     def files(self) -> list[Path]:
         return sorted(self.root.glob("??/*.safetensors")) if self.root.is_dir() else []

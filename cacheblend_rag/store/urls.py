@@ -38,4 +38,6 @@ def tier_from_url(url: str, model_fingerprint: str):
         from .redis_tier import RedisTier
 
         return RedisTier.from_url(url, model_fingerprint)
-    raise ValueError(f"unknown store URL scheme in {url!r}; use memory://?max_bytes=..., file:///path or redis://host:port/db")
+    raise ValueError(
+        f"unknown store URL scheme in {url!r}; use memory://?max_bytes=..., file:///path or redis://host:port/db"
+    )

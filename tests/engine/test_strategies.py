@@ -53,8 +53,8 @@ def test_prefix_cache_equals_full_recompute(make_engine):
     # a different continuation after the same prefix reuses the shared part only
     other = engine.prepare([segments[0], handles[0], handles[2], QUESTION], config=config("prefix_cache"))
     assert other.stats.reused_tokens == len(engine.tokenize(segments[0])) + handles[0].n_tokens
-    assert_close(other.logits, engine.prepare([segments[0], handles[0], handles[2], QUESTION],
-                                              config=config("full_recompute")).logits, atol=1e-5, rtol=1e-5)  # fmt: skip
+    reference = engine.prepare([segments[0], handles[0], handles[2], QUESTION], config=config("full_recompute"))
+    assert_close(other.logits, reference.logits, atol=1e-5, rtol=1e-5)
 
 
 def test_one_chunk_right_after_the_prefix_under_full_reuse_equals_full_recompute(make_engine, tokenizer):
@@ -71,7 +71,7 @@ def test_one_chunk_right_after_the_prefix_under_full_reuse_equals_full_recompute
 
 def test_full_reuse_loses_cross_attention_and_cacheblend_recovers_it(make_engine):
     engine = make_engine("llama", seed=9)
-    handles = engine.precompute(PASSAGES + [MESSI, RONALDO])
+    handles = engine.precompute([*PASSAGES, MESSI, RONALDO])
     segments = ["Passages:\n", *handles, "\nWho scored more?"]
     full = engine.prepare(segments, config=config("full_recompute")).logits
     reuse = engine.prepare(segments, config=config("full_reuse")).logits

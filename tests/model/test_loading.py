@@ -10,12 +10,12 @@ from cacheblend_rag.model.loading import resolve_dtype, resolve_model_dir
 
 
 def test_missing_paths_give_clear_errors(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="GGUF file not found"):
+    with pytest.raises(ModelNotFoundError, match=r"GGUF file not found"):
         CacheBlendEngine.from_pretrained(tmp_path / "nope.gguf", cache_dir=tmp_path)
     with pytest.raises(ModelNotFoundError, match="no model file or folder"):
         CacheBlendEngine.from_pretrained(str(tmp_path / "missing-dir") + "/", cache_dir=tmp_path)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFoundError, match="without config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"without config\.json"):
         CacheBlendEngine.from_pretrained(tmp_path / "empty", cache_dir=tmp_path)
 
 
@@ -39,8 +39,9 @@ def test_unsupported_architecture_named(tmp_path):
 
 
 def test_dynamic_rope_rejected(tmp_path):
-    from cacheblend_rag.model.forward import check_supported
     from transformers import LlamaConfig
+
+    from cacheblend_rag.model.forward import check_supported
 
     cfg = LlamaConfig(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(UnsupportedModelError, match="dynamic"):
