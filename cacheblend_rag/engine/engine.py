@@ -229,6 +229,22 @@ class CacheBlendEngine:
         before, after = text.split(sentinel)
         return [before, *merge_text(segments), after]
 
+    def format_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt string for chat ``messages`` ([{"role": ..., "content": ...}]) in the model's template.
+
+        Chunk texts inside message contents stay verbatim, so ``generate(prompt=...)`` finds and reuses them.
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template; format the prompt yourself and pass prompt=...")
+        if not messages:
+            raise ValueError("messages is empty: pass at least one {'role': ..., 'content': ...} message")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
+                raise ValueError(f"messages[{i}] must be a dict with 'role' and str 'content', got {message!r}")
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
     def blocks(self, segments: Sequence[str | ChunkHandle] | None, prompt: str | None) -> list[Block]:
         """Token blocks of a request, given segments or a prompt string (split at registered chunk texts)."""
         if (segments is None) == (prompt is None):
