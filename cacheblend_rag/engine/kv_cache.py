@@ -19,6 +19,12 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[2]
 
+    def truncate(self, length: int) -> None:
+        """Forget rows from ``length`` on (decoding from there overwrites them)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} rows to {length}")
+        self.length = length
+
     def layer(self, index: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Views [Hkv, length, D] of one layer's keys and values."""
         n = self.length if length is None else length

@@ -1,0 +1,101 @@
+"""PNG plots of eval and sweep results (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install 'cacheblend-rag[eval]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_results(result: dict, out_dir: Path, prefix: str = "") -> list[Path]:
+    """Write the plots a results JSON supports (eval and/or sweep); return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if "summary" in result and result["summary"] and "top1_agreement" in result["summary"][0]:
+        paths += _eval_plots(result, out_dir, prefix)
+    if "ttft_vs_chunks" in result:
+        paths += _sweep_plots(result, out_dir, prefix)
+    if not paths:
+        raise ValueError("nothing to plot: expected the JSON of `cacheblend eval` or `cacheblend bench sweep`")
+    return paths
+
+
+def _eval_plots(result: dict, out_dir: Path, prefix: str) -> list[Path]:
+    plt = _pyplot()
+    summary = result["summary"]
+    blend = sorted((s for s in summary if s["strategy"] == "cacheblend"), key=lambda s: s["recompute_ratio"])
+    refs = {s["strategy"]: s for s in summary if s["strategy"] in ("full_reuse", "full_recompute")}
+    if not blend:
+        raise ValueError("the eval results hold no cacheblend ratios to plot against")
+    ratios = [s["recompute_ratio"] for s in blend]
+    panels = [("top1_agreement", "top-1 agreement with full recompute"), ("kl", "KL(full || strategy)"),
+              ("gold_f1", "gold F1"), ("answer_em_vs_full", "answer exact match with full recompute")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(ratios, [s[key] for s in blend], "o-", label="cacheblend")
+        for name, style in (("full_recompute", "--"), ("full_reuse", ":")):
+            if name in refs:
+                ax.axhline(refs[name][key], linestyle=style, color="gray" if name == "full_reuse" else "black",
+                           label=name)  # fmt: skip
+        ax.set_xlabel("recompute ratio")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Quality vs recompute ratio ({result['config'].get('model')}, n={result['config'].get('n')})")
+    fig.tight_layout()
+    quality = out_dir / f"{prefix}quality_vs_ratio.png"
+    fig.savefig(quality, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot(ratios, [s["median_ttft_s"] for s in blend], "o-", label="cacheblend")
+    for name, style in (("full_recompute", "--"), ("full_reuse", ":")):
+        if name in refs:
+            ax.axhline(refs[name]["median_ttft_s"], linestyle=style, color="black", label=name)
+    ax.set_xlabel("recompute ratio")
+    ax.set_ylabel("median TTFT (s)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("TTFT vs recompute ratio")
+    fig.tight_layout()
+    ttft = out_dir / f"{prefix}ttft_vs_ratio.png"
+    fig.savefig(ttft, dpi=110)
+    plt.close(fig)
+    return [quality, ttft]
+
+
+def _sweep_plots(result: dict, out_dir: Path, prefix: str) -> list[Path]:
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    strategies = sorted({r["strategy"] for r in result["ttft_vs_chunks"]})
+    for strategy in strategies:
+        rows = [r for r in result["ttft_vs_chunks"] if r["strategy"] == strategy]
+        points = sorted((r["chunks"], r["median_ttft_s"]) for r in rows)
+        left.plot([p[0] for p in points], [p[1] for p in points], "o-", label=strategy)
+    left.set_xlabel("retrieved chunks in the prompt")
+    left.set_ylabel("median TTFT (s)")
+    left.set_title("TTFT vs number of chunks")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    points = sorted((r["ratio"], r["median_ttft_s"]) for r in result["ttft_vs_ratio"])
+    right.plot([p[0] for p in points], [p[1] for p in points], "o-", label="cacheblend")
+    right.set_xlabel("recompute ratio")
+    right.set_ylabel("median TTFT (s)")
+    right.set_ylim(bottom=0)
+    right.set_title("cacheblend TTFT vs recompute ratio")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / f"{prefix}ttft_sweeps.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,141 @@
+"""The quality evaluation: every strategy and ratio against gold answers and against full recompute.
+
+Per example, ``full_recompute`` answers first (greedy, up to 32 new tokens, answer cut at the first
+newline); its answer tokens are the reference. Every other configuration then runs its own prefill once:
+it answers greedily from it (TTFT, gold F1 / EM, exact match and Rouge-L against the reference answer), and,
+rewinding the cache to the end of the prompt, is teacher-forced along the reference answer tokens to compare
+next-token distributions with full recompute's (top-1 agreement, KL(full || strategy)).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..config import BlendConfig
+from ..engine.decode import decode_step
+from .datasets import Example
+from .metrics import best_over, exact_match, f1_score, kl_divergence, rouge_l, top1_agreement
+from .ttft import run_info
+
+REFERENCE = "full_recompute"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    label: str
+    config: BlendConfig
+
+
+def eval_configs(strategies: Sequence[str], ratios: Sequence[float]) -> list[EvalConfig]:
+    """One entry per strategy, and per ratio for cacheblend; full_recompute always comes first."""
+    out = [EvalConfig(REFERENCE, BlendConfig(strategy=REFERENCE))]
+    for strategy in strategies:
+        if strategy == REFERENCE:
+            continue
+        if strategy == "cacheblend":
+            out += [EvalConfig(f"cacheblend@{r:g}", BlendConfig(strategy=strategy, recompute_ratio=r)) for r in ratios]
+        else:
+            out.append(EvalConfig(strategy, BlendConfig(strategy=strategy)))
+    return out
+
+
+@dataclass
+class Run:
+    answer: str
+    tokens: list[int]  # greedy tokens up to and including the one that ended the answer
+    ttft_s: float
+    stats: dict
+    forced: torch.Tensor | None  # [T, V] log-probs along the reference tokens
+
+
+def _run(engine, segments, config: BlendConfig, max_new_tokens: int, targets: list[int] | None) -> Run:
+    eos = engine.eos_token_ids
+    req = engine.prepare(segments, config=config, extra_capacity=max_new_tokens + 1)
+    logits = req.logits
+    ttft = time.perf_counter() - req.started
+    prompt_len = req.cache.length
+    tokens: list[int] = []
+    steps = [logits]
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            token = int(logits.argmax())
+            tokens.append(token)
+            if token in eos or "\n" in engine.tokenizer.decode(tokens, skip_special_tokens=True):
+                break
+            logits = decode_step(engine.forward, req.cache, token)
+            steps.append(logits)
+        forced = None
+        if targets is not None:
+            req.cache.truncate(prompt_len)
+            forced_steps = [req.logits]
+            for token in targets[:-1]:
+                forced_steps.append(decode_step(engine.forward, req.cache, token))
+            forced = torch.log_softmax(torch.stack(forced_steps).float(), dim=-1)
+        else:
+            forced = torch.log_softmax(torch.stack(steps[: len(tokens)]).float(), dim=-1)
+    text = engine.tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
+    return Run(text.split("\n")[0].strip(), tokens, ttft, req.stats.as_dict(), forced)
+
+
+def evaluate(
+    engine,
+    examples: Sequence[Example],
+    configs: Sequence[EvalConfig],
+    max_new_tokens: int = 32,
+    progress: bool = False,
+) -> dict:
+    """Run every configuration on every example; returns per-example rows and a summary per configuration."""
+    rows = []
+    items = list(enumerate(examples))
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="eval", unit="example")
+    for index, example in items:
+        handles = engine.precompute(example.passages)
+        segments = engine.chat_segments(example.user_segments(handles))
+        ref = _run(engine, segments, configs[0].config, max_new_tokens, None)
+        for item in configs:
+            run = ref if item.label == REFERENCE else _run(engine, segments, item.config, max_new_tokens, ref.tokens)
+            kl = kl_divergence(ref.forced, run.forced)
+            rows.append({
+                "example": index, "config": item.label, "strategy": item.config.strategy,
+                "recompute_ratio": item.config.recompute_ratio if item.config.strategy == "cacheblend" else None,
+                "question": example.question, "gold": example.answers, "answer": run.answer,
+                "reference_answer": ref.answer,
+                "gold_f1": best_over(f1_score, run.answer, example.answers),
+                "gold_em": best_over(exact_match, run.answer, example.answers),
+                "answer_em_vs_full": exact_match(run.answer, ref.answer),
+                "rouge_l_vs_full": rouge_l(run.answer, ref.answer),
+                "top1_agreement": top1_agreement(ref.forced, run.forced),
+                "kl": kl.mean().item(), "kl_max": kl.max().item(),
+                "ttft_s": run.ttft_s, "prompt_tokens": run.stats["prompt_tokens"],
+                "reused_tokens": run.stats["reused_tokens"], "recomputed_tokens": run.stats["recomputed_tokens"],
+            })  # fmt: skip
+    return {"config": run_info(engine, n=len(examples), max_new_tokens=max_new_tokens,
+                               configs=[c.label for c in configs]),
+            "examples": rows, "summary": summarize(rows, [c.label for c in configs])}  # fmt: skip
+
+
+def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
+    ref_ttft = statistics.median(r["ttft_s"] for r in rows if r["config"] == REFERENCE)
+    out = []
+    for label in labels:
+        mine = [r for r in rows if r["config"] == label]
+        if not mine:
+            continue
+        median_ttft = statistics.median(r["ttft_s"] for r in mine)
+        out.append({
+            "config": label, "strategy": mine[0]["strategy"], "recompute_ratio": mine[0]["recompute_ratio"],
+            "n": len(mine),
+            **{key: statistics.fmean(r[key] for r in mine)
+               for key in ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement", "kl")},
+            "median_ttft_s": median_ttft, "speedup": ref_ttft / median_ttft,
+            "recomputed_fraction": sum(r["recomputed_tokens"] for r in mine) / sum(r["prompt_tokens"] for r in mine),
+        })  # fmt: skip
+    return out
