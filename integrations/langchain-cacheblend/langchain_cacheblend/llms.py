@@ -1,0 +1,136 @@
+"""CacheBlendLLM: the plain-text LangChain LLM (the prompt goes to the model as is, no chat template)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import LangSmithParams
+from langchain_core.language_models.llms import LLM
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from pydantic import ConfigDict
+
+from cacheblend_rag import GenerationResult
+
+from ._base import PROVIDER, CacheBlendParams, usage_metadata
+from ._generation import iterate_in_thread
+
+
+class CacheBlendLLM(CacheBlendParams, LLM):
+    """Text-completion LLM over a CacheBlendEngine: chunk texts registered with the engine are reused.
+
+    Use ChatCacheBlend for instruction-tuned models (it applies the chat template); use this class when
+    your prompt is already complete, e.g. a base model or a template you render yourself.
+
+    .. code-block:: python
+
+        llm = CacheBlendLLM(engine=engine, max_tokens=64)
+        llm.invoke(f"{context}\\n\\nQuestion: {question}\\nAnswer:")
+
+    Usage and the engine's stats are in each generation's ``generation_info``.
+    """
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, extra="forbid")
+
+    @property
+    def _llm_type(self) -> str:
+        return "cacheblend"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = PROVIDER
+        if stop is None and self.stop:
+            params["ls_stop"] = list(self.stop)
+        return params
+
+    def _call(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> str:
+        return self._generate([prompt], stop, run_manager, **kwargs).generations[0][0].text
+
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        results = []
+        for prompt in prompts:
+            generation = self._generation(_check_prompt(prompt), stop, kwargs)
+            for piece in generation:
+                if self.streaming and run_manager:
+                    run_manager.on_llm_new_token(piece)
+            assert generation.result is not None
+            results.append(generation.result)
+        return self._llm_result(results)
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        results = []
+        for prompt in prompts:
+            generation = self._generation(_check_prompt(prompt), stop, kwargs)
+            async for piece in iterate_in_thread(lambda g=generation: g):
+                if self.streaming and run_manager:
+                    await run_manager.on_llm_new_token(piece)
+            assert generation.result is not None
+            results.append(generation.result)
+        return self._llm_result(results)
+
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        generation = self._generation(_check_prompt(prompt), stop, kwargs)
+        for piece in generation:
+            chunk = GenerationChunk(text=piece)
+            if run_manager:
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+        assert generation.result is not None
+        yield GenerationChunk(text="", generation_info=self._generation_info(generation.result))
+
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        generation = self._generation(_check_prompt(prompt), stop, kwargs)
+        async for piece in iterate_in_thread(lambda: generation):
+            chunk = GenerationChunk(text=piece)
+            if run_manager:
+                await run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+        assert generation.result is not None
+        yield GenerationChunk(text="", generation_info=self._generation_info(generation.result))
+
+    def _generation_info(self, result: GenerationResult) -> dict[str, Any]:
+        return {**self._response_metadata(result), "usage_metadata": dict(usage_metadata(result))}
+
+    def _llm_result(self, results: list[GenerationResult]) -> LLMResult:
+        generations = [[Generation(text=r.text, generation_info=self._generation_info(r))] for r in results]
+        usages = [usage_metadata(r) for r in results]
+        total = {k: sum(u[k] for u in usages) for k in ("input_tokens", "output_tokens", "total_tokens")}
+        total["cache_read"] = sum(u["input_token_details"]["cache_read"] for u in usages)
+        return LLMResult(generations=generations, llm_output={"model_name": self.model_name, "token_usage": total})
+
+
+def _check_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"CacheBlendLLM needs a non-empty prompt string, got {prompt!r}")
+    return prompt

@@ -1,0 +1,67 @@
+"""CacheBlendRetriever: makes the documents another retriever returns reusable in the prompt."""
+
+from __future__ import annotations
+
+import asyncio
+
+from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
+from langchain_core.retrievers import BaseRetriever
+from pydantic import ConfigDict
+
+from cacheblend_rag import CacheBlendEngine
+
+
+class CacheBlendRetriever(BaseRetriever):
+    """Wraps any retriever; stores and registers the KV of every document it returns.
+
+    For each document the KV of its ``page_content`` is computed if the store does not have it yet, and the
+    text is registered with ``engine``, so a ChatCacheBlend or CacheBlendLLM on the same engine reuses it
+    wherever the text appears verbatim in the prompt. The chunk's handle (``ChunkHandle.to_dict()``: key,
+    token count, model fingerprint) is recorded in ``metadata[metadata_key]``. A document whose text the
+    chain later reformats is simply computed instead of reused.
+
+    Documents keep their order; the ones returned are copies (the wrapped retriever's documents are not
+    modified). Documents with empty text are passed through without a handle.
+
+    .. code-block:: python
+
+        retriever = CacheBlendRetriever(retriever=vectorstore.as_retriever(), engine=llm.engine)
+        chain = {"context": retriever | format_docs, "question": RunnablePassthrough()} | prompt | llm
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    retriever: BaseRetriever
+    """The retriever whose documents are made reusable."""
+    engine: CacheBlendEngine
+    """The engine of the model that reads the documents (e.g. ``llm.engine``)."""
+    metadata_key: str = "cacheblend"
+    """Metadata key of the chunk handle."""
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+        documents = self.retriever.invoke(query, config={"callbacks": run_manager.get_child()})
+        return self.attach(documents)
+
+    async def _aget_relevant_documents(
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun
+    ) -> list[Document]:
+        documents = await self.retriever.ainvoke(query, config={"callbacks": run_manager.get_child()})
+        return await asyncio.to_thread(self.attach, documents)
+
+    def attach(self, documents: list[Document]) -> list[Document]:
+        """Precompute (if missing) and register each document's text; return copies with the handle."""
+        for i, doc in enumerate(documents):
+            if not isinstance(doc, Document):
+                raise TypeError(f"the wrapped retriever returned a {type(doc).__name__} at position {i}, "
+                                "not a Document")  # fmt: skip
+        texts = [doc.page_content for doc in documents if doc.page_content]
+        handles = iter(self.engine.precompute(texts))
+        out = []
+        for doc in documents:
+            if not doc.page_content:
+                out.append(doc.model_copy(deep=True))
+                continue
+            metadata = {**doc.metadata, self.metadata_key: next(handles).to_dict()}
+            out.append(doc.model_copy(update={"metadata": metadata}))
+        return out
