@@ -1,8 +1,8 @@
 """One engine request as LangChain needs it: per-call options, timeout, retries, and a thread bridge for async.
 
 The engine is synchronous and compute-bound. Async callers get its text pieces through a worker thread and an
-``asyncio.Queue``, so the event loop keeps running while the model computes; an abandoned async stream tells
-the worker to stop after the token it is on.
+``asyncio.Queue``, so the event loop keeps running while the model computes. A consumer that stops early
+(a closed or cancelled stream) tells the worker to stop after the token it is on, and waits for that.
 """
 
 from __future__ import annotations
@@ -132,6 +132,6 @@ async def iterate_in_thread(make: Callable[[], Iterable[str]]) -> AsyncIterator[
                 raise value  # type: ignore[misc]
             else:
                 break
-        await worker
     finally:
         abandoned.set()
+        await worker  # returns once the worker is past its current token: no request outlives its consumer

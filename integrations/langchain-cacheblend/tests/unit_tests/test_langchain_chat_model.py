@@ -1,0 +1,221 @@
+"""ChatCacheBlend on a tiny random model: results, streaming, callbacks, async, options, usage and reuse."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from langchain_cacheblend import ChatCacheBlend
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
+
+from cacheblend_rag import BlendConfig, CacheBlendEngine
+
+QUESTION = [SystemMessage("Answer from the context."), HumanMessage("What is the highest mountain in Africa?")]
+
+
+class TokenRecorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs) -> None:
+        self.tokens.append(token)
+
+
+class AsyncTokenRecorder(AsyncCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    async def on_llm_new_token(self, token: str, **kwargs) -> None:
+        self.tokens.append(token)
+
+
+@pytest.fixture
+def chat(tiny_engine):
+    return ChatCacheBlend(engine=tiny_engine, max_tokens=8)
+
+
+def test_invoke_returns_text_usage_and_stats(chat, tiny_engine):
+    message = chat.invoke(QUESTION)
+    assert isinstance(message, AIMessage) and isinstance(message.content, str)
+    prompt = tiny_engine.format_chat([{"role": "system", "content": QUESTION[0].content},
+                                      {"role": "user", "content": QUESTION[1].content}])  # fmt: skip
+    usage = message.usage_metadata
+    assert usage["input_tokens"] == len(tiny_engine.tokenize(prompt)) == chat.get_num_tokens_from_messages(QUESTION)
+    assert 1 <= usage["output_tokens"] <= 8
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert usage["input_token_details"]["cache_read"] == 0  # nothing was precomputed
+    meta = message.response_metadata
+    assert meta["model_name"] == "tiny-random-llama" and meta["model_provider"] == "cacheblend"
+    assert meta["finish_reason"] in ("stop", "length")
+    assert meta["cacheblend"]["strategy"] == "cacheblend"
+
+
+def test_stream_matches_invoke_and_fires_token_callbacks(chat):
+    recorder = TokenRecorder()
+    chunks = list(chat.stream(QUESTION, config={"callbacks": [recorder]}))
+    assert all(isinstance(c, AIMessageChunk) for c in chunks)
+    text_chunks = [c for c in chunks if c.content]
+    assert len(text_chunks) > 1
+    full = chunks[0]
+    for c in chunks[1:]:
+        full += c
+    greedy = chat.invoke(QUESTION)
+    assert full.content == greedy.content
+    assert full.usage_metadata == greedy.usage_metadata
+    assert full.chunk_position == "last" and full.response_metadata["finish_reason"] in ("stop", "length")
+    assert [t for t in recorder.tokens if t] == [c.content for c in text_chunks]
+
+
+def test_invoke_with_streaming_true_streams_through_callbacks(tiny_engine):
+    recorder = TokenRecorder()
+    chat = ChatCacheBlend(engine=tiny_engine, max_tokens=6, streaming=True)
+    message = chat.invoke(QUESTION, config={"callbacks": [recorder]})
+    assert "".join(recorder.tokens) == message.content and len([t for t in recorder.tokens if t]) > 1
+    assert message.usage_metadata["output_tokens"] >= 1
+
+
+def test_async_paths_match_sync(chat):
+    expected = chat.invoke(QUESTION).content
+    recorder = AsyncTokenRecorder()
+
+    async def run():
+        message = await chat.ainvoke(QUESTION)
+        chunks = [c async for c in chat.astream(QUESTION, config={"callbacks": [recorder]})]
+        batch = await chat.abatch([QUESTION, QUESTION])
+        return message, chunks, batch
+
+    message, chunks, batch = asyncio.run(run())
+    assert message.content == expected and message.usage_metadata["output_tokens"] >= 1
+    assert "".join(c.content for c in chunks) == expected and len([c for c in chunks if c.content]) > 1
+    assert "".join(recorder.tokens) == expected
+    assert [m.content for m in batch] == [expected, expected]
+
+
+class GatedEngine(CacheBlendEngine):
+    """A real engine whose requests wait until the event loop opens a gate.
+
+    If an async method ran the engine on the event loop, the loop could never open the gate while the
+    request waits: the request would fail after ``wait_s`` instead of finishing.
+    """
+
+    wait_s = 20.0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def stream(self, *args, **kwargs):
+        self.entered.set()
+        if not self.gate.wait(self.wait_s):
+            raise RuntimeError("the gate was never opened: the engine ran on the event loop and blocked it")
+        return super().stream(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["ainvoke", "astream"])
+def test_async_methods_do_not_block_the_event_loop(make_tiny_engine, method):
+    engine = make_tiny_engine(GatedEngine)
+    chat = ChatCacheBlend(engine=engine, max_tokens=4)
+
+    async def consume():
+        if method == "ainvoke":
+            return (await chat.ainvoke(QUESTION)).content
+        return "".join([c.content async for c in chat.astream(QUESTION)])
+
+    async def run():
+        task = asyncio.create_task(consume())
+        while not engine.entered.is_set():
+            await asyncio.sleep(0.01)
+        engine.gate.set()  # only reachable while the request is in flight if the loop is free
+        return await task
+
+    assert isinstance(asyncio.run(run()), str)
+
+
+def test_abandoned_astream_stops_the_worker(make_tiny_engine):
+    engine = make_tiny_engine()
+    chat = ChatCacheBlend(engine=engine, max_tokens=300)
+    assert chat.invoke(QUESTION).response_metadata["finish_reason"] == "length"  # a full request runs 300 tokens
+    assert engine.metrics()["requests"] == 1
+
+    async def run():
+        stream = chat.astream(QUESTION)
+        first = await anext(stream)
+        await stream.aclose()
+        return first
+
+    assert isinstance(asyncio.run(run()), AIMessageChunk)
+    # the worker stopped a token or two after the consumer left: the second request never finished
+    assert engine.metrics()["requests"] == 1
+
+
+def test_per_call_options_and_stop(chat):
+    message = chat.invoke(QUESTION, max_tokens=2)
+    assert message.usage_metadata["output_tokens"] <= 2
+    bound = chat.bind(max_tokens=3, strategy="full_recompute")
+    message = bound.invoke(QUESTION)
+    assert message.usage_metadata["output_tokens"] <= 3
+    assert message.response_metadata["cacheblend"]["strategy"] == "full_recompute"
+    full = chat.invoke(QUESTION).content
+    stop = full[len(full) // 2 :][:2]
+    if stop.strip():
+        cut = chat.invoke(QUESTION, stop=[stop])
+        assert stop not in cut.content and full.startswith(cut.content)
+        assert cut.response_metadata["finish_reason"] == "stop"
+
+
+def test_sampling_with_seed_is_reproducible(chat):
+    a = chat.invoke(QUESTION, temperature=1.0, seed=7).content
+    b = chat.invoke(QUESTION, temperature=1.0, seed=7).content
+    assert a == b
+
+
+def test_precomputed_chunks_are_read_from_the_cache(make_tiny_engine, passages):
+    engine = make_tiny_engine()
+    chat = ChatCacheBlend(engine=engine, max_tokens=4, recompute_ratio=0.25)
+    handles = engine.precompute(passages)
+    context = "\n\n".join(passages)
+    message = chat.invoke([HumanMessage(f"Context:\n{context}\n\nQuestion: Which river is the largest?")])
+    cached = sum(h.n_tokens for h in handles)
+    stats = message.response_metadata["cacheblend"]
+    assert stats["cached_tokens"] == cached and stats["cache_hits"] == len(passages)
+    assert message.usage_metadata["input_token_details"]["cache_read"] == stats["reused_tokens"]
+    assert stats["reused_tokens"] == cached - round(0.25 * cached) > 0
+    assert engine.metrics()["reused_tokens"] == stats["reused_tokens"]
+
+
+def test_blend_config_and_overrides(tiny_engine):
+    chat = ChatCacheBlend(engine=tiny_engine, blend_config=BlendConfig(check_layers=(1,), deviation="k"),
+                          recompute_ratio=0.5)  # fmt: skip
+    params = chat._identifying_params
+    assert params["deviation"] == "k" and params["recompute_ratio"] == 0.5 and params["strategy"] == "cacheblend"
+    ls = chat._get_ls_params(stop=None)
+    assert ls["ls_provider"] == "cacheblend" and ls["ls_model_name"] == "tiny-random-llama"
+
+
+def test_timeout_raises_with_the_fix(chat):
+    with pytest.raises(TimeoutError, match="timeout=1e-09s"):
+        chat.invoke(QUESTION, timeout=1e-9)
+
+
+class FlakyEngine(CacheBlendEngine):
+    """A real engine whose first ``failures`` requests run out of accelerator memory."""
+
+    failures = 2
+
+    def stream(self, *args, **kwargs):
+        if self.failures:
+            self.failures -= 1
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return super().stream(*args, **kwargs)
+
+
+def test_max_retries_retries_out_of_memory(make_tiny_engine):
+    chat = ChatCacheBlend(engine=make_tiny_engine(FlakyEngine), max_tokens=3, max_retries=2)
+    assert chat.invoke(QUESTION).usage_metadata["output_tokens"] >= 1
+    chat = ChatCacheBlend(engine=make_tiny_engine(FlakyEngine), max_tokens=3, max_retries=1)
+    with pytest.raises(torch.OutOfMemoryError):
+        chat.invoke(QUESTION)
