@@ -4,10 +4,35 @@ Key j sits at absolute position j (the fused cache is ordered by position). A qu
 keys 0..p: an exact causal mask by position, so a recomputed token in the middle of the prompt never
 sees later tokens. Grouped-query attention: query head h reads KV head ``h // (Hq // Hkv)``.
 
-The torch reference calls scaled_dot_product_attention with an additive [M, N] mask. On CPU the wrapper
-uses ``selected_attention_cpu``, the same function computed faster: the fused causal kernel when the
-queries are exactly 0..N-1, no mask when every query sees every key, and otherwise query blocks that
-read only the keys they can see.
+Three implementations of one function:
+
+* ``selected_attention_torch`` (reference): scaled_dot_product_attention with an additive [M, N] mask.
+* ``selected_attention_cpu`` (what CPU users run): the fused causal kernel when the queries are exactly
+  0..N-1, no mask when every query sees every key, otherwise query blocks that read only the keys they
+  can see.
+* ``_attention_kernel`` (Triton, what CUDA users run): flash-attention forward. One program owns one KV
+  head and BLOCK_M packed rows, a row being (query, query head of that KV head's group), so the G query
+  heads of a group share every K/V tile they load (GQA packing; decoding fills G rows with one query).
+  It walks key blocks of BLOCK_N with the online softmax (running max and sum in float32, exp2 with the
+  scale folded into log2(e)), never materialising scores or a mask beyond one [BLOCK_M, BLOCK_N] tile.
+  Key blocks that lie at or before the block's smallest query position need no mask; masked blocks run
+  up to the block's largest query position, and key blocks after it are never read (causal block
+  skipping). Programs start with the last (longest) query blocks so the tail of the launch is short.
+
+What differs from the reference: the order of the float32 additions; in 16-bit types the attention
+weights are rounded to the value dtype before P @ V (as flash attention does), so bf16 results differ
+from SDPA by bf16 rounding (~1e-2 relative on single elements). Float32 inputs use 3xTF32 dot products
+on CUDA (float32-level accuracy, not plain TF32; "ieee" dots spill registers). Under the interpreter,
+16-bit q/k/v are upcast to float32 before each dot (its dot reads bfloat16 bits as integers) and the
+roundings to bfloat16 are done on the bits (its casts truncate): products are exact either way, so the
+interpreted kernel computes what the CUDA one does up to summation order.
+
+Limits: the causal skip pays only when queries are sorted by position (the engine passes them sorted;
+unsorted input is correct but each block reads up to its largest position). No split over keys, so a
+single decoding query runs Hkv programs over all N keys (fine for prefill, slower than SDPA for long
+decodes). head_dim up to 256. Block sizes are fixed per head_dim and dtype, chosen by compiling for sm_90
+without a GPU (no register spills at the defaults) and never timed; ``benchmarks/gpu_check.py`` sweeps
+alternatives.
 """
 
 from __future__ import annotations
@@ -17,7 +42,13 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .backend import check, resolve_backend
+from .backend import HAVE_TRITON, check, resolve_backend, triton_interpreting
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .backend import round_to
 
 
 def selected_attention_torch(
@@ -74,6 +105,8 @@ def selected_attention_cpu(
     hq, m, _d = q.shape
     hkv, n, _ = k.shape
     gqa = hq != hkv
+    if m == 0:
+        return q.new_empty(hq, 0, v.shape[-1])
     if m == n and int(q_pos[0]) == 0 and torch.equal(q_pos, torch.arange(n, device=q.device)):
         return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
                                               enable_gqa=gqa)[0]  # fmt: skip
@@ -90,6 +123,124 @@ def selected_attention_cpu(
     if order is not None:
         out = out[:, torch.argsort(order)]
     return out
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _dot(a, b, FP32: tl.constexpr):
+        if FP32:  # float32 inputs: 3xTF32 keeps float32 accuracy on tensor cores ("ieee" spills registers)
+            return tl.dot(a, b, input_precision="tf32x3")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, visible, MASKED: tl.constexpr,
+                             P_DTYPE: tl.constexpr, FP32: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+        """One key block: q [BM, BD], k, v [BN, BD], visible [BM, BN] (used if MASKED) -> acc, m_i, l_i."""
+        s = _dot(q, tl.trans(k), FP32) * qk_scale
+        if MASKED:
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if UPCAST:  # v is float32 here; round p as CUDA would (the interpreter's bf16 casts truncate)
+            p = round_to(p, P_DTYPE)
+        acc = acc * alpha[:, None] + _dot(p.to(P_DTYPE).to(v.dtype), v, FP32)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _attention_kernel(
+        q_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, qk_scale, M, N,
+        stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
+        stride_vh, stride_vn, stride_vd, stride_oh, stride_om, stride_od,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        # grid: (cdiv(M * GROUP, BLOCK_M), Hkv); row r of a block is query r // GROUP, head r % GROUP of the group
+        block = tl.num_programs(0) - 1 - tl.program_id(0)  # longest blocks first (with sorted queries)
+        kv_head = tl.program_id(1).to(tl.int64)
+        packed = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        query = packed // GROUP
+        head = kv_head * GROUP + packed % GROUP
+        row_ok = query < M
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + head[:, None] * stride_qh + query[:, None] * stride_qm + d[None, :] * stride_qd,
+                    mask=q_mask, other=0.0)  # fmt: skip
+        p_dtype = q.dtype  # attention weights are rounded to the input dtype before P @ V
+        if UPCAST:  # the interpreter's dot reads 16-bit floats as integers; float32 products are the same
+            q = q.to(tl.float32)
+        pos = tl.load(pos_ptr + query, mask=row_ok, other=0).to(tl.int32)  # padding rows see key 0 only
+        first = tl.min(tl.where(row_ok, pos, N), axis=0)
+        last = tl.max(pos, axis=0)
+        unmasked_end = (first + 1) // BLOCK_N * BLOCK_N  # key blocks every row of the block sees whole
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        k_base = k_ptr + kv_head * stride_kh + d[None, :] * stride_kd
+        v_base = v_ptr + kv_head * stride_vh + d[None, :] * stride_vd
+        offs = tl.arange(0, BLOCK_N)
+        for start in range(0, unmasked_end, BLOCK_N):
+            keys = start + offs
+            k = tl.load(k_base + keys[:, None] * stride_kn, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_vn, mask=d_ok[None, :], other=0.0)
+            if UPCAST:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, None, False, p_dtype, FP32, UPCAST)
+        # every row sees key 0, so m_i is finite after the first block and masked (-inf) scores give p = 0
+        for start in range(unmasked_end, last + 1, BLOCK_N):
+            keys = start + offs
+            kv_mask = (keys < N)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + keys[:, None] * stride_kn, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_vn, mask=kv_mask, other=0.0)
+            if UPCAST:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            visible = keys[None, :] <= pos[:, None]
+            acc, m_i, l_i = _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, visible, True, p_dtype, FP32, UPCAST)
+        out = acc / l_i[:, None]
+        if UPCAST:
+            out = round_to(out, p_dtype)
+        tl.store(o_ptr + head[:, None] * stride_oh + query[:, None] * stride_om + d[None, :] * stride_od,
+                 out.to(o_ptr.dtype.element_ty), mask=q_mask)  # fmt: skip
+
+    def attention_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+        """Block sizes and launch settings for a head_dim and dtype (chosen without a GPU to tune on)."""
+        if triton_interpreting():
+            return {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
+        if dtype == torch.float32:
+            return {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 2}
+        if head_dim <= 64:
+            return {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}
+        if head_dim <= 128:
+            return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+        return {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2}
+
+    def selected_attention_triton(
+        q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **config: int
+    ) -> torch.Tensor:
+        """Launcher. q: [Hq, M, D]; q_pos: [M]; k, v: [Hkv, N, D] (any strides) -> [Hq, M, D] contiguous.
+
+        ``config`` overrides entries of ``attention_config`` (block_m, block_n, num_warps, num_stages).
+        """
+        hq, m, dim = q.shape
+        hkv, n, _ = k.shape
+        out = torch.empty((hq, m, dim), dtype=q.dtype, device=q.device)
+        if m == 0 or hq == 0:
+            return out
+        group = hq // hkv
+        cfg = {**attention_config(dim, q.dtype), **config}
+        grid = (triton.cdiv(m * group, cfg["block_m"]), hkv)
+        _attention_kernel[grid](
+            q, q_pos, k, v, out, scale * 1.4426950408889634, m, n,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            GROUP=group, HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+            BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FP32=q.dtype == torch.float32,
+            UPCAST=triton_interpreting() and q.dtype != torch.float32,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True,
+        )  # fmt: skip
+        return out
 
 
 def selected_attention(
@@ -113,12 +264,13 @@ def selected_attention(
     check(q_pos.shape == (q.shape[1],), f"q_pos must be [{q.shape[1]}], got {tuple(q_pos.shape)}")
     check(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     check(q.device == k.device == v.device == q_pos.device, "q, q_pos, k, v must be on one device")
+    check(q_pos.dtype in (torch.int32, torch.int64), f"q_pos must be integers, got {q_pos.dtype}")
     if q_pos.numel():
-        check(int(q_pos.max()) < k.shape[1] and int(q_pos.min()) >= 0,
-              f"q_pos must lie in [0, {k.shape[1]}) (key j is at position j)")  # fmt: skip
+        low, high = (int(x) for x in torch.aminmax(q_pos))
+        check(low >= 0 and high < k.shape[1],
+              f"q_pos must lie in [0, {k.shape[1]}) (key j is at position j), got [{low}, {high}]")  # fmt: skip
     if resolve_backend(backend, q.device) == "triton":
-        from .attention_triton import selected_attention_triton
-
+        check(q.shape[-1] <= 256, f"the Triton kernel supports head_dim <= 256, got {q.shape[-1]}; use backend='torch'")
         return selected_attention_triton(q, q_pos, k, v, scale)
     if q.device.type == "cpu":
         return selected_attention_cpu(q, q_pos, k, v, scale)

@@ -7,7 +7,8 @@ import os
 import torch
 
 try:  # Triton is optional: it only runs on CUDA devices (or on CPU through its interpreter).
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
 
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - depends on the platform
@@ -44,3 +45,19 @@ def check(cond: bool, message: str) -> None:
     """Raise ValueError with ``message`` unless ``cond``: the wrappers' shape and dtype contract."""
     if not cond:
         raise ValueError(message)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def round_to(x, dtype: tl.constexpr):
+        """x (float32) rounded to nearest-even in ``dtype``, returned as float32 (a helper for the kernels).
+
+        bfloat16 is rounded on the bits: Triton's interpreter truncates float32 -> bfloat16 casts where CUDA
+        rounds to nearest-even, so with the bits a kernel computes the same function on both.
+        """
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        return x.to(dtype).to(tl.float32)

@@ -4,10 +4,21 @@ Cached keys are stored before RoPE, so placing a chunk anywhere in a prompt is o
 to their new absolute positions. The angle of pair i at position p is ``p * inv_freq[i]``; Llama 3 (and
 linear / YaRN) scaling lives entirely in ``inv_freq`` and ``attention_scaling``, so one kernel serves them.
 
-The torch reference reproduces Hugging Face's arithmetic exactly: cos/sin computed in float32, scaled,
-cast to the tensor's dtype, then ``x * cos + rotate_half(x) * sin`` in that dtype. The Triton kernel
-computes cos/sin on the fly in float32 and rounds once at the end, so in 16-bit types it can differ
-from the reference by one rounding step.
+Reference (``apply_rope_torch``): Hugging Face's arithmetic exactly: cos/sin computed in float32, scaled,
+cast to the tensor's dtype, then ``x1*cos - x2*sin`` and ``x2*cos + x1*sin`` in that dtype.
+
+Triton kernel (``_rope_kernel``): one program rotates BLOCK_T tokens of one head, in place or into
+another tensor, any strides. It does not evaluate cos/sin itself: it gathers them from the same
+``RopeTable`` rows the reference uses (float32 table computed by torch, cast to x's dtype), because
+``tl.cos`` on large angles (position x inv_freq reaches 10^4 radians) is not the function torch computes.
+Every product and sum is rounded to x's dtype as torch does (16-bit products are exact in float32, so
+"compute in float32, round" is the same IEEE operation), and the launch disables FMA contraction; the
+result is bitwise equal to the reference, under the interpreter and, by construction, on CUDA.
+
+Limits: head_dim must be even (any even size; a power of two is fastest); positions must be >= 0
+(the wrapper checks, which costs one device sync for ``aminmax``); ``out`` must be ``x`` itself or a
+tensor that does not overlap it. The table costs 2 x head_dim/2 reads per token, shared by the heads
+through L2 (the heads of one token block are neighbours in the launch grid).
 """
 
 from __future__ import annotations
@@ -19,12 +30,15 @@ import torch
 from .backend import HAVE_TRITON, check, resolve_backend
 
 if HAVE_TRITON:
+    from .backend import round_to
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
 
 class RopeTable:
-    """RoPE frequencies plus a lazily grown float32 table of cos/sin per position, shared by requests."""
+    """RoPE frequencies plus a lazily grown table of cos/sin per position and dtype, shared by requests."""
 
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
         # inv_freq: [D/2]
@@ -34,10 +48,8 @@ class RopeTable:
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [T, D] in ``dtype`` for positions: [T] (int64)."""
-        device = positions.device
-        need = int(positions.max()) + 1 if positions.numel() else 1
+    def tables(self, need: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [P, D] in ``dtype`` for positions 0..P-1 with P >= ``need`` (grown by doubling)."""
         key = (device, dtype)
         table = self._tables.get(key)
         if table is None or table[0].shape[0] < need:
@@ -47,7 +59,12 @@ class RopeTable:
                     size = max(need, 2 * table[0].shape[0] if table is not None else 4096)
                     table = self._build(size, dtype, device)
                     self._tables[key] = table
-        cos, sin = table
+        return table
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [T, D] in ``dtype`` for positions: [T] (int64)."""
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        cos, sin = self.tables(need, dtype, positions.device)
         return cos[positions], sin[positions]
 
     def _build(self, size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,43 +101,48 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rope_kernel(
-        x_ptr, out_ptr, pos_ptr, inv_freq_ptr, scaling,
-        T, stride_xh, stride_xt, stride_xd, stride_oh, stride_ot, stride_od,
-        HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+        x_ptr, out_ptr, pos_ptr, cos_ptr, sin_ptr,
+        T, stride_xh, stride_xt, stride_xd, stride_oh, stride_ot, stride_od, stride_table,
+        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
     ):  # fmt: skip
-        # grid: (cdiv(T, BLOCK_T), H). Each program rotates BLOCK_T rows of one head.
-        pid_t = tl.program_id(0)
-        head = tl.program_id(1)
-        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.arange(0, HALF)
-        row_ok = rows < T
-        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.float32)
-        inv_freq = tl.load(inv_freq_ptr + cols)
-        angle = pos[:, None] * inv_freq[None, :]
-        cos = tl.cos(angle) * scaling
-        sin = tl.sin(angle) * scaling
-        mask = row_ok[:, None]
-        base = x_ptr + head * stride_xh + rows[:, None] * stride_xt
-        x1 = tl.load(base + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + (cols[None, :] + HALF) * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        out = out_ptr + head * stride_oh + rows[:, None] * stride_ot
-        tl.store(out + cols[None, :] * stride_od, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(
-            out + (cols[None, :] + HALF) * stride_od, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask
-        )
+        # grid: (H, cdiv(T, BLOCK_T)); the heads of one token block run side by side, sharing table rows in L2
+        head = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_HALF)
+        mask = (rows < T)[:, None] & (cols < HALF)[None, :]
+        pos = tl.load(pos_ptr + rows, mask=rows < T, other=0).to(tl.int64)
+        table = pos[:, None] * stride_table + cols[None, :]
+        dtype = out_ptr.dtype.element_ty
+        cos = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        src = x_ptr + head * stride_xh + rows[:, None] * stride_xt + cols[None, :] * stride_xd
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        # round every operation to x's dtype, as torch does: bitwise equal to the reference
+        a = round_to(x1 * cos, dtype)
+        b = round_to(x2 * sin, dtype)
+        c = round_to(x2 * cos, dtype)
+        d = round_to(x1 * sin, dtype)
+        dst = out_ptr + head * stride_oh + rows[:, None] * stride_ot + cols[None, :] * stride_od
+        tl.store(dst, round_to(a - b, dtype).to(dtype), mask=mask)
+        tl.store(dst + HALF * stride_od, round_to(c + d, dtype).to(dtype), mask=mask)
 
-    def apply_rope_triton(x: torch.Tensor, positions: torch.Tensor, rope: RopeTable, out: torch.Tensor) -> None:
-        """Launcher. x, out: [H, T, D] (any strides; out may be x); positions: [T]."""
+    def apply_rope_triton(
+        x: torch.Tensor, positions: torch.Tensor, rope: RopeTable, out: torch.Tensor, max_position: int
+    ) -> None:
+        """Launcher. x, out: [H, T, D] (any strides; out may be x); positions: [T] each <= max_position."""
         heads, tokens, dim = x.shape
         if tokens == 0 or heads == 0:
             return
-        inv_freq = rope.inv_freq.to(x.device)
+        cos, sin = rope.tables(max_position + 1, x.dtype, x.device)
         block_t = 32
-        grid = (triton.cdiv(tokens, block_t), heads)
+        half = dim // 2
+        grid = (heads, triton.cdiv(tokens, block_t))
         _rope_kernel[grid](
-            x, out, positions, inv_freq, rope.attention_scaling,
-            tokens, *x.stride(), *out.stride(),
-            HALF=dim // 2, BLOCK_T=block_t,
+            x, out, positions, cos, sin,
+            tokens, *x.stride(), *out.stride(), cos.stride(0),
+            HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_T=block_t,
+            num_warps=4, enable_fp_fusion=False,
         )  # fmt: skip
 
 
@@ -144,13 +166,17 @@ def apply_rope(
           f"positions must be [tokens={x.shape[1]}], got shape {tuple(positions.shape)}")  # fmt: skip
     check(positions.dtype in (torch.int32, torch.int64), f"positions must be integers, got {positions.dtype}")
     check(positions.device == x.device, f"positions on {positions.device} but x on {x.device}")
+    max_position = 0
     if positions.numel():
-        check(int(positions.min()) >= 0, "positions must be >= 0")
+        low, high = (int(v) for v in torch.aminmax(positions))
+        check(low >= 0, f"positions must be >= 0, got a minimum of {low}")
+        max_position = high
     if out is not None:
         check(out.shape == x.shape and out.dtype == x.dtype and out.device == x.device,
-              f"out must match x ({tuple(x.shape)}, {x.dtype}, {x.device})")  # fmt: skip
+              f"out must match x ({tuple(x.shape)}, {x.dtype}, {x.device}); got ({tuple(out.shape)}, "
+              f"{out.dtype}, {out.device})")  # fmt: skip
     if resolve_backend(backend, x.device) == "triton":
         target = out if out is not None else torch.empty_like(x)
-        apply_rope_triton(x, positions, rope, target)
+        apply_rope_triton(x, positions, rope, target, max_position)
         return target
     return apply_rope_torch(x, positions, rope, out)
