@@ -77,10 +77,11 @@ def make_tiny_engine(smollm2_tokenizer, tmp_path):
     return build
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """Run these tests' models on one thread: their matmuls are too small to gain from more, and with the
-    machine's cores busy, spinning worker threads make each token many times slower. Restored afterwards."""
+    machine's cores busy, spinning worker threads make each token many times slower. Restored after each
+    module, so tests of other packages in the same run are not affected."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
