@@ -246,13 +246,13 @@ def kernel_section(args, device, dtype, timer: Timer, n: int) -> None:
                 add("sweep", label, shape, error=f"{type(exc).__name__}: {str(exc)[:120]}")
 
 
-SWEEP = [
+SWEEP = [  # compiled for sm_90 without a GPU: none of these spills registers (--compile-only)
     {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
+    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
     {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2},
     {"block_m": 128, "block_n": 32, "num_warps": 8, "num_stages": 3},
     {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3},
-    {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2},
+    {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3},
 ]
 
 
@@ -352,10 +352,152 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+# ---- --compile-only: no GPU needed --------------------------------------------------------------------
+def compile_section(args) -> None:
+    """Compile each kernel for sm_90 (H100 / H200) with Triton's bundled ptxas: registers, spills, smem.
+
+    The signature is specialised as a launch on the engine's tensors would be: unit stride on head_dim,
+    16-byte aligned pointers and other strides. Catches kernels that do not compile for CUDA (the
+    interpreter accepts more) and block sizes that spill registers, on a machine without a GPU.
+    """
+    import re
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    target = GPUTarget("cuda", 90, 32)
+    strides = lambda names: {n: "i32" for n in names}  # noqa: E731
+
+    def build(fn, sig: dict, consts: dict, unit: tuple, options: dict, label: str) -> None:
+        consts = {**consts, **dict.fromkeys(unit, 1)}
+        aligned = [n for n in sig if n not in consts and (n.endswith("_ptr") or n.startswith("stride"))]
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        signature = {**{k: v for k, v in sig.items() if k not in consts}, **dict.fromkeys(consts, "constexpr")}
+        try:
+            kernel = triton.compile(
+                ASTSource(fn, signature, constexprs=consts, attrs=attrs), target=target, options=options
+            )
+        except Exception as exc:
+            FAILED.append(f"compile {label}")
+            add("compile", label, options_str(options), error=f"{type(exc).__name__}: {str(exc)[:160]}")
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = Path(tmp) / "k.ptx"
+            ptx.write_text(kernel.asm["ptx"])
+            report = ""
+            for name in ("ptxas-blackwell", "ptxas"):  # the newer one reads newer PTX
+                if (bin_dir / name).exists():
+                    proc = subprocess.run(
+                        [str(bin_dir / name), "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+                        capture_output=True,
+                        text=True,
+                    )
+                    if proc.returncode == 0:
+                        report = proc.stderr
+                        break
+        regs = re.search(r"Used (\d+) registers", report)
+        spill = re.search(r"(\d+) bytes spill stores", report)
+        add(
+            "compile",
+            label,
+            options_str(options),
+            regs=int(regs.group(1)) if regs else "?",
+            spill_bytes=int(spill.group(1)) if spill else "?",
+            smem=kernel.metadata.shared,
+            wgmma="wgmma" in kernel.asm["ptx"],
+        )
+
+    qkvo = {f"stride_{a}{b}": "i32" for a in "qkvo" for b in ("h", "m" if a in "qo" else "n", "d")}
+    for dt, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        for d, group in ((128, 4), (64, 1), (96, 7)):
+            configs = [attention.attention_config(d, torch_dtype)]  # the default first
+            if dt == "bf16" and d == 128:
+                configs += [c for c in SWEEP if c != configs[0]]
+            for cfg in configs:
+                sig = {
+                    "q_ptr": f"*{dt}",
+                    "pos_ptr": "*i64",
+                    "k_ptr": f"*{dt}",
+                    "v_ptr": f"*{dt}",
+                    "o_ptr": f"*{dt}",
+                    "qk_scale": "fp32",
+                    "M": "i32",
+                    "N": "i32",
+                    **qkvo,
+                }
+                consts = {
+                    "GROUP": group,
+                    "HEAD_DIM": d,
+                    "BLOCK_D": triton.next_power_of_2(d),
+                    "BLOCK_M": cfg["block_m"],
+                    "BLOCK_N": cfg["block_n"],
+                    "FP32": dt == "fp32",
+                    "UPCAST": False,
+                }
+                options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "enable_fp_fusion": True}
+                build(
+                    attention._attention_kernel,
+                    sig,
+                    consts,
+                    ("stride_qd", "stride_kd", "stride_vd", "stride_od"),
+                    options,
+                    f"attention {dt} D={d} G={group} {cfg['block_m']}x{cfg['block_n']}"
+                    + (" default" if cfg is configs[0] else ""),
+                )
+        sig = {
+            "x_ptr": f"*{dt}",
+            "out_ptr": f"*{dt}",
+            "pos_ptr": "*i64",
+            "cos_ptr": f"*{dt}",
+            "sin_ptr": f"*{dt}",
+            "T": "i32",
+            **strides(["stride_xh", "stride_xt", "stride_xd", "stride_oh", "stride_ot", "stride_od", "stride_table"]),
+        }
+        build(
+            rotary._rope_kernel,
+            sig,
+            {"HALF": 64, "BLOCK_HALF": 64, "BLOCK_T": 32},
+            ("stride_xd", "stride_od"),
+            {"num_warps": 4, "enable_fp_fusion": False},
+            f"rotary {dt} D=128",
+        )
+        sig = {
+            "fresh_ptr": f"*{dt}",
+            "cached_ptr": f"*{dt}",
+            "from_ptr": "*u8",
+            "rows_ptr": "*i64",
+            "out_ptr": "*fp32",
+            "H": "i32",
+            "T": "i32",
+            "D": "i32",
+            **strides([f"stride_{a}{b}" for a in "fc" for b in "htd"]),
+        }
+        build(
+            deviation._deviation_kernel,
+            sig,
+            {"HAS_ROWS": True, "BLOCK_T": 32, "BLOCK_D": 128},
+            ("stride_fd", "stride_cd"),
+            {"num_warps": 4, "enable_fp_fusion": True},
+            f"deviation {dt} D=128",
+        )
+
+
+def options_str(options: dict) -> str:
+    return ",".join(f"{k.removeprefix('num_')}={v}" for k, v in options.items() if k != "enable_fp_fusion")
+
+
 # ---- main ---------------------------------------------------------------------------------------------
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="no GPU needed: compile the kernels for sm_90 and report registers, spills, shared memory",
+    )
     p.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384])
     p.add_argument("--prefill-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 16384])
@@ -381,6 +523,11 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     started = time.perf_counter()
+    if args.compile_only:
+        compile_section(args)
+        print_table()
+        args.out.write_text(json.dumps({"rows": ROWS, "failed": FAILED}, indent=1, default=str))
+        return 1 if FAILED else 0
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.bfloat16
     elif torch.cuda.is_available():
