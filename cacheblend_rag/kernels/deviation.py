@@ -9,8 +9,9 @@ Triton kernel (``_deviation_kernel``): one program owns BLOCK_T tokens and walks
 head_dim block, accumulating squared differences in a [BLOCK_T, BLOCK_D] float32 tile that is summed
 once at the end. The from-cache mask is fused: tokens not from the cache load nothing and get -inf.
 It differs from the reference only in the order of the float32 additions (relative difference ~1e-6).
-Limits: any strides, any head_dim; a token block's programs read heads one after another, so the
-kernel reaches memory bandwidth only with enough tokens (>= a few thousand) to fill the GPU.
+Limits: none on strides or head_dim. Each program reads its tokens' heads one after another, so a
+launch has only cdiv(T, 32) programs and fills a large GPU (132 SMs on an H200) only from a few
+thousand tokens on; at the check layer T is the whole prompt, so that is the common case.
 
 The top-k stays in torch (``torch.topk``): it is a tiny fraction of the blend's time.
 """

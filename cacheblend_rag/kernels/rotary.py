@@ -12,8 +12,10 @@ another tensor, any strides. It does not evaluate cos/sin itself: it gathers the
 ``RopeTable`` rows the reference uses (float32 table computed by torch, cast to x's dtype), because
 ``tl.cos`` on large angles (position x inv_freq reaches 10^4 radians) is not the function torch computes.
 Every product and sum is rounded to x's dtype as torch does (16-bit products are exact in float32, so
-"compute in float32, round" is the same IEEE operation), and the launch disables FMA contraction; the
-result is bitwise equal to the reference, under the interpreter and, by construction, on CUDA.
+"compute in float32, round" is the same IEEE operation; bfloat16 is rounded on the bits by
+``backend.round_to`` because the interpreter's casts truncate), and the launch disables FMA contraction.
+The result is bitwise equal to the reference under the interpreter (tested) and should be on CUDA by
+the same construction (``benchmarks/gpu_check.py`` reports it; not yet run on a GPU).
 
 Limits: head_dim must be even (any even size; a power of two is fastest); positions must be >= 0
 (the wrapper checks, which costs one device sync for ``aminmax``); ``out`` must be ``x`` itself or a
@@ -30,11 +32,10 @@ import torch
 from .backend import HAVE_TRITON, check, resolve_backend
 
 if HAVE_TRITON:
-    from .backend import round_to
-
-if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from .backend import round_to
 
 
 class RopeTable:
