@@ -50,13 +50,14 @@ def demo(
     dtype: str = DTYPE,
     cache_dir: Path | None = CACHE_DIR,
     ratio: float = typer.Option(0.15, help="cacheblend recompute ratio."),
+    max_new_tokens: int = typer.Option(32, min=1, help="Answer length limit."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the rows as JSON."),
 ) -> None:
     """Multi-chunk questions answered under every strategy (offline, bundled model)."""
     from .demo import strategy_rows
 
     engine = load_engine(model, device, dtype, cache_dir)
-    rows = strategy_rows(engine, ratio=ratio)
+    rows = strategy_rows(engine, ratio=ratio, max_new_tokens=max_new_tokens)
     table = Table(title=f"Strategies on multi-chunk questions ({engine.name}, {str(engine.dtype)[6:]})")
     table.add_column("question", overflow="fold", max_width=30)
     table.add_column("strategy", no_wrap=True)
