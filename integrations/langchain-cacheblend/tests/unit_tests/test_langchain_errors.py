@@ -92,6 +92,8 @@ def test_bad_options_per_call(chat):
         chat.invoke("hi", model="gpt-4o")
     with pytest.raises(ValueError, match="recompute_ratio must be a number in"):
         chat.invoke("hi", recompute_ratio=2.0)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0, or None for no limit; got -1"):
+        chat.invoke("hi", timeout=-1)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         chat.invoke("hi", max_tokens=0)
     with pytest.raises(TypeError, match=r"blend_config must be a cacheblend_rag\.BlendConfig"):
