@@ -1,0 +1,259 @@
+"""CacheBlendLLM: a LlamaIndex LLM whose prompts reuse the stored KV cache of every registered chunk text."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Literal, TypeVar
+
+from llama_index.core.base.llms.generic_utils import (
+    astream_completion_response_to_chat_response,
+    completion_response_to_chat_response,
+    stream_completion_response_to_chat_response,
+)
+from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from cacheblend_rag import BlendConfig, CacheBlendEngine, GenerationResult, GenerationStream
+
+# options a call may override: llm.complete(prompt, max_new_tokens=8, strategy="full_recompute")
+CALL_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop", "strategy", "recompute_ratio")
+
+T = TypeVar("T")
+
+
+class CacheBlendLLM(CustomLLM):
+    """A LlamaIndex LLM over a ``CacheBlendEngine``: chunk texts found in the prompt reuse their stored KV.
+
+    LlamaIndex hands an LLM one prompt string. The engine splits it at the chunk texts registered with it
+    (by ``CacheBlendNodePostprocessor``, ``CacheBlendPrecompute`` or ``engine.precompute``), reuses their KV
+    and blends it (``strategy="cacheblend"``: recompute the ``recompute_ratio`` of cached tokens whose KV
+    deviates most); all other text is computed. Text that matches no chunk only costs speed, never quality.
+
+    Completion prompts are wrapped in the model's chat template as one user message (``chat_template``; the
+    system prompt, if set, becomes the system message); chat messages always use the chat template.
+    ``metadata.context_window`` is ``context_window`` minus the tokens that wrapping adds, so LlamaIndex's
+    prompt packing leaves room for it.
+
+    Every response carries the request's blend statistics: ``response.additional_kwargs`` holds
+    ``prompt_tokens``, ``reused_tokens``, ``recomputed_tokens``, ``cache_hits``, ``ttft_s``, ... and
+    ``finish_reason``; ``response.raw`` holds ``usage`` (for LlamaIndex's token counting), ``cacheblend``
+    (all stats) and ``token_ids``. Streaming yields the text pieces, then one last response with ``delta=""``
+    that carries the statistics.
+    """
+
+    model_name: str = Field(default="", description="The engine's model (set from the engine).")
+    context_window: int = Field(
+        default=0,
+        ge=0,
+        description="Tokens of prompt + output the model takes; 0: the model's own context window.",
+    )
+    max_new_tokens: int = Field(default=256, gt=0, description="The most tokens to generate.")
+    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int | None = Field(default=None, description="Sampling seed (None: not seeded).")
+    stop: list[str] = Field(default_factory=list, description="Generation stops at the first of these strings.")
+    strategy: Literal["cacheblend", "full_reuse", "prefix_cache", "full_recompute"] = Field(
+        default="cacheblend", description="How the prompt's KV cache is assembled (see cacheblend_rag.BlendConfig)."
+    )
+    recompute_ratio: float = Field(
+        default=0.15, ge=0.0, le=1.0, description="Fraction of the cached tokens cacheblend recomputes."
+    )
+    chat_template: bool | None = Field(
+        default=None,
+        description="Wrap completion prompts in the model's chat template; None: when the tokenizer has one.",
+    )
+    is_chat_model: bool = Field(
+        default=False,
+        description="Tell LlamaIndex to send chat messages (its chat prompts) instead of completion prompts.",
+    )
+
+    _engine: CacheBlendEngine = PrivateAttr()
+
+    def __init__(self, engine: CacheBlendEngine, **kwargs: Any) -> None:
+        if not isinstance(engine, CacheBlendEngine):
+            raise TypeError(
+                "engine must be a CacheBlendEngine, e.g. CacheBlendEngine.from_pretrained('smollm2-135m'); "
+                f"got {type(engine).__name__}"
+            )
+        has_template = bool(getattr(engine.tokenizer, "chat_template", None))
+        chat_template = kwargs.pop("chat_template", None)
+        if chat_template and not has_template:
+            raise ValueError(f"chat_template=True but the tokenizer of {engine.name!r} has no chat template; "
+                             "pass chat_template=False (or None) to send prompts as they are")  # fmt: skip
+        window = kwargs.pop("context_window", None) or engine.context_window
+        if isinstance(window, int) and window > engine.context_window:
+            raise ValueError(f"context_window={window} is larger than the model's {engine.context_window} tokens; "
+                             "pass a smaller value or leave it unset")  # fmt: skip
+        own_completion = kwargs.get("completion_to_prompt") is not None
+        own_messages = kwargs.get("messages_to_prompt") is not None
+        kwargs.setdefault("model_name", engine.name)
+        super().__init__(
+            context_window=window,
+            chat_template=has_template if chat_template is None else chat_template,
+            **kwargs,
+        )
+        self._engine = engine
+        if self.chat_template and not own_completion:
+            self.completion_to_prompt = self._chat_completion_prompt
+        if not own_messages:
+            self.messages_to_prompt = self._chat_messages_prompt if has_template else generic_messages_to_prompt
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "CacheBlendLLM"
+
+    def __repr_args__(self):
+        # the default prompt formatters are this object's own methods: printing them would recurse
+        hidden = ("completion_to_prompt", "messages_to_prompt")
+        return [(name, value) for name, value in super().__repr_args__() if name not in hidden]
+
+    @property
+    def engine(self) -> CacheBlendEngine:
+        return self._engine
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=self.context_window - self._wrapper_tokens(),
+            num_output=self.max_new_tokens,
+            is_chat_model=self.is_chat_model,
+            model_name=self.model_name,
+        )
+
+    # ---- prompts ------------------------------------------------------------------------------------
+    def _wraps_chat(self) -> bool:
+        return self.completion_to_prompt == self._chat_completion_prompt
+
+    def _wrapper_tokens(self) -> int:
+        """Tokens the chat-template wrapping adds around a completion prompt (LlamaIndex does not count them)."""
+        return len(self._engine.tokenize(self._chat_completion_prompt(""))) if self._wraps_chat() else 0
+
+    def _chat_completion_prompt(self, prompt: str) -> str:
+        if self.query_wrapper_prompt:
+            prompt = self.query_wrapper_prompt.format(query_str=prompt)
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        return self._engine.format_chat(messages)
+
+    def _chat_messages_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        return self._engine.format_chat([{"role": m.role.value, "content": m.content or ""} for m in messages])
+
+    def _extend_prompt(self, formatted_prompt: str) -> str:
+        # the chat wrapping already placed the system prompt and query wrapper inside the template
+        return formatted_prompt if self._wraps_chat() else super()._extend_prompt(formatted_prompt)
+
+    def _full_prompt(self, prompt: str, formatted: bool) -> str:
+        """The prompt as LlamaIndex's predict() would have formatted it."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        return prompt if formatted else self._extend_prompt(self.completion_to_prompt(prompt))
+
+    def _call_options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(overrides) - set(CALL_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {unknown}; CacheBlendLLM takes {', '.join(CALL_OPTIONS)}")
+        opts = {name: overrides.get(name, getattr(self, name)) for name in CALL_OPTIONS}
+        config = BlendConfig(strategy=opts.pop("strategy"), recompute_ratio=opts.pop("recompute_ratio"))
+        opts["stop"] = opts["stop"] or None
+        return {**opts, "config": config}
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def _start(self, prompt: str, formatted: bool, overrides: dict[str, Any]) -> GenerationStream:
+        """Run the prefill (blending the cached chunks) and return the decoding stream."""
+        return self._engine.stream(prompt=self._full_prompt(prompt, formatted), **self._call_options(overrides))
+
+    def _complete(self, prompt: str, formatted: bool, overrides: dict[str, Any]) -> CompletionResponse:
+        return _response(self._start(prompt, formatted, overrides).result)
+
+    def _start_chat(self, messages: Sequence[ChatMessage], overrides: dict[str, Any]) -> GenerationStream:
+        return self._start(self.messages_to_prompt(messages), True, overrides)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return self._complete(prompt, formatted, kwargs)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        return _stream_responses(self._start(prompt, formatted, kwargs))
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return completion_response_to_chat_response(_response(self._start_chat(messages, kwargs).result))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return stream_completion_response_to_chat_response(_stream_responses(self._start_chat(messages, kwargs)))
+
+    # ---- async: prefill and every decoding step run in a worker thread, never on the event loop --------
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await asyncio.to_thread(self._complete, prompt, formatted, kwargs)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        stream = await asyncio.to_thread(self._start, prompt, formatted, kwargs)
+        return _iterate_in_thread(_stream_responses(stream))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        stream = await asyncio.to_thread(self._start_chat, messages, kwargs)
+        result = await asyncio.to_thread(lambda: stream.result)
+        return completion_response_to_chat_response(_response(result))
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        stream = await asyncio.to_thread(self._start_chat, messages, kwargs)
+        return astream_completion_response_to_chat_response(_iterate_in_thread(_stream_responses(stream)))
+
+
+def _response(result: GenerationResult, delta: str | None = None) -> CompletionResponse:
+    stats = result.stats.as_dict()
+    usage = {"prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["new_tokens"],
+             "total_tokens": stats["prompt_tokens"] + stats["new_tokens"]}  # fmt: skip
+    summary = {name: value for name, value in stats.items() if name != "layer_rows"}
+    return CompletionResponse(
+        text=result.text,
+        delta=delta,
+        raw={
+            "usage": usage,
+            "cacheblend": stats,
+            "finish_reason": result.finish_reason,
+            "token_ids": list(result.token_ids),
+        },
+        additional_kwargs={**summary, "finish_reason": result.finish_reason},
+    )
+
+
+def _stream_responses(stream: GenerationStream) -> Iterator[CompletionResponse]:
+    text = ""
+    for piece in stream:
+        text += piece
+        yield CompletionResponse(text=text, delta=piece)
+    yield _response(stream.result, delta="")
+
+
+def _iterate_in_thread(items: Iterator[T]) -> AsyncIterator[T]:
+    """Each ``next()`` (one decoding step) runs in a worker thread, so the event loop stays free."""
+    done = object()
+
+    async def gen() -> AsyncIterator[T]:
+        while True:
+            item = await asyncio.to_thread(next, items, done)
+            if item is done:
+                return
+            yield item  # type: ignore[misc]
+
+    return gen()

@@ -1,0 +1,63 @@
+"""Chunk handles in node metadata: the text a node's KV is computed for, and where its handle is recorded.
+
+The KV of a node is computed for exactly ``node.get_content(metadata_mode=MetadataMode.LLM)``: the string
+LlamaIndex's response synthesizers put into the prompt. ``CacheBlendLLM`` finds that string again inside
+the prompt (the engine's chunk registry) and reuses its KV. The handle goes into the node's metadata under
+``HANDLE_METADATA_KEY``, a key excluded from the LLM and embedding views, so recording it changes neither
+the prompt nor the embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from llama_index.core.schema import BaseNode, MetadataMode
+
+from cacheblend_rag import CacheBlendEngine, ChunkHandle
+
+HANDLE_METADATA_KEY = "cacheblend_kv"
+
+
+def check_engine(engine: object) -> CacheBlendEngine:
+    if not isinstance(engine, CacheBlendEngine):
+        raise TypeError(
+            f"engine must be a CacheBlendEngine, e.g. CacheBlendEngine.from_pretrained('smollm2-135m'); "
+            f"got {type(engine).__name__}"
+        )
+    return engine
+
+
+def exclude_handle_key(node: BaseNode) -> None:
+    """Hide the handle key from the LLM and embedding views (before the LLM text is read)."""
+    if HANDLE_METADATA_KEY not in node.excluded_llm_metadata_keys:
+        node.excluded_llm_metadata_keys = [*node.excluded_llm_metadata_keys, HANDLE_METADATA_KEY]
+    if HANDLE_METADATA_KEY not in node.excluded_embed_metadata_keys:
+        node.excluded_embed_metadata_keys = [*node.excluded_embed_metadata_keys, HANDLE_METADATA_KEY]
+
+
+def llm_text(node: BaseNode) -> str:
+    """The text the LLM sees for ``node``, with the handle key already excluded."""
+    exclude_handle_key(node)
+    return node.get_content(metadata_mode=MetadataMode.LLM)
+
+
+def record_handle(node: BaseNode, handle: ChunkHandle) -> None:
+    node.metadata[HANDLE_METADATA_KEY] = handle.to_dict()
+
+
+def node_handle_key(node: BaseNode) -> str | None:
+    """The KV key recorded in ``node``'s metadata, or None."""
+    value = node.metadata.get(HANDLE_METADATA_KEY)
+    return value.get("key") if isinstance(value, dict) else None
+
+
+def node_handles(engine: CacheBlendEngine, nodes: Sequence[BaseNode]) -> list[tuple[BaseNode, ChunkHandle]]:
+    """(node, handle of its LLM text) for every node whose LLM text has tokens (an empty node has no KV)."""
+    out = []
+    for i, node in enumerate(nodes):
+        if not isinstance(node, BaseNode):
+            raise TypeError(f"nodes[{i}] is a {type(node).__name__}; expected a LlamaIndex node (BaseNode)")
+        handle = engine.handle(llm_text(node))
+        if handle.token_ids:
+            out.append((node, handle))
+    return out
