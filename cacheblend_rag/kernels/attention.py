@@ -230,6 +230,7 @@ if HAVE_TRITON:
         if m == 0 or hq == 0:
             return out
         group = hq // hkv
+        q_pos = q_pos.contiguous()  # read at pos_ptr + i
         cfg = {**attention_config(dim, q.dtype), **config}
         grid = (triton.cdiv(m * group, cfg["block_m"]), hkv)
         _attention_kernel[grid](
@@ -271,6 +272,8 @@ def selected_attention(
               f"q_pos must lie in [0, {k.shape[1]}) (key j is at position j), got [{low}, {high}]")  # fmt: skip
     if resolve_backend(backend, q.device) == "triton":
         check(q.shape[-1] <= 256, f"the Triton kernel supports head_dim <= 256, got {q.shape[-1]}; use backend='torch'")
+        check(q.dtype in (torch.float32, torch.float16, torch.bfloat16),
+              f"the Triton kernel supports fp32/fp16/bf16, got {q.dtype}; use backend='torch'")  # fmt: skip
         return selected_attention_triton(q, q_pos, k, v, scale)
     if q.device.type == "cpu":
         return selected_attention_cpu(q, q_pos, k, v, scale)

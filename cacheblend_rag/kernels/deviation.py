@@ -78,6 +78,8 @@ if HAVE_TRITON:
         out = torch.empty(tokens, dtype=torch.float32, device=fresh.device)
         if tokens == 0:
             return out
+        from_cache = from_cache.contiguous()  # 1-D tensors are read at ptr + t
+        rows = rows.contiguous() if rows is not None else None
         block_t = 32
         block_d = min(128, triton.next_power_of_2(dim))
         _deviation_kernel[(triton.cdiv(tokens, block_t),)](

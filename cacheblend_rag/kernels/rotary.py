@@ -136,6 +136,7 @@ if HAVE_TRITON:
         if tokens == 0 or heads == 0:
             return
         cos, sin = rope.tables(max_position + 1, x.dtype, x.device)
+        positions = positions.contiguous()  # the kernel reads positions[t] at pos_ptr + t
         block_t = 32
         half = dim // 2
         grid = (heads, triton.cdiv(tokens, block_t))

@@ -93,6 +93,24 @@ def test_rope_in_place_on_a_cache_layer_view_leaves_other_rows_alone():
     assert torch.equal(cache[0], untouched[0])
 
 
+def test_strided_index_tensors_are_read_by_their_strides():
+    """positions, q_pos, from_cache and rows given as views with a stride of 2."""
+    gen = torch.Generator().manual_seed(9)
+    rope = default_rope(16)
+    x = torch.randn(2, 7, 16, generator=gen)
+    positions = (torch.arange(14) * 3)[::2]
+    assert torch.equal(apply_rope(x, positions, rope, backend="triton"), apply_rope_torch(x, positions, rope))
+    from_cache = torch.tensor([True, False] * 7)[::2].logical_xor(torch.tensor([0, 1, 0, 0, 1, 0, 1], dtype=torch.bool))
+    big = torch.randn(2, 30, 16, generator=gen)
+    rows = torch.arange(0, 28, 2)[::2]  # 0, 4, ..., 24
+    got = kv_deviation(x, big, from_cache, rows=rows, backend="triton")
+    assert_close(got, kv_deviation_torch(x, big[:, rows], from_cache), rtol=1e-5, atol=1e-5)
+    q_pos = torch.tensor([3, 0, 5, 0, 9, 0, 19, 0])[::2]
+    q = torch.randn(4, 4, 16, generator=gen)
+    got = selected_attention(q, q_pos, big, big, 0.25, backend="triton")
+    assert_close(got, selected_attention_torch(q, q_pos, big, big, 0.25), rtol=1e-5, atol=1e-5)
+
+
 def test_rope_empty_and_int32_positions():
     rope = default_rope(16)
     empty = torch.empty(2, 0, 16)
