@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
@@ -21,6 +22,7 @@ class CacheBlendRetriever(BaseRetriever):
     token count, model fingerprint) is recorded in ``metadata[metadata_key]``. A document whose text the
     chain later reformats is simply computed instead of reused.
 
+    Keyword arguments of ``invoke`` (e.g. ``k=5`` for a vector-store retriever) go to the wrapped retriever.
     Documents keep their order; the ones returned are copies (the wrapped retriever's documents are not
     modified). Documents with empty text are passed through without a handle.
 
@@ -39,14 +41,16 @@ class CacheBlendRetriever(BaseRetriever):
     metadata_key: str = "cacheblend"
     """Metadata key of the chunk handle."""
 
-    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
-        documents = self.retriever.invoke(query, config={"callbacks": run_manager.get_child()})
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
+        documents = self.retriever.invoke(query, config={"callbacks": run_manager.get_child()}, **kwargs)
         return self.attach(documents)
 
     async def _aget_relevant_documents(
-        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun, **kwargs: Any
     ) -> list[Document]:
-        documents = await self.retriever.ainvoke(query, config={"callbacks": run_manager.get_child()})
+        documents = await self.retriever.ainvoke(query, config={"callbacks": run_manager.get_child()}, **kwargs)
         return await asyncio.to_thread(self.attach, documents)
 
     def attach(self, documents: list[Document]) -> list[Document]:

@@ -16,10 +16,12 @@ class KeywordRetriever(BaseRetriever):
 
     documents: list[Document]
 
-    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: int | None = None
+    ) -> list[Document]:
         words = set(query.lower().split())
         scored = [(len(words & set(d.page_content.lower().split())), i) for i, d in enumerate(self.documents)]
-        return [self.documents[i] for score, i in sorted(scored, key=lambda s: (-s[0], s[1])) if score > 0]
+        return [self.documents[i] for score, i in sorted(scored, key=lambda s: (-s[0], s[1])) if score > 0][:k]
 
 
 @pytest.fixture
@@ -55,6 +57,7 @@ def test_retriever_async_and_edge_cases(make_tiny_engine, corpus):
     docs = asyncio.run(retriever.ainvoke("highest mountain in Africa"))
     assert docs and all(d.metadata["kv"] == engine.handle(d.page_content).to_dict() for d in docs)
     assert retriever.invoke("zebra") == []
+    assert len(retriever.invoke("the river", k=1)) == 1  # invoke kwargs reach the wrapped retriever
     assert retriever.attach([blank, corpus[0]])[0] == blank  # empty text: passed through, no handle
 
 
