@@ -40,8 +40,8 @@ def engine(tmp_path_factory):
     from cacheblend_rag import CacheBlendEngine
 
     root = tmp_path_factory.mktemp("llamaindex-kv")
-    # torch and faiss each bring an OpenMP runtime; on a 2-core runner their spinning worker threads fight over
-    # the cores and a 135M model decodes ~10x slower. One torch thread keeps the tests quick and steady.
+    # on a busy 2-core runner torch's OpenMP workers spin-wait for each other while other processes hold the
+    # cores, and a 135M model decodes up to 10x slower; one torch thread keeps these tests quick and steady
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield CacheBlendEngine.from_pretrained(

@@ -1,0 +1,156 @@
+"""CacheBlendLLM on its own: metadata, the prompt it sends, sync/async/streaming calls, options and errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
+from llama_index.core.bridge.pydantic import ValidationError
+from llama_index.core.prompts import PromptTemplate
+from llama_index.llms.cacheblend import CacheBlendLLM
+
+from cacheblend_rag import BlendConfig
+
+pytestmark = pytest.mark.real_model
+
+PASSAGE = "The Corvin Tower in Lanford is 212 metres tall and was finished in 1997."
+QUESTION = f"Context: {PASSAGE}\nQuestion: How tall is the Corvin Tower?"
+
+
+@pytest.fixture(scope="module")
+def passage(engine):
+    return engine.precompute([PASSAGE])[0]
+
+
+def user_prompt(engine, text: str) -> str:
+    return engine.format_chat([{"role": "user", "content": text}])
+
+
+def test_metadata_comes_from_the_model(engine):
+    llm = CacheBlendLLM(engine=engine, max_new_tokens=24)
+    wrapper = len(engine.tokenize(user_prompt(engine, "")))
+    meta = llm.metadata
+    assert meta.model_name == engine.name and meta.num_output == 24 and not meta.is_chat_model
+    # LlamaIndex packs prompts into metadata.context_window; the chat-template wrapping needs the rest
+    assert meta.context_window == engine.context_window - wrapper
+    assert CacheBlendLLM(engine=engine, chat_template=False).metadata.context_window == engine.context_window
+    assert CacheBlendLLM(engine=engine, context_window=1000).metadata.context_window == 1000 - wrapper
+    assert "CacheBlendLLM" in repr(llm) and llm.to_dict()["model_name"] == engine.name
+
+
+def test_complete_wraps_the_prompt_and_reports_reuse(engine, passage):
+    llm = CacheBlendLLM(engine=engine, max_new_tokens=12)
+    response = llm.complete(QUESTION)
+
+    expected = engine.generate(prompt=user_prompt(engine, QUESTION), max_new_tokens=12)
+    assert response.text == expected.text and "212" in response.text
+    stats = response.additional_kwargs
+    assert stats["cache_hits"] == 1 and stats["cached_tokens"] == passage.n_tokens and stats["reused_tokens"] > 0
+    assert stats["strategy"] == "cacheblend" and stats["finish_reason"] in ("eos", "stop", "length")
+    assert response.raw["token_ids"] == expected.token_ids
+    assert response.raw["usage"] == {"prompt_tokens": stats["prompt_tokens"], "completion_tokens": len(
+        expected.token_ids), "total_tokens": stats["prompt_tokens"] + len(expected.token_ids)}  # fmt: skip
+
+    raw = llm.complete(QUESTION, formatted=True)  # already formatted: sent as it is
+    assert raw.text == engine.generate(prompt=QUESTION, max_new_tokens=12).text
+
+
+def test_predict_sends_what_complete_would(engine, passage, llm_calls):
+    llm = CacheBlendLLM(engine=engine, max_new_tokens=8, system_prompt="Answer with a number.")
+    answer = llm.predict(PromptTemplate("Context: {context}\nQuestion: {q}"), context=PASSAGE, q="How tall?")
+
+    [(prompt, response)] = llm_calls
+    assert prompt == llm.completion_to_prompt(f"Context: {PASSAGE}\nQuestion: How tall?")
+    assert prompt.count("Answer with a number.") == 1 and prompt.startswith("<|im_start|>system\nAnswer with")
+    assert answer == response.text == llm.complete(f"Context: {PASSAGE}\nQuestion: How tall?").text
+    assert response.additional_kwargs["cache_hits"] == 1
+
+
+def test_stream_complete_pieces_join_to_the_answer(engine, passage):
+    llm = CacheBlendLLM(engine=engine, max_new_tokens=12)
+    responses = list(llm.stream_complete(QUESTION))
+
+    deltas = [r.delta for r in responses]
+    assert len([d for d in deltas if d]) > 1 and deltas[-1] == ""
+    final = responses[-1]
+    assert "".join(deltas) == final.text == llm.complete(QUESTION).text
+    assert all(r.text == "".join(deltas[: i + 1]) for i, r in enumerate(responses))
+    assert final.additional_kwargs["cache_hits"] == 1 and final.additional_kwargs["reused_tokens"] > 0
+
+
+def test_chat_and_stream_chat(engine, passage):
+    llm = CacheBlendLLM(engine=engine, max_new_tokens=12)
+    messages = [
+        ChatMessage(role=MessageRole.SYSTEM, content="You answer questions about buildings."),
+        ChatMessage(role=MessageRole.USER, content=QUESTION),
+    ]
+    response = llm.chat(messages)
+
+    prompt = engine.format_chat([{"role": "system", "content": messages[0].content},
+                                 {"role": "user", "content": QUESTION}])  # fmt: skip
+    assert response.message.role == MessageRole.ASSISTANT
+    assert response.message.content == engine.generate(prompt=prompt, max_new_tokens=12).text
+    assert response.message.additional_kwargs["cache_hits"] == 1
+
+    streamed = list(llm.stream_chat(messages))
+    assert len([r.delta for r in streamed if r.delta]) > 1
+    assert "".join(r.delta for r in streamed) == streamed[-1].message.content == response.message.content
+
+
+def test_async_calls_leave_the_event_loop_free(engine, passage):
+    llm = CacheBlendLLM(engine=engine, max_new_tokens=12)
+    expected = llm.complete(QUESTION).text
+    messages = [ChatMessage(role=MessageRole.USER, content=QUESTION)]
+
+    async def main():
+        task = asyncio.create_task(llm.acomplete(QUESTION))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        # had acomplete run the model on the loop, the task would have finished inside the first step
+        loop_was_free = not task.done()
+        completion = await task
+        pieces = [r.delta async for r in await llm.astream_complete(QUESTION)]
+        chat = await llm.achat(messages)
+        chat_pieces = [r.delta async for r in await llm.astream_chat(messages)]
+        return loop_was_free, completion, pieces, chat, chat_pieces
+
+    loop_was_free, completion, pieces, chat, chat_pieces = asyncio.run(main())
+    assert loop_was_free
+    assert completion.text == expected and completion.additional_kwargs["reused_tokens"] > 0
+    assert len([p for p in pieces if p]) > 1 and "".join(pieces) == expected
+    assert chat.message.content == expected == "".join(chat_pieces)
+
+
+def test_call_options_override_the_fields(engine, passage):
+    llm = CacheBlendLLM(engine=engine, max_new_tokens=12, strategy="cacheblend")
+    short = llm.complete(QUESTION, max_new_tokens=2)
+    assert short.additional_kwargs["new_tokens"] <= 2
+
+    full = llm.complete(QUESTION, strategy="full_recompute")
+    assert full.additional_kwargs["reused_tokens"] == 0 and full.additional_kwargs["strategy"] == "full_recompute"
+    reference = engine.generate(prompt=user_prompt(engine, QUESTION), max_new_tokens=12,
+                                config=BlendConfig(strategy="full_recompute"))  # fmt: skip
+    assert full.text == reference.text
+
+    answer = llm.complete(QUESTION).text
+    assert "212" in answer
+    stopped = llm.complete(QUESTION, stop=["212"])
+    assert stopped.additional_kwargs["finish_reason"] == "stop"
+    assert stopped.text == answer[: answer.index("212")]
+
+
+def test_bad_options_are_named(engine):
+    with pytest.raises(TypeError, match="engine must be a CacheBlendEngine"):
+        CacheBlendLLM(engine="smollm2-135m")
+    with pytest.raises(ValidationError, match="strategy"):
+        CacheBlendLLM(engine=engine, strategy="magic")
+    with pytest.raises(ValidationError, match="recompute_ratio"):
+        CacheBlendLLM(engine=engine, recompute_ratio=1.5)
+    with pytest.raises(ValueError, match="context_window=100000 is larger than the model's"):
+        CacheBlendLLM(engine=engine, context_window=100_000)
+    llm = CacheBlendLLM(engine=engine, max_new_tokens=4)
+    with pytest.raises(TypeError, match=r"unknown generation option\(s\) \['max_tokens'\]"):
+        llm.complete("hello", max_tokens=4)
+    with pytest.raises(ValueError, match="recompute_ratio must be"):
+        llm.complete("hello", recompute_ratio=2.0)
