@@ -166,7 +166,7 @@ class CacheBlendEngine:
         todo = {h.key: h for h in handles if not self.store.contains(h.key)}
         self._metrics.add(precompute_cache_hits=len(handles) - len(todo))
         items = todo.values()
-        if progress:
+        if progress and todo:
             from tqdm.auto import tqdm
 
             items = tqdm(items, total=len(todo), desc="precompute KV", unit="chunk")
@@ -212,6 +212,7 @@ class CacheBlendEngine:
         kv = self.store.get(handle.key)
         if kv is not None:
             return kv, True
+        self._metrics.add(computed_on_miss=1)
         return self.store.put(handle.key, self.compute_chunk(handle.token_ids)), False
 
     # ---- requests -----------------------------------------------------------------------------------
@@ -325,7 +326,7 @@ class CacheBlendEngine:
         request = self.prepare(segments, prompt=prompt, config=config, extra_capacity=max_new_tokens)
         room = self.context_window - request.stats.prompt_tokens
         return GenerationStream(self, request, sampler, streamer, min(max_new_tokens, max(room, 1)), config.backend,
-                                lambda result: self._metrics.record(result.stats))  # fmt: skip
+                                self._metrics.record)  # fmt: skip
 
     def generate(
         self,

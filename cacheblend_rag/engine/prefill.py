@@ -125,7 +125,7 @@ def _check(plan, layer, sel, k_new, v_new, keys, values, from_cache, forced, n_c
     fresh, stored = (v_new, values) if plan.deviation == "v" else (k_new, keys)
     sel_cached = from_cache[sel]
     keep = forced[sel].clone()
-    deviation = kv_deviation(fresh, stored[:, sel], sel_cached, backend=backend)
+    deviation = kv_deviation(fresh, stored, sel_cached, rows=sel, backend=backend)
     deviation.masked_fill_(keep, float("-inf"))
     budget = round(plan.checks[layer] * n_cached) - int((keep & sel_cached).sum())
     keep[select_top(deviation, budget)] = True

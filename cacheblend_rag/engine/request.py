@@ -45,7 +45,7 @@ class GenerationStream:
         streamer: TextStreamer,
         max_new_tokens: int,
         backend: str,
-        on_finish: Callable[[GenerationResult], None],
+        on_finish: Callable[[RequestStats, bool], None],
     ) -> None:
         self._engine = engine
         self._request = request
@@ -63,6 +63,10 @@ class GenerationStream:
     def __next__(self) -> str:
         return next(self._pieces)
 
+    def close(self) -> None:
+        """Stop generating; the tokens so far still count in the engine's metrics."""
+        self._pieces.close()
+
     @property
     def result(self) -> GenerationResult:
         """The finished result (drains the stream first if it was not read to the end)."""
@@ -74,36 +78,21 @@ class GenerationStream:
     def _run(self) -> Iterator[str]:
         req = self._request
         stats = req.stats
-        fwd = self._engine.forward
-        eos = self._engine.eos_token_ids
-        logits = req.logits
         tokens: list[int] = []
-        finish = "length"
-        decode_start = None
-        for i in range(self._max_new):
-            token = self._sampler(logits)
-            if i == 0:
-                stats.ttft_s = time.perf_counter() - req.started
-                decode_start = time.perf_counter()
-            if token in eos:
-                finish = "eos"
-                break
-            tokens.append(token)
-            piece = self._streamer.push(token)
-            if piece:
-                yield piece
-            if self._streamer.done:
-                finish = "stop"
-                break
-            if i + 1 == self._max_new:
-                break
-            with torch.inference_mode():
-                logits = decode_step(fwd, req.cache, token, backend=self._backend)
-        rest = self._streamer.finish()
-        if rest:
-            yield rest
-        stats.new_tokens = len(tokens)
-        stats.decode_s = time.perf_counter() - decode_start if decode_start is not None else 0.0
+        decode_start = time.perf_counter()
+        completed = False
+        try:
+            finish = yield from self._decode(req, tokens)
+            rest = self._streamer.finish()
+            if rest:
+                yield rest
+            completed = True
+        finally:
+            stats.new_tokens = len(tokens)
+            stats.decode_s = time.perf_counter() - decode_start
+            self._request = None  # type: ignore[assignment]  # frees the KV cache
+            if not completed:
+                self._on_finish(stats, True)  # closed or failed before the end
         self._result = GenerationResult(
             text=self._streamer.text,
             token_ids=tokens,
@@ -112,5 +101,27 @@ class GenerationStream:
             finish_reason=finish,
             prompt_token_ids=req.prompt_ids,
         )
-        self._request = None  # type: ignore[assignment]  # frees the KV cache
-        self._on_finish(self._result)
+        self._on_finish(stats, False)
+
+    def _decode(self, req: PreparedRequest, tokens: list[int]) -> Iterator[str]:
+        """Yield text pieces while sampling into ``tokens``; return the finish reason."""
+        fwd = self._engine.forward
+        eos = self._engine.eos_token_ids
+        logits = req.logits
+        for i in range(self._max_new):
+            token = self._sampler(logits)
+            if i == 0:
+                req.stats.ttft_s = time.perf_counter() - req.started
+            if token in eos:
+                return "eos"
+            tokens.append(token)
+            piece = self._streamer.push(token)
+            if piece:
+                yield piece
+            if self._streamer.done:
+                return "stop"
+            if i + 1 == self._max_new:
+                break
+            with torch.inference_mode():
+                logits = decode_step(fwd, req.cache, token, backend=self._backend)
+        return "length"

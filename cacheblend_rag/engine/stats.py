@@ -40,7 +40,8 @@ class EngineMetrics:
     """Thread-safe cumulative counters, read through ``snapshot()``."""
 
     FIELDS = ("requests", "prompt_tokens", "reused_tokens", "recomputed_tokens", "generated_tokens",
-              "cache_hits", "cache_misses", "precomputed_chunks", "precompute_cache_hits")  # fmt: skip
+              "cache_hits", "cache_misses", "precomputed_chunks", "precompute_cache_hits", "computed_on_miss",
+              "abandoned_requests")  # fmt: skip
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -51,9 +52,10 @@ class EngineMetrics:
             for name, delta in deltas.items():
                 self._counts[name] += delta
 
-    def record(self, stats: RequestStats) -> None:
+    def record(self, stats: RequestStats, abandoned: bool = False) -> None:
         self.add(
             requests=1,
+            abandoned_requests=int(abandoned),
             prompt_tokens=stats.prompt_tokens,
             reused_tokens=stats.reused_tokens,
             recomputed_tokens=stats.recomputed_tokens,

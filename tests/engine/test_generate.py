@@ -121,3 +121,23 @@ def test_metrics_accumulate(engine):
     m = engine.metrics()
     assert m["requests"] == 1 and m["precomputed_chunks"] == 3 and m["precompute_cache_hits"] == 3
     assert m["cache_hits"] == 3 and m["reused_tokens"] > 0 and m["store"]["memory"]["hits"] == 3
+
+
+def test_closed_stream_still_counts(engine):
+    handles = engine.precompute(PASSAGES)
+    stream = engine.stream(["Read.\n", *handles, "\nSay something."], max_new_tokens=20)
+    first = next(stream)
+    assert first
+    stream.close()
+    m = engine.metrics()
+    assert m["requests"] == 1 and m["abandoned_requests"] == 1 and m["generated_tokens"] >= 1
+    assert m["reused_tokens"] > 0
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_miss_path_computations_are_counted(engine):
+    (handle,) = engine.precompute(PASSAGES[:1])
+    engine.store.delete(handle.key)
+    engine.generate(["Q ", handle], max_new_tokens=1, config=config("full_reuse"))
+    assert engine.metrics()["computed_on_miss"] == 1
