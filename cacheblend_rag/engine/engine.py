@@ -7,6 +7,8 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from ..kernels import resolve_backend
 from ..model.forward import ModelForward
 from ..model.loading import default_cache_dir, load_model
 from ..store import ChunkHandle, ChunkKV, DiskTier, KVStore, MemoryTier, chain_key, model_fingerprint, tier_from_url
+from ..store.pipeline import LazyChunk
 from .decode import Sampler, TextStreamer, normalize_stop
 from .kv_cache import KVCache
 from .planner import Planner
@@ -75,6 +78,8 @@ class CacheBlendEngine:
         self._metrics = EngineMetrics()
         self._planner = Planner(self)
         self._prefix_lock = threading.Lock()
+        self._computing: dict[str, Future] = {}  # chunk key -> its computation in progress (one per key)
+        self._computing_lock = threading.Lock()
         limits = [x for x in (fwd.max_positions, fwd.sliding_window) if x]
         self.context_window = min(limits) if limits else 1 << 20
 
@@ -208,12 +213,58 @@ class CacheBlendEngine:
         return handle
 
     def chunk_kv(self, handle: ChunkHandle) -> tuple[ChunkKV, bool]:
-        """The stored KV of a chunk, computing and storing it on a miss. Returns (kv, was_hit)."""
+        """The stored KV of a chunk (read in full), computing and storing it on a miss. Returns (kv, was_hit)."""
         kv = self.store.get(handle.key)
         if kv is not None:
             return kv, True
-        self._metrics.add(computed_on_miss=1)
-        return self.store.put(handle.key, self.compute_chunk(handle.token_ids)), False
+        return self._compute_missing(handle), False
+
+    def chunk_sources(
+        self, handles: Sequence[ChunkHandle], stats: RequestStats | None = None
+    ) -> list[tuple[ChunkKV | LazyChunk, bool]]:
+        """The KV of a request's chunks for the prefill, as (kv, was_hit) per handle.
+
+        A chunk in the memory tier is a ChunkKV; one in a slow tier (disk, Redis) is a LazyChunk whose layers
+        a background thread reads while the prefill computes the layers before; a miss is computed and stored
+        here. A LazyChunk whose read fails is recomputed when the prefill reaches it, and counted as a miss
+        in ``stats`` and in ``computed_on_miss``.
+        """
+        found = self.store.fetch([h.key for h in handles])
+        out: list[tuple[ChunkKV | LazyChunk, bool]] = []
+        for handle, kv in zip(handles, found):
+            if kv is None:
+                out.append((self._compute_missing(handle), False))
+                continue
+            if isinstance(kv, LazyChunk) and kv.fallback is None:
+                kv.fallback = partial(self._compute_missing, handle)
+                kv.on_fallback = partial(self._count_fallback, stats)
+            out.append((kv, True))
+        return out
+
+    def _count_fallback(self, stats: RequestStats | None) -> None:
+        if stats is not None:
+            stats.cache_hits -= 1
+            stats.cache_misses += 1
+
+    def _compute_missing(self, handle: ChunkHandle) -> ChunkKV:
+        """Compute and store a chunk the store lacks; concurrent misses on one chunk share one computation."""
+        with self._computing_lock:
+            pending = self._computing.get(handle.key)
+            if pending is None:
+                mine = self._computing[handle.key] = Future()
+        if pending is not None:
+            return pending.result()
+        try:
+            self._metrics.add(computed_on_miss=1)
+            kv = self.store.put(handle.key, self.compute_chunk(handle.token_ids))
+            mine.set_result(kv)
+            return kv
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        finally:
+            with self._computing_lock:
+                del self._computing[handle.key]
 
     # ---- requests -----------------------------------------------------------------------------------
     def chat_segments(self, segments: Sequence[str | ChunkHandle] | str, system: str | None = None) -> list:

@@ -39,10 +39,9 @@ class Planner:
             return self._prefix_plan(ids, blocks, stats)
         t = time.perf_counter()
         spans = []
-        for block in blocks:
-            if block.handle is None:
-                continue
-            kv, hit = engine.chunk_kv(block.handle)
+        cached = [b for b in blocks if b.handle is not None]
+        # chunks in a slow tier arrive layer by layer while the prefill runs (store/pipeline.py)
+        for block, (kv, hit) in zip(cached, engine.chunk_sources([b.handle for b in cached], stats)):
             spans.append(CachedSpan(block.start, kv))
             stats.cache_hits += hit
             stats.cache_misses += not hit

@@ -6,16 +6,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .codec import PackedKV
+
 
 @dataclass
 class ChunkKV:
     """The per-layer KV of one block of tokens, keys stored *before* RoPE.
 
-    k, v: [L, Hkv, T, D]. ``layer(l)`` gives one layer's (k, v): [Hkv, T, D] each.
+    k, v: [L, Hkv, T, D]. ``layer(l)`` gives one layer's (k, v): [Hkv, T, D] each. ``packed``: the int8
+    form k and v were decoded from, when the store compresses (tiers that serialize write it instead).
     """
 
     k: torch.Tensor
     v: torch.Tensor
+    packed: PackedKV | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.k.dim() != 4 or self.k.shape != self.v.shape:

@@ -1,10 +1,14 @@
 """Disk tier: one safetensors file per block, one tensor per layer for K and for V.
 
-File ``<root>/<key[:2]>/<key>.safetensors`` holds tensors ``k.<l>``, ``v.<l>`` ([Hkv, T, D]) and string
-metadata: format name and version, key, model fingerprint, shape, dtype and a CRC32 per tensor. Writes go
-to a temporary file in the same folder, then ``os.replace``: a reader sees the old file, the new file, or
-none, never a partial one. A file that fails any check (unreadable, truncated, wrong key, other model,
-wrong shape, bad checksum) is a miss: it is logged, deleted, and recomputed by the caller.
+File ``<root>/<key[:2]>/<key>.safetensors`` holds the tensors and string metadata of ``entry.py`` (format
+and version, key, model fingerprint, shape, dtype, codec, a CRC32 per tensor). Writes go to a temporary file
+in the same folder, then ``os.replace``: a reader sees the old file, the new file, or none, never a partial
+one. A reader keeps the file it opened (its descriptor) for the whole read, so a concurrent replace or
+delete cannot mix two files. ``open`` parses the header and checks the metadata and that every tensor lies
+inside the file; ``read_layer`` reads one layer's tensors straight into the caller's buffers with
+``pread`` and checks each one's CRC. A file that fails any check is a miss: it is logged, deleted (unless a
+newer file replaced it meanwhile), and recomputed by the caller. Files are not fsynced: after a power loss
+a file may be empty or truncated, which the checks catch.
 """
 
 from __future__ import annotations
@@ -13,31 +17,25 @@ import contextlib
 import json
 import logging
 import os
+import struct
 import threading
 import time
 import uuid
-import zlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .chunk import ChunkKV
+from .entry import CorruptEntry, EntryMeta, encode_entry, read_entry, tensor_bytes, tensor_crc
 from .tier import TierStats
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "cacheblend-kv"
-FORMAT_VERSION = "1"
+__all__ = ["CorruptEntry", "DiskTier", "tensor_crc"]
 
-
-class CorruptEntry(Exception):
-    """A stored entry failed validation."""
-
-
-def tensor_crc(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().view(torch.uint8).numpy())
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8}
+_MAX_HEADER = 16 << 20
 
 
 class DiskTier:
@@ -55,68 +53,53 @@ class DiskTier:
     def contains(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def get(self, key: str) -> ChunkKV | None:
+    def open(self, key: str) -> _DiskReader | None:
+        """A per-layer reader of ``key``'s file (header validated), or None on a miss."""
         path = self.path(key)
         try:
-            kv = self._read(path, key)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             self._count(misses=1)
             return None
+        except OSError as exc:
+            logger.warning("cannot open KV cache file %s (%s); treating it as a miss", path, exc)
+            self._count(misses=1, errors=1)
+            return None
+        try:
+            return _DiskReader(self, key, path, fd)
         except Exception as exc:
+            self._unusable(path, fd, exc)
+            os.close(fd)
+            return None
+
+    def get(self, key: str) -> ChunkKV | None:
+        reader = self.open(key)
+        if reader is None:
+            return None
+        try:
+            return read_entry(reader)
+        except Exception:  # already logged and counted by the reader
+            return None
+
+    def _unusable(self, path: Path, fd: int, exc: BaseException) -> None:
+        """Log, count and delete a bad file, unless ``path`` now names another (newer) file than ``fd``."""
+        if not isinstance(exc, OSError):  # bad content, not a failing device
             logger.warning("KV cache file %s is unusable (%s); treating it as a miss and recomputing", path, exc)
             self._count(misses=1, corrupt=1)
-            self.delete(key)
-            return None
-        self._count(hits=1, bytes_read=kv.nbytes)
-        return kv
-
-    def _read(self, path: Path, key: str) -> ChunkKV:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-                raise CorruptEntry(f"format {meta.get('format')!r} version {meta.get('version')!r}")
-            if meta.get("key") != key:
-                raise CorruptEntry("it holds another key")
-            if meta.get("model_fingerprint") != self.model_fingerprint:
-                raise CorruptEntry("it was written by another model")
-            n_layers, n_heads, n_tokens, head_dim = json.loads(meta["shape"])
-            crcs = json.loads(meta["crc"])
-            names = [f"{kind}.{layer}" for kind in "kv" for layer in range(n_layers)]
-            if sorted(f.keys()) != sorted(names) or len(crcs) != len(names):
-                raise CorruptEntry("tensor names do not match its metadata")
-            tensors = {}
-            for name in names:
-                t = f.get_tensor(name)
-                if tuple(t.shape) != (n_heads, n_tokens, head_dim) or str(t.dtype) != meta["dtype"]:
-                    raise CorruptEntry(f"tensor {name} has shape {tuple(t.shape)} / {t.dtype}")
-                if tensor_crc(t) != crcs[name]:
-                    raise CorruptEntry(f"checksum mismatch in {name}")
-                tensors[name] = t
-        k = torch.stack([tensors[f"k.{layer}"] for layer in range(n_layers)])
-        v = torch.stack([tensors[f"v.{layer}"] for layer in range(n_layers)])
-        return ChunkKV(k, v)
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    path.unlink()
+        else:
+            logger.warning("could not read KV cache file %s (%s); treating it as a miss", path, exc)
+            self._count(misses=1, errors=1)
 
     def put(self, key: str, kv: ChunkKV) -> None:
         path = self.path(key)
-        tensors = {}
-        for layer in range(kv.n_layers):
-            k, v = kv.layer(layer)
-            tensors[f"k.{layer}"] = k.detach().to("cpu").contiguous()
-            tensors[f"v.{layer}"] = v.detach().to("cpu").contiguous()
-        first = tensors["k.0"]
-        meta = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "key": key,
-            "model_fingerprint": self.model_fingerprint,
-            "shape": json.dumps([kv.n_layers, first.shape[0], first.shape[1], first.shape[2]]),
-            "dtype": str(first.dtype),
-            "crc": json.dumps({name: tensor_crc(t) for name, t in tensors.items()}),
-        }
+        meta, tensors = encode_entry(key, self.model_fingerprint, kv)
         tmp = path.parent / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(tmp), metadata=meta)
+            save_file(tensors, str(tmp), metadata=meta.to_strings())
             os.replace(tmp, path)
         except OSError as exc:
             logger.warning("could not write KV cache file %s (%s); continuing without it", path, exc)
@@ -161,3 +144,67 @@ class DiskTier:
         with self._lock:
             for name, delta in deltas.items():
                 setattr(self.stats, name, getattr(self.stats, name) + delta)
+
+
+class _DiskReader:
+    """One opened file: its validated header, read layer by layer with ``pread`` (thread-safe, no seek)."""
+
+    def __init__(self, tier: DiskTier, key: str, path: Path, fd: int) -> None:
+        self.tier, self.path, self.fd = tier, path, fd
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise CorruptEntry(f"{size} bytes: too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise CorruptEntry(f"header length {header_len} does not fit in the file ({size} bytes)")
+        header = json.loads(os.pread(fd, header_len, 8))
+        if not isinstance(header, dict):
+            raise CorruptEntry("the header is not a JSON object")
+        self.meta = EntryMeta.parse(header.pop("__metadata__", None) or {}, key, tier.model_fingerprint)
+        if sorted(header) != sorted(self.meta.names()):
+            raise CorruptEntry("tensor names do not match its metadata")
+        specs = self.meta.specs()
+        base = 8 + header_len
+        self.offsets: dict[str, int] = {}
+        for name, info in header.items():
+            shape, dtype = specs[name.split(".")[0]]
+            begin, end = info["data_offsets"]
+            if _ST_DTYPES.get(info["dtype"]) != dtype or tuple(info["shape"]) != shape:
+                raise CorruptEntry(f"tensor {name} is {info['shape']} {info['dtype']}, expected {shape} {dtype}")
+            if end - begin != dtype.itemsize * _numel(shape) or base + end > size:
+                raise CorruptEntry(f"tensor {name} lies outside the file ({size} bytes): truncated")
+            self.offsets[name] = base + begin
+        self._read = 0
+        self._closed = False
+
+    def read_layer(self, layer: int, out: dict[str, torch.Tensor]) -> None:
+        # out: short name -> contiguous tensor of the spec's shape and dtype, filled in place
+        try:
+            for short, t in out.items():
+                name = f"{short}.{layer}"
+                view = tensor_bytes(t)
+                n = os.preadv(self.fd, [view], self.offsets[name])
+                if n != view.nbytes:
+                    raise CorruptEntry(f"tensor {name}: read {n} of {view.nbytes} bytes (file truncated)")
+                self.meta.check(name, t)
+        except Exception as exc:
+            self.tier._unusable(self.path, self.fd, exc)
+            self.close()
+            raise
+        self._read += 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        os.close(self.fd)
+        if self._read == self.meta.n_layers:
+            self.tier._count(hits=1, bytes_read=self.meta.nbytes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n

@@ -3,65 +3,125 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 
 import torch
 
 from .chunk import ChunkKV
+from .entry import encode_int8
+from .pipeline import LazyChunk, start_loader
 from .tier import Tier
 
 logger = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 
 
 class KVStore:
     """Looks blocks up tier by tier; writes go to every tier.
 
     dtype: the stored dtype (default float16: 11 mantissa bits, twice bfloat16's precision). A block whose
-    values overflow float16 is stored as bfloat16 instead. ``expect`` = (layers, kv_heads, head_dim): an
-    entry of any other geometry is treated as a miss.
+    values overflow float16 is stored as bfloat16 instead. ``int8`` (or ``torch.int8``) stores keys with a
+    per-channel and values with a per-token scale (``codec.py``): about half the bytes of float16 on disk and
+    in Redis; every tier, memory included, serves the same decoded float16 values. ``expect`` = (layers,
+    kv_heads, head_dim): an entry of any other geometry is treated as a miss.
+    pipelined: ``fetch`` reads blocks from tiers that serialize (disk, Redis) layer by layer in the
+    background instead of whole before the prefill. layer_timeout_s: how long a prefill waits for one layer
+    before it recomputes the block instead.
     """
 
     def __init__(
         self,
         tiers: Sequence[Tier],
         *,
-        dtype: torch.dtype = torch.float16,
+        dtype: torch.dtype | str = torch.float16,
         expect: tuple[int, int, int] | None = None,
+        pipelined: bool = True,
+        layer_timeout_s: float = 30.0,
     ) -> None:
         if not tiers:
             raise ValueError("a KVStore needs at least one tier")
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"store dtype must be float16, bfloat16 or float32, got {dtype}")
+        dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"store dtype must be float16, bfloat16, float32 or int8, got {dtype}")
+        if layer_timeout_s <= 0:
+            raise ValueError(f"layer_timeout_s must be > 0, got {layer_timeout_s}")
         self.tiers = list(tiers)
         self.dtype = dtype
         self.expect = expect
-        self._lock = threading.Lock()
+        self.pipelined = pipelined
+        self.layer_timeout_s = layer_timeout_s
 
     def contains(self, key: str) -> bool:
         return any(t.contains(key) for t in self.tiers)
 
     def get(self, key: str) -> ChunkKV | None:
+        """The whole block (read before returning), promoted to the faster tiers; None on a miss."""
         for i, tier in enumerate(self.tiers):
             kv = tier.get(key)
             if kv is None:
                 continue
-            if not self._fits(kv):
-                logger.warning("KV entry %s in the %s tier has shape %s, expected %s; treating it as a miss",
-                               key[:12], tier.name, tuple(kv.k.shape), self.expect)  # fmt: skip
-                tier.stats.corrupt += 1
-                tier.delete(key)
+            if not self._fits(tuple(kv.k.shape)):
+                self._reject(tier, key, tuple(kv.k.shape))
                 continue
-            for faster in self.tiers[:i]:
-                faster.put(key, kv)
+            self._promote(i, key, kv)
             return kv
         return None
 
-    def _fits(self, kv: ChunkKV) -> bool:
+    def fetch(self, keys: Sequence[str]) -> list[ChunkKV | LazyChunk | None]:
+        """Per key: a ChunkKV from a fast tier, a LazyChunk being read in the background from a slow one
+        (see ``pipeline.py``), or None on a miss. Repeated keys get the same object."""
+        if not self.pipelined:
+            found = {key: self.get(key) for key in dict.fromkeys(keys)}
+            return [found[key] for key in keys]
+        found: dict[str, ChunkKV | LazyChunk | None] = {}
+        origin: dict[str, int] = {}
+        lazy: list[LazyChunk] = []
+        for key in keys:
+            if key in found:
+                continue
+            found[key] = None
+            for i, tier in enumerate(self.tiers):
+                opener = getattr(tier, "open", None)
+                if opener is None:
+                    kv = tier.get(key)
+                    if kv is not None and not self._fits(tuple(kv.k.shape)):
+                        self._reject(tier, key, tuple(kv.k.shape))
+                    elif kv is not None:
+                        self._promote(i, key, kv)
+                        found[key] = kv
+                        break
+                    continue
+                reader = opener(key)
+                if reader is None:
+                    continue
+                if not self._fits(reader.meta.shape):
+                    reader.close()
+                    self._reject(tier, key, reader.meta.shape)
+                    continue
+                found[key] = chunk = LazyChunk(key, reader, tier.name, self.layer_timeout_s)
+                origin[key] = i
+                lazy.append(chunk)
+                break
+        if lazy:
+            start_loader(lazy, lambda key, kv: self._promote(origin[key], key, kv))
+        return [found[key] for key in keys]
+
+    def _promote(self, index: int, key: str, kv: ChunkKV) -> None:
+        for faster in self.tiers[:index]:
+            faster.put(key, kv)
+
+    def _fits(self, shape: tuple[int, ...]) -> bool:
         if self.expect is None:
             return True
         layers, heads, dim = self.expect
-        return kv.k.shape[0] == layers and kv.k.shape[1] == heads and kv.k.shape[3] == dim
+        return shape[0] == layers and shape[1] == heads and shape[3] == dim
+
+    def _reject(self, tier: Tier, key: str, shape: tuple[int, ...]) -> None:
+        logger.warning("KV entry %s in the %s tier has shape %s, expected (layers, kv heads, head dim) = %s; "
+                       "treating it as a miss", key[:12], tier.name, shape, self.expect)  # fmt: skip
+        tier.stats.corrupt += 1
+        tier.delete(key)
 
     def put(self, key: str, kv: ChunkKV) -> ChunkKV:
         """Store ``kv`` (cast to the store dtype) in every tier; returns the stored form."""
@@ -71,6 +131,9 @@ class KVStore:
         return stored
 
     def encode(self, kv: ChunkKV) -> ChunkKV:
+        """``kv`` as every tier will serve it: [L, Hkv, T, D] on the CPU in the store dtype (decoded int8)."""
+        if self.dtype == torch.int8:
+            return encode_int8(ChunkKV(kv.k.detach().cpu(), kv.v.detach().cpu()))
         stored = kv.to(self.dtype)
         if self.dtype == torch.float16 and not (torch.isfinite(stored.k).all() and torch.isfinite(stored.v).all()):
             stored = kv.to(torch.bfloat16)

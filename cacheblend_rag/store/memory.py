@@ -45,6 +45,8 @@ class MemoryTier:
             return kv
 
     def put(self, key: str, kv: ChunkKV) -> None:
+        if kv.packed is not None:  # the int8 form is only for tiers that serialize; keep the budget honest
+            kv = ChunkKV(kv.k, kv.v)
         size = kv.nbytes
         with self._lock:
             old = self._items.pop(key, None)

@@ -17,12 +17,16 @@ class TierStats:
     writes: int = 0
     bytes_written: int = 0
     evictions: int = 0
+    errors: int = 0  # failed I/O or connection attempts (entries kept; the tier may back off)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
 class Tier(Protocol):
+    """A store tier. Tiers that serialize (disk, Redis) also have ``open(key) -> EntryReader | None``, which
+    lets the store read an entry layer by layer while the prefill runs (see ``pipeline.py``)."""
+
     name: str
     stats: TierStats
 

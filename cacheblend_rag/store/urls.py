@@ -1,4 +1,4 @@
-"""Build store tiers from URLs: ``memory://?max_bytes=2GB``, ``file:///var/cache/cb``."""
+"""Build store tiers from URLs: ``memory://?max_bytes=2GB``, ``file:///var/cache/cb``, ``redis://host:6379/0``."""
 
 from __future__ import annotations
 

@@ -1,0 +1,199 @@
+"""The serialized form of one stored block, shared by the tiers that serialize (disk, Redis).
+
+An entry is string metadata plus one tensor per (name, layer), named ``<name>.<layer>``:
+- codec ``none``: ``k``, ``v`` [Hkv, T, D] in the entry's dtype;
+- codec ``int8``: ``k``, ``v`` int8 [Hkv, T, D], ``ks`` float32 [Hkv, 1, D], ``vs`` float32 [Hkv, T, 1].
+Metadata: format name and version ("1": codec none, the original disk format; "2": adds ``codec``), key,
+model fingerprint, shape [L, Hkv, T, D], dtype (of the decoded tensors), CRC32 of every tensor. A reader
+checks the metadata when it opens an entry and each tensor's shape, dtype and CRC when it reads that
+tensor's layer, so one layer can be fetched and validated alone.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .chunk import ChunkKV
+from .codec import CODECS, PackedKV, dequantize, quantize_int8
+
+FORMAT = "cacheblend-kv"
+DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32)}
+_SCALE_NAMES = ("ks", "vs")
+
+
+class CorruptEntry(Exception):
+    """A stored entry failed validation: it must never be used, and is deleted."""
+
+
+class TierUnavailable(Exception):
+    """A tier could not be reached (I/O or connection error, or backing off after one): a miss, not corrupt."""
+
+
+def tensor_crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def tensor_bytes(t: torch.Tensor):
+    """A writable uint8 numpy view of a contiguous tensor's memory (any dtype, bfloat16 included)."""
+    if not t.is_contiguous():
+        raise ValueError("tensor_bytes needs a contiguous tensor")
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+@dataclass(frozen=True)
+class EntryMeta:
+    key: str
+    model_fingerprint: str
+    shape: tuple[int, int, int, int]  # [L, Hkv, T, D]
+    dtype: torch.dtype  # of the decoded k and v
+    codec: str
+    crc: Mapping[str, int]
+
+    @property
+    def n_layers(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the decoded k and v."""
+        layers, heads, tokens, dim = self.shape
+        return 2 * layers * heads * tokens * dim * self.dtype.itemsize
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per-layer tensors: short name -> (shape, dtype)."""
+        _, heads, tokens, dim = self.shape
+        if self.codec == "none":
+            return {"k": ((heads, tokens, dim), self.dtype), "v": ((heads, tokens, dim), self.dtype)}
+        return {"k": ((heads, tokens, dim), torch.int8), "v": ((heads, tokens, dim), torch.int8),
+                "ks": ((heads, 1, dim), torch.float32), "vs": ((heads, tokens, 1), torch.float32)}  # fmt: skip
+
+    def names(self) -> list[str]:
+        return [f"{name}.{layer}" for name in self.specs() for layer in range(self.n_layers)]
+
+    def check(self, name: str, t: torch.Tensor) -> None:
+        """Raise CorruptEntry unless tensor ``name`` (e.g. ``k.3``) has its shape, dtype and CRC."""
+        shape, dtype = self.specs()[name.split(".")[0]]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise CorruptEntry(f"tensor {name} is {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
+        if tensor_crc(t) != self.crc[name]:
+            raise CorruptEntry(f"checksum mismatch in {name}")
+
+    def to_strings(self) -> dict[str, str]:
+        out = {
+            "format": FORMAT,
+            "version": "1" if self.codec == "none" else "2",
+            "key": self.key,
+            "model_fingerprint": self.model_fingerprint,
+            "shape": json.dumps(list(self.shape)),
+            "dtype": str(self.dtype),
+            "crc": json.dumps(dict(self.crc)),
+        }
+        if self.codec != "none":
+            out["codec"] = self.codec
+        return out
+
+    @classmethod
+    def parse(cls, meta: Mapping[str, str], key: str, model_fingerprint: str) -> EntryMeta:
+        """Validated metadata of the entry stored under ``key``; CorruptEntry if it is not ours or malformed."""
+        if meta.get("format") != FORMAT or meta.get("version") not in ("1", "2"):
+            raise CorruptEntry(f"format {meta.get('format')!r} version {meta.get('version')!r}")
+        if meta.get("key") != key:
+            raise CorruptEntry("it holds another key")
+        if meta.get("model_fingerprint") != model_fingerprint:
+            raise CorruptEntry("it was written by another model")
+        codec = meta.get("codec", "none") if meta["version"] == "2" else "none"
+        try:
+            shape = tuple(int(x) for x in json.loads(meta["shape"]))
+            crc = {str(k): int(v) for k, v in json.loads(meta["crc"]).items()}
+            dtype = DTYPES[meta["dtype"]]
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise CorruptEntry(f"malformed metadata ({exc!r})") from None
+        if codec not in CODECS or len(shape) != 4 or min(shape) < 1:
+            raise CorruptEntry(f"codec {codec!r} / shape {shape} is not valid")
+        entry = cls(key, model_fingerprint, shape, dtype, codec, crc)  # type: ignore[arg-type]
+        if sorted(crc) != sorted(entry.names()):
+            raise CorruptEntry("its checksums do not name the tensors its shape and codec call for")
+        return entry
+
+
+def encode_entry(key: str, model_fingerprint: str, kv: ChunkKV) -> tuple[EntryMeta, dict[str, torch.Tensor]]:
+    """Metadata and named CPU tensors of ``kv`` (its int8 form if it has one)."""
+    packed = kv.packed
+    if packed is not None:
+        parts = {"k": packed.k, "v": packed.v, "ks": packed.k_scale, "vs": packed.v_scale}
+        dtype, codec = packed.dtype, "int8"
+    else:
+        parts, dtype, codec = {"k": kv.k, "v": kv.v}, kv.k.dtype, "none"
+    if dtype not in DTYPES.values():
+        raise ValueError(f"stored KV must be float16, bfloat16 or float32, got {dtype}")
+    tensors = {f"{name}.{layer}": t[layer].detach().to("cpu").contiguous()
+               for name, t in parts.items() for layer in range(kv.n_layers)}  # fmt: skip
+    crc = {name: tensor_crc(t) for name, t in tensors.items()}
+    meta = EntryMeta(key, model_fingerprint, tuple(kv.k.shape), dtype, codec, crc)  # type: ignore[arg-type]
+    return meta, tensors
+
+
+class EntryReader(Protocol):
+    """An opened entry of a serializing tier (metadata already validated)."""
+
+    meta: EntryMeta
+
+    def read_layer(self, layer: int, out: dict[str, torch.Tensor]) -> None:
+        """Fill ``out`` (short name -> contiguous tensor of the spec's shape and dtype) with ``layer``'s tensors,
+        each validated; raise CorruptEntry (the tier has deleted the entry) or TierUnavailable."""
+        ...
+
+    def close(self) -> None:
+        """Release the entry; counts a hit if every layer was read."""
+        ...
+
+
+class EntryBuffers:
+    """The decoded k and v ([L, Hkv, T, D]) of an entry being read, layer by layer, straight into place."""
+
+    def __init__(self, meta: EntryMeta) -> None:
+        self.meta = meta
+        self.k = torch.empty(meta.shape, dtype=meta.dtype)
+        self.v = torch.empty(meta.shape, dtype=meta.dtype)
+        self.packed = PackedKV.empty(meta.shape, meta.dtype) if meta.codec == "int8" else None
+
+    def read(self, reader: EntryReader, layer: int) -> None:
+        p = self.packed
+        if p is None:
+            reader.read_layer(layer, {"k": self.k[layer], "v": self.v[layer]})
+            return
+        reader.read_layer(layer, {"k": p.k[layer], "v": p.v[layer], "ks": p.k_scale[layer], "vs": p.v_scale[layer]})
+        self.k[layer] = dequantize(p.k[layer], p.k_scale[layer], p.dtype)
+        self.v[layer] = dequantize(p.v[layer], p.v_scale[layer], p.dtype)
+
+    def kv(self) -> ChunkKV:
+        return ChunkKV(self.k, self.v, packed=self.packed)
+
+
+def read_entry(reader: EntryReader) -> ChunkKV:
+    """Every layer of an opened entry (the reader is closed afterwards)."""
+    try:
+        buffers = EntryBuffers(reader.meta)
+        for layer in range(reader.meta.n_layers):
+            buffers.read(reader, layer)
+    finally:
+        reader.close()
+    return buffers.kv()
+
+
+def encode_int8(kv: ChunkKV) -> ChunkKV:
+    """``kv`` quantized to int8 and decoded again, with its int8 form attached (what every tier will serve)."""
+    packed = quantize_int8(kv.k, kv.v)
+    k = dequantize(packed.k, packed.k_scale, packed.dtype)
+    v = dequantize(packed.v, packed.v_scale, packed.dtype)
+    return ChunkKV(k, v, packed=packed)

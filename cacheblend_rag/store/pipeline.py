@@ -1,0 +1,146 @@
+"""Layer-pipelined loading (the paper's loading controller): read layer l+1 while the prefill computes layer l.
+
+``KVStore.fetch`` opens every block a request needs from the slow tiers (disk, Redis) and hands the prefill
+one ``LazyChunk`` per block. One background thread per request reads the blocks layer-major (layer 0 of
+every block, then layer 1, ...), each layer straight into the block's final buffers, as fast as the tier
+allows; ``LazyChunk.layer(l)`` returns at once if layer l is in, and otherwise waits for it. When every
+layer of a block has been read it is promoted to the faster tiers.
+
+A block whose read fails (corrupt, vanished, tier down, or slower than ``timeout_s`` for one layer) is
+recomputed by its ``fallback`` (the engine's compute path) the first time the prefill asks for a layer that
+was not read; layers already handed out came from the same model, so they agree with the recomputed ones up
+to the store's rounding. Its ``on_fallback`` callback lets the caller count it as a miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .chunk import ChunkKV
+from .entry import EntryBuffers, EntryReader
+
+logger = logging.getLogger(__name__)
+
+
+class LazyChunk:
+    """A stored block arriving layer by layer; the prefill uses it like a ChunkKV (``n_tokens``, ``layer``).
+
+    fallback: computes the block when the read fails (set by the engine); on_fallback: called once then.
+    """
+
+    def __init__(self, key: str, reader: EntryReader, tier: str, timeout_s: float = 30.0) -> None:
+        self.key = key
+        self.tier = tier
+        self.reader = reader
+        self.meta = reader.meta
+        self.timeout_s = timeout_s
+        self.fallback: Callable[[], ChunkKV] | None = None
+        self.on_fallback: Callable[[], None] | None = None
+        self._buffers: EntryBuffers | None = None
+        self._ready = 0  # layers 0.._ready-1 are in
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._recomputed: ChunkKV | None = None
+        self._recompute_lock = threading.Lock()
+
+    @property
+    def n_tokens(self) -> int:
+        return self.meta.n_tokens
+
+    @property
+    def n_layers(self) -> int:
+        return self.meta.n_layers
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s (k, v), [Hkv, T, D] each: waits for the reader, recomputes the block if it failed."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._ready > index or self._error is not None, self.timeout_s):
+                self._error = TimeoutError(f"layer {index} of {self.key[:12]} took over {self.timeout_s}s to read")
+                logger.warning("reading KV block %s from the %s tier is too slow (%s); recomputing it",
+                               self.key[:12], self.tier, self._error)  # fmt: skip
+            if self._ready > index:
+                assert self._buffers is not None
+                return self._buffers.k[index], self._buffers.v[index]
+        return self.recomputed().layer(index)
+
+    def wait(self) -> ChunkKV:
+        """Every layer (blocks until read, or recomputed if the read failed)."""
+        self.layer(self.n_layers - 1)
+        if self._recomputed is not None:
+            return self._recomputed
+        assert self._buffers is not None
+        return self._buffers.kv()
+
+    def recomputed(self) -> ChunkKV:
+        with self._recompute_lock:
+            if self._recomputed is None:
+                if self.fallback is None:
+                    raise RuntimeError(
+                        f"reading KV block {self.key[:12]} from the {self.tier} tier failed ({self._error}) and "
+                        "this LazyChunk has no fallback; set .fallback to a function that computes the block"
+                    )
+                if self.on_fallback is not None:
+                    self.on_fallback()
+                self._recomputed = self.fallback()
+            return self._recomputed
+
+    # ---- called by the loader thread ------------------------------------------------------------------
+    def _read(self, layer: int) -> None:
+        if self._buffers is None:
+            self._buffers = EntryBuffers(self.meta)
+        self._buffers.read(self.reader, layer)
+        with self._cond:
+            self._ready = layer + 1
+            self._cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+            self._cond.notify_all()
+
+    def _complete(self) -> ChunkKV | None:
+        if self._error is not None or self._ready < self.n_layers or self._buffers is None:
+            return None
+        return self._buffers.kv()
+
+
+def start_loader(chunks: Sequence[LazyChunk], promote: Callable[[str, ChunkKV], None]) -> threading.Thread:
+    """Read ``chunks`` layer-major in a daemon thread; ``promote(key, kv)`` each one read in full."""
+    thread = threading.Thread(target=_load, args=(list(chunks), promote), name="cacheblend-kv-loader", daemon=True)
+    thread.start()
+    return thread
+
+
+def _load(chunks: list[LazyChunk], promote: Callable[[str, ChunkKV], None]) -> None:
+    try:
+        for layer in range(max(c.n_layers for c in chunks)):
+            for chunk in chunks:
+                if chunk.failed or layer >= chunk.n_layers:
+                    continue
+                try:
+                    chunk._read(layer)
+                except BaseException as exc:  # logged and counted by the tier's reader
+                    chunk._fail(exc)
+    finally:
+        for chunk in chunks:
+            try:
+                chunk.reader.close()
+            except Exception as exc:
+                logger.debug("closing a KV reader failed: %s", exc)
+    for chunk in chunks:
+        kv = chunk._complete()
+        if kv is None:
+            continue
+        try:
+            promote(chunk.key, kv)
+        except Exception as exc:  # the request has its KV; a faster tier just misses it next time
+            logger.warning("could not promote KV block %s from the %s tier (%s)", chunk.key[:12], chunk.tier, exc)

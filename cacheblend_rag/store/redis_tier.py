@@ -1,0 +1,363 @@
+"""Redis tier: chunk KV shared by every engine (thread, process, machine) that uses the same Redis.
+
+Layout: one hash per block at ``<prefix><key>``: field ``meta`` holds the entry metadata of ``entry.py`` as
+JSON (format and version, key, model fingerprint, shape, dtype, codec, a CRC32 per tensor), and one field
+per tensor, ``k.<l>``, ``v.<l>`` (plus ``ks.<l>``, ``vs.<l>`` for int8), holds its raw bytes, so one layer
+of one block is one ``HMGET``. A write is one Lua script (atomic in Redis): it creates the whole hash and
+its expiry, or, if a valid-looking entry is already there (blocks are content-addressed), only refreshes
+its expiry. Readers never see half an entry.
+
+Validation: the metadata when an entry is opened, each tensor's size and CRC when its layer is read. A
+value that fails (truncated, garbage, wrong type, another model's, another key's) is logged, deleted (only
+if its metadata is still the one that was read, so a fresh entry written meanwhile survives) and treated
+as a miss; the caller recomputes. A field missing mid-read (the entry expired or was evicted) is a miss.
+
+Expiry: ``ttl`` seconds after the last write or read (reads refresh it unless ``touch=0``); ``ttl=0``
+never expires. Under memory pressure Redis' own ``maxmemory-policy`` decides: use ``allkeys-lru`` (or
+``volatile-lru`` with a ttl) on a Redis dedicated to the cache; with ``noeviction`` writes fail when it is
+full (logged, the request still succeeds).
+
+Availability: a call that fails to connect or times out (``socket_timeout``, default 1s) makes the tier
+back off (``health.py``): it is skipped, calls are misses and writes are dropped, for 1s doubling up to
+30s (``backoff``, ``backoff_max``), then tried again; one warning per minute at most (``warn_every``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+
+import numpy as np
+import torch
+
+from .chunk import ChunkKV
+from .entry import CorruptEntry, EntryMeta, TierUnavailable, encode_entry, read_entry, tensor_bytes
+from .health import Backoff
+from .tier import TierStats
+
+logger = logging.getLogger(__name__)
+
+_PUT = """
+local ttl = tonumber(ARGV[1])
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'hash' and redis.call('HEXISTS', KEYS[1], 'meta') == 1 then
+  if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+  return 0
+end
+if t ~= 'none' then redis.call('DEL', KEYS[1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+return 1
+"""
+
+_DELETE_IF = """
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'none' then return 0 end
+if t ~= 'hash' or (redis.call('HGET', KEYS[1], 'meta') or '') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | int | float) -> int:
+    """``"7d"`` -> 604800, ``"12h"``, ``"30m"``, ``"45s"``, ``3600``; 0 means never."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = _DURATION.fullmatch(str(text).lower())
+        if not match:
+            raise ValueError(f"cannot read a duration from {text!r}; write e.g. 3600, 30m, 12h or 7d (0 = never)")
+        seconds = float(match.group(1)) * _SECONDS[match.group(2)]
+    if seconds < 0:
+        raise ValueError(f"a duration must be >= 0, got {text!r}")
+    return round(seconds)
+
+
+def _flag(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false), got {text!r}")
+
+
+# Options of ours in the URL's query string; every other query option goes to redis-py (socket_timeout,
+# socket_connect_timeout, ssl_ca_certs, ssl_cert_reqs, max_connections, health_check_interval, ...).
+OPTIONS = {"ttl": parse_duration, "prefix": str, "touch": _flag, "backoff": float, "backoff_max": float,
+           "warn_every": float}  # fmt: skip
+
+
+class RedisTier:
+    name = "redis"
+
+    def __init__(
+        self,
+        client,
+        model_fingerprint: str,
+        *,
+        prefix: str = "cacheblend:kv:",
+        ttl: int = 7 * 86400,
+        touch: bool = True,
+        backoff: float = 1.0,
+        backoff_max: float = 30.0,
+        warn_every: float = 60.0,
+        where: str = "Redis",
+    ) -> None:
+        """client: a ``redis.Redis`` (bytes replies, i.e. ``decode_responses=False``)."""
+        from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("RedisTier needs a client with decode_responses=False (values are raw bytes)")
+        self.client = client
+        self.model_fingerprint = model_fingerprint
+        self.prefix = prefix
+        self.ttl = parse_duration(ttl)
+        self.touch = touch
+        self.where = where
+        self.stats = TierStats()
+        self.health = Backoff(where, backoff, backoff_max, warn_every)
+        self._down_errors = (ConnectionError, TimeoutError)
+        self._response_error = ResponseError
+        self._put_script = client.register_script(_PUT)
+        self._delete_script = client.register_script(_DELETE_IF)
+        self._lock = threading.Lock()
+        self._last_write_warning = -float("inf")
+        self._checked_policy = False
+
+    @classmethod
+    def from_url(cls, url: str, model_fingerprint: str) -> RedisTier:
+        """``redis://[[user]:password@]host[:port][/db][?options]``, ``rediss://`` for TLS.
+
+        Options: ttl (seconds or 30m/12h/7d, 0 = never; default 7d), prefix (default ``cacheblend:kv:``),
+        touch (reads refresh the ttl; default 1), backoff / backoff_max (seconds; default 1 / 30),
+        warn_every (seconds between "unavailable" warnings; default 60); anything else is a redis-py
+        connection option, e.g. socket_timeout (default 1), socket_connect_timeout (default 1),
+        ssl_ca_certs, ssl_cert_reqs, max_connections.
+        """
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise ImportError("the redis:// store tier needs redis-py: pip install 'cacheblend-rag[redis]'") from None
+        parsed = urlparse(url)
+        ours, theirs = {}, []
+        for name, value in parse_qsl(parsed.query, keep_blank_values=True):
+            if name in OPTIONS:
+                try:
+                    ours[name] = OPTIONS[name](value)
+                except ValueError as exc:
+                    raise ValueError(f"bad {name}={value!r} in store URL {_redact(url)}: {exc}") from None
+            else:
+                theirs.append((name, value))
+        redis_url = urlunparse(parsed._replace(query=urlencode(theirs)))
+        try:
+            client = redis.Redis.from_url(
+                redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+            )
+            client.get_connection_kwargs()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"bad Redis store URL {_redact(url)}: {exc}; options of ours are "
+                             f"{', '.join(OPTIONS)}, the rest go to redis-py") from None  # fmt: skip
+        host = f"{parsed.hostname or 'localhost'}:{parsed.port or 6379}"
+        where = f"Redis at {parsed.scheme}://{host}{parsed.path or '/0'}"
+        return cls(client, model_fingerprint, where=where, **ours)
+
+    def entry_key(self, key: str) -> str:
+        return self.prefix + key
+
+    # ---- calls ------------------------------------------------------------------------------------------
+    def _call(self, fn, *args, **kwargs):
+        """Run one Redis call; TierUnavailable if the tier is backing off or the call cannot reach Redis."""
+        if not self.health.allow():
+            raise TierUnavailable(f"{self.where} is backing off after a failure")
+        try:
+            out = fn(*args, **kwargs)
+        except self._down_errors as exc:
+            self._count(errors=1)
+            self.health.failure(exc)
+            raise TierUnavailable(f"{self.where}: {exc}") from exc
+        self.health.success()
+        return out
+
+    def contains(self, key: str) -> bool:
+        try:
+            return bool(self._call(self.client.exists, self.entry_key(key)))
+        except TierUnavailable:
+            return False
+
+    def open(self, key: str) -> _RedisReader | None:
+        """A per-layer reader of ``key``'s entry (metadata validated; the ttl refreshed), or None on a miss."""
+        rkey = self.entry_key(key)
+
+        def fetch_meta():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hget(rkey, "meta")
+            if self.touch and self.ttl:
+                pipe.expire(rkey, self.ttl)
+            return pipe.execute(raise_on_error=False)[0]
+
+        try:
+            raw = self._call(fetch_meta)
+        except TierUnavailable:
+            self._count(misses=1)
+            return None
+        return self._reader(key, raw, None)
+
+    def get(self, key: str) -> ChunkKV | None:
+        try:
+            fields = self._call(self.client.hgetall, self.entry_key(key))
+        except TierUnavailable:
+            self._count(misses=1)
+            return None
+        except self._response_error as exc:  # e.g. WRONGTYPE: something else was written under the key
+            self._unusable(key, None, exc)
+            return None
+        reader = self._reader(key, fields.get(b"meta"), fields)
+        if reader is None:
+            return None
+        try:
+            return read_entry(reader)
+        except Exception:  # already logged and counted by the reader
+            return None
+
+    def _reader(self, key: str, raw, fields: dict | None) -> _RedisReader | None:
+        if raw is None:
+            if fields:  # a hash without metadata: not ours to trust
+                self._unusable(key, None, CorruptEntry("the hash has no meta field"))
+            else:
+                self._count(misses=1)
+            return None
+        try:
+            if isinstance(raw, Exception):
+                raise CorruptEntry(str(raw))
+            meta = EntryMeta.parse(json.loads(raw), key, self.model_fingerprint)
+        except Exception as exc:
+            self._unusable(key, raw if isinstance(raw, bytes) else None, exc)
+            return None
+        return _RedisReader(self, key, meta, raw, fields)
+
+    def _unusable(self, key: str, raw_meta: bytes | None, exc: BaseException) -> None:
+        """Delete a bad entry (unless it changed since ``raw_meta`` was read); log; count a miss."""
+        self._count(misses=1)
+        try:
+            deleted = self._call(self._delete_script, keys=[self.entry_key(key)], args=[raw_meta or b""])
+        except (TierUnavailable, self._response_error):
+            deleted = None
+        if deleted == 0:  # what was judged is gone already: expired, evicted, replaced or deleted by a peer
+            logger.info("%s entry %s changed or expired while being read (%s); treating it as a miss",
+                        self.where, key[:12], exc)  # fmt: skip
+            return
+        self._count(corrupt=1)
+        logger.warning("%s entry %s is unusable (%s); treating it as a miss and recomputing",
+                       self.where, key[:12], exc)  # fmt: skip
+
+    def put(self, key: str, kv: ChunkKV) -> None:
+        meta, tensors = encode_entry(key, self.model_fingerprint, kv)
+        args: list = [self.ttl, "meta", json.dumps(meta.to_strings())]
+        for name, t in tensors.items():
+            args += [name, tensor_bytes(t).tobytes()]
+        try:
+            written = self._call(self._put_script, keys=[self.entry_key(key)], args=args)
+        except TierUnavailable:
+            return
+        except self._response_error as exc:  # e.g. OOM with maxmemory-policy noeviction
+            now = time.monotonic()
+            if now - self._last_write_warning >= self.health.warn_every:
+                self._last_write_warning = now
+                logger.warning("%s refused a KV write (%s); continuing without it. If Redis is full, set "
+                               "maxmemory-policy allkeys-lru or a ttl", self.where, exc)  # fmt: skip
+            self._count(errors=1)
+            return
+        if written:
+            self._count(writes=1, bytes_written=sum(len(a) for a in args[4::2]))
+        self._check_policy()
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(TierUnavailable):
+            self._call(self.client.delete, self.entry_key(key))
+
+    def _check_policy(self) -> None:
+        """Once: warn if entries can neither expire nor be evicted (CONFIG may be refused: then stay silent)."""
+        if self._checked_policy:
+            return
+        self._checked_policy = True
+        try:
+            policy = self.client.config_get("maxmemory-policy").get(b"maxmemory-policy", b"").decode()
+        except Exception:  # managed Redis often disables CONFIG
+            return
+        if policy == "noeviction" or (policy.startswith("volatile") and not self.ttl):
+            logger.warning("%s has maxmemory-policy %s and the tier's ttl is %s: cached KV may fill it and "
+                           "writes will then fail. Use maxmemory-policy allkeys-lru on a cache-only Redis, or "
+                           "set ttl=... in the store URL", self.where, policy, self.ttl or "0 (never)")  # fmt: skip
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + delta)
+
+    def __repr__(self) -> str:
+        return f"RedisTier({self.where}, prefix={self.prefix!r}, ttl={self.ttl})"
+
+
+class _RedisReader:
+    """One opened entry: one HMGET per layer (or the fields a HGETALL already fetched)."""
+
+    def __init__(self, tier: RedisTier, key: str, meta: EntryMeta, raw_meta: bytes, fields: dict | None) -> None:
+        self.tier, self.key, self.meta, self.raw_meta, self.fields = tier, key, meta, raw_meta, fields
+        self._read = 0
+        self._closed = False
+
+    def read_layer(self, layer: int, out: dict[str, torch.Tensor]) -> None:
+        # out: short name -> contiguous tensor of the spec's shape and dtype, filled in place
+        names = [f"{short}.{layer}" for short in out]
+        tier = self.tier
+        try:
+            if self.fields is not None:
+                values = [self.fields.get(name.encode()) for name in names]
+            else:
+                values = tier._call(tier.client.hmget, tier.entry_key(self.key), names)
+            for t, name, raw in zip(out.values(), names, values):
+                if raw is None:
+                    raise CorruptEntry(f"field {name} is missing")
+                view = tensor_bytes(t)
+                if len(raw) != view.nbytes:
+                    raise CorruptEntry(f"field {name} has {len(raw)} bytes, expected {view.nbytes}")
+                view[:] = np.frombuffer(raw, dtype=np.uint8)
+                self.meta.check(name, t)
+        except TierUnavailable:
+            tier._count(misses=1)
+            self.close()
+            raise
+        except Exception as exc:
+            tier._unusable(self.key, self.raw_meta, exc)
+            self.close()
+            raise
+        self._read += 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.fields = None
+        if self._read == self.meta.n_layers:
+            self.tier._count(hits=1, bytes_read=self.meta.nbytes)
+
+
+def _redact(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
+    return urlunparse(parsed._replace(netloc=netloc))
