@@ -25,21 +25,37 @@ def chain_key(model_fingerprint: str, parent: str | None, token_ids: Sequence[in
     return h.hexdigest()
 
 
+def _bits_sums(flat: torch.Tensor) -> tuple[int, int]:
+    """Exact integer sums of a tensor's bit patterns: plain, and weighted by position mod 251 (a swap shows).
+
+    flat: [N] contiguous. Integer addition is associative, so the result is the same on every device and
+    for every thread count (float sums are not: their rounding follows the parallel reduction order).
+    """
+    size = flat.element_size()
+    bits = flat.view(torch.int32 if size % 4 == 0 else torch.int16 if size == 2 else torch.uint8)
+    whole = bits.numel() // 251 * 251
+    cols = [0] * 251  # cols[j]: sum of the elements at positions = j mod 251
+    if whole:
+        cols = bits[:whole].view(-1, 251).sum(dim=0, dtype=torch.int64).tolist()
+    for j, value in enumerate(bits[whole:].tolist()):
+        cols[j] += value
+    return sum(cols), sum((j + 1) * c for j, c in enumerate(cols))
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """Digest of every parameter's name, shape, dtype, float64 sum and sum of squares, and a strided sample.
+    """Digest of every parameter's name, shape, dtype, exact sums of its bits and a strided sample.
 
     Any retrained or fine-tuned weight changes a sum (and the sample); hashing every byte of a large model
-    would cost seconds per load.
+    would cost seconds per load. The digest does not depend on the device or the number of threads, so
+    every process and machine running the same model shares one key space.
     """
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
+            flat = p.detach().contiguous().reshape(-1)
             step = max(1, flat.numel() // 4096)
-            stats = torch.stack([flat.double().sum(), flat.double().square().sum()]).cpu()
             sample = flat[::step].float().cpu()
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            h.update(stats.numpy().tobytes())
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{_bits_sums(flat)}".encode())
             h.update(sample.numpy().tobytes())
     return h.hexdigest()
 

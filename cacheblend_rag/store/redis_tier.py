@@ -166,7 +166,8 @@ class RedisTier:
             client = redis.Redis.from_url(
                 redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
             )
-            client.get_connection_kwargs()
+            pool = client.connection_pool
+            pool.connection_class(**pool.connection_kwargs)  # checks the options; connects only when used
         except (TypeError, ValueError) as exc:
             raise ValueError(f"bad Redis store URL {_redact(url)}: {exc}; options of ours are "
                              f"{', '.join(OPTIONS)}, the rest go to redis-py") from None  # fmt: skip
