@@ -40,7 +40,8 @@ class CacheBlendEngine:
     store: None (memory tier of ``memory_bytes`` in front of a disk tier under ``cache_dir/kv``), a
         KVStore, or a list of tiers / tier URLs (``memory://?max_bytes=2GB``, ``file:///path``,
         ``redis://host:6379/0``), fastest first.
-    store_dtype: dtype of stored KV (default float16).
+    store_dtype: dtype of stored KV; "auto": the compute dtype when it is 16-bit (no conversion when a chunk
+        is loaded), else float16.
     chunk_prefix: text every chunk is computed after (its attention sink); default: the BOS token, else
         the EOS token, else a newline.
     config: the default BlendConfig of ``generate``.
@@ -54,7 +55,7 @@ class CacheBlendEngine:
         store: StoreSpec = None,
         cache_dir: str | os.PathLike | None = None,
         memory_bytes: int = 2 << 30,
-        store_dtype: torch.dtype = torch.float16,
+        store_dtype: torch.dtype | str = "auto",
         chunk_prefix: str | None = None,
         config: BlendConfig | None = None,
         registry_size: int = 50_000,
@@ -73,6 +74,8 @@ class CacheBlendEngine:
         self.eos_token_ids = self._eos_ids()
         fwd = self.forward
         expect = (fwd.n_layers, fwd.n_kv_heads, fwd.head_dim)
+        if store_dtype == "auto":
+            store_dtype = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
         self.store = self._build_store(store, memory_bytes, store_dtype, expect)
         self.registry = ChunkRegistry(registry_size)
         self._metrics = EngineMetrics()

@@ -107,11 +107,14 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
         apply_rope(keys, positions, fwd.rope, out=keys, backend=backend)
         if keep is not None:
             x, h, sel = x[keep], h[keep], sel[keep]
-        q = fwd.project_q(layer, x, sel, backend=backend)
-        attn = selected_attention(q, sel, keys, values, fwd.scale, backend=backend)
-        h = fwd.finish_layer(layer, h, attn)
         layer_rows.append(sel.shape[0])
-        flops += (q_flops + rest_flops) * sel.shape[0] + 4.0 * fwd.n_heads * fwd.head_dim * float((sel + 1).sum())
+        rows = sel
+        if layer == fwd.n_layers - 1:  # past the last K/V, only the last position's output (its logits) is used
+            x, h, rows = x[-1:], h[-1:], sel[-1:]
+        q = fwd.project_q(layer, x, rows, backend=backend)
+        attn = selected_attention(q, rows, keys, values, fwd.scale, backend=backend)
+        h = fwd.finish_layer(layer, h, attn)
+        flops += (q_flops + rest_flops) * rows.shape[0] + 4.0 * fwd.n_heads * fwd.head_dim * float((rows + 1).sum())
     logits = None
     if plan.need_logits:
         logits = fwd.logits(h[-1:])[0]
