@@ -1,0 +1,124 @@
+"""``cacheblend ingest`` and ``cacheblend ask``: a persistent RAG index over your own .txt / .md files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..config import STRATEGIES
+from .common import CACHE_DIR, DEVICE, DTYPE, MODEL, app, console, load_engine, write_json
+
+INDEX_DIR = typer.Option(None, "--index-dir", help="Where the index is kept [default: CACHE_DIR/index].")
+
+
+def index_dir_or_default(index_dir: Path | None, cache_dir: Path | None) -> Path:
+    from ..model.loading import default_cache_dir
+
+    return (index_dir or (cache_dir or default_cache_dir()) / "index").expanduser()
+
+
+def fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    return typer.Exit(2)
+
+
+def require_rag_stack() -> None:
+    from ..app.index import require_llama_index
+
+    try:
+        require_llama_index()
+    except ImportError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def ingest(
+    path: Path = typer.Argument(..., help="A folder of .txt/.md files (searched recursively) or one such file."),
+    model: str = MODEL,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    cache_dir: Path | None = CACHE_DIR,
+    index_dir: Path | None = INDEX_DIR,
+    chunk_size: int = typer.Option(384, min=32, help="Tokens per chunk (the node splitter's chunk_size)."),
+    chunk_overlap: int = typer.Option(32, min=0, help="Tokens shared by neighbouring chunks of one file."),
+) -> None:
+    """Index documents and precompute each chunk's KV cache (replaces the index in --index-dir)."""
+    from ..app import DocumentError, RagIndex, RagIndexError, read_documents
+    from ..app.index import check_replaceable
+
+    if chunk_overlap >= chunk_size:
+        raise fail(f"--chunk-overlap must be smaller than --chunk-size, got {chunk_overlap} >= {chunk_size}")
+    folder = index_dir_or_default(index_dir, cache_dir)
+    try:
+        documents = read_documents(path)
+        check_replaceable(folder)
+    except (DocumentError, RagIndexError) as exc:
+        raise fail(str(exc)) from None
+    require_rag_stack()
+    console.print(f"read {len(documents)} document{'s' * (len(documents) != 1)} from {path}")
+    engine = load_engine(model, device, dtype, cache_dir)
+    before = engine.metrics()
+    index = RagIndex.build(engine, documents, chunk_size=chunk_size, chunk_overlap=chunk_overlap, progress=True)
+    after = engine.metrics()
+    index.persist(folder)
+    computed = after["precomputed_chunks"] - before["precomputed_chunks"]
+    stored = after["precompute_cache_hits"] - before["precompute_cache_hits"]
+    console.print(
+        f"indexed {len(documents)} documents as {index.n_nodes} chunks into {folder}\n"
+        f"KV cache: {computed} chunks computed, {stored} already stored, in {engine.cache_dir / 'kv'}",
+        highlight=False,
+    )
+    where = f" --index-dir {folder}" if index_dir else ""
+    console.print(f'ask with: [bold]cacheblend ask "your question"{where}[/bold]', highlight=False)
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="The question, answered from the ingested documents."),
+    model: str = MODEL,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    cache_dir: Path | None = CACHE_DIR,
+    index_dir: Path | None = INDEX_DIR,
+    strategy: str = typer.Option("cacheblend", help=f"How the prompt's KV is built: {', '.join(STRATEGIES)}."),
+    ratio: float = typer.Option(0.15, min=0.0, max=1.0, help="cacheblend recompute ratio."),
+    top_k: int = typer.Option(8, "--top-k", min=1, help="Chunks retrieved into the prompt."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Answer length limit."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the answer and its statistics as JSON."),
+) -> None:
+    """Answer a question from the index built by `cacheblend ingest` (the answer streams, then its statistics)."""
+    from ..app import RagIndex, RagIndexError
+    from ..app.index import read_manifest
+
+    if strategy not in STRATEGIES:
+        raise fail(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if not question.strip():
+        raise fail('the question is empty; pass one in quotes: cacheblend ask "How tall is ...?"')
+    folder = index_dir_or_default(index_dir, cache_dir)
+    try:
+        read_manifest(folder)
+    except RagIndexError as exc:
+        raise fail(str(exc)) from None
+    require_rag_stack()
+    engine = load_engine(model, device, dtype, cache_dir)
+    with console.status("loading the index ..."):
+        index = RagIndex.load(engine, folder)
+
+    def show(piece: str) -> None:
+        console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+
+    answer = index.ask(question, strategy=strategy, recompute_ratio=ratio, top_k=top_k,
+                       max_new_tokens=max_new_tokens, on_text=show)  # fmt: skip
+    console.print()
+    if answer.ttft_s is not None:
+        blend = f"{strategy}, ratio {ratio:g}" if strategy == "cacheblend" else strategy
+        console.print(
+            f"[dim]TTFT {answer.ttft_s * 1000:.0f} ms ({blend}) · prompt {answer.prompt_tokens} tokens: "
+            f"{answer.reused_tokens} reused, {answer.recomputed_tokens} recomputed · "
+            f"{answer.cache_hits} chunk KV caches reused[/dim]",
+            highlight=False,
+        )
+    sources = ", ".join(s["name"] + (f" ({s['score']:.2f})" if s["score"] is not None else "") for s in answer.sources)
+    console.print(f"[dim]sources: {sources or 'none'}[/dim]", highlight=False)
+    write_json(json_out, {**answer.as_dict(), "index_dir": str(folder)})
