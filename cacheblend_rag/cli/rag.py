@@ -9,7 +9,7 @@ import typer
 from ..config import STRATEGIES
 from .common import CACHE_DIR, DEVICE, DTYPE, MODEL, app, console, load_engine, write_json
 
-INDEX_DIR = typer.Option(None, "--index-dir", help="Where the index is kept [default: CACHE_DIR/index].")
+INDEX_DIR = typer.Option(None, "--index-dir", help="Where the index is kept (default: CACHE_DIR/index).")
 
 
 def index_dir_or_default(index_dir: Path | None, cache_dir: Path | None) -> Path:

@@ -72,3 +72,17 @@ def test_summary_counts_agreement_and_speedup():
     assert s["cacheblend"]["reuse_fraction"] == 0.85 and s["full_recompute"]["reuse_fraction"] == 0
     assert s["cacheblend"]["correct"] == 1 and s["full_recompute"]["correct"] == 2
     assert s["same_answer_as_full_recompute"] == 1
+
+
+def test_demo_without_llama_index_skips_the_rag_part_and_says_what_to_install(tiny_dir, tmp_path, monkeypatch):
+    import cacheblend_rag.app.index
+
+    def missing():
+        raise ImportError("the RAG commands need llama_index.core, part of the LlamaIndex integration: pip install x")
+
+    monkeypatch.setattr(cacheblend_rag.app.index, "require_llama_index", missing)
+    out = " ".join(demo("--model", tiny_dir, "--dtype", "float32", "--cache-dir", tmp_path, "--max-new-tokens", 1,
+                        "--json", tmp_path / "demo.json").split())  # fmt: skip
+    assert "RAG part skipped: the RAG commands need llama_index.core" in out and "pip install x" in out
+    assert "Strategies on multi-chunk questions" in out and "Median TTFT" not in out
+    assert set(json.loads((tmp_path / "demo.json").read_text())) == {"rows"}
