@@ -3,7 +3,8 @@
 ``KVStore.fetch`` opens every block a request needs from the slow tiers (disk, Redis) and hands the prefill
 one ``LazyChunk`` per block. One background thread per request reads the blocks layer-major (layer 0 of
 every block, then layer 1, ...), each layer straight into the block's final buffers, as fast as the tier
-allows; ``LazyChunk.layer(l)`` returns at once if layer l is in, and otherwise waits for it. When every
+allows (a tier whose readers have a ``batcher``, like Redis, reads one layer of all its blocks in one round
+trip); ``LazyChunk.layer(l)`` returns at once if layer l is in, and otherwise waits for it. When every
 layer of a block has been read it is promoted to the faster tiers.
 
 A block whose read fails (corrupt, vanished, tier down, or slower than ``timeout_s`` for one layer) is
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .chunk import ChunkKV
-from .entry import EntryBuffers, EntryReader
+from .entry import EntryBuffers, EntryReader, LayerBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +94,14 @@ class LazyChunk:
             return self._recomputed
 
     # ---- called by the loader thread ------------------------------------------------------------------
-    def _read(self, layer: int) -> None:
+    def _slots(self, layer: int) -> dict[str, torch.Tensor]:
         if self._buffers is None:
             self._buffers = EntryBuffers(self.meta)
-        self._buffers.read(self.reader, layer)
+        return self._buffers.slots(layer)
+
+    def _filled(self, layer: int) -> None:
+        assert self._buffers is not None
+        self._buffers.decode(layer)
         with self._cond:
             self._ready = layer + 1
             self._cond.notify_all()
@@ -123,13 +128,29 @@ def start_loader(chunks: Sequence[LazyChunk], promote: Callable[[str, ChunkKV], 
 def _load(chunks: list[LazyChunk], promote: Callable[[str, ChunkKV], None]) -> None:
     try:
         for layer in range(max(c.n_layers for c in chunks)):
+            batches: dict[int, tuple[LayerBatcher, list[LazyChunk]]] = {}
             for chunk in chunks:
                 if chunk.failed or layer >= chunk.n_layers:
                     continue
+                batcher = getattr(chunk.reader, "batcher", None)
+                if batcher is not None:
+                    batches.setdefault(id(batcher), (batcher, []))[1].append(chunk)
+                    continue
                 try:
-                    chunk._read(layer)
+                    chunk.reader.read_layer(layer, chunk._slots(layer))
+                    chunk._filled(layer)
                 except BaseException as exc:  # logged and counted by the tier's reader
                     chunk._fail(exc)
+            for batcher, group in batches.values():
+                try:
+                    errors = batcher.read_layers([(c.reader, c._slots(layer)) for c in group], layer)
+                except BaseException as exc:
+                    errors = [exc] * len(group)
+                for chunk, error in zip(group, errors):
+                    if error is None:
+                        chunk._filled(layer)
+                    else:
+                        chunk._fail(error)
     finally:
         for chunk in chunks:
             try:

@@ -285,6 +285,32 @@ class RedisTier:
             self._count(writes=1, bytes_written=sum(len(a) for a in args[4::2]))
         self._check_policy()
 
+    def read_layers(self, items: list[tuple[_RedisReader, dict[str, torch.Tensor]]], layer: int) -> list:
+        """One layer of several opened entries in one round trip (a pipeline of HMGETs); per item None or the
+        exception its read raised (the reader has handled it: logged, counted, deleted if corrupt)."""
+
+        def fetch():
+            pipe = self.client.pipeline(transaction=False)
+            for reader, out in items:
+                pipe.hmget(self.entry_key(reader.key), [f"{short}.{layer}" for short in out])
+            return pipe.execute(raise_on_error=False)
+
+        try:
+            replies = self._call(fetch)
+        except TierUnavailable as exc:
+            for reader, _ in items:
+                self._count(misses=1)
+                reader.close()
+            return [exc] * len(items)
+        errors: list = []
+        for (reader, out), values in zip(items, replies):
+            try:
+                reader.accept(layer, out, values)
+                errors.append(None)
+            except Exception as exc:
+                errors.append(exc)
+        return errors
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(TierUnavailable):
             self._call(self.client.delete, self.entry_key(key))
@@ -313,23 +339,38 @@ class RedisTier:
 
 
 class _RedisReader:
-    """One opened entry: one HMGET per layer (or the fields a HGETALL already fetched)."""
+    """One opened entry: one HMGET per layer (or the fields a HGETALL already fetched). Its ``batcher`` (the
+    tier) lets the loader read one layer of all of a request's blocks in one round trip."""
 
     def __init__(self, tier: RedisTier, key: str, meta: EntryMeta, raw_meta: bytes, fields: dict | None) -> None:
         self.tier, self.key, self.meta, self.raw_meta, self.fields = tier, key, meta, raw_meta, fields
+        self.batcher = tier if fields is None else None
         self._read = 0
         self._closed = False
 
     def read_layer(self, layer: int, out: dict[str, torch.Tensor]) -> None:
         # out: short name -> contiguous tensor of the spec's shape and dtype, filled in place
         names = [f"{short}.{layer}" for short in out]
-        tier = self.tier
+        if self.fields is not None:
+            values = [self.fields.get(name.encode()) for name in names]
+        else:
+            try:
+                values = self.tier._call(self.tier.client.hmget, self.tier.entry_key(self.key), names)
+            except TierUnavailable:
+                self.tier._count(misses=1)
+                self.close()
+                raise
+            except Exception as exc:  # e.g. WRONGTYPE: replaced by something else meanwhile
+                values = exc
+        self.accept(layer, out, values)
+
+    def accept(self, layer: int, out: dict[str, torch.Tensor], values) -> None:
+        """Check ``layer``'s fetched field values (or the error fetching them) and copy them into ``out``."""
         try:
-            if self.fields is not None:
-                values = [self.fields.get(name.encode()) for name in names]
-            else:
-                values = tier._call(tier.client.hmget, tier.entry_key(self.key), names)
-            for t, name, raw in zip(out.values(), names, values):
+            if isinstance(values, Exception):
+                raise values
+            for t, short, raw in zip(out.values(), out, values):
+                name = f"{short}.{layer}"
                 if raw is None:
                     raise CorruptEntry(f"field {name} is missing")
                 view = tensor_bytes(t)
@@ -337,12 +378,8 @@ class _RedisReader:
                     raise CorruptEntry(f"field {name} has {len(raw)} bytes, expected {view.nbytes}")
                 view[:] = np.frombuffer(raw, dtype=np.uint8)
                 self.meta.check(name, t)
-        except TierUnavailable:
-            tier._count(misses=1)
-            self.close()
-            raise
         except Exception as exc:
-            tier._unusable(self.key, self.raw_meta, exc)
+            self.tier._unusable(self.key, self.raw_meta, exc)
             self.close()
             raise
         self._read += 1
