@@ -169,3 +169,23 @@ def test_urls_and_sizes(tmp_path):
     assert tier_from_url(f"file://{tmp_path}", FP).root == tmp_path
     with pytest.raises(ValueError, match="unknown store URL"):
         tier_from_url("s3://bucket", FP)
+
+
+def test_model_fingerprint_is_the_same_for_every_thread_count():
+    """Float sums round differently with the reduction's thread split (1, 2 and 3 threads gave 3 different
+    fingerprints before): processes configured differently must still share one key space."""
+    from cacheblend_rag.store.keys import weights_fingerprint
+
+    model = tiny_model("llama", seed=0)
+    before = torch.get_num_threads()
+    try:
+        prints = set()
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            prints.add(weights_fingerprint(model))
+    finally:
+        torch.set_num_threads(before)
+    assert len(prints) == 1
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] += 1e-3  # any change to a weight changes it
+    assert weights_fingerprint(model) not in prints
