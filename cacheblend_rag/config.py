@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 STRATEGIES = ("full_recompute", "prefix_cache", "full_reuse", "cacheblend")
 DEVIATIONS = ("v", "k")
+SELECTIONS = ("deviation", "attention")
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -29,6 +30,9 @@ class BlendConfig:
         ``recompute_ratio``). Default: one layer -> ``(recompute_ratio,)``; k layers -> the ratio
         doubles for each earlier layer, capped at 1.
     deviation: ``"v"`` (values, the paper's choice) or ``"k"`` (keys before RoPE).
+    selection: how cached tokens are ranked at a check layer: ``"deviation"`` (the paper) or
+        ``"attention"`` (the deviation weighted by the attention the prompt's tail, e.g. the question, pays to
+        each token at that layer; see engine/selection.py).
     recompute_chunk_head: always recompute the first n tokens of every cached chunk (EPIC's
         observation that each chunk's first tokens acted as an attention sink when computed alone).
     backend: kernels to use: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
@@ -39,6 +43,7 @@ class BlendConfig:
     check_layers: tuple[int, ...] = (1,)
     check_ratios: tuple[float, ...] | None = None
     deviation: str = "v"
+    selection: str = "deviation"
     recompute_chunk_head: int = 0
     backend: str = "auto"
     _ratios: tuple[float, ...] = field(init=False, repr=False, compare=False)
@@ -61,6 +66,8 @@ class BlendConfig:
         ratios = self._resolve_ratios(layers)
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"deviation must be 'v' or 'k', got {self.deviation!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}; got {self.selection!r}")
         if (
             isinstance(self.recompute_chunk_head, bool)
             or not isinstance(self.recompute_chunk_head, int)
@@ -106,6 +113,7 @@ class BlendConfig:
             "check_layers": self.check_layers,
             "check_ratios": self.check_ratios,
             "deviation": self.deviation,
+            "selection": self.selection,
             "recompute_chunk_head": self.recompute_chunk_head,
             "backend": self.backend,
         }

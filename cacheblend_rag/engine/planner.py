@@ -54,7 +54,9 @@ class Planner:
         if config.strategy == "full_reuse":
             return PrefillPlan(ids=ids, spans=spans, initial=forced.nonzero().squeeze(1), forced=forced), None
         checks = dict(zip(config.check_layers, config.ratios))
-        return PrefillPlan(ids=ids, spans=spans, forced=forced, checks=checks, deviation=config.deviation), None
+        plan = PrefillPlan(ids=ids, spans=spans, forced=forced, checks=checks, deviation=config.deviation,
+                           selection=config.selection)  # fmt: skip
+        return plan, None
 
     def _prefix_plan(self, ids: torch.Tensor, blocks: list[Block], stats: RequestStats):
         """Reuse the longest run of leading blocks whose exact-prefix KV is stored; store the others."""

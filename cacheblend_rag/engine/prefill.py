@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import apply_rope, kv_deviation, scatter_rows, select_top, selected_attention
+from ..kernels import apply_rope, scatter_rows, selected_attention
 from ..model.forward import ModelForward
 from ..store.chunk import ChunkKV
 from .kv_cache import KVCache
+from .selection import attention_mass, choose, deviation_scores, probe_rows
 
 
 @dataclass
@@ -44,6 +45,7 @@ class PrefillPlan:
     forced: torch.Tensor | None = None  # [N] bool: rows a check layer must keep
     checks: dict[int, float] = field(default_factory=dict)  # layer -> ratio of cached rows kept
     deviation: str = "v"
+    selection: str = "deviation"  # "deviation" or "attention" (deviation x attention from the prompt's tail)
     capture: tuple[int, int] | None = None  # rows whose pre-RoPE K and V to return
     need_logits: bool = True
 
@@ -74,6 +76,7 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
     for span in plan.spans:
         from_cache[span.start : span.end] = True
     n_cached = int(from_cache.sum())
+    last_cached_end = max((span.end for span in plan.spans), default=0)
     forced = plan.forced if plan.forced is not None else ~from_cache
     sel = positions if plan.initial is None else plan.initial
     h = fwd.embed(ids[sel])
@@ -92,9 +95,10 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
         x = fwd.attn_input(layer, h)
         k_new, v_new = fwd.project_kv(layer, x)
         flops += kv_flops * sel.shape[0]
-        keep = None
-        if layer in plan.checks:
-            keep = _check(plan, layer, sel, k_new, v_new, keys, values, from_cache, forced, n_cached, backend)
+        check = layer in plan.checks
+        if check:
+            sel_cached = from_cache[sel]
+            scores = deviation_scores(plan.deviation, sel, k_new, v_new, keys, values, sel_cached, backend)
         scatter_rows(keys, sel, k_new)
         scatter_rows(values, sel, v_new)
         if plan.capture is not None:
@@ -105,7 +109,12 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
             layer_rows.append(0)
             break
         apply_rope(keys, positions, fwd.rope, out=keys, backend=backend)
-        if keep is not None:
+        if check:
+            if plan.selection == "attention":
+                probes = probe_rows(sel, sel_cached, last_cached_end)
+                q_probe = fwd.project_q(layer, x[probes], sel[probes], backend=backend)
+                scores = scores * attention_mass(q_probe, sel[probes], keys, fwd.scale)[sel]
+            keep = choose(scores, forced[sel], sel_cached, round(plan.checks[layer] * n_cached))
             x, h, sel = x[keep], h[keep], sel[keep]
         layer_rows.append(sel.shape[0])
         rows = sel
@@ -121,15 +130,3 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
         flops += 2.0 * fwd.hidden_size * fwd.vocab_size
     captured = ChunkKV(torch.stack(captured_k), torch.stack(captured_v)) if plan.capture is not None else None
     return PrefillResult(logits=logits, rows=sel, layer_rows=layer_rows, flops=flops, captured=captured)
-
-
-def _check(plan, layer, sel, k_new, v_new, keys, values, from_cache, forced, n_cached, backend) -> torch.Tensor:
-    """Rows of ``sel`` to keep after check ``layer``: forced rows plus the most deviating cached rows."""
-    fresh, stored = (v_new, values) if plan.deviation == "v" else (k_new, keys)
-    sel_cached = from_cache[sel]
-    keep = forced[sel].clone()
-    deviation = kv_deviation(fresh, stored, sel_cached, rows=sel, backend=backend)
-    deviation.masked_fill_(keep, float("-inf"))
-    budget = round(plan.checks[layer] * n_cached) - int((keep & sel_cached).sum())
-    keep[select_top(deviation, budget)] = True
-    return keep.nonzero().squeeze(1)

@@ -116,3 +116,34 @@ def test_flops_shrink_with_reuse(make_engine):
     flops = {s: engine.prepare(segments, config=config(s)).stats.prefill_flops
              for s in ("full_recompute", "full_reuse", "cacheblend")}  # fmt: skip
     assert flops["full_reuse"] < flops["cacheblend"] < flops["full_recompute"]
+
+
+def test_attention_selection_counts_and_ratio_one(make_engine):
+    engine = make_engine("llama", seed=5)
+    handles = engine.precompute(PASSAGES)
+    segments = ["Read.\n", *handles, QUESTION]
+    cached = sum(h.n_tokens for h in handles)
+    full = engine.prepare(segments, config=config("full_recompute"))
+    att = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.2, selection="attention"))
+    dev = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.2))
+    uncached = att.stats.prompt_tokens - cached
+    assert att.stats.recomputed_tokens == dev.stats.recomputed_tokens == round(0.2 * cached) + uncached
+    assert not torch.equal(att.logits, dev.logits)  # a different choice of tokens
+    one = engine.prepare(segments, config=config("cacheblend", recompute_ratio=1.0, selection="attention"))
+    assert_close(one.logits, full.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_mass_is_a_causal_attention_sum():
+    from cacheblend_rag.engine.selection import attention_mass
+
+    gen = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(4, 3, 8, generator=gen), torch.randn(2, 10, 8, generator=gen)
+    q_pos = torch.tensor([4, 7, 9])
+    mass = attention_mass(q, q_pos, keys, 0.35)
+    expected = torch.zeros(10)
+    for h in range(4):
+        for i, p in enumerate(q_pos.tolist()):
+            w = torch.softmax((keys[h // 2, : p + 1] @ q[h, i]) * 0.35, dim=0)
+            expected[: p + 1] += w
+    assert_close(mass, expected, atol=1e-5, rtol=1e-5)
+    assert mass.sum().item() == pytest.approx(4 * 3, rel=1e-5)
