@@ -22,10 +22,10 @@ $(STAMP): pyproject.toml $(INTEGRATIONS)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cacheblend demo
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/cacheblend demo
 
-# PASSIVE: OpenMP threads sleep instead of spinning when they wait, so a busy 2-core machine (CI, a
-# neighbour's job) does not slow the many small decode steps of the tests tenfold.
+# OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep instead of spinning when they wait, so a busy 2-core machine
+# (CI, a neighbour's job) does not slow the many small decode steps tenfold.
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 

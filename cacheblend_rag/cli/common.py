@@ -19,7 +19,7 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 MODEL = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf file, model folder or Hugging Face id.")
 DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
 DTYPE = typer.Option("auto", help="auto, float32 or bfloat16.")
-CACHE_DIR = typer.Option(None, "--cache-dir", help="Model conversions and KV store [default: ~/.cache/cacheblend_rag].")
+CACHE_DIR = typer.Option(None, "--cache-dir", help="Model conversions and KV store (default ~/.cache/cacheblend_rag).")
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "musique_dev.json"
 
 
