@@ -36,6 +36,7 @@ def bench_tiers_cmd(
     slow_mbps: float = typer.Option(500.0, help="Read speed of the emulated slow device, MB/s."),
     redis: str | None = typer.Option(None, help="Redis for the redis variants, e.g. redis://127.0.0.1:6379/0."),
     work_dir: Path | None = typer.Option(None, help="Folder for the disk tier's files [default: the temp dir]."),
+    store_dtype: str = typer.Option("float16", help="Stored KV: float16, bfloat16, float32 or int8."),
     model: str = MODEL,
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -47,7 +48,12 @@ def bench_tiers_cmd(
 
     examples = load_examples_or_exit(data, n)
     names = [t.strip() for t in tiers.split(",") if t.strip()]
-    engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=16GB"])
+    try:
+        engine = load_engine(
+            model, device, dtype, cache_dir, store=["memory://?max_bytes=16GB"], store_dtype=store_dtype
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     try:
         result = bench_tiers(engine, examples, names, [s.strip() for s in strategies.split(",") if s.strip()],
                              ratio=ratio, repeats=repeats, slow_mbps=slow_mbps, redis_url=redis, work_dir=work_dir,

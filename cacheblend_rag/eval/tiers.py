@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..store import DiskTier, KVStore, MemoryTier
-from ..store.entry import EntryReader, read_entry
+from ..store.entry import CRC32, EntryReader, read_entry
 from .datasets import Example
 from .ttft import _warm_up, run_info, strategy_config
 
@@ -193,7 +193,7 @@ def bench_tiers(
             engine.store = base
             if bar is not None:
                 bar.close()
-    config = run_info(engine, n=len(examples), ratio=ratio, repeats=repeats, slow_mbps=slow_mbps,
+    config = run_info(engine, n=len(examples), ratio=ratio, repeats=repeats, slow_mbps=slow_mbps, crc32=CRC32,
                       median_kv_mb_per_example=statistics.median(kv_bytes) / 1e6, store_dtype=str(base.dtype),
                       page_cache="disk-cold drops the chunk files' pages with posix_fadvise(DONTNEED) before each "
                       "request")  # fmt: skip

@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import mmap
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,8 +37,17 @@ class TierUnavailable(Exception):
     """A tier could not be reached (I/O or connection error, or backing off after one): a miss, not corrupt."""
 
 
+try:  # ISA-L's CRC32 gives zlib's values 4-6x faster (pip install isal); every read checks every byte
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:
+    from zlib import crc32 as _crc32
+
+CRC32 = f"{_crc32.__module__}.crc32"
+
+
 def tensor_crc(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    """zlib's CRC32 of the tensor's bytes (the values are the same whichever library computes them)."""
+    return _crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def tensor_bytes(t: torch.Tensor):

@@ -189,3 +189,16 @@ def test_model_fingerprint_is_the_same_for_every_thread_count():
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[3, 5] += 1e-3  # any change to a weight changes it
     assert weights_fingerprint(model) not in prints
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.int8])
+def test_tensor_crc_is_zlibs_crc32_whichever_library_computes_it(dtype):
+    """Entries written with ISA-L's CRC32 must verify with zlib's and the other way round."""
+    import zlib
+
+    from cacheblend_rag.store.entry import tensor_crc
+
+    for n in (0, 1, 7, 4099):
+        t = (torch.randn(n) * 50).to(dtype)
+        assert tensor_crc(t) == zlib.crc32(t.numpy().tobytes() if dtype != torch.bfloat16 else
+                                           t.view(torch.int16).numpy().tobytes())  # fmt: skip
