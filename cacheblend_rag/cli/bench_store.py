@@ -81,6 +81,7 @@ def bench_compress_cmd(
     n: int = typer.Option(10, min=1, help="Number of examples."),
     ratio: float = typer.Option(0.15, help="cacheblend recompute ratio."),
     max_new_tokens: int = typer.Option(32, min=1),
+    store_dtypes: str = typer.Option("float16,bfloat16,int8", help="Stored KV dtypes to compare, comma separated."),
     model: str = MODEL,
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -92,8 +93,14 @@ def bench_compress_cmd(
 
     examples = load_examples_or_exit(data, n)
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=16GB"])
-    result = bench_compression(engine, examples, ratio=ratio, max_new_tokens=max_new_tokens, progress=True)
-    table = Table(title=f"Stored KV: float16 vs int8, {len(examples)} examples ({result['config']['dtype']})")
+    names = [d.strip() for d in store_dtypes.split(",") if d.strip()]
+    unknown = [d for d in names if d not in ("float16", "bfloat16", "float32", "int8")]
+    if unknown:
+        raise typer.BadParameter(f"unknown store dtypes {unknown}; choose from float16, bfloat16, float32, int8")
+    result = bench_compression(engine, examples, ratio=ratio, max_new_tokens=max_new_tokens, dtypes=names,
+                               progress=True)  # fmt: skip
+    compute = result["config"]["dtype"]
+    table = Table(title=f"Stored KV dtypes, {len(examples)} examples ({compute} compute), fidelity to full recompute")
     for col in ("store dtype", "config", "top-1 agree", "KL", "answer EM vs full", "gold F1", "bytes/token"):
         table.add_column(col, justify="right")
     for s in result["summary"]:
@@ -106,5 +113,6 @@ def bench_compress_cmd(
         table.add_row(s["store_dtype"], s["config"], *quality, f"{s['bytes_per_token']:.0f}")
     console.print(table)
     err = result["int8_error"]
-    console.print(f"int8 relative RMS error: K {err['k_relative_rms']:.4f}, V {err['v_relative_rms']:.4f}")
+    if err:
+        console.print(f"int8 relative RMS error: K {err['k_relative_rms']:.4f}, V {err['v_relative_rms']:.4f}")
     _write_json(out, result)

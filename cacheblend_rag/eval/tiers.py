@@ -238,9 +238,15 @@ def summarize_tiers(rows: list[dict], tiers: Sequence[str], strategies: Sequence
 
 
 # ---- compression ----------------------------------------------------------------------------------------
-def bench_compression(engine, examples: Sequence[Example], ratio: float = 0.15, max_new_tokens: int = 32,
-                      progress: bool = False) -> dict:  # fmt: skip
-    """Fidelity to full recompute with float16 vs int8 stored KV (same model), and the bytes each takes."""
+def bench_compression(
+    engine,
+    examples: Sequence[Example],
+    ratio: float = 0.15,
+    max_new_tokens: int = 32,
+    dtypes: Sequence[str] = ("float16", "bfloat16", "int8"),
+    progress: bool = False,
+) -> dict:
+    """Fidelity to full recompute with each stored KV dtype (same model), and the bytes each takes."""
     from .. import CacheBlendEngine
     from .runner import EvalConfig, evaluate
 
@@ -248,7 +254,7 @@ def bench_compression(engine, examples: Sequence[Example], ratio: float = 0.15, 
                EvalConfig(f"cacheblend@{ratio:g}", strategy_config("cacheblend", ratio)),
                EvalConfig("full_reuse", strategy_config("full_reuse", ratio))]  # fmt: skip
     results, sizes, errors = {}, {}, {}
-    for dtype in ("float16", "int8"):
+    for dtype in dtypes:
         with tempfile.TemporaryDirectory(prefix="cacheblend-codec-") as tmp:
             twin = CacheBlendEngine(engine.model, engine.tokenizer, store_dtype=dtype,
                                     store=["memory://?max_bytes=16GB", f"file://{tmp}"])  # fmt: skip

@@ -63,7 +63,8 @@ def test_bench_tiers_rejects_unknown_tiers_and_redis_without_url(tiny_dir, data_
 
 def test_bench_compress(tiny_dir, data_file, tmp_path):
     out = invoke("bench", "compress", "--data", data_file, "--n", 1, "--max-new-tokens", 4, "--model", tiny_dir,
-                 "--dtype", "float32", "--cache-dir", tmp_path, "--out", tmp_path / "c.json")  # fmt: skip
+                 "--dtype", "float32", "--cache-dir", tmp_path, "--store-dtypes", "float16,int8", "--out",
+                 tmp_path / "c.json")  # fmt: skip
     assert "int8 relative RMS error" in out
     result = json.loads((tmp_path / "c.json").read_text())
     rows = {(s["store_dtype"], s["config"]): s for s in result["summary"]}
