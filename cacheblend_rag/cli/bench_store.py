@@ -36,7 +36,9 @@ def bench_tiers_cmd(
     slow_mbps: float = typer.Option(500.0, help="Read speed of the emulated slow device, MB/s."),
     redis: str | None = typer.Option(None, help="Redis for the redis variants, e.g. redis://127.0.0.1:6379/0."),
     work_dir: Path | None = typer.Option(None, help="Folder for the disk tier's files [default: the temp dir]."),
-    store_dtype: str = typer.Option("float16", help="Stored KV: float16, bfloat16, float32 or int8."),
+    store_dtype: str = typer.Option(
+        "auto", help="Stored KV: auto (the engine's default), float16, bfloat16, float32 or int8."
+    ),
     model: str = MODEL,
     device: str = DEVICE,
     dtype: str = DTYPE,
