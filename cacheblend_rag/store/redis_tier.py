@@ -274,6 +274,7 @@ class RedisTier:
         except TierUnavailable:
             return
         except self._response_error as exc:  # e.g. OOM with maxmemory-policy noeviction
+            self._check_policy()
             now = time.monotonic()
             if now - self._last_write_warning >= self.health.warn_every:
                 self._last_write_warning = now
@@ -321,7 +322,8 @@ class RedisTier:
             return
         self._checked_policy = True
         try:
-            policy = self.client.config_get("maxmemory-policy").get(b"maxmemory-policy", b"").decode()
+            value = next(iter(self.client.config_get("maxmemory-policy").values()), "")
+            policy = value.decode() if isinstance(value, bytes) else str(value)  # bytes or str by redis-py version
         except Exception:  # managed Redis often disables CONFIG
             return
         if policy == "noeviction" or (policy.startswith("volatile") and not self.ttl):

@@ -247,3 +247,23 @@ def test_tls_and_password(tmp_path):
         assert wrong.get("t" * 64) is None  # refused, a miss, not an exception
     finally:
         server.stop()
+
+
+def test_full_redis_refuses_writes_and_requests_still_succeed(make_engine, private_redis, caplog):
+    """noeviction (Redis' default) with a tiny maxmemory: the tier warns about the policy once, a refused
+    write is logged, the request succeeds; under allkeys-lru there is no policy warning."""
+    client = private_redis_client(private_redis)
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + 400_000)  # room for 400 kB more
+    client.config_set("maxmemory-policy", "noeviction")
+    engine = make_engine("llama", seed=12, store=[private_redis.url + "?ttl=0"])
+    big = engine.handle(" ".join(PASSAGES * 12))  # about 800 kB of KV: more than Redis may hold
+    with caplog.at_level(logging.WARNING):
+        handles = engine.precompute([PASSAGES[0], big.text])
+        result = engine.generate(segments(handles), max_new_tokens=4, config=config("full_reuse"))
+    assert result.stats.cache_misses == 1 and result.stats.cache_hits == 1  # the big chunk was never stored
+    assert caplog.text.count("maxmemory-policy noeviction") == 1 and "refused a KV write" in caplog.text
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        make_engine("llama", seed=13, store=[private_redis.url + "?ttl=0"]).precompute([PASSAGES[1]])
+    assert "maxmemory-policy" not in caplog.text
