@@ -266,4 +266,5 @@ def test_full_redis_refuses_writes_and_requests_still_succeed(make_engine, priva
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         make_engine("llama", seed=13, store=[private_redis.url + "?ttl=0"]).precompute([PASSAGES[1]])
-    assert "maxmemory-policy" not in caplog.text
+    # a write may still be refused while Redis is over its limit; what must go is the policy warning
+    assert "has maxmemory-policy" not in caplog.text
