@@ -134,6 +134,9 @@ def eval_cmd(
     n: int = typer.Option(30, min=1, help="Number of examples (the first N)."),
     strategies: str = typer.Option("full_recompute,prefix_cache,full_reuse,cacheblend", help="Comma separated."),
     ratios: str = typer.Option("0.05,0.1,0.15,0.25,0.5", help="cacheblend recompute ratios, comma separated."),
+    selections: str = typer.Option(
+        "deviation", help="cacheblend token selections to compare, comma separated: deviation, attention."
+    ),
     max_new_tokens: int = typer.Option(32, min=1),
     model: str = MODEL,
     device: str = DEVICE,
@@ -151,7 +154,8 @@ def eval_cmd(
     if unknown:
         raise typer.BadParameter(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     try:
-        configs = eval_configs(names, floats(ratios, "--ratios"))
+        chosen = [x.strip() for x in selections.split(",") if x.strip()]
+        configs = eval_configs(names, floats(ratios, "--ratios"), chosen)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"])

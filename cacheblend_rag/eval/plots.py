@@ -29,19 +29,30 @@ def plot_results(result: dict, out_dir: Path, prefix: str = "") -> list[Path]:
     return paths
 
 
+def _blend_series(summary: list[dict]) -> dict[str, list[dict]]:
+    """cacheblend summary rows by token selection (older results have none: the paper's deviation)."""
+    series: dict[str, list[dict]] = {}
+    for row in summary:
+        if row["strategy"] == "cacheblend":
+            selection = row.get("selection") or "deviation"
+            label = "cacheblend" if selection == "deviation" else f"cacheblend ({selection})"
+            series.setdefault(label, []).append(row)
+    return {label: sorted(rows, key=lambda s: s["recompute_ratio"]) for label, rows in series.items()}
+
+
 def _eval_plots(result: dict, out_dir: Path, prefix: str) -> list[Path]:
     plt = _pyplot()
     summary = result["summary"]
-    blend = sorted((s for s in summary if s["strategy"] == "cacheblend"), key=lambda s: s["recompute_ratio"])
+    series = _blend_series(summary)
     refs = {s["strategy"]: s for s in summary if s["strategy"] in ("full_reuse", "full_recompute")}
-    if not blend:
+    if not series:
         raise ValueError("the eval results hold no cacheblend ratios to plot against")
-    ratios = [s["recompute_ratio"] for s in blend]
     panels = [("top1_agreement", "top-1 agreement with full recompute"), ("kl", "KL(full || strategy)"),
               ("gold_f1", "gold F1"), ("answer_em_vs_full", "answer exact match with full recompute")]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels):
-        ax.plot(ratios, [s[key] for s in blend], "o-", label="cacheblend")
+        for label, blend in series.items():
+            ax.plot([s["recompute_ratio"] for s in blend], [s[key] for s in blend], "o-", label=label)
         for name, style in (("full_recompute", "--"), ("full_reuse", ":")):
             if name in refs:
                 ax.axhline(refs[name][key], linestyle=style, color="gray" if name == "full_reuse" else "black",
@@ -57,7 +68,8 @@ def _eval_plots(result: dict, out_dir: Path, prefix: str) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.plot(ratios, [s["median_ttft_s"] for s in blend], "o-", label="cacheblend")
+    for label, blend in series.items():
+        ax.plot([s["recompute_ratio"] for s in blend], [s["median_ttft_s"] for s in blend], "o-", label=label)
     for name, style in (("full_recompute", "--"), ("full_reuse", ":")):
         if name in refs:
             ax.axhline(refs[name]["median_ttft_s"], linestyle=style, color="black", label=name)

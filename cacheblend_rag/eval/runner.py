@@ -31,14 +31,23 @@ class EvalConfig:
     config: BlendConfig
 
 
-def eval_configs(strategies: Sequence[str], ratios: Sequence[float]) -> list[EvalConfig]:
-    """One entry per strategy, and per ratio for cacheblend; full_recompute always comes first."""
+def eval_configs(
+    strategies: Sequence[str], ratios: Sequence[float], selections: Sequence[str] = ("deviation",)
+) -> list[EvalConfig]:
+    """One entry per strategy, and per selection and ratio for cacheblend; full_recompute always comes first.
+
+    cacheblend labels are ``cacheblend@0.15`` for the default selection and ``cacheblend[attention]@0.15``
+    for the others."""
     out = [EvalConfig(REFERENCE, BlendConfig(strategy=REFERENCE))]
     for strategy in strategies:
         if strategy == REFERENCE:
             continue
         if strategy == "cacheblend":
-            out += [EvalConfig(f"cacheblend@{r:g}", BlendConfig(strategy=strategy, recompute_ratio=r)) for r in ratios]
+            for selection in selections:
+                tag = "" if selection == "deviation" else f"[{selection}]"
+                out += [EvalConfig(f"cacheblend{tag}@{r:g}",
+                                   BlendConfig(strategy=strategy, recompute_ratio=r, selection=selection))
+                        for r in ratios]  # fmt: skip
         else:
             out.append(EvalConfig(strategy, BlendConfig(strategy=strategy)))
     return out
@@ -106,6 +115,7 @@ def evaluate(
             rows.append({
                 "example": index, "config": item.label, "strategy": item.config.strategy,
                 "recompute_ratio": item.config.recompute_ratio if item.config.strategy == "cacheblend" else None,
+                "selection": item.config.selection if item.config.strategy == "cacheblend" else None,
                 "question": example.question, "gold": example.answers, "answer": run.answer,
                 "reference_answer": ref.answer,
                 "gold_f1": best_over(f1_score, run.answer, example.answers),
@@ -132,7 +142,7 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
         median_ttft = statistics.median(r["ttft_s"] for r in mine)
         out.append({
             "config": label, "strategy": mine[0]["strategy"], "recompute_ratio": mine[0]["recompute_ratio"],
-            "n": len(mine),
+            "selection": mine[0].get("selection"), "n": len(mine),
             **{key: statistics.fmean(r[key] for r in mine)
                for key in ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement", "kl")},
             "median_ttft_s": median_ttft, "speedup": ref_ttft / median_ttft,

@@ -71,12 +71,13 @@ def test_bench_ttft_json(tiny_dir, data_file, tmp_path):
 def test_eval_json_keys_and_ranges(tiny_dir, data_file, tmp_path):
     out_file = tmp_path / "eval.json"
     out = invoke("eval", "--data", data_file, "--n", 2, "--ratios", "0.15,1", "--max-new-tokens", 8,
-                 *common(tiny_dir, tmp_path), "--out", out_file)  # fmt: skip
+                 "--selections", "deviation,attention", *common(tiny_dir, tmp_path), "--out", out_file)  # fmt: skip
     assert "top-1 agree" in out
     result = json.loads(out_file.read_text())
     assert set(result) == {"config", "examples", "summary"}
     labels = [s["config"] for s in result["summary"]]
-    assert labels == ["full_recompute", "prefix_cache", "full_reuse", "cacheblend@0.15", "cacheblend@1"]
+    assert labels == ["full_recompute", "prefix_cache", "full_reuse", "cacheblend@0.15", "cacheblend@1",
+                      "cacheblend[attention]@0.15", "cacheblend[attention]@1"]  # fmt: skip
     for row in result["examples"]:
         for key in ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement"):
             assert 0.0 <= row[key] <= 1.0
@@ -85,6 +86,11 @@ def test_eval_json_keys_and_ranges(tiny_dir, data_file, tmp_path):
     assert by["full_recompute"]["top1_agreement"] == 1.0 and by["full_recompute"]["kl"] == 0.0
     assert by["cacheblend@1"]["top1_agreement"] == 1.0 and by["cacheblend@1"]["kl"] < 1e-6
     assert by["cacheblend@1"]["answer_em_vs_full"] == 1.0
+    assert by["cacheblend[attention]@1"]["top1_agreement"] == 1.0 and by["cacheblend[attention]@1"]["kl"] < 1e-6
+    assert (
+        by["cacheblend[attention]@0.15"]["selection"] == "attention"
+        and by["cacheblend@0.15"]["selection"] == "deviation"
+    )
 
     plots = tmp_path / "plots"
     invoke("plot", out_file, "--out-dir", plots)
@@ -150,3 +156,9 @@ def test_store_stats_and_gc(tiny_dir, tmp_path):
     assert json.loads(invoke("store", "stats", "--cache-dir", tmp_path, "--json"))["entries"] == 0
     bad = runner.invoke(app, ["store", "gc", "--max-bytes", "lots"])
     assert bad.exit_code != 0 and "byte size" in bad.output
+
+
+def test_eval_unknown_selection_is_a_clear_error(data_file):
+    result = runner.invoke(app, ["eval", "--data", str(data_file), "--n", "1", "--selections", "deviation,bogus"])
+    assert result.exit_code == 2
+    assert "selection must be one of" in " ".join(result.output.split())
