@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import (
@@ -174,5 +175,5 @@ def print_eval_table(result: dict) -> None:
         keys = ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement")
         quality = [f"{s[k]:.3f}" for k in keys]
         speed = [f"{s['median_ttft_s']:.3f}", f"{s['speedup']:.2f}x", f"{s['recomputed_fraction']:.1%}"]
-        table.add_row(s["config"], *quality, f"{s['kl']:.4f}", *speed)
+        table.add_row(escape(s["config"]), *quality, f"{s['kl']:.4f}", *speed)
     console.print(table)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..app.demo import QUESTIONS
@@ -56,8 +57,8 @@ def demo(
         if question and last is not None:
             table.add_section()
         last = r["question"]
-        table.add_row(question, r["strategy"], r["answer"], f"{r['ttft_s'] * 1000:.0f}", str(r["reused_tokens"]),
-                      str(r["recomputed_tokens"]))  # fmt: skip
+        table.add_row(escape(question), r["strategy"], escape(r["answer"]), f"{r['ttft_s'] * 1000:.0f}",
+                      str(r["reused_tokens"]), str(r["recomputed_tokens"]))  # fmt: skip
     console.print(table)
     payload: dict = {"rows": rows}
     if rag:
@@ -123,11 +124,11 @@ def print_rag_table(rows: list[dict], title: str) -> None:
             table.add_section()
         if first:
             docs = " + ".join(d.removesuffix(".md") for d in r["documents"])
-            cell = f"{r['question']}\n[dim]expected: {r['expected']}\nin: {docs}[/dim]"
+            cell = f"{escape(r['question'])}\n[dim]expected: {escape(r['expected'])}\nin: {escape(docs)}[/dim]"
         else:
             cell = ""
         mark = "[green]✓[/green]" if r["correct"] else "[red]✗[/red]"
-        answer = " ".join(r["answer"].split()) or "[dim](empty)[/dim]"
+        answer = escape(" ".join(r["answer"].split())) or "[dim](empty)[/dim]"
         table.add_row(cell, r["strategy"], f"{mark} {answer}", f"{r['ttft_s'] * 1000:.0f}", str(r["reused_tokens"]),
                       str(r["recomputed_tokens"]))  # fmt: skip
     console.print(table)

@@ -8,8 +8,8 @@ Three implementations of one function:
 
 * ``selected_attention_torch`` (reference): scaled_dot_product_attention with an additive [M, N] mask.
 * ``selected_attention_cpu`` (what CPU users run): the fused causal kernel when the queries are exactly
-  0..N-1, no mask when every query sees every key, otherwise query blocks that read only the keys they
-  can see.
+  0..N-1, no mask when every query sees every key, two fused calls merged by log-sum-exp for a contiguous
+  suffix (prefix caching), otherwise query blocks that read only the keys they can see.
 * ``_attention_kernel`` (Triton, what CUDA users run): flash-attention forward. One program owns one KV
   head and BLOCK_M packed rows, a row being (query, query head of that KV head's group), so the G query
   heads of a group share every K/V tile they load (GQA packing; decoding fills G rows with one query).
@@ -91,6 +91,33 @@ def _query_blocks(q_pos: torch.Tensor, n: int, dtype: torch.dtype) -> list[tuple
     return blocks
 
 
+# torch's fused CPU flash attention, returning the log-sum-exp of each row's scores (SDPA's public API does not)
+_FLASH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Queries at positions N-M..N-1 (a prefix cache's suffix). q: [Hq, M, D]; k, v: [Hkv, N, D].
+
+    Two fused calls and no mask: the keys before the suffix, all visible, and the suffix's own keys, causal
+    (a square block); the two partial softmaxes are merged by their log-sum-exps. About 20% faster here than
+    masked query blocks, which read ~10% more keys and an [Mb, keys] mask per block.
+    """
+    hq, m, d = q.shape
+    hkv, n, _ = k.shape
+    p = n - m
+    if hq != hkv:  # the fused op takes equal head counts: repeat each KV head for its query heads
+        k = k[:, None].expand(hkv, hq // hkv, n, d).reshape(hq, n, d)
+        v = v[:, None].expand(hkv, hq // hkv, n, v.shape[-1]).reshape(hq, n, v.shape[-1])
+    q4 = q[None].contiguous()
+    before, lse_before = _FLASH_LSE(q4, k[None, :, :p], v[None, :, :p], 0.0, False, scale=scale)
+    own, lse_own = _FLASH_LSE(q4, k[None, :, p:], v[None, :, p:], 0.0, True, scale=scale)
+    top = torch.maximum(lse_before, lse_own)
+    w_before = torch.exp(lse_before - top)[..., None]  # [1, Hq, M, 1] float32
+    w_own = torch.exp(lse_own - top)[..., None]
+    out = (before.float() * w_before + own.float() * w_own) / (w_before + w_own)
+    return out[0].to(q.dtype)
+
+
 def selected_attention_cpu(
     q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -112,6 +139,9 @@ def selected_attention_cpu(
                                               enable_gqa=gqa)[0]  # fmt: skip
     if int(q_pos.min()) >= n - 1:  # decoding: every key is visible
         return F.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale, enable_gqa=gqa)[0]
+    suffix = m >= QUERY_BLOCK and _FLASH_LSE is not None and m == n - int(q_pos[0]) and int(q_pos[-1]) == n - 1
+    if suffix and torch.equal(q_pos, torch.arange(n - m, n, device=q.device)):
+        return _suffix_attention(q, k, v, scale)
     order = None
     if m > 1 and bool((q_pos[1:] < q_pos[:-1]).any()):
         order = torch.argsort(q_pos)

@@ -72,7 +72,7 @@ def test_eval_json_keys_and_ranges(tiny_dir, data_file, tmp_path):
     out_file = tmp_path / "eval.json"
     out = invoke("eval", "--data", data_file, "--n", 2, "--ratios", "0.15,1", "--max-new-tokens", 8,
                  "--selections", "deviation,attention", *common(tiny_dir, tmp_path), "--out", out_file)  # fmt: skip
-    assert "top-1 agree" in out
+    assert "top-1 agree" in out and "cacheblend[attention]@0.15" in out  # labels printed as written
     result = json.loads(out_file.read_text())
     assert set(result) == {"config", "examples", "summary"}
     labels = [s["config"] for s in result["summary"]]
