@@ -25,8 +25,7 @@ from cacheblend_rag.eval.datasets import load_examples
 
 
 def analyse(engine, example, ratio: float) -> list[dict]:
-    handles = engine.precompute(example.passages)
-    blocks = engine.blocks(engine.chat_segments(example.user_segments(handles)), None)
+    blocks = engine.blocks(example.prompt(engine), None)
     ids = engine._ids_tensor([t for b in blocks for t in b.token_ids])
     n = ids.shape[0]
     with torch.inference_mode():

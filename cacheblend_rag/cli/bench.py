@@ -19,6 +19,7 @@ from .common import (
     bench_app,
     console,
     floats,
+    items,
     load_engine,
     load_examples_or_exit,
     write_json,
@@ -43,7 +44,7 @@ def bench_ttft_cmd(
     from ..eval.ttft import bench_ttft, profile_request
 
     examples = load_examples_or_exit(data, n)
-    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    names = items(strategies)
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"])
     result = bench_ttft(engine, examples, names, ratio=ratio, repeats=repeats, progress=True)
     table = Table(title=f"TTFT, {len(examples)} examples, {result['config']['dtype']} on {result['config']['device']}")
@@ -79,7 +80,7 @@ def bench_sweep_cmd(
     from ..eval.sweep import sweep
 
     examples = load_examples_or_exit(data, n)
-    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    names = items(strategies)
     counts = [int(c) for c in floats(chunks, "--chunks")]
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"])
     result = sweep(engine, examples, names, counts, floats(ratios, "--ratios"), ratio=ratio, repeats=repeats,
@@ -150,13 +151,12 @@ def eval_cmd(
     from ..eval.runner import eval_configs, evaluate
 
     examples = load_examples_or_exit(data, n)
-    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    names = items(strategies)
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown:
         raise typer.BadParameter(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     try:
-        chosen = [x.strip() for x in selections.split(",") if x.strip()]
-        configs = eval_configs(names, floats(ratios, "--ratios"), chosen)
+        configs = eval_configs(names, floats(ratios, "--ratios"), items(selections))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"])

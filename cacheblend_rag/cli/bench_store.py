@@ -15,6 +15,7 @@ from .common import (
     MODEL,
     bench_app,
     console,
+    items,
     load_engine,
     load_examples_or_exit,
 )
@@ -49,7 +50,7 @@ def bench_tiers_cmd(
     from ..eval.tiers import bench_tiers
 
     examples = load_examples_or_exit(data, n)
-    names = [t.strip() for t in tiers.split(",") if t.strip()]
+    names = items(tiers)
     try:
         engine = load_engine(
             model, device, dtype, cache_dir, store=["memory://?max_bytes=16GB"], store_dtype=store_dtype
@@ -57,7 +58,7 @@ def bench_tiers_cmd(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
-        result = bench_tiers(engine, examples, names, [s.strip() for s in strategies.split(",") if s.strip()],
+        result = bench_tiers(engine, examples, names, items(strategies),
                              ratio=ratio, repeats=repeats, slow_mbps=slow_mbps, redis_url=redis, work_dir=work_dir,
                              progress=True)  # fmt: skip
     except ValueError as exc:
@@ -95,7 +96,7 @@ def bench_compress_cmd(
 
     examples = load_examples_or_exit(data, n)
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=16GB"])
-    names = [d.strip() for d in store_dtypes.split(",") if d.strip()]
+    names = items(store_dtypes)
     unknown = [d for d in names if d not in ("float16", "bfloat16", "float32", "int8")]
     if unknown:
         raise typer.BadParameter(f"unknown store dtypes {unknown}; choose from float16, bfloat16, float32, int8")

@@ -40,9 +40,14 @@ def write_json(path: Path | None, payload: dict) -> None:
     console.print(f"wrote {path}")
 
 
+def items(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated option ("a, b,,c" -> ["a", "b", "c"])."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def floats(text: str, name: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [float(x) for x in items(text)]
     except ValueError:
         raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") from None
 

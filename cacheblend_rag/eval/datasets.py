@@ -37,6 +37,11 @@ class Example:
         chunks = handles if handles is not None else self.passages
         return [PREFIX, *chunks, self.query()]
 
+    def prompt(self, engine, k: int | None = None) -> list:
+        """The chat-wrapped segments of this example with its first ``k`` passages (all by default) as
+        precomputed chunks: what every benchmark sends to ``engine.generate``."""
+        return engine.chat_segments(self.user_segments(engine.precompute(self.passages[:k])))
+
 
 def load_examples(path: str | Path, n: int | None = None) -> list[Example]:
     """Read a MuSiQue-style JSON list: items with ``ctxs`` [{title, text}], ``question``, ``answers``."""

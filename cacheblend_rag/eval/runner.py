@@ -106,8 +106,7 @@ def evaluate(
 
         items = tqdm(items, desc="eval", unit="example")
     for index, example in items:
-        handles = engine.precompute(example.passages)
-        segments = engine.chat_segments(example.user_segments(handles))
+        segments = example.prompt(engine)
         ref = _run(engine, segments, configs[0].config, max_new_tokens, None)
         for item in configs:
             run = ref if item.label == REFERENCE else _run(engine, segments, item.config, max_new_tokens, ref.tokens)

@@ -15,8 +15,7 @@ UNTIERED = ("full_recompute", "prefix_cache")  # they read no chunk KV, so the t
 
 
 def _ttft(engine, example: Example, k: int, strategy: str, ratio: float, repeats: int) -> float:
-    handles = engine.precompute(example.passages[:k])
-    segments = engine.chat_segments(example.user_segments(handles))
+    segments = example.prompt(engine, k)
     cfg = strategy_config(strategy, ratio)
     return min(engine.generate(segments, max_new_tokens=1, config=cfg).ttft_s for _ in range(repeats))
 

@@ -33,8 +33,7 @@ def bench_ttft(
 
         items = tqdm(items, desc="ttft", unit="example")
     for index, example in items:
-        handles = engine.precompute(example.passages)
-        segments = engine.chat_segments(example.user_segments(handles))
+        segments = example.prompt(engine)
         for strategy in strategies:
             best = None
             for _ in range(repeats):
@@ -99,8 +98,7 @@ def profile_request(engine, example: Example, strategy: str = "cacheblend", rati
     """Top operators of one request by self CPU time (where the remaining time goes)."""
     from torch.profiler import ProfilerActivity, profile
 
-    handles = engine.precompute(example.passages)
-    segments = engine.chat_segments(example.user_segments(handles))
+    segments = example.prompt(engine)
     cfg = strategy_config(strategy, ratio)
     engine.generate(segments, max_new_tokens=1, config=cfg)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])

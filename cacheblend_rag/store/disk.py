@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from .chunk import ChunkKV
-from .entry import CorruptEntry, EntryMeta, encode_entry, read_entry, tensor_bytes, tensor_crc
+from .entry import CorruptEntry, EntryMeta, LayerReaderBase, encode_entry, read_entry, tensor_bytes, tensor_crc
 from .tier import TierStats
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class DiskTier:
                 setattr(self.stats, name, getattr(self.stats, name) + delta)
 
 
-class _DiskReader:
+class _DiskReader(LayerReaderBase):
     """One opened file: its validated header, read layer by layer with ``pread`` (thread-safe, no seek)."""
 
     def __init__(self, tier: DiskTier, key: str, path: Path, fd: int) -> None:
@@ -175,32 +175,25 @@ class _DiskReader:
             if end - begin != dtype.itemsize * _numel(shape) or base + end > size:
                 raise CorruptEntry(f"tensor {name} lies outside the file ({size} bytes): truncated")
             self.offsets[name] = base + begin
-        self._read = 0
-        self._closed = False
 
     def read_layer(self, layer: int, out: dict[str, torch.Tensor]) -> None:
         # out: short name -> contiguous tensor of the spec's shape and dtype, filled in place
-        try:
-            for short, t in out.items():
-                name = f"{short}.{layer}"
-                view = tensor_bytes(t)
-                n = os.preadv(self.fd, [view], self.offsets[name])
-                if n != view.nbytes:
-                    raise CorruptEntry(f"tensor {name}: read {n} of {view.nbytes} bytes (file truncated)")
-                self.meta.check(name, t)
-        except Exception as exc:
-            self.tier._unusable(self.path, self.fd, exc)
-            self.close()
-            raise
-        self._read += 1
+        self._checked_fill(layer, out)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _fill(self, layer: int, out: dict[str, torch.Tensor], values=None) -> None:
+        for short, t in out.items():
+            name = f"{short}.{layer}"
+            view = tensor_bytes(t)
+            n = os.preadv(self.fd, [view], self.offsets[name])
+            if n != view.nbytes:
+                raise CorruptEntry(f"tensor {name}: read {n} of {view.nbytes} bytes (file truncated)")
+            self.meta.check(name, t)
+
+    def _discard(self, exc: BaseException) -> None:
+        self.tier._unusable(self.path, self.fd, exc)
+
+    def _release(self) -> None:
         os.close(self.fd)
-        if self._read == self.meta.n_layers:
-            self.tier._count(hits=1, bytes_read=self.meta.nbytes)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

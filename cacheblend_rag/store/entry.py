@@ -169,6 +169,45 @@ class EntryReader(Protocol):
         ...
 
 
+class LayerReaderBase:
+    """What the disk and Redis readers share: a failed layer marks the entry unusable and closes the reader;
+    ``close`` is idempotent and counts a hit (with the entry's bytes) only if every layer was read.
+
+    Subclasses set ``tier`` (with ``_count``) and ``meta``, fill one layer in ``_fill``, say how to discard the
+    entry in ``_discard`` and release what they hold in ``_release``."""
+
+    tier: object
+    meta: EntryMeta
+    _read = 0
+    _closed = False
+
+    def _fill(self, layer: int, out: dict[str, torch.Tensor], values=None) -> None:
+        raise NotImplementedError
+
+    def _discard(self, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        pass
+
+    def _checked_fill(self, layer: int, out: dict[str, torch.Tensor], values=None) -> None:
+        try:
+            self._fill(layer, out, values)
+        except Exception as exc:
+            self._discard(exc)
+            self.close()
+            raise
+        self._read += 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+        if self._read == self.meta.n_layers:
+            self.tier._count(hits=1, bytes_read=self.meta.nbytes)  # type: ignore[attr-defined]
+
+
 class LayerBatcher(Protocol):
     """Optional (a reader's ``batcher`` attribute): reads one layer of several entries of one tier at once,
     e.g. one Redis round trip for a whole request instead of one per block."""

@@ -36,7 +36,15 @@ import numpy as np
 import torch
 
 from .chunk import ChunkKV
-from .entry import CorruptEntry, EntryMeta, TierUnavailable, encode_entry, read_entry, tensor_bytes
+from .entry import (
+    CorruptEntry,
+    EntryMeta,
+    LayerReaderBase,
+    TierUnavailable,
+    encode_entry,
+    read_entry,
+    tensor_bytes,
+)
 from .health import Backoff
 from .tier import TierStats
 
@@ -340,15 +348,13 @@ class RedisTier:
         return f"RedisTier({self.where}, prefix={self.prefix!r}, ttl={self.ttl})"
 
 
-class _RedisReader:
+class _RedisReader(LayerReaderBase):
     """One opened entry: one HMGET per layer (or the fields a HGETALL already fetched). Its ``batcher`` (the
     tier) lets the loader read one layer of all of a request's blocks in one round trip."""
 
     def __init__(self, tier: RedisTier, key: str, meta: EntryMeta, raw_meta: bytes, fields: dict | None) -> None:
         self.tier, self.key, self.meta, self.raw_meta, self.fields = tier, key, meta, raw_meta, fields
         self.batcher = tier if fields is None else None
-        self._read = 0
-        self._closed = False
 
     def read_layer(self, layer: int, out: dict[str, torch.Tensor]) -> None:
         # out: short name -> contiguous tensor of the spec's shape and dtype, filled in place
@@ -368,31 +374,26 @@ class _RedisReader:
 
     def accept(self, layer: int, out: dict[str, torch.Tensor], values) -> None:
         """Check ``layer``'s fetched field values (or the error fetching them) and copy them into ``out``."""
-        try:
-            if isinstance(values, Exception):
-                raise values
-            for t, short, raw in zip(out.values(), out, values):
-                name = f"{short}.{layer}"
-                if raw is None:
-                    raise CorruptEntry(f"field {name} is missing")
-                view = tensor_bytes(t)
-                if len(raw) != view.nbytes:
-                    raise CorruptEntry(f"field {name} has {len(raw)} bytes, expected {view.nbytes}")
-                view[:] = np.frombuffer(raw, dtype=np.uint8)
-                self.meta.check(name, t)
-        except Exception as exc:
-            self.tier._unusable(self.key, self.raw_meta, exc)
-            self.close()
-            raise
-        self._read += 1
+        self._checked_fill(layer, out, values)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _fill(self, layer: int, out: dict[str, torch.Tensor], values=None) -> None:
+        if isinstance(values, Exception):
+            raise values
+        for t, short, raw in zip(out.values(), out, values):
+            name = f"{short}.{layer}"
+            if raw is None:
+                raise CorruptEntry(f"field {name} is missing")
+            view = tensor_bytes(t)
+            if len(raw) != view.nbytes:
+                raise CorruptEntry(f"field {name} has {len(raw)} bytes, expected {view.nbytes}")
+            view[:] = np.frombuffer(raw, dtype=np.uint8)
+            self.meta.check(name, t)
+
+    def _discard(self, exc: BaseException) -> None:
+        self.tier._unusable(self.key, self.raw_meta, exc)
+
+    def _release(self) -> None:
         self.fields = None
-        if self._read == self.meta.n_layers:
-            self.tier._count(hits=1, bytes_read=self.meta.nbytes)
 
 
 def _redact(url: str) -> str:

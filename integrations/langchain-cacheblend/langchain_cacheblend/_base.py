@@ -6,6 +6,7 @@ import json
 import threading
 from typing import Any
 
+from langchain_core.language_models import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
@@ -78,6 +79,14 @@ class CacheBlendParams(BaseModel):
     """Whether ``invoke`` streams internally (token callbacks fire for every piece)."""
 
     _blend: BlendConfig = PrivateAttr()
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        """LangSmith's tracing parameters (the LangChain base class's), with our provider and default stop."""
+        params = super()._get_ls_params(stop=stop, **kwargs)  # type: ignore[misc]
+        params["ls_provider"] = PROVIDER
+        if stop is None and self.stop:
+            params["ls_stop"] = list(self.stop)
+        return params
 
     @model_validator(mode="after")
     def _resolve_engine(self) -> CacheBlendParams:

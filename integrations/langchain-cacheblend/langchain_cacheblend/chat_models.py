@@ -6,14 +6,14 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict
 
 from cacheblend_rag import GenerationResult
 
-from ._base import PROVIDER, CacheBlendParams, finish_reason, usage_metadata
+from ._base import CacheBlendParams, finish_reason, usage_metadata
 from ._generation import iterate_in_thread
 
 _ROLES = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant"}
@@ -65,13 +65,6 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
     @property
     def _llm_type(self) -> str:
         return "cacheblend-chat"
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = PROVIDER
-        if stop is None and self.stop:
-            params["ls_stop"] = list(self.stop)
-        return params
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """Tokens of the prompt these messages make, chat template included."""

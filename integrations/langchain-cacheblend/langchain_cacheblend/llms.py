@@ -6,14 +6,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import LangSmithParams
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
 from cacheblend_rag import GenerationResult
 
-from ._base import PROVIDER, CacheBlendParams, usage_metadata
+from ._base import CacheBlendParams, usage_metadata
 from ._generation import iterate_in_thread
 
 
@@ -36,13 +35,6 @@ class CacheBlendLLM(CacheBlendParams, LLM):
     @property
     def _llm_type(self) -> str:
         return "cacheblend"
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = PROVIDER
-        if stop is None and self.stop:
-            params["ls_stop"] = list(self.stop)
-        return params
 
     def _call(
         self,
