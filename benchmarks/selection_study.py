@@ -1,0 +1,184 @@
+"""Why does cacheblend's token selection help or not on a model? A diagnostic of reused chunk KV.
+
+For each example: the full-recompute KV of every layer (the truth), the stored chunk KV (what is reused),
+their per-token deviation by layer, and the first-token KL(full || method) of fixed recompute sets chosen
+by oracles (the true deviation at some layer) and by the engine's own selections. Prints tables, writes JSON.
+
+    python benchmarks/selection_study.py --model qwen2.5-coder-0.5b --data ../shared/data/musique_dev.json --n 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from cacheblend_rag import BlendConfig, CacheBlendEngine
+from cacheblend_rag.engine.prefill import CachedSpan, PrefillPlan, prefill
+from cacheblend_rag.store import ChunkKV
+from cacheblend_rag.engine.stats import RequestStats
+from cacheblend_rag.eval.datasets import load_examples
+
+
+def first_token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    p = torch.log_softmax(ref_logits.float(), -1)
+    q = torch.log_softmax(logits.float(), -1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def run_plan(engine, plan: PrefillPlan):
+    cache = engine._new_cache(plan.ids.shape[0])
+    with torch.inference_mode():
+        return prefill(engine.forward, plan, cache)
+
+
+def study_example(engine, example, args, rng) -> dict:
+    segments = example.prompt(engine, args.k)
+    blocks = engine.blocks(segments, None)
+    stats = RequestStats(strategy="cacheblend", prompt_tokens=blocks[-1].end)
+    plan, _ = engine._planner.plan(blocks, BlendConfig(), stats)
+    ids, spans = plan.ids, plan.spans
+    n = ids.shape[0]
+    t = time.perf_counter()
+    full = run_plan(engine, PrefillPlan(ids=ids, capture=(0, n)))
+    full_s = time.perf_counter() - t
+    fk, fv = full.captured.k.float(), full.captured.v.float()  # [L, H, N, D] pre-RoPE
+    n_layers = fk.shape[0]
+    cached = torch.zeros(n, dtype=torch.bool)
+    offset = torch.full((n,), -1, dtype=torch.long)
+    dv = torch.zeros(n_layers, n)
+    dk = torch.zeros(n_layers, n)
+    vnorm = torch.zeros(n_layers, n)
+    for span in spans:
+        a, b = span.start, span.end
+        cached[a:b] = True
+        offset[a:b] = torch.arange(b - a)
+        sk, sv = span.kv.k.float(), span.kv.v.float()
+        dv[:, a:b] = ((fv[:, :, a:b] - sv) ** 2).sum(dim=(1, 3))
+        dk[:, a:b] = ((fk[:, :, a:b] - sk) ** 2).sum(dim=(1, 3))
+        vnorm[:, a:b] = (fv[:, :, a:b] ** 2).sum(dim=(1, 3))
+    rows = cached.nonzero().squeeze(1)
+    n_cached = rows.numel()
+    budget = round(args.ratio * n_cached)
+    forced = ~cached
+    forced[n - 1] = True
+
+    def top(score: torch.Tensor, k: int = budget) -> torch.Tensor:
+        return rows[score[rows].topk(k).indices]
+
+    out: dict = {"prompt_tokens": n, "cached_tokens": n_cached, "full_prefill_s": full_s, "layers": {}}
+    # sparsity and persistence of the true deviation
+    top1 = set(top(dv[1]).tolist())
+    for layer in range(n_layers):
+        d = dv[layer, rows]
+        share = float(d.topk(budget).values.sum() / d.sum().clamp_min(1e-30))
+        rel = float((d.sum() / vnorm[layer, rows].sum()).sqrt())
+        overlap = len(top1 & set(top(dv[layer]).tolist())) / budget
+        heads = {}
+        for name, (lo, hi) in {"0": (0, 1), "1-3": (1, 4), "4-15": (4, 16), "16+": (16, 1 << 30)}.items():
+            mask = (offset[rows] >= lo) & (offset[rows] < hi)
+            heads[name] = float(d[mask].mean() / d.mean()) if mask.any() else float("nan")
+        out["layers"][layer] = {"top_share": share, "rel_dev": rel, "overlap_l1": overlap, "by_offset": heads}
+
+    # KL of fixed recompute sets (recomputed at every layer; everything else reused at every layer)
+    def fixed(extra: torch.Tensor) -> float:
+        initial = forced.clone()
+        initial[extra] = True
+        p = PrefillPlan(ids=ids, spans=spans, initial=initial.nonzero().squeeze(1), forced=initial)
+        return first_token_kl(full.logits, run_plan(engine, p).logits)
+
+    kls = {"full_reuse": fixed(torch.zeros(0, dtype=torch.long))}
+    for layer in args.oracle_layers:
+        if layer < n_layers:
+            kls[f"oracle_v@L{layer}"] = fixed(top(dv[layer]))
+    rel_all = (dv / vnorm.clamp_min(1e-12)).mean(0)
+    kls["oracle_v_rel_all_layers"] = fixed(top(rel_all))
+    kls["oracle_v_abs_all_layers"] = fixed(top(dv.mean(0)))
+    kls["random"] = fixed(rows[torch.randperm(n_cached, generator=rng)[:budget]])
+    kls["chunk_heads"] = fixed(rows[offset[rows] < max(1, budget // max(1, len(spans)))])
+    # how much of the deviation is one shift shared by a chunk's tokens (per layer, head, dim), and what
+    # reusing with that shift added would give
+    common = {"k": [], "v": []}
+    shifted_spans = {"kv": [], "k": [], "v": []}
+    for span in spans:
+        a, b = span.start, span.end
+        sk, sv = span.kv.k.float(), span.kv.v.float()
+        delta_k, delta_v = fk[:, :, a:b] - sk, fv[:, :, a:b] - sv  # [L, H, T, D]
+        mk, mv = delta_k.mean(2, keepdim=True), delta_v.mean(2, keepdim=True)
+        common["k"].append(float((mk**2).sum() * (b - a) / (delta_k**2).sum()))
+        common["v"].append(float((mv**2).sum() * (b - a) / (delta_v**2).sum()))
+        dt = span.kv.k.dtype
+        for name, (nk, nv) in {"kv": (sk + mk, sv + mv), "k": (sk + mk, sv), "v": (sk, sv + mv)}.items():
+            shifted_spans[name].append(CachedSpan(a, ChunkKV(nk.to(dt), nv.to(dt))))
+    out["common_share"] = {k: statistics.fmean(v) for k, v in common.items()}
+    for name, sp in shifted_spans.items():
+        p = PrefillPlan(ids=ids, spans=sp, initial=forced.nonzero().squeeze(1), forced=forced)
+        kls[f"full_reuse+true_mean_shift_{name}"] = first_token_kl(full.logits, run_plan(engine, p).logits)
+    for name, config in args.configs.items():
+        t = time.perf_counter()
+        req = engine.prepare(segments, config=config)
+        kls[name] = first_token_kl(full.logits, req.logits)
+        out.setdefault("ttft_s", {})[name] = time.perf_counter() - t
+    out["kl"] = kls
+    return out
+
+
+CONFIGS = {
+    "cacheblend@r": {},
+    "cacheblend[attention]@r": {"selection": "attention"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--n", type=int, default=6)
+    parser.add_argument("--k", type=int, default=None, help="passages per prompt (default all)")
+    parser.add_argument("--ratio", type=float, default=0.15)
+    parser.add_argument("--chunk-prefix", default=None, help="text chunks are computed after (default: engine's)")
+    parser.add_argument("--oracle-layers", default="1,2,4,8,12,16,20")
+    parser.add_argument("--out", default="results/selection_study.json")
+    args = parser.parse_args()
+    args.oracle_layers = [int(x) for x in args.oracle_layers.split(",")]
+    args.configs = {k.replace("@r", f"@{args.ratio:g}"): BlendConfig(recompute_ratio=args.ratio, **v)
+                    for k, v in CONFIGS.items()}  # fmt: skip
+    torch.manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
+    engine = CacheBlendEngine.from_pretrained(
+        args.model, store=["memory://?max_bytes=16GB"], chunk_prefix=args.chunk_prefix
+    )
+    examples = load_examples(args.data, args.n)
+    results = []
+    for i, example in enumerate(examples):
+        r = study_example(engine, example, args, rng)
+        results.append(r)
+        print(f"example {i}: {r['prompt_tokens']} tokens; " + ", ".join(f"{k} {v:.3f}" for k, v in r["kl"].items()),
+              flush=True)  # fmt: skip
+    n_layers = len(results[0]["layers"])
+    print("\nlayer | top-15% share | rel dev | overlap w/ L1 top | dev by chunk offset 0 / 1-3 / 4-15 / 16+ (x mean)")
+    for layer in range(n_layers):
+        rs = [r["layers"][layer] for r in results]
+
+        def m(key, rs=rs):
+            return statistics.fmean(x[key] for x in rs)
+
+        offs = " / ".join(f"{statistics.fmean(x['by_offset'][o] for x in rs):.2f}" for o in ("0", "1-3", "4-15", "16+"))
+        print(f"{layer:5d} | {m('top_share'):.2f} | {m('rel_dev'):.3f} | {m('overlap_l1'):.2f} | {offs}")
+    for key in ("k", "v"):
+        print(f"share of {key} deviation that is one shift per chunk: {statistics.fmean(r['common_share'][key] for r in results):.2f}")
+    print(f"\nfirst-token KL(full || method), mean over {len(results)} examples (median):")
+    for key in results[0]["kl"]:
+        vals = [r["kl"][key] for r in results]
+        print(f"  {key:28s} {statistics.fmean(vals):.3f} ({statistics.median(vals):.3f})")
+    from pathlib import Path
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "examples": results}))
+
+
+if __name__ == "__main__":
+    main()
