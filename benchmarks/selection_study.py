@@ -18,15 +18,30 @@ import torch
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
 from cacheblend_rag.engine.prefill import CachedSpan, PrefillPlan, prefill
-from cacheblend_rag.store import ChunkKV
+from cacheblend_rag.engine.selection import attention_mass
 from cacheblend_rag.engine.stats import RequestStats
 from cacheblend_rag.eval.datasets import load_examples
+from cacheblend_rag.store import ChunkKV
 
 
 def first_token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
     p = torch.log_softmax(ref_logits.float(), -1)
     q = torch.log_softmax(logits.float(), -1)
     return float((p.exp() * (p - q)).sum())
+
+
+class MassProbe:
+    """Attention mass each key receives from the prompt's tail rows (after the last chunk), per layer: [L, N]."""
+
+    def __init__(self, engine, tail_start: int, n: int) -> None:
+        self.tail_start, self.scale = tail_start, engine.forward.scale
+        self.mass = torch.zeros(engine.forward.n_layers, n)
+
+    def __call__(self, layer, q, rows, keys) -> None:
+        mask = rows >= self.tail_start
+        if mask.any():
+            m = attention_mass(q[:, mask], rows[mask], keys, self.scale)
+            self.mass[layer] = m.float().cpu() / (q.shape[0] * int(mask.sum()))
 
 
 def run_plan(engine, plan: PrefillPlan):
@@ -42,8 +57,10 @@ def study_example(engine, example, args, rng) -> dict:
     plan, _ = engine._planner.plan(blocks, BlendConfig(), stats)
     ids, spans = plan.ids, plan.spans
     n = ids.shape[0]
+    tail_start = max(span.end for span in spans)
+    full_probe = MassProbe(engine, tail_start, n)
     t = time.perf_counter()
-    full = run_plan(engine, PrefillPlan(ids=ids, capture=(0, n)))
+    full = run_plan(engine, PrefillPlan(ids=ids, capture=(0, n), observe=full_probe))
     full_s = time.perf_counter() - t
     fk, fv = full.captured.k.float(), full.captured.v.float()  # [L, H, N, D] pre-RoPE
     n_layers = fk.shape[0]
@@ -90,7 +107,20 @@ def study_example(engine, example, args, rng) -> dict:
         p = PrefillPlan(ids=ids, spans=spans, initial=initial.nonzero().squeeze(1), forced=initial)
         return first_token_kl(full.logits, run_plan(engine, p).logits)
 
-    kls = {"full_reuse": fixed(torch.zeros(0, dtype=torch.long))}
+    reuse_probe = MassProbe(engine, tail_start, n)
+    initial = forced.nonzero().squeeze(1)
+    p = PrefillPlan(ids=ids, spans=spans, initial=initial, forced=forced, observe=reuse_probe)
+    kls = {"full_reuse": first_token_kl(full.logits, run_plan(engine, p).logits)}
+    mf, mr = full_probe.mass, reuse_probe.mass
+    out["sink_mass_full"] = float(mf[:, 0].mean())
+    out["sink_mass_reuse"] = float(mr[:, 0].mean())
+    out["chunk_mass_full"] = float(mf[:, rows].sum(1).mean())
+    out["chunk_mass_reuse"] = float(mr[:, rows].sum(1).mean())
+    kls["oracle_attn_full_sum"] = fixed(top(mf.sum(0)))
+    kls["oracle_attn_x_dev"] = fixed(top((mf * dv).sum(0)))
+    kls["attn_L1"] = fixed(top(mf[1]))
+    kls["prophet_reuse_attn_sum"] = fixed(top(mr.sum(0)))
+    kls["prophet_reuse_attn_max"] = fixed(top(mr.max(0).values))
     for layer in args.oracle_layers:
         if layer < n_layers:
             kls[f"oracle_v@L{layer}"] = fixed(top(dv[layer]))
@@ -168,8 +198,11 @@ def main() -> None:
 
         offs = " / ".join(f"{statistics.fmean(x['by_offset'][o] for x in rs):.2f}" for o in ("0", "1-3", "4-15", "16+"))
         print(f"{layer:5d} | {m('top_share'):.2f} | {m('rel_dev'):.3f} | {m('overlap_l1'):.2f} | {offs}")
+    for key in ("sink_mass_full", "sink_mass_reuse", "chunk_mass_full", "chunk_mass_reuse"):
+        print(f"{key}: {statistics.fmean(r[key] for r in results):.3f}")
     for key in ("k", "v"):
-        print(f"share of {key} deviation that is one shift per chunk: {statistics.fmean(r['common_share'][key] for r in results):.2f}")
+        share = statistics.fmean(r["common_share"][key] for r in results)
+        print(f"share of {key} deviation that is one shift per chunk: {share:.2f}")
     print(f"\nfirst-token KL(full || method), mean over {len(results)} examples (median):")
     for key in results[0]["kl"]:
         vals = [r["kl"][key] for r in results]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 STRATEGIES = ("full_recompute", "prefix_cache", "full_reuse", "cacheblend")
 DEVIATIONS = ("v", "k")
-SELECTIONS = ("deviation", "attention")
+SELECTIONS = ("deviation", "attention", "query")
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -30,9 +30,16 @@ class BlendConfig:
         ``recompute_ratio``). Default: one layer -> ``(recompute_ratio,)``; k layers -> the ratio
         doubles for each earlier layer, capped at 1.
     deviation: ``"v"`` (values, the paper's choice) or ``"k"`` (keys before RoPE).
-    selection: how cached tokens are ranked at a check layer: ``"deviation"`` (the paper) or
-        ``"attention"`` (the deviation weighted by the attention the prompt's tail, e.g. the question, pays to
-        each token at that layer; see engine/selection.py).
+    selection: how cacheblend picks the cached tokens to recompute. ``"deviation"`` (the paper): the tokens
+        whose K or V deviates most at the check layers. ``"attention"``: that deviation weighted by the attention
+        the prompt's tail (e.g. the question) pays each token at the check layer (engine/selection.py).
+        ``"query"``: a probe pass over the stored KV measures the attention the tail pays each cached token at
+        every layer; the most-read tokens are recomputed through every layer (engine/query_selection.py;
+        ``check_layers`` and ``deviation`` do not apply).
+    fidelity_target: instead of a fixed ratio, recompute per request the fewest cached tokens whose selection
+        scores (attention share for ``"query"``, deviation otherwise) hold this fraction of the total, within
+        ``[min_ratio, max_ratio]`` of the cached tokens; ``stats.recompute_ratio`` reports the ratio chosen.
+        ``recompute_ratio`` is then unused. Needs a single check layer for the deviation selections.
     recompute_chunk_head: always recompute the first n tokens of every cached chunk (EPIC's
         observation that each chunk's first tokens acted as an attention sink when computed alone).
     backend: kernels to use: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
@@ -46,6 +53,9 @@ class BlendConfig:
     selection: str = "deviation"
     recompute_chunk_head: int = 0
     backend: str = "auto"
+    fidelity_target: float | None = None
+    min_ratio: float = 0.02
+    max_ratio: float = 0.5
     _ratios: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +84,20 @@ class BlendConfig:
             or (self.recompute_chunk_head < 0)
         ):
             raise ValueError(f"recompute_chunk_head must be an int >= 0, got {self.recompute_chunk_head!r}")
+        if self.fidelity_target is not None:
+            if not _is_number(self.fidelity_target) or not 0.0 < self.fidelity_target <= 1.0:
+                raise ValueError(f"fidelity_target must be a number in (0, 1] or None, got {self.fidelity_target!r}")
+            if self.selection != "query" and len(layers) > 1:
+                raise ValueError(
+                    f"fidelity_target with selection={self.selection!r} needs one check layer, got {layers}; "
+                    "pass check_layers=(1,) or use selection='query'"
+                )
+        for name in ("min_ratio", "max_ratio"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if self.min_ratio > self.max_ratio:
+            raise ValueError(f"min_ratio ({self.min_ratio}) must not exceed max_ratio ({self.max_ratio})")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         object.__setattr__(self, "check_layers", layers)
@@ -116,6 +140,9 @@ class BlendConfig:
             "selection": self.selection,
             "recompute_chunk_head": self.recompute_chunk_head,
             "backend": self.backend,
+            "fidelity_target": self.fidelity_target,
+            "min_ratio": self.min_ratio,
+            "max_ratio": self.max_ratio,
         }
         unknown = set(changes) - set(fields)
         if unknown:

@@ -173,7 +173,7 @@ def print_eval_table(result: dict) -> None:
         table.add_column(col, justify="right")
     for s in result["summary"]:
         keys = ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement")
-        quality = [f"{s[k]:.3f}" for k in keys]
+        quality = ["n/a" if s[k] is None else f"{s[k]:.3f}" for k in keys]
         speed = [f"{s['median_ttft_s']:.3f}", f"{s['speedup']:.2f}x", f"{s['recomputed_fraction']:.1%}"]
         table.add_row(escape(s["config"]), *quality, f"{s['kl']:.4f}", *speed)
     console.print(table)

@@ -23,9 +23,11 @@ from .decode import Sampler, TextStreamer, normalize_stop
 from .kv_cache import KVCache
 from .planner import Planner
 from .prefill import PrefillPlan, prefill
+from .query_selection import select_by_query
 from .registry import ChunkRegistry
 from .request import GenerationResult, GenerationStream, PreparedRequest
 from .segments import Block, merge_text, place
+from .selection import Budget
 from .stats import EngineMetrics, RequestStats
 
 logger = logging.getLogger(__name__)
@@ -342,18 +344,24 @@ class CacheBlendEngine:
         blocks = self.blocks(segments, prompt)
         n = blocks[-1].end
         stats = RequestStats(strategy=config.strategy, prompt_tokens=n)
-        if config.strategy == "cacheblend":
-            stats.recompute_ratio = config.recompute_ratio
         plan, store_blocks = self._planner.plan(blocks, config, stats)
         cache = self._new_cache(n + extra_capacity)
         t = time.perf_counter()
         with torch.inference_mode():
+            if config.strategy == "cacheblend" and config.selection == "query" and plan.spans:
+                plan, _, probe_flops = select_by_query(self.forward, plan, cache, Budget.of(config),
+                                                       backend=config.backend)  # fmt: skip
+                stats.probe_s = time.perf_counter() - t
+                stats.prefill_flops += probe_flops
             result = prefill(self.forward, plan, cache, backend=config.backend)
         stats.prefill_s = time.perf_counter() - t
+        if config.strategy == "cacheblend" and stats.cached_tokens:
+            cached_rows = sum(int(((result.rows >= s.start) & (result.rows < s.end)).sum()) for s in plan.spans)
+            stats.recompute_ratio = cached_rows / stats.cached_tokens
         stats.recomputed_tokens = int(result.rows.shape[0])
         stats.reused_tokens = n - stats.recomputed_tokens
         stats.layer_rows = result.layer_rows
-        stats.prefill_flops = result.flops
+        stats.prefill_flops += result.flops
         if store_blocks:
             self._planner.store_prefix_blocks(store_blocks, result.captured)
         prompt_ids = [t for b in blocks for t in b.token_ids]

@@ -12,6 +12,7 @@ from ..config import BlendConfig
 from ..store import ChunkKV, chain_key
 from .prefill import CachedSpan, PrefillPlan
 from .segments import Block
+from .selection import Budget
 from .stats import RequestStats
 
 
@@ -55,7 +56,7 @@ class Planner:
             return PrefillPlan(ids=ids, spans=spans, initial=forced.nonzero().squeeze(1), forced=forced), None
         checks = dict(zip(config.check_layers, config.ratios))
         plan = PrefillPlan(ids=ids, spans=spans, forced=forced, checks=checks, deviation=config.deviation,
-                           selection=config.selection)  # fmt: skip
+                           selection=config.selection, budget=Budget.of(config))  # fmt: skip
         return plan, None
 
     def _prefix_plan(self, ids: torch.Tensor, blocks: list[Block], stats: RequestStats):

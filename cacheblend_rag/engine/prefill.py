@@ -14,6 +14,7 @@ and at which layers cacheblend narrows the computed rows (``checks``). At each l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,8 @@ from ..kernels import apply_rope, scatter_rows, selected_attention
 from ..model.forward import ModelForward
 from ..store.chunk import ChunkKV
 from .kv_cache import KVCache
-from .selection import attention_mass, choose, deviation_scores, probe_rows
+from .selection import Budget, attention_mass, choose, deviation_scores, probe_rows
+from .stale_shift import shift_stale_rows, span_index
 
 
 @dataclass
@@ -48,6 +50,9 @@ class PrefillPlan:
     selection: str = "deviation"  # "deviation" or "attention" (deviation x attention from the prompt's tail)
     capture: tuple[int, int] | None = None  # rows whose pre-RoPE K and V to return
     need_logits: bool = True
+    budget: Budget | None = None  # with a fidelity target: how many rows the last check layer keeps
+    shift_stale: bool = False  # move stale cached rows by their chunk's mean fresh - stored change (stale_shift.py)
+    observe: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None  # (layer, q, rows, keys)
 
 
 @dataclass
@@ -79,6 +84,7 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
     last_cached_end = max((span.end for span in plan.spans), default=0)
     forced = plan.forced if plan.forced is not None else ~from_cache
     sel = positions if plan.initial is None else plan.initial
+    span_of_row, n_spans = span_index(n, plan.spans, device) if plan.shift_stale else (None, 0)
     h = fwd.embed(ids[sel])
     kv_flops, q_flops, rest_flops = layer_flops(fwd)
     flops = 0.0
@@ -99,6 +105,8 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
         if check:
             sel_cached = from_cache[sel]
             scores = deviation_scores(plan.deviation, sel, k_new, v_new, keys, values, sel_cached, backend)
+        if span_of_row is not None and sel.shape[0] < n:
+            shift_stale_rows(keys, values, sel, k_new, v_new, span_of_row, n_spans)
         scatter_rows(keys, sel, k_new)
         scatter_rows(values, sel, v_new)
         if plan.capture is not None:
@@ -114,13 +122,17 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
                 probes = probe_rows(sel, sel_cached, last_cached_end)
                 q_probe = fwd.project_q(layer, x[probes], sel[probes], backend=backend)
                 scores = scores * attention_mass(q_probe, sel[probes], keys, fwd.scale)[sel]
-            keep = choose(scores, forced[sel], sel_cached, round(plan.checks[layer] * n_cached))
+            sel_forced = forced[sel]
+            budget = check_budget(plan, layer, n_cached, scores, sel_forced, sel_cached)
+            keep = choose(scores, sel_forced, sel_cached, budget)
             x, h, sel = x[keep], h[keep], sel[keep]
         layer_rows.append(sel.shape[0])
         rows = sel
         if layer == fwd.n_layers - 1:  # past the last K/V, only the last position's output (its logits) is used
             x, h, rows = x[-1:], h[-1:], sel[-1:]
         q = fwd.project_q(layer, x, rows, backend=backend)
+        if plan.observe is not None:
+            plan.observe(layer, q, rows, keys)
         attn = selected_attention(q, rows, keys, values, fwd.scale, backend=backend)
         h = fwd.finish_layer(layer, h, attn)
         flops += (q_flops + rest_flops) * rows.shape[0] + 4.0 * fwd.n_heads * fwd.head_dim * float((rows + 1).sum())
@@ -130,3 +142,13 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
         flops += 2.0 * fwd.hidden_size * fwd.vocab_size
     captured = ChunkKV(torch.stack(captured_k), torch.stack(captured_v)) if plan.capture is not None else None
     return PrefillResult(logits=logits, rows=sel, layer_rows=layer_rows, flops=flops, captured=captured)
+
+
+def check_budget(plan: PrefillPlan, layer: int, n_cached: int, scores, forced, sel_cached) -> int:
+    """Cached rows a check layer keeps (forced ones included): its ratio of the ``n_cached`` cached rows, or at the
+    last check layer of a plan with a fidelity target, the rows whose scores reach it. scores, forced, sel_cached:
+    [M] over the rows computed at this layer."""
+    if plan.budget is None or plan.budget.target is None or layer != max(plan.checks):
+        return round(plan.checks[layer] * n_cached)
+    candidates = sel_cached & ~forced
+    return plan.budget.rows(scores[candidates], n_cached, int((sel_cached & forced).sum()))

@@ -9,6 +9,8 @@ less than one that deviates a little and is read a lot.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..kernels import kv_deviation, select_top
@@ -58,3 +60,27 @@ def choose(scores: torch.Tensor, forced: torch.Tensor, sel_cached: torch.Tensor,
     extra = budget - int((keep & sel_cached).sum())
     keep[select_top(scores, extra)] = True
     return keep.nonzero().squeeze(1)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many cached rows a selection keeps: ``ratio`` of the cached rows, or, with ``target`` set, the fewest
+    whose scores hold that share of the candidates' total, within [min_ratio, max_ratio] of the cached rows."""
+
+    ratio: float
+    target: float | None = None
+    min_ratio: float = 0.0
+    max_ratio: float = 1.0
+
+    @classmethod
+    def of(cls, config) -> Budget:
+        return cls(config.recompute_ratio, config.fidelity_target, config.min_ratio, config.max_ratio)
+
+    def rows(self, scores: torch.Tensor, n_cached: int, n_forced_cached: int) -> int:
+        """Cached rows to keep, counting the forced ones; scores: [C] of the candidate (unforced cached) rows."""
+        if self.target is None:
+            return round(self.ratio * n_cached)
+        ranked = scores.float().clamp_min(0).sort(descending=True).values
+        share = ranked.cumsum(0) / ranked.sum().clamp_min(1e-30)
+        total = n_forced_cached + min(int((share < self.target).sum()) + 1, ranked.numel())
+        return min(max(total, round(self.min_ratio * n_cached)), round(self.max_ratio * n_cached))

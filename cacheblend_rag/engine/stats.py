@@ -14,6 +14,9 @@ class RequestStats:
     recomputed_tokens: tokens computed through every layer (all uncached tokens plus the cached tokens a
     strategy chose to recompute). reused_tokens: prompt_tokens - recomputed_tokens.
     layer_rows: rows computed at each layer. prefill_flops: multiply-adds x 2 of the prefill.
+    recompute_ratio: for cacheblend, the share of the cached tokens recomputed through the last layer (forced
+    chunk heads included); with a fidelity target, the ratio the request chose. probe_s: the query-aware
+    selection's probe pass (part of prefill_s).
     """
 
     strategy: str
@@ -26,6 +29,7 @@ class RequestStats:
     new_tokens: int = 0
     recompute_ratio: float | None = None
     load_s: float = 0.0
+    probe_s: float = 0.0
     prefill_s: float = 0.0
     ttft_s: float = 0.0
     decode_s: float = 0.0

@@ -1,4 +1,10 @@
-"""Evaluation data: MuSiQue-style examples and the paper's prompt layout (each passage one chunk)."""
+"""Evaluation data in the paper's prompt layout (each passage one chunk).
+
+Three sources: a MuSiQue-style JSON file (``ctxs``, ``question``, ``answers``), a folder of 2WikiMQA-style
+samples (``0``, ``1``, ... chunk texts, ``query``; no gold answers), and ``town``: questions over the bundled
+Port Merrow corpus (cacheblend_rag/data/town_questions.json) whose answers the corpus holds, each asked with its
+documents among distractors, so that a small model can answer them and gold F1 means something.
+"""
 
 from __future__ import annotations
 
@@ -26,9 +32,12 @@ class DataError(ValueError):
 class Example:
     question: str
     passages: list[str]  # chunk texts, each ``{title}\n\n{text}\n\n``
-    answers: list[str]
+    answers: list[str]  # empty: no gold answer (fidelity to full recompute only)
+    query_text: str | None = None  # the text after the passages, when the data gives it whole
 
     def query(self) -> str:
+        if self.query_text is not None:
+            return self.query_text
         q = self.question.strip()
         return QUERY.format(question=q if q.endswith("?") else q + "?")
 
@@ -43,11 +52,23 @@ class Example:
         return engine.chat_segments(self.user_segments(engine.precompute(self.passages[:k])))
 
 
+TOWN = "town"
+TOWN_DOCUMENTS = 10  # documents per town prompt: the ones holding the answer, then distractors
+
+
 def load_examples(path: str | Path, n: int | None = None) -> list[Example]:
-    """Read a MuSiQue-style JSON list: items with ``ctxs`` [{title, text}], ``question``, ``answers``."""
+    """Examples from ``town``, a folder of 2WikiMQA-style samples, or a MuSiQue-style JSON list (items with
+    ``ctxs`` [{title, text}], ``question``, ``answers``); the first ``n``."""
+    if str(path) == TOWN:
+        return town_examples()[:n]
     path = Path(path)
+    if path.is_dir():
+        return _wikimqa_examples(path)[:n]
     if not path.is_file():
-        raise DataError(f"data file not found: {path}; pass --data with the path to e.g. musique_dev.json")
+        raise DataError(
+            f"data file not found: {path}; pass --data with a MuSiQue-style JSON file (e.g. musique_dev.json), "
+            f"a folder of wikimqa samples, or '{TOWN}' for the bundled questions"
+        )
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -82,3 +103,43 @@ def _example(path: Path, i: int, item: object) -> Example:
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise DataError(f"{where}: 'answers' must be a list of strings")
     return Example(question=question, passages=passages, answers=answers)
+
+
+def _wikimqa_examples(folder: Path) -> list[Example]:
+    files = sorted(folder.glob("*.json"), key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit() else 0))
+    if not files:
+        raise DataError(f"{folder} holds no .json samples; pass a folder of wikimqa samples (1.json, 2.json, ...)")
+    examples = []
+    for file in files:
+        try:
+            item = json.loads(file.read_text(encoding="utf-8"))
+            count = int(item["chunk_num"])
+            chunks = [item[str(i)] for i in range(count)]
+            query = item["query"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{file}: not a wikimqa sample ({type(exc).__name__}: {exc}); it needs 'chunk_num', "
+                            "chunks '0'..'n-1' and 'query'") from None  # fmt: skip
+        if not all(isinstance(c, str) and c.strip() for c in chunks) or not isinstance(query, str):
+            raise DataError(f"{file}: chunks and 'query' must be non-empty strings")
+        question = query.rsplit("Question:", 1)[-1].removesuffix("Answer:").strip()
+        examples.append(Example(question=question, passages=chunks, answers=[], query_text=query))
+    return examples
+
+
+def town_examples(documents: int = TOWN_DOCUMENTS) -> list[Example]:
+    """The bundled town questions, each with the documents that answer it followed by distractors (chosen and
+    ordered by a fixed seed per question), one chunk per document."""
+    import random
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    corpus = {p.name: p.read_text(encoding="utf-8") for p in sorted((data / "corpus").glob("*.md"))}
+    spec = json.loads((data / "town_questions.json").read_text(encoding="utf-8"))
+    examples = []
+    for i, item in enumerate(spec["questions"]):
+        rng = random.Random(i)
+        others = [name for name in corpus if name not in item["documents"]]
+        names = list(item["documents"]) + rng.sample(others, documents - len(item["documents"]))
+        rng.shuffle(names)
+        passages = [f"{corpus[name].strip()}\n\n" for name in names]
+        examples.append(Example(question=item["question"], passages=passages, answers=list(item["answers"])))
+    return examples

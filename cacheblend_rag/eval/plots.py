@@ -49,6 +49,7 @@ def _eval_plots(result: dict, out_dir: Path, prefix: str) -> list[Path]:
         raise ValueError("the eval results hold no cacheblend ratios to plot against")
     panels = [("top1_agreement", "top-1 agreement with full recompute"), ("kl", "KL(full || strategy)"),
               ("gold_f1", "gold F1"), ("answer_em_vs_full", "answer exact match with full recompute")]  # fmt: skip
+    panels = [(key, title) for key, title in panels if all(s[key] is not None for s in summary)]  # no gold: no F1
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels):
         for label, blend in series.items():

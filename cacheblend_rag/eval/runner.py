@@ -117,8 +117,8 @@ def evaluate(
                 "selection": item.config.selection if item.config.strategy == "cacheblend" else None,
                 "question": example.question, "gold": example.answers, "answer": run.answer,
                 "reference_answer": ref.answer,
-                "gold_f1": best_over(f1_score, run.answer, example.answers),
-                "gold_em": best_over(exact_match, run.answer, example.answers),
+                "gold_f1": best_over(f1_score, run.answer, example.answers) if example.answers else None,
+                "gold_em": best_over(exact_match, run.answer, example.answers) if example.answers else None,
                 "answer_em_vs_full": exact_match(run.answer, ref.answer),
                 "rouge_l_vs_full": rouge_l(run.answer, ref.answer),
                 "top1_agreement": top1_agreement(ref.forced, run.forced),
@@ -142,9 +142,15 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
         out.append({
             "config": label, "strategy": mine[0]["strategy"], "recompute_ratio": mine[0]["recompute_ratio"],
             "selection": mine[0].get("selection"), "n": len(mine),
-            **{key: statistics.fmean(r[key] for r in mine)
+            **{key: _mean(r[key] for r in mine)
                for key in ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement", "kl")},
             "median_ttft_s": median_ttft, "speedup": ref_ttft / median_ttft,
             "recomputed_fraction": sum(r["recomputed_tokens"] for r in mine) / sum(r["prompt_tokens"] for r in mine),
         })  # fmt: skip
     return out
+
+
+def _mean(values) -> float | None:
+    """Mean of the values that are not None (gold metrics exist only for examples with gold answers)."""
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None

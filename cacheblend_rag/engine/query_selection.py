@@ -1,0 +1,86 @@
+"""Query-aware selection (``selection="query"``): recompute the cached tokens the prompt's question reads.
+
+The paper ranks cached tokens by how far their KV at one early layer deviates from a fresh computation. On
+models whose reused KV is off almost everywhere (small models with few KV heads: see docs/BENCHMARKS.md) that
+ranking spends the budget on tokens nothing reads, and recomputing them can even move the answer further from
+full recompute. What the answer depends on is the KV the prompt's tail attends to. So, in the spirit of
+ProphetKV (Wang et al., 2026), selection runs in two passes over the same stored KV:
+
+1. a probe pass, as ``full_reuse`` runs it (stored KV for every chunk, only the uncached rows computed), in
+   which the probe rows (the uncached rows after the first chunk: the question and the template around it)
+   measure, at every layer, the share of their attention each cached token receives;
+2. the prefill proper, which recomputes through every layer the cached tokens with the largest share summed
+   over layers (plus every uncached row and any forced chunk heads).
+
+The probe pass costs about what ``full_reuse`` costs (a few percent of a full prefill); in exchange, no layer
+runs for every token. With ``fidelity_target`` the number of tokens is chosen per request: the fewest whose
+summed share reaches the target fraction of the total, within ``[min_ratio, max_ratio]`` of the cached tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..model.forward import ModelForward
+from .kv_cache import KVCache
+from .prefill import PrefillPlan, prefill
+from .selection import Budget, attention_mass
+
+PROBE_BLOCK = 64  # probe rows per attention-mass block (bounds the [heads, probes, N] scores)
+MAX_PROBES = 512  # the last probe rows are enough to know what the question reads
+
+
+class TailAttention:
+    """Observer for a probe pass: per cached row, the share of the probe rows' attention to cached rows it gets,
+    summed over layers. from_cache: [N] bool."""
+
+    def __init__(self, from_cache: torch.Tensor, probe_start: int, scale: float) -> None:
+        self.from_cache = from_cache
+        self.probe_start = probe_start
+        self.scale = scale
+        self.scores = torch.zeros(from_cache.shape[0], dtype=torch.float32, device=from_cache.device)
+
+    def __call__(self, layer: int, q: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> None:
+        """q: [Hq, M, D] rotated queries of ``rows``: [M]; keys: [Hkv, N, D] rotated."""
+        probes = (rows >= self.probe_start).nonzero().squeeze(1)[-MAX_PROBES:]
+        if probes.numel() == 0:
+            return
+        mass = torch.zeros_like(self.scores)
+        for i in range(0, probes.numel(), PROBE_BLOCK):
+            block = probes[i : i + PROBE_BLOCK]
+            mass += attention_mass(q[:, block], rows[block], keys, self.scale)
+        mass = mass * self.from_cache
+        self.scores += mass / mass.sum().clamp_min(1e-30)
+
+
+def probe_start(plan: PrefillPlan) -> int:
+    """First row that may probe: the start of the first cached chunk (rows before it cannot see any chunk)."""
+    return min((span.start for span in plan.spans), default=0)
+
+
+def select_by_query(
+    fwd: ModelForward, plan: PrefillPlan, cache: KVCache, budget: Budget, *, backend: str = "auto"
+) -> tuple[PrefillPlan, torch.Tensor, float]:
+    """Run the probe pass of ``plan`` (a cacheblend plan: spans and forced rows) into ``cache`` and return the
+    plan that recomputes the forced rows plus the chosen cached rows through every layer, the scores [N] and the
+    probe pass's FLOPs."""
+    n = plan.ids.shape[0]
+    from_cache = torch.zeros(n, dtype=torch.bool, device=plan.ids.device)
+    for span in plan.spans:
+        from_cache[span.start : span.end] = True
+    forced = plan.forced if plan.forced is not None else ~from_cache
+    tail = TailAttention(from_cache, probe_start(plan), fwd.scale)
+    probe = replace(plan, initial=forced.nonzero().squeeze(1), checks={}, observe=tail, need_logits=False,
+                    capture=None)  # fmt: skip
+    flops = prefill(fwd, probe, cache, backend=backend).flops
+    candidates = (from_cache & ~forced).nonzero().squeeze(1)
+    n_forced_cached = int((forced & from_cache).sum())
+    k = budget.rows(tail.scores[candidates], int(from_cache.sum()), n_forced_cached) - n_forced_cached
+    k = max(0, min(k, candidates.numel()))
+    keep = forced.clone()
+    if k > 0:
+        keep[candidates[tail.scores[candidates].topk(k).indices]] = True
+    chosen = replace(plan, initial=keep.nonzero().squeeze(1), forced=keep, checks={})
+    return chosen, tail.scores, flops

@@ -1,0 +1,102 @@
+"""Query-aware selection (probe pass + fixed recompute set) and fidelity targets."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from cacheblend_rag import BlendConfig
+from cacheblend_rag.engine.query_selection import TailAttention
+from cacheblend_rag.engine.selection import Budget
+from tests.conftest import PASSAGES, config
+
+QUESTION = "\nQuestion: which river reaches the Black Sea?"
+
+
+def prompt(engine):
+    handles = engine.precompute(PASSAGES)
+    return ["Read the passages.\n", *handles, QUESTION], sum(h.n_tokens for h in handles)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_query_selection_spans_full_reuse_to_full_recompute(arch, make_engine):
+    engine = make_engine(arch, seed=11)
+    segments, cached = prompt(engine)
+    full = engine.prepare(segments, config=config("full_recompute"))
+    reuse = engine.prepare(segments, config=config("full_reuse"))
+    none = engine.prepare(segments, config=config("cacheblend", selection="query", recompute_ratio=0.0))
+    every = engine.prepare(segments, config=config("cacheblend", selection="query", recompute_ratio=1.0))
+    assert_close(none.logits, reuse.logits, atol=1e-6, rtol=1e-6)
+    assert_close(every.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert every.stats.recompute_ratio == 1.0 and none.stats.recompute_ratio == 0.0
+
+
+def test_query_selection_counts_and_stats(make_engine):
+    engine = make_engine("llama", seed=12)
+    segments, cached = prompt(engine)
+    req = engine.prepare(segments, config=config("cacheblend", selection="query", recompute_ratio=0.2))
+    uncached = req.stats.prompt_tokens - cached
+    assert req.stats.recomputed_tokens == round(0.2 * cached) + uncached
+    # no layer runs for every token: the same rows are computed through every layer
+    assert set(req.stats.layer_rows) == {req.stats.recomputed_tokens}
+    assert req.stats.recompute_ratio == pytest.approx(round(0.2 * cached) / cached)
+    assert 0 < req.stats.probe_s <= req.stats.prefill_s
+    dev = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.2))
+    assert not torch.equal(req.logits, dev.logits)
+    heads = engine.prepare(segments, config=config("cacheblend", selection="query", recompute_ratio=0.2,
+                                                   recompute_chunk_head=3))  # fmt: skip
+    assert heads.stats.recomputed_tokens == round(0.2 * cached) + uncached
+
+
+def test_tail_attention_scores_what_the_probes_read():
+    gen = torch.Generator().manual_seed(0)
+    n, d = 12, 8
+    keys = torch.randn(1, n, d, generator=gen) * 0.1
+    q = torch.zeros(2, 3, d)
+    q[:, :, 0] = 10.0
+    keys[0, 4, 0] = 3.0  # row 4 is what every probe reads
+    from_cache = torch.zeros(n, dtype=torch.bool)
+    from_cache[2:8] = True
+    tail = TailAttention(from_cache, probe_start=2, scale=1.0)
+    tail(0, q, torch.tensor([0, 9, 11]), keys)  # row 0 is before the first chunk: not a probe
+    assert int(tail.scores.argmax()) == 4
+    assert tail.scores[~from_cache].abs().sum() == 0
+    assert tail.scores.sum().item() == pytest.approx(1.0)  # shares of one layer
+
+
+def test_budget_rows():
+    scores = torch.tensor([8.0, 1.0, 1.0, 0.0])
+    assert Budget(0.25).rows(scores, n_cached=8, n_forced_cached=0) == 2
+    # 8 of 10 is enough for 0.8; with 1 forced row that makes 2
+    assert Budget(0.0, target=0.8, max_ratio=1.0).rows(scores, 8, 1) == 2
+    assert Budget(0.0, target=0.85, max_ratio=1.0).rows(scores, 8, 0) == 2
+    assert Budget(0.0, target=1.0, max_ratio=1.0).rows(scores, 8, 0) == 3
+    assert Budget(0.0, target=1.0, max_ratio=0.25).rows(scores, 8, 0) == 2  # capped
+    assert Budget(0.0, target=0.1, min_ratio=0.5).rows(scores, 8, 0) == 4  # floored
+
+
+@pytest.mark.parametrize("selection", ["query", "deviation"])
+def test_fidelity_target_chooses_the_ratio(selection, make_engine):
+    engine = make_engine("llama", seed=13)
+    segments, cached = prompt(engine)
+    full = engine.prepare(segments, config=config("full_recompute"))
+    ratios = []
+    for target in (0.3, 0.6, 0.9):
+        cfg = config("cacheblend", selection=selection, fidelity_target=target, min_ratio=0.05, max_ratio=0.8)
+        stats = engine.prepare(segments, config=cfg).stats
+        assert 0.05 - 1e-9 <= stats.recompute_ratio <= 0.8 + 1e-9
+        ratios.append(stats.recompute_ratio)
+    assert ratios == sorted(ratios) and ratios[0] < ratios[-1]
+    everything = config("cacheblend", selection=selection, fidelity_target=1.0, max_ratio=1.0)
+    assert_close(engine.prepare(segments, config=everything).logits, full.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fidelity_target_validation():
+    with pytest.raises(ValueError, match=r"fidelity_target must be a number in \(0, 1\]"):
+        BlendConfig(fidelity_target=0)
+    with pytest.raises(ValueError, match="needs one check layer"):
+        BlendConfig(fidelity_target=0.9, check_layers=(1, 2))
+    with pytest.raises(ValueError, match="min_ratio .* must not exceed max_ratio"):
+        BlendConfig(min_ratio=0.6, max_ratio=0.5)
+    with pytest.raises(ValueError, match="max_ratio must be a number"):
+        BlendConfig(max_ratio=float("nan"))
+    assert BlendConfig(selection="query", fidelity_target=0.9, check_layers=(1, 2)).fidelity_target == 0.9
