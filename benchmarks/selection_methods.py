@@ -160,17 +160,17 @@ def main() -> None:
               + ", ".join(f"{k} {v['kl']:.3f}" for k, v in best), flush=True)  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "examples": results}))
-    print(
-        f"\n{len(results)} examples, ratio {args.ratio}: mean over examples (answer KL, first-token KL, top-1, prefill s)"
-    )
+    print(f"\n{len(results)} examples, ratio {args.ratio}: means (answer KL, first-token KL, top-1, prefill s)")
     ref = [r["methods"]["full_reuse"]["kl"] for r in results]
     for name in results[0]["methods"]:
         m = [r["methods"][name] for r in results]
         kl = statistics.fmean(x["kl"] for x in m)
         wins = sum(x["kl"] < f for x, f in zip(m, ref))
         first, top1 = statistics.fmean(x["kl_first"] for x in m), statistics.fmean(x["top1"] for x in m)
-        print(f"  {name:26s} KL {kl:.3f} ({kl / statistics.fmean(ref):.0%} of full_reuse, lower on {wins}/{len(m)})"
-              f"  first {first:.3f}  top-1 {top1:.3f}  {statistics.median(x['prefill_s'] for x in m):.2f}s")  # fmt: skip
+        print(
+            f"  {name:26s} KL {kl:.3f} ({kl / statistics.fmean(ref):.0%} of full_reuse, lower on {wins}/{len(m)})"
+            f"  first {first:.3f}  top-1 {top1:.3f}  {statistics.median(x['prefill_s'] for x in m):.2f}s"
+        )
     print(
         f"  full prefill {statistics.median(r['full_prefill_s'] for r in results):.2f}s, "
         f"probe {statistics.median(r['probe_s'] for r in results):.2f}s"

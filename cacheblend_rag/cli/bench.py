@@ -11,7 +11,8 @@ from rich.table import Table
 
 from .common import (
     CACHE_DIR,
-    DEFAULT_DATA,
+    CHUNK_PREFIX,
+    DATA,
     DEVICE,
     DTYPE,
     MODEL,
@@ -28,7 +29,7 @@ from .common import (
 
 @bench_app.command("ttft")
 def bench_ttft_cmd(
-    data: Path = typer.Option(DEFAULT_DATA, help="MuSiQue-style JSON file."),
+    data: Path | None = DATA,
     n: int = typer.Option(10, min=1, help="Number of examples."),
     strategies: str = typer.Option("full_recompute,prefix_cache,full_reuse,cacheblend", help="Comma separated."),
     ratio: float = typer.Option(0.15, help="cacheblend recompute ratio."),
@@ -63,7 +64,7 @@ def bench_ttft_cmd(
 
 @bench_app.command("sweep")
 def bench_sweep_cmd(
-    data: Path = typer.Option(DEFAULT_DATA, help="MuSiQue-style JSON file."),
+    data: Path | None = DATA,
     n: int = typer.Option(5, min=1, help="Number of examples (median over them)."),
     strategies: str = typer.Option("full_recompute,prefix_cache,full_reuse,cacheblend", help="Comma separated."),
     chunks: str = typer.Option("1,2,4,6,8,10", help="Chunk counts for the TTFT-vs-chunks sweep."),
@@ -132,22 +133,26 @@ def plot(
 
 @app.command("eval")
 def eval_cmd(
-    data: Path = typer.Option(DEFAULT_DATA, help="MuSiQue-style JSON file (list of {ctxs, question, answers})."),
+    data: Path | None = DATA,
     n: int = typer.Option(30, min=1, help="Number of examples (the first N)."),
     strategies: str = typer.Option("full_recompute,prefix_cache,full_reuse,cacheblend", help="Comma separated."),
     ratios: str = typer.Option("0.05,0.1,0.15,0.25,0.5", help="cacheblend recompute ratios, comma separated."),
     selections: str = typer.Option(
-        "deviation", help="cacheblend token selections to compare, comma separated: deviation, attention."
+        "query,deviation", help="cacheblend token selections to compare, comma separated: query, deviation, attention."
     ),
+    targets: str = typer.Option("", help="cacheblend fidelity targets (per-request ratio), comma separated."),
+    chunk_heads: int = typer.Option(0, min=0, help="Always recompute each chunk's first N tokens (EPIC)."),
+    check_layers: str = typer.Option("1", help="cacheblend check layers (deviation selections), comma separated."),
     max_new_tokens: int = typer.Option(32, min=1),
     model: str = MODEL,
     device: str = DEVICE,
     dtype: str = DTYPE,
     cache_dir: Path | None = CACHE_DIR,
+    chunk_prefix: str | None = CHUNK_PREFIX,
     out: Path = typer.Option(Path("results/eval.json"), "--out", help="JSON output (per example and summary)."),
 ) -> None:
     """Quality of every strategy: gold F1/EM and fidelity to full recompute (answer EM, Rouge-L, top-1, KL)."""
-    from ..config import STRATEGIES
+    from ..config import STRATEGIES, BlendConfig
     from ..eval.runner import eval_configs, evaluate
 
     examples = load_examples_or_exit(data, n)
@@ -156,10 +161,12 @@ def eval_cmd(
     if unknown:
         raise typer.BadParameter(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     try:
-        configs = eval_configs(names, floats(ratios, "--ratios"), items(selections))
+        layers = tuple(int(x) for x in floats(check_layers, "--check-layers"))
+        base = BlendConfig(recompute_chunk_head=chunk_heads, check_layers=layers)
+        configs = eval_configs(names, floats(ratios, "--ratios"), items(selections), floats(targets, "--targets"), base)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"])
+    engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"], chunk_prefix=chunk_prefix)
     result = evaluate(engine, examples, configs, max_new_tokens=max_new_tokens, progress=True)
     print_eval_table(result)
     write_json(out, result)

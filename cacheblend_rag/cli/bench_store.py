@@ -9,7 +9,7 @@ from rich.table import Table
 
 from .common import (
     CACHE_DIR,
-    DEFAULT_DATA,
+    DATA,
     DEVICE,
     DTYPE,
     MODEL,
@@ -24,7 +24,7 @@ from .common import write_json as _write_json
 
 @bench_app.command("tiers")
 def bench_tiers_cmd(
-    data: Path = typer.Option(DEFAULT_DATA, help="MuSiQue-style JSON file."),
+    data: Path | None = DATA,
     n: int = typer.Option(10, min=1, help="Number of examples."),
     tiers: str = typer.Option(
         "memory,disk,disk-sync,disk-cold,disk-slow,disk-slow-sync",
@@ -80,7 +80,7 @@ def bench_tiers_cmd(
 
 @bench_app.command("compress")
 def bench_compress_cmd(
-    data: Path = typer.Option(DEFAULT_DATA, help="MuSiQue-style JSON file."),
+    data: Path | None = DATA,
     n: int = typer.Option(10, min=1, help="Number of examples."),
     ratio: float = typer.Option(0.15, help="cacheblend recompute ratio."),
     max_new_tokens: int = typer.Option(32, min=1),

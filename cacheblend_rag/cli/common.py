@@ -20,7 +20,12 @@ MODEL = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf file, m
 DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
 DTYPE = typer.Option("auto", help="auto, float32 or bfloat16.")
 CACHE_DIR = typer.Option(None, "--cache-dir", help="Model conversions and KV store (default ~/.cache/cacheblend_rag).")
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "musique_dev.json"
+DATA = typer.Option(
+    None, "--data", help="Evaluation data: a MuSiQue-style JSON file, a folder of wikimqa samples, or 'town' (bundled)."
+)
+CHUNK_PREFIX = typer.Option(
+    None, "--chunk-prefix", help="Text chunks are computed after (default: the chat template's start)."
+)
 
 
 def load_engine(model: str, device: str, dtype: str, cache_dir: Path | None, **kwargs):
@@ -52,9 +57,13 @@ def floats(text: str, name: str) -> list[float]:
         raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") from None
 
 
-def load_examples_or_exit(data: Path, n: int):
+def load_examples_or_exit(data: Path | None, n: int):
     from ..eval.datasets import DataError, load_examples
 
+    if data is None:
+        console.print("[red]error:[/red] --data is required: a MuSiQue-style JSON file (e.g. --data "
+                      "../shared/data/musique_dev.json), a folder of wikimqa samples, or --data town")  # fmt: skip
+        raise typer.Exit(2)
     try:
         return load_examples(data, n)
     except DataError as exc:

@@ -44,8 +44,8 @@ class CacheBlendEngine:
         ``redis://host:6379/0``), fastest first.
     store_dtype: dtype of stored KV; "auto": the compute dtype when it is 16-bit (no conversion when a chunk
         is loaded), else float16.
-    chunk_prefix: text every chunk is computed after (its attention sink); default: the BOS token, else
-        the EOS token, else a newline.
+    chunk_prefix: text every chunk is computed after; default: the chat template's start (system prompt and
+        user header), else the tokenizer's BOS if it adds one, else a newline.
     config: the default BlendConfig of ``generate``.
     """
 
@@ -70,9 +70,9 @@ class CacheBlendEngine:
         self.default_config = config or BlendConfig()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.fingerprint = model_fingerprint(model, tokenizer, extra=f"compute={self.dtype}")
+        self.bos_ids = self._added_prefix()
         self.chunk_prefix_ids = self._chunk_prefix_ids(chunk_prefix)
         self.prefix_key = chain_key(self.fingerprint, None, self.chunk_prefix_ids)
-        self.bos_ids = self._added_prefix()
         self.eos_token_ids = self._eos_ids()
         fwd = self.forward
         expect = (fwd.n_layers, fwd.n_kv_heads, fwd.head_dim)
@@ -120,16 +120,26 @@ class CacheBlendEngine:
         return KVStore(tiers, dtype=dtype, expect=expect)
 
     def _chunk_prefix_ids(self, chunk_prefix: str | None) -> list[int]:
-        tok = self.tokenizer
+        """What chunks are computed after: how the prompts they will be reused in begin (APE's shared prefix).
+
+        Default: the chat template's text before a user message (system prompt included), else the tokens the
+        tokenizer puts before a prompt (e.g. BOS), else a newline. Never a token prompts do not start with: Qwen
+        reads a chunk computed after its ``<|endoftext|>`` (its nominal BOS) so differently that reusing it
+        alone changes answers (docs/BENCHMARKS.md).
+        """
         if chunk_prefix is not None:
             ids = self.tokenize(chunk_prefix)
             if not ids:
                 raise ValueError(f"chunk_prefix {chunk_prefix!r} has no tokens; pass a non-empty text or None")
             return ids
-        for special in (tok.bos_token_id, tok.eos_token_id):
-            if special is not None:
-                return [int(special)]
-        return self.tokenize("\n")
+        try:
+            header = self.chat_segments([])[0] if getattr(self.tokenizer, "chat_template", None) else ""
+        except Exception as exc:  # a template that needs more than one user message: fall back
+            logger.debug("no chat header for the chunk prefix (%s)", exc)
+            header = ""
+        if header:
+            return self.tokenize(header)
+        return list(self.bos_ids) or self.tokenize("\n")
 
     def _added_prefix(self) -> list[int]:
         """Special tokens the tokenizer puts before a prompt (e.g. Llama's BOS); prepended to every request."""

@@ -35,8 +35,8 @@ def _blend_series(summary: list[dict]) -> dict[str, list[dict]]:
     for row in summary:
         if row["strategy"] == "cacheblend":
             selection = row.get("selection") or "deviation"
-            label = "cacheblend" if selection == "deviation" else f"cacheblend ({selection})"
-            series.setdefault(label, []).append(row)
+            target = " target" if row.get("fidelity_target") is not None else ""
+            series.setdefault(f"cacheblend ({selection}){target}", []).append(row)
     return {label: sorted(rows, key=lambda s: s["recompute_ratio"]) for label, rows in series.items()}
 
 
@@ -84,7 +84,25 @@ def _eval_plots(result: dict, out_dir: Path, prefix: str) -> list[Path]:
     ttft = out_dir / f"{prefix}ttft_vs_ratio.png"
     fig.savefig(ttft, dpi=110)
     plt.close(fig)
-    return [quality, ttft]
+
+    fig, ax = plt.subplots(figsize=(5.4, 3.8))
+    for label, blend in series.items():
+        points = sorted((s["median_ttft_s"], s["kl"]) for s in blend)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+    for name, marker in (("full_recompute", "s"), ("full_reuse", "^")):
+        if name in refs:
+            ax.plot([refs[name]["median_ttft_s"]], [refs[name]["kl"]], marker, color="black", label=name)
+    ax.set_xlabel("median TTFT (s)")
+    ax.set_ylabel("KL(full || strategy)")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Quality vs TTFT")
+    fig.tight_layout()
+    tradeoff = out_dir / f"{prefix}quality_vs_ttft.png"
+    fig.savefig(tradeoff, dpi=110)
+    plt.close(fig)
+    return [quality, ttft, tradeoff]
 
 
 def _sweep_plots(result: dict, out_dir: Path, prefix: str) -> list[Path]:

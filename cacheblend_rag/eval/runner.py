@@ -32,22 +32,27 @@ class EvalConfig:
 
 
 def eval_configs(
-    strategies: Sequence[str], ratios: Sequence[float], selections: Sequence[str] = ("deviation",)
+    strategies: Sequence[str],
+    ratios: Sequence[float],
+    selections: Sequence[str] = ("query",),
+    targets: Sequence[float] = (),
+    base: BlendConfig | None = None,
 ) -> list[EvalConfig]:
-    """One entry per strategy, and per selection and ratio for cacheblend; full_recompute always comes first.
+    """One entry per strategy, and per selection and ratio (and fidelity target) for cacheblend; full_recompute
+    always comes first.
 
-    cacheblend labels are ``cacheblend@0.15`` for the default selection and ``cacheblend[attention]@0.15``
-    for the others."""
+    cacheblend labels are ``cacheblend[query]@0.15`` (selection, ratio) and ``cacheblend[query]~0.9`` (selection,
+    fidelity target); ``base`` holds the other BlendConfig options (chunk heads, check layers, ...)."""
+    base = base or BlendConfig()
     out = [EvalConfig(REFERENCE, BlendConfig(strategy=REFERENCE))]
     for strategy in strategies:
         if strategy == REFERENCE:
             continue
         if strategy == "cacheblend":
             for selection in selections:
-                tag = "" if selection == "deviation" else f"[{selection}]"
-                out += [EvalConfig(f"cacheblend{tag}@{r:g}",
-                                   BlendConfig(strategy=strategy, recompute_ratio=r, selection=selection))
-                        for r in ratios]  # fmt: skip
+                blend = base.replace(strategy=strategy, selection=selection)
+                out += [EvalConfig(f"cacheblend[{selection}]@{r:g}", blend.replace(recompute_ratio=r)) for r in ratios]
+                out += [EvalConfig(f"cacheblend[{selection}]~{t:g}", blend.replace(fidelity_target=t)) for t in targets]
         else:
             out.append(EvalConfig(strategy, BlendConfig(strategy=strategy)))
     return out
@@ -113,7 +118,8 @@ def evaluate(
             kl = kl_divergence(ref.forced, run.forced)
             rows.append({
                 "example": index, "config": item.label, "strategy": item.config.strategy,
-                "recompute_ratio": item.config.recompute_ratio if item.config.strategy == "cacheblend" else None,
+                "recompute_ratio": run.stats["recompute_ratio"] if item.config.strategy == "cacheblend" else None,
+                "fidelity_target": item.config.fidelity_target if item.config.strategy == "cacheblend" else None,
                 "selection": item.config.selection if item.config.strategy == "cacheblend" else None,
                 "question": example.question, "gold": example.answers, "answer": run.answer,
                 "reference_answer": ref.answer,
@@ -140,7 +146,9 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
             continue
         median_ttft = statistics.median(r["ttft_s"] for r in mine)
         out.append({
-            "config": label, "strategy": mine[0]["strategy"], "recompute_ratio": mine[0]["recompute_ratio"],
+            "config": label, "strategy": mine[0]["strategy"],
+            "recompute_ratio": _mean(r["recompute_ratio"] for r in mine),
+            "fidelity_target": mine[0].get("fidelity_target"),
             "selection": mine[0].get("selection"), "n": len(mine),
             **{key: _mean(r[key] for r in mine)
                for key in ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement", "kl")},

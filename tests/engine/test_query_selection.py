@@ -20,7 +20,7 @@ def prompt(engine):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_query_selection_spans_full_reuse_to_full_recompute(arch, make_engine):
     engine = make_engine(arch, seed=11)
-    segments, cached = prompt(engine)
+    segments, _ = prompt(engine)
     full = engine.prepare(segments, config=config("full_recompute"))
     reuse = engine.prepare(segments, config=config("full_reuse"))
     none = engine.prepare(segments, config=config("cacheblend", selection="query", recompute_ratio=0.0))
@@ -77,7 +77,7 @@ def test_budget_rows():
 @pytest.mark.parametrize("selection", ["query", "deviation"])
 def test_fidelity_target_chooses_the_ratio(selection, make_engine):
     engine = make_engine("llama", seed=13)
-    segments, cached = prompt(engine)
+    segments, _ = prompt(engine)
     full = engine.prepare(segments, config=config("full_recompute"))
     ratios = []
     for target in (0.3, 0.6, 0.9):
@@ -95,7 +95,7 @@ def test_fidelity_target_validation():
         BlendConfig(fidelity_target=0)
     with pytest.raises(ValueError, match="needs one check layer"):
         BlendConfig(fidelity_target=0.9, check_layers=(1, 2))
-    with pytest.raises(ValueError, match="min_ratio .* must not exceed max_ratio"):
+    with pytest.raises(ValueError, match=r"min_ratio .* must not exceed max_ratio"):
         BlendConfig(min_ratio=0.6, max_ratio=0.5)
     with pytest.raises(ValueError, match="max_ratio must be a number"):
         BlendConfig(max_ratio=float("nan"))

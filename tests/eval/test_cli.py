@@ -71,31 +71,33 @@ def test_bench_ttft_json(tiny_dir, data_file, tmp_path):
 def test_eval_json_keys_and_ranges(tiny_dir, data_file, tmp_path):
     out_file = tmp_path / "eval.json"
     out = invoke("eval", "--data", data_file, "--n", 2, "--ratios", "0.15,1", "--max-new-tokens", 8,
-                 "--selections", "deviation,attention", *common(tiny_dir, tmp_path), "--out", out_file)  # fmt: skip
-    assert "top-1 agree" in out and "cacheblend[attention]@0.15" in out  # labels printed as written
+                 "--selections", "deviation,query", "--targets", "0.5", *common(tiny_dir, tmp_path),
+                 "--out", out_file)  # fmt: skip
+    assert "top-1 agree" in out and "cacheblend[query]@0.15" in out  # labels printed as written
     result = json.loads(out_file.read_text())
     assert set(result) == {"config", "examples", "summary"}
     labels = [s["config"] for s in result["summary"]]
-    assert labels == ["full_recompute", "prefix_cache", "full_reuse", "cacheblend@0.15", "cacheblend@1",
-                      "cacheblend[attention]@0.15", "cacheblend[attention]@1"]  # fmt: skip
+    assert labels == ["full_recompute", "prefix_cache", "full_reuse", "cacheblend[deviation]@0.15",
+                      "cacheblend[deviation]@1", "cacheblend[deviation]~0.5", "cacheblend[query]@0.15",
+                      "cacheblend[query]@1", "cacheblend[query]~0.5"]  # fmt: skip
     for row in result["examples"]:
         for key in ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement"):
             assert 0.0 <= row[key] <= 1.0
         assert row["kl"] >= 0 and row["ttft_s"] > 0
     by = {s["config"]: s for s in result["summary"]}
     assert by["full_recompute"]["top1_agreement"] == 1.0 and by["full_recompute"]["kl"] == 0.0
-    assert by["cacheblend@1"]["top1_agreement"] == 1.0 and by["cacheblend@1"]["kl"] < 1e-6
-    assert by["cacheblend@1"]["answer_em_vs_full"] == 1.0
-    assert by["cacheblend[attention]@1"]["top1_agreement"] == 1.0 and by["cacheblend[attention]@1"]["kl"] < 1e-6
-    assert (
-        by["cacheblend[attention]@0.15"]["selection"] == "attention"
-        and by["cacheblend@0.15"]["selection"] == "deviation"
-    )
+    for label in ("cacheblend[deviation]@1", "cacheblend[query]@1"):
+        assert by[label]["top1_agreement"] == 1.0 and by[label]["kl"] < 1e-6 and by[label]["answer_em_vs_full"] == 1.0
+        assert by[label]["recompute_ratio"] == 1.0
+    assert by["cacheblend[query]@0.15"]["selection"] == "query"
+    assert by["cacheblend[deviation]@0.15"]["selection"] == "deviation"
+    for label in ("cacheblend[deviation]~0.5", "cacheblend[query]~0.5"):
+        assert by[label]["fidelity_target"] == 0.5 and 0.02 <= by[label]["recompute_ratio"] <= 0.5
 
     plots = tmp_path / "plots"
     invoke("plot", out_file, "--out-dir", plots)
     pngs = sorted(plots.glob("*.png"))
-    assert [p.name for p in pngs] == ["quality_vs_ratio.png", "ttft_vs_ratio.png"]
+    assert [p.name for p in pngs] == ["quality_vs_ratio.png", "quality_vs_ttft.png", "ttft_vs_ratio.png"]
     import matplotlib.image
 
     for png in pngs:
