@@ -117,10 +117,11 @@ def study(engine, example, args, rng) -> dict:
     for name, chosen in sets.items():
         plans[f"fixed:{name}"] = fixed(chosen)
         plans[f"fixed:{name}+shift"] = fixed(chosen, shift_stale=True)
-    cb = replace(base, spans=spans)
-    plans["cacheblend"] = cb
-    plans["cacheblend+shift"] = replace(cb, shift_stale=True)
-    plans["cacheblend[attention]"] = replace(cb, selection="attention")
+    plans["cacheblend"] = base
+    plans["cacheblend+shift"] = replace(base, shift_stale=True)
+    plans["cacheblend[attention]"] = replace(base, selection="attention")
+    if args.methods:
+        plans = {k: v for k, v in plans.items() if k in args.methods or k == "full_reuse"}
     out = {"prompt_tokens": n, "cached_tokens": int(rows.numel()), "answer_tokens": len(targets),
            "full_prefill_s": full_s, "probe_s": probe_s, "methods": {}}  # fmt: skip
     for name, plan in plans.items():
@@ -143,8 +144,10 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.15)
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--chunk-prefix", default=None, help="text chunks are computed after (default: engine's)")
+    parser.add_argument("--methods", default="", help="comma-separated subset of the methods (default all)")
     parser.add_argument("--out", default="results/selection_methods.json")
     args = parser.parse_args()
+    args.methods = [m for m in args.methods.split(",") if m]
     rng = torch.Generator().manual_seed(0)
     engine = CacheBlendEngine.from_pretrained(
         args.model, store=["memory://?max_bytes=16GB"], chunk_prefix=args.chunk_prefix

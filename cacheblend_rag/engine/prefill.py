@@ -51,6 +51,8 @@ class PrefillPlan:
     capture: tuple[int, int] | None = None  # rows whose pre-RoPE K and V to return
     need_logits: bool = True
     budget: Budget | None = None  # with a fidelity target: how many rows the last check layer keeps
+    cache_ready: bool = False  # the cache already holds every span's rotated K/V (a probe pass wrote it): only
+    # the computed rows are rotated and written
     shift_stale: bool = False  # move stale cached rows by their chunk's mean fresh - stored change (stale_shift.py)
     observe: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None  # (layer, q, rows, keys)
 
@@ -91,15 +93,20 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
     layer_rows: list[int] = []
     captured_k: list[torch.Tensor] = []
     captured_v: list[torch.Tensor] = []
+    if plan.cache_ready and (plan.checks or plan.capture or plan.shift_stale):
+        raise ValueError("a plan on a ready cache computes a fixed set of rows: no checks, capture or shift")
     cache.length = n
     for layer in range(fwd.n_layers):
         keys, values = cache.layer(layer, n)
-        for span in plan.spans:
-            k_stored, v_stored = span.kv.layer(layer)
-            keys[:, span.start : span.end].copy_(k_stored)
-            values[:, span.start : span.end].copy_(v_stored)
+        if not plan.cache_ready:
+            for span in plan.spans:
+                k_stored, v_stored = span.kv.layer(layer)
+                keys[:, span.start : span.end].copy_(k_stored)
+                values[:, span.start : span.end].copy_(v_stored)
         x = fwd.attn_input(layer, h)
         k_new, v_new = fwd.project_kv(layer, x)
+        if plan.cache_ready:
+            k_new = apply_rope(k_new, sel, fwd.rope, backend=backend)
         flops += kv_flops * sel.shape[0]
         check = layer in plan.checks
         if check:
@@ -116,7 +123,8 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
         if layer == fwd.n_layers - 1 and not plan.need_logits:
             layer_rows.append(0)
             break
-        apply_rope(keys, positions, fwd.rope, out=keys, backend=backend)
+        if not plan.cache_ready:
+            apply_rope(keys, positions, fwd.rope, out=keys, backend=backend)
         if check:
             if plan.selection == "attention":
                 probes = probe_rows(sel, sel_cached, last_cached_end)

@@ -72,8 +72,7 @@ def select_by_query(
         from_cache[span.start : span.end] = True
     forced = plan.forced if plan.forced is not None else ~from_cache
     tail = TailAttention(from_cache, probe_start(plan), fwd.scale)
-    probe = replace(plan, initial=forced.nonzero().squeeze(1), checks={}, observe=tail, need_logits=False,
-                    capture=None)  # fmt: skip
+    probe = replace(plan, initial=forced.nonzero().squeeze(1), checks={}, observe=tail, capture=None)
     flops = prefill(fwd, probe, cache, backend=backend).flops
     candidates = (from_cache & ~forced).nonzero().squeeze(1)
     n_forced_cached = int((forced & from_cache).sum())
@@ -82,5 +81,6 @@ def select_by_query(
     keep = forced.clone()
     if k > 0:
         keep[candidates[tail.scores[candidates].topk(k).indices]] = True
-    chosen = replace(plan, initial=keep.nonzero().squeeze(1), forced=keep, checks={})
+    # the probe pass left every chunk's K/V rotated in the cache: the prefill proper writes only its own rows
+    chosen = replace(plan, initial=keep.nonzero().squeeze(1), forced=keep, checks={}, cache_ready=True)
     return chosen, tail.scores, flops
