@@ -91,6 +91,7 @@ class Scheduler:
         self.on_idle, self.idle_every = on_idle, idle_every
         self._waiting: deque[Ticket] = deque()
         self._active: list[tuple[Ticket, Iterator]] = []
+        self._starting = 0  # admitted, start() running
         self._cond = threading.Condition()
         self._closed = False
         self._service_s = 1.0  # moving average of a job's time from admission to its end
@@ -110,7 +111,7 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
-            free = self.max_active - len(self._active)  # jobs that will be admitted at once do not queue
+            free = self.max_active - self.active  # jobs that will be admitted at once do not queue
             if len(self._waiting) + 1 - free > self.max_queue:
                 raise QueueFull(len(self._waiting), self.retry_after())
             self._waiting.append(ticket)
@@ -123,7 +124,8 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        """Jobs admitted: starting (their prefill) or decoding by turns."""
+        return len(self._active) + self._starting
 
     def retry_after(self) -> int:
         """Seconds until a request sent now is likely to find room in the queue (1 to 60)."""
@@ -155,8 +157,9 @@ class Scheduler:
                         break
                 if self._closed:
                     break
-                if self._waiting and len(self._active) < self.max_active:
+                if self._waiting and self.active < self.max_active:
                     admit = self._waiting.popleft()
+                    self._starting += 1
                 idle = not admit and not self._active
             if idle:
                 self._idle()
@@ -178,13 +181,16 @@ class Scheduler:
         try:
             value = ticket.start()
         except Exception as exc:
+            with self._cond:
+                self._starting -= 1
             self._finish(ticket, "error", exc)
             return
-        ticket.post("started", value)
-        if isinstance(value, Iterator):
-            with self._cond:
+        with self._cond:  # counted as active before the event loop hears of it
+            self._starting -= 1
+            if isinstance(value, Iterator):
                 self._active.append((ticket, value))
-        else:
+        ticket.post("started", value)
+        if not isinstance(value, Iterator):
             self._finish(ticket, "end")
 
     def _step(self, job: tuple[Ticket, Iterator]) -> None:

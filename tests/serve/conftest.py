@@ -97,3 +97,55 @@ def metric(text: str, name: str, **labels) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+class PacedEngine(CacheBlendEngine):
+    """The real engine, but each text piece of a stream waits for a permit the test gives (``step``), so a test
+    decides when decoding moves on, and a request stays running (or queued behind it) as long as it likes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.permits = threading.Semaphore(0)
+        self.paced = True
+        self.taken = 0  # permits used
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.permits.release()
+
+    def unpace(self) -> None:
+        self.paced = False
+        self.permits.release()
+
+    def stream(self, *args, **kwargs):
+        return _Paced(super().stream(*args, **kwargs), self)
+
+
+class _Paced:
+    def __init__(self, inner, engine: PacedEngine) -> None:
+        self.inner, self.engine = inner, engine
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.engine.paced:
+            if not self.engine.permits.acquire(timeout=120):
+                raise RuntimeError("the test gave no permit to decode on")
+            self.engine.taken += 1
+        return next(self.inner)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def result(self):
+        return self.inner.result
+
+
+def wait_until(check, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
