@@ -114,8 +114,8 @@ def create_app(
     name = model_name or getattr(engine, "name", "cacheblend")
     base_config = config or engine.default_config
     shared = engine.registry if isinstance(engine.registry, SharedChunkRegistry) else None
-    scheduler = Scheduler(max_active, max_queue, on_idle=shared.sync if shared else None)
-    metrics = ServerMetrics(engine, scheduler, shared.stats if shared else None)
+    scheduler = Scheduler(max_active, max_queue, on_idle=shared.sync if shared is not None else None)
+    metrics = ServerMetrics(engine, scheduler, shared.stats if shared is not None else None)
     started = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -292,13 +292,17 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        tiers = []
-        for tier in engine.store.tiers:
-            backoff = getattr(tier, "health", None)
-            tiers.append({"tier": tier.name, "available": not (backoff is not None and backoff.down)})
-        return {"status": "ok", "model": name, "queue": {"waiting": scheduler.waiting, "active": scheduler.active,
-                "max_queue": scheduler.max_queue, "max_active": scheduler.max_active}, "store": tiers,
-                "shared_registry": shared is not None, "registered_chunks": len(engine.registry)}  # fmt: skip
+        """200 while serving. ``available``: False while a remote tier (or the shared registry) is backing off
+        after a failed call; the server then works without it (its chunks are computed)."""
+        tiers = [{"tier": t.name, "available": not (getattr(t, "health", None) is not None and t.health.down)}
+                 for t in engine.store.tiers]  # fmt: skip
+        registry = None
+        if shared is not None:
+            registry = {"available": not shared.health.down, **shared.stats()}
+        queue = {"waiting": scheduler.waiting, "active": scheduler.active, "max_queue": scheduler.max_queue,
+                 "max_active": scheduler.max_active}  # fmt: skip
+        return {"status": "ok", "model": name, "queue": queue, "store": tiers, "shared_registry": registry,
+                "registered_chunks": len(engine.registry)}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus() -> Response:
