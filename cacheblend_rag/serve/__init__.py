@@ -6,7 +6,7 @@ chunk texts in the shared registry (``cacheblend_rag.engine.shared_registry``). 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 EXTRA_HINT = "pip install 'cacheblend-rag[serve]'"
 _NEEDS = {"fastapi": "FastAPI", "uvicorn": "uvicorn", "pydantic": "pydantic", "prometheus_client": "prometheus-client"}
@@ -14,7 +14,12 @@ _NEEDS = {"fastapi": "FastAPI", "uvicorn": "uvicorn", "pydantic": "pydantic", "p
 
 def require_serve() -> None:
     """Raise ImportError naming the ``serve`` extra if a package the server needs is missing."""
-    missing = [name for module, name in _NEEDS.items() if importlib.util.find_spec(module) is None]
+    missing = []
+    for module, name in _NEEDS.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise ImportError(f"the cacheblend server needs {', '.join(missing)}: {EXTRA_HINT}")
 
