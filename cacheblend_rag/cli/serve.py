@@ -57,6 +57,12 @@ def serve(
         engine = load_engine(model, device, dtype, cache_dir, store=list(store) or None, config=config)
     except (ImportError, ValueError, TypeError) as exc:
         raise _fail(str(exc)) from None
+    remote = [url for url in store if url.split(":", 1)[0] in ("redis", "rediss", "redis+cluster", "rediss+cluster")]
+    if remote and dtype == "auto" and engine.device.type == "cpu":
+        chosen = str(engine.dtype).removeprefix("torch.")
+        console.print(f"[yellow]warning:[/yellow] --dtype auto chose {chosen} by timing a matmul on this CPU; "
+                      "replicas sharing a store share chunks only if they compute in the same dtype: pass "
+                      "--dtype bfloat16 or --dtype float32 to every replica", highlight=False)  # fmt: skip
     if share_registry:
         from ..engine.shared_registry import share_registry as share
 

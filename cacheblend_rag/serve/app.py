@@ -293,7 +293,8 @@ def create_app(
     @app.get("/health")
     async def health() -> dict:
         """200 while serving. ``available``: False while a remote tier (or the shared registry) is backing off
-        after a failed call; the server then works without it (its chunks are computed)."""
+        after a failed call; the server then works without it (its chunks are computed). Replicas share chunks
+        only if their ``model_fingerprint`` (model, tokenizer, compute dtype) is the same."""
         tiers = [{"tier": t.name, "available": not (getattr(t, "health", None) is not None and t.health.down)}
                  for t in engine.store.tiers]  # fmt: skip
         registry = None
@@ -302,7 +303,8 @@ def create_app(
         queue = {"waiting": scheduler.waiting, "active": scheduler.active, "max_queue": scheduler.max_queue,
                  "max_active": scheduler.max_active}  # fmt: skip
         return {"status": "ok", "model": name, "queue": queue, "store": tiers, "shared_registry": registry,
-                "registered_chunks": len(engine.registry)}  # fmt: skip
+                "registered_chunks": len(engine.registry), "dtype": str(engine.dtype).removeprefix("torch."),
+                "model_fingerprint": engine.fingerprint[:16]}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus() -> Response:
