@@ -190,6 +190,38 @@ def test_failures_get_5xx_and_the_server_goes_on(tokenizer, tmp_path, caplog):
     assert any("a kernel failed" in str(r.exc_info) for r in caplog.records if r.exc_info)
 
 
+class BreaksMidStream(CacheBlendEngine):
+    """Its streams fail after two pieces, as a decode step that runs out of memory would."""
+
+    def stream(self, *args, **kwargs):
+        inner = super().stream(*args, **kwargs)
+
+        def pieces():
+            for i, piece in enumerate(inner):
+                if i == 2:
+                    inner.close()
+                    raise torch.OutOfMemoryError("CUDA out of memory while decoding")
+                yield piece
+
+        return pieces()
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event(tokenizer, tmp_path):
+    engine = tiny_engine(tokenizer, tmp_path, cls=BreaksMidStream)
+    with serving(engine) as live:
+        with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=chat("Hello", max_tokens=50, stream=True),
+                          timeout=120) as response:  # fmt: skip
+            assert response.status_code == 200  # the prefill worked; the failure comes after the first pieces
+            events = sse_events(response)
+        plain = post(live, "/v1/chat/completions", chat("Hello", max_tokens=50))
+        health = httpx.get(f"{live.url}/health").json()
+    contents = [e["choices"][0]["delta"].get("content") for e in events[:-1]]
+    assert contents[1:] and all(contents[1:]) and "[DONE]" not in events
+    assert events[-1]["error"]["code"] == "out_of_memory" and "while decoding" in events[-1]["error"]["message"]
+    assert plain.status_code == 503 and plain.json()["error"]["code"] == "out_of_memory"
+    assert health["queue"]["active"] == 0 and health["status"] == "ok"
+
+
 def test_default_config_and_server_max_tokens(tokenizer, tmp_path):
     engine = tiny_engine(tokenizer, tmp_path)
     with serving(engine, config=BlendConfig(strategy="full_reuse"), default_max_tokens=3) as live:
