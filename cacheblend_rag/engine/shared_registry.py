@@ -18,13 +18,15 @@ again. An engine that cannot read the stream treats the chunks it has not seen a
 them: slower, never wrong.
 
 Growth: the stream is capped near the registry's ``max_entries`` (``XADD MAXLEN ~``) and expires with the
-tier's ttl after the last registration, as the KV entries do.
+tier's ttl once no engine registers or reads (engines that read refresh it at most every ``touch_every``
+seconds), as the KV entries do.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from ..store.chunk import ChunkHandle
@@ -42,13 +44,15 @@ class SharedChunkRegistry(ChunkRegistry):
     """
 
     def __init__(self, tier, fingerprint: str, make_handle: Callable[[str], ChunkHandle], max_entries: int = 50_000,
-                 batch: int = 1000) -> None:  # fmt: skip
+                 batch: int = 1000, touch_every: float = 60.0) -> None:  # fmt: skip
         from redis.exceptions import ClusterError, ConnectionError, RedisClusterException, TimeoutError
 
         super().__init__(max_entries)
         self.tier = tier
         self.key = f"{tier.prefix}registry:{fingerprint}"
         self.batch = batch
+        self.touch_every = touch_every
+        self._touched = -float("inf")
         self._make_handle = make_handle
         self._down = (ConnectionError, TimeoutError, ClusterError, RedisClusterException)
         base = tier.health
@@ -123,7 +127,16 @@ class SharedChunkRegistry(ChunkRegistry):
             if len(entries) < self.batch:
                 break
         self._counts["received"] += received
+        self._touch()
         return received
+
+    def _touch(self) -> None:
+        """Refresh the stream's expiry while engines use it (at most every ``touch_every`` seconds)."""
+        now = time.monotonic()
+        if not self.tier.ttl or now - self._touched < self.touch_every or not self.health.allow():
+            return
+        if self._round_trip(lambda: self.tier.client.expire(self.key, self.tier.ttl)) is not None:
+            self._touched = now
 
     def _round_trip(self, fn):
         """Run one Redis call; None if Redis cannot be reached (then back off) or refuses it (logged once)."""

@@ -95,3 +95,15 @@ def test_share_registry_needs_an_empty_registry_and_a_redis_tier(make_engine, re
     engine.precompute(PASSAGES[:1])
     with pytest.raises(ValueError, match="before chunks are registered"):
         share_registry(engine)
+
+
+def test_engines_that_read_the_stream_keep_it_from_expiring(make_engine, redis_url):
+    engine = make_engine(seed=7, store=["memory://?max_bytes=1GB", redis_url + "&ttl=1h"])
+    shared = share_registry(engine)
+    engine.precompute(PASSAGES[:1])
+    client = engine.store.tiers[1].client
+    assert 3500 < client.ttl(shared.key) <= 3600  # set when a text is appended
+    client.expire(shared.key, 30)
+    shared.touch_every = 0
+    shared.sync()
+    assert client.ttl(shared.key) > 3500  # a reading engine refreshed it
