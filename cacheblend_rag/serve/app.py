@@ -23,7 +23,7 @@ from ..engine.shared_registry import SharedChunkRegistry
 from .metrics import ServerMetrics
 from .responses import ChatFormat, CompletionFormat, error_body, sse
 from .scheduler import QueueFull, Scheduler, SchedulerClosed
-from .schemas import BadRequest, ChatCompletionRequest, ChunksRequest, CompletionRequest
+from .schemas import BadRequest, ChatCompletionRequest, ChunksRequest, CompletionRequest, blend_config
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def create_app(
             check_model(body.model)
             messages = body.engine_messages()
             sampling = body.sampling(default_max_tokens)
-            blend = body.cacheblend.apply(base_config) if body.cacheblend else base_config
+            blend = blend_config(base_config, body.cacheblend)
         except (ApiError, BadRequest) as exc:
             return api_error(exc).response()
 
@@ -244,7 +244,7 @@ def create_app(
             check_model(body.model)
             prompt = body.text()
             sampling = body.sampling(default_max_tokens)
-            blend = body.cacheblend.apply(base_config) if body.cacheblend else base_config
+            blend = blend_config(base_config, body.cacheblend)
         except (ApiError, BadRequest) as exc:
             return api_error(exc).response()
 

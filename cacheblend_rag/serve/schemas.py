@@ -2,8 +2,8 @@
 
 Fields the engine cannot honour are refused with a 400 that names them (n > 1, tools, logprobs, penalties,
 echo, suffix, best_of), never silently ignored; fields that change nothing (user, metadata, ...) are ignored.
-Blend options travel in the extra body field ``cacheblend``, e.g. ``{"strategy": "cacheblend",
-"recompute_ratio": 0.15}``: ``ChatOpenAI(extra_body={"cacheblend": {...}})`` in LangChain,
+Blend options travel in the extra body field ``cacheblend``: any BlendConfig field, e.g. ``{"strategy":
+"cacheblend", "recompute_ratio": 0.15}``: ``ChatOpenAI(extra_body={"cacheblend": {...}})`` in LangChain,
 ``OpenAILike(additional_kwargs={"extra_body": {"cacheblend": {...}}})`` in LlamaIndex.
 """
 
@@ -24,27 +24,16 @@ class BadRequest(ValueError):
         self.param = param
 
 
-class BlendOptions(BaseModel):
-    """Per-request overrides of the server's BlendConfig (the ``cacheblend`` body field)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    strategy: str | None = Field(None, description="full_recompute, prefix_cache, full_reuse or cacheblend")
-    recompute_ratio: float | None = Field(None, description="share of the reused tokens cacheblend recomputes")
-    check_layers: list[int] | None = None
-    selection: str | None = None
-    recompute_chunk_head: int | None = None
-
-    def apply(self, base: BlendConfig) -> BlendConfig:
-        changes = self.model_dump(exclude_none=True)
-        if not changes:
-            return base
-        if "check_layers" in changes:
-            changes["check_layers"] = tuple(changes["check_layers"])
-        try:
-            return base.replace(**changes)
-        except (TypeError, ValueError) as exc:
-            raise BadRequest(f"cacheblend: {exc}", "cacheblend") from None
+def blend_config(base: BlendConfig, options: dict[str, Any] | None) -> BlendConfig:
+    """``base`` with the request's ``cacheblend`` options applied: any BlendConfig field (strategy,
+    recompute_ratio, check_layers, selection, ...); an unknown field or a bad value is a 400 naming it."""
+    if not options:
+        return base
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    try:
+        return base.replace(**changes)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"cacheblend: {exc}", "cacheblend") from None
 
 
 class StreamOptions(BaseModel):
@@ -71,7 +60,7 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
-    cacheblend: BlendOptions | None = None
+    cacheblend: dict[str, Any] | None = None
 
     def sampling(self, default_max_tokens: int) -> dict:
         """Keyword arguments of ``engine.stream`` (greedy when temperature is absent or 0)."""

@@ -109,7 +109,12 @@ def test_blend_options_per_request(server, engine):
     bad = post(server, "/v1/chat/completions", chat(CONTEXT, cacheblend={"strategy": "fastest"}))
     assert bad.status_code == 400 and "full_recompute" in bad.json()["error"]["message"]
     unknown = post(server, "/v1/chat/completions", chat(CONTEXT, cacheblend={"ratio": 0.2}))
-    assert unknown.status_code == 400 and "cacheblend.ratio" in unknown.json()["error"]["message"]
+    assert unknown.status_code == 400 and "no field(s) ['ratio']" in unknown.json()["error"]["message"]
+    assert unknown.json()["error"]["param"] == "cacheblend"
+    layers = report({"check_layers": [1, 2], "recompute_ratio": 0.2})["cacheblend"]
+    assert layers["reused_tokens"] == cached - round(0.2 * cached)
+    not_object = post(server, "/v1/chat/completions", chat(CONTEXT, cacheblend=["full_reuse"]))
+    assert not_object.status_code == 400 and "cacheblend" in not_object.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
