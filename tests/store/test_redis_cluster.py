@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cacheblend_rag.engine.shared_registry import share_registry
 from cacheblend_rag.store import tier_from_url
 from cacheblend_rag.store.redis_cluster import RedisClusterTier, parse_cluster_url
 from tests.conftest import PASSAGES, config
@@ -111,3 +112,16 @@ def test_a_node_killed_mid_run_costs_only_its_blocks(make_engine, own_cluster):
     assert stats["hits"] == 3 * (len(handles) - len(lost)) and stats["errors"] >= 1 and stats["corrupt"] == 0
     node = reader.store.tiers[0].node_health(f"127.0.0.1:{victim}")
     assert node.down and not reader.store.tiers[0].health.down  # only the lost node backs off
+
+
+def test_the_shared_registry_works_over_the_cluster(make_engine, cluster):
+    store = ["memory://?max_bytes=1GB", cluster.url + "?prefix=registry:"]
+    writer, reader = make_engine(store=store), make_engine(store=store)
+    share_registry(writer)
+    share_registry(reader)
+    writer.precompute(CHUNKS)
+    text = writer.format_chat([{"role": "user", "content": "\n".join(CHUNKS) + "\nWhich lake is the deepest?"}])
+    expected = writer.generate(prompt=text, max_new_tokens=6, config=config("cacheblend"))
+    result = reader.generate(prompt=text, max_new_tokens=6, config=config("cacheblend"))  # reader's first request
+    assert result.stats.cache_hits == len(CHUNKS) and result.stats.cache_misses == 0
+    assert result.token_ids == expected.token_ids and reader.registry.stats()["received"] == len(CHUNKS)
