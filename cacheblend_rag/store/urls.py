@@ -38,6 +38,11 @@ def tier_from_url(url: str, model_fingerprint: str):
         from .redis_tier import RedisTier
 
         return RedisTier.from_url(url, model_fingerprint)
+    if parsed.scheme in ("redis+cluster", "rediss+cluster"):
+        from .redis_cluster import RedisClusterTier
+
+        return RedisClusterTier.from_url(url, model_fingerprint)
     raise ValueError(
-        f"unknown store URL scheme in {url!r}; use memory://?max_bytes=..., file:///path or redis://host:port/db"
+        f"unknown store URL scheme in {url!r}; use memory://?max_bytes=..., file:///path, redis://host:port/db "
+        "or redis+cluster://host:port,host:port"
     )

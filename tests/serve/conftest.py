@@ -1,0 +1,151 @@
+"""Servers for the serve tests: uvicorn on a free loopback port in a thread, over engines built here.
+
+The Redis fixtures of the store tests (a shared Redis with a per-test key prefix, a private redis-server a
+test may stop) are used here too.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the server tests need the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("prometheus_client", reason="the server tests need the serve extra: pip install -e '.[serve]'")
+
+import httpx
+import uvicorn
+
+from cacheblend_rag import CacheBlendEngine
+from cacheblend_rag.serve import create_app
+from tests.conftest import tiny_model
+from tests.store.conftest import free_port, private_redis, redis_base_url, redis_url  # noqa: F401
+
+MODEL = "tiny-random-llama"
+
+
+class LiveServer:
+    """uvicorn serving ``app`` on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on port {self.port} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@contextmanager
+def serving(engine, **options) -> Iterator[LiveServer]:
+    server = LiveServer(create_app(engine, model_name=options.pop("model_name", MODEL), **options)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def tiny_engine(tokenizer, cache_dir, store=None, seed: int = 0, cls=CacheBlendEngine) -> CacheBlendEngine:
+    """An engine over a tiny random Llama (fp32, so reuse is exact) with the SmolLM2 tokenizer and chat template."""
+    return cls(tiny_model("llama", seed), tokenizer, store=store or ["memory://?max_bytes=1GB"],
+               store_dtype=torch.float32, cache_dir=cache_dir)  # fmt: skip
+
+
+def chat(messages_or_text, **body) -> dict:
+    messages = messages_or_text
+    if isinstance(messages_or_text, str):
+        messages = [{"role": "user", "content": messages_or_text}]
+    return {"model": MODEL, "messages": messages, **body}
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The data of each server-sent event of a streamed response (JSON objects, and the final "[DONE]")."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """One sample's value from Prometheus text (0 if absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+class PacedEngine(CacheBlendEngine):
+    """The real engine, but each text piece of a stream waits for a permit the test gives (``step``), so a test
+    decides when decoding moves on, and a request stays running (or queued behind it) as long as it likes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.permits = threading.Semaphore(0)
+        self.paced = True
+        self.taken = 0  # permits used
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.permits.release()
+
+    def unpace(self) -> None:
+        self.paced = False
+        self.permits.release()
+
+    def stream(self, *args, **kwargs):
+        return _Paced(super().stream(*args, **kwargs), self)
+
+
+class _Paced:
+    def __init__(self, inner, engine: PacedEngine) -> None:
+        self.inner, self.engine = inner, engine
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.engine.paced:
+            if not self.engine.permits.acquire(timeout=120):
+                raise RuntimeError("the test gave no permit to decode on")
+            self.engine.taken += 1
+        return next(self.inner)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def result(self):
+        return self.inner.result
+
+
+def wait_until(check, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

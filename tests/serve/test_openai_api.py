@@ -1,0 +1,235 @@
+"""The OpenAI-compatible API over real HTTP on loopback, with a tiny random model: chat and text completions,
+streamed and not, reuse reported in usage, per-request blend options, chunk registration, models, health,
+metrics, and clean JSON errors after which the server goes on."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from cacheblend_rag import BlendConfig, CacheBlendEngine
+from tests.conftest import PASSAGES
+
+from .conftest import MODEL, chat, metric, serving, sse_events, tiny_engine
+
+QUESTION = "\nQuestion: which river flows through Brazil?"
+CONTEXT = "Read the passages.\n" + "\n\n".join(PASSAGES) + QUESTION
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer, tmp_path_factory):
+    return tiny_engine(tokenizer, tmp_path_factory.mktemp("serve-api"))
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with serving(engine) as live:
+        response = httpx.post(f"{live.url}/v1/chunks", json={"texts": PASSAGES}, timeout=60)
+        assert response.status_code == 200, response.text
+        yield live
+
+
+def post(server, path: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=120, **kw)
+
+
+def test_chunks_are_precomputed_registered_and_reported(server, engine):
+    response = post(server, "/v1/chunks", {"texts": [*PASSAGES, "A new chunk about the Nile delta and its farms."]})
+    body = response.json()
+    assert response.status_code == 200 and [d["key"] for d in body["data"][:3]] == [engine.handle(p).key for p in
+                                                                                  PASSAGES]  # fmt: skip
+    assert body["computed"] == 1 and body["already_stored"] == 3  # the three passages were registered at start
+    assert all(engine.registry.lookup(p) is not None for p in PASSAGES)
+    assert body["data"][3]["n_tokens"] == len(engine.tokenize("A new chunk about the Nile delta and its farms."))
+
+
+def test_chat_completion_reuses_the_registered_chunks(server, engine):
+    response = post(server, "/v1/chat/completions", chat(CONTEXT, max_tokens=8))
+    body = response.json()
+    assert response.status_code == 200, body
+    choice = body["choices"][0]
+    assert body["object"] == "chat.completion" and body["model"] == MODEL and choice["message"]["role"] == "assistant"
+    report, use = body["cacheblend"], body["usage"]
+    assert report["cache_hits"] == 3 and report["cache_misses"] == 0 and report["strategy"] == "cacheblend"
+    assert use["prompt_tokens_details"]["cached_tokens"] == report["reused_tokens"] > 0
+    assert use["completion_tokens"] <= 8 and use["total_tokens"] == use["prompt_tokens"] + use["completion_tokens"]
+    # the server answers what the engine answers for the same prompt
+    direct = engine.generate(prompt=engine.format_chat([{"role": "user", "content": CONTEXT}]), max_new_tokens=8)
+    assert choice["message"]["content"] == direct.text
+    assert choice["finish_reason"] == {"eos": "stop", "stop": "stop", "length": "length"}[direct.finish_reason]
+    assert report["reused_tokens"] == direct.stats.reused_tokens
+
+
+def test_streamed_chat_matches_the_plain_answer(server):
+    plain = post(server, "/v1/chat/completions", chat(CONTEXT, max_tokens=10)).json()
+    body = chat(CONTEXT, max_tokens=10, stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == plain["choices"][0]["message"]["content"]
+    finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finish) == 1 and finish[0]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+    assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    # without stream_options.include_usage there is no usage chunk
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream_options": None},
+                      timeout=120) as response:  # fmt: skip
+        assert all("usage" not in e for e in sse_events(response)[:-1])
+
+
+def test_text_completions_streamed_and_not(server):
+    body = {"model": MODEL, "prompt": CONTEXT + "\nAnswer:", "max_tokens": 6}
+    plain = post(server, "/v1/completions", body).json()
+    assert plain["object"] == "text_completion" and plain["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert plain["cacheblend"]["cache_hits"] == 3
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=120) as response:
+        events = sse_events(response)
+    assert events[-1] == "[DONE]" and all(e["object"] == "text_completion" for e in events[:-1])
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == plain["choices"][0]["text"]
+    listed = post(server, "/v1/completions", {**body, "prompt": [body["prompt"]]}).json()
+    assert listed["choices"][0]["text"] == plain["choices"][0]["text"]
+
+
+def test_blend_options_per_request(server, engine):
+    def report(options):
+        return post(server, "/v1/chat/completions", chat(CONTEXT, max_tokens=2, cacheblend=options)).json()
+
+    cached = sum(engine.handle(p).n_tokens for p in PASSAGES)
+    assert report({"strategy": "full_recompute"})["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert report({"recompute_ratio": 1.0})["cacheblend"]["reused_tokens"] == 0
+    assert report({"recompute_ratio": 0.0})["cacheblend"]["reused_tokens"] == cached
+    ratio = report({"strategy": "cacheblend", "recompute_ratio": 0.5})["cacheblend"]
+    assert ratio["recompute_ratio"] == 0.5 and ratio["reused_tokens"] == cached - round(0.5 * cached)
+    bad = post(server, "/v1/chat/completions", chat(CONTEXT, cacheblend={"strategy": "fastest"}))
+    assert bad.status_code == 400 and "full_recompute" in bad.json()["error"]["message"]
+    unknown = post(server, "/v1/chat/completions", chat(CONTEXT, cacheblend={"ratio": 0.2}))
+    assert unknown.status_code == 400 and "no field(s) ['ratio']" in unknown.json()["error"]["message"]
+    assert unknown.json()["error"]["param"] == "cacheblend"
+    layers = report({"check_layers": [1, 2], "recompute_ratio": 0.2})["cacheblend"]
+    assert layers["reused_tokens"] == cached - round(0.2 * cached)
+    not_object = post(server, "/v1/chat/completions", chat(CONTEXT, cacheblend=["full_reuse"]))
+    assert not_object.status_code == 400 and "cacheblend" in not_object.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        ({**chat("hi"), "model": "gpt-4o"}, 404, "serves 'tiny-random-llama'"),
+        ({"model": MODEL}, 400, "messages: Field required"),
+        (chat([]), 400, "messages"),
+        (chat("hi", n=2), 400, "n=2"),
+        (chat("hi", max_tokens=0), 400, "max_tokens"),
+        (chat("hi", temperature=3), 400, "temperature"),
+        (chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+        (chat("hi", logprobs=True), 400, "logprobs"),
+        (chat("hi", stop=["a", "b", "c", "d", "e"]), 400, "at most 4"),
+        (chat("hi", stop=[""]), 400, "stop must be"),
+        (chat([{"role": "tool", "content": "x"}]), 400, "role"),
+        (chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, "text only"),
+        (chat("Lorem ipsum dolor sit amet. " * 400), 400, "context window"),
+    ],
+)
+def test_bad_requests_get_clear_json_errors(server, body, status, says):
+    response = post(server, "/v1/chat/completions", body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert says in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_and_empty_chunk_texts(server):
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", timeout=30,
+                          headers={"content-type": "application/json"})  # fmt: skip
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    empty = post(server, "/v1/chunks", {"texts": ["fine", "  "]})
+    assert empty.status_code == 400 and "texts[1]" in empty.json()["error"]["message"]
+    too_many = post(server, "/v1/chunks", {"texts": ["x"] * 1001})
+    assert too_many.status_code == 400
+
+
+def test_models_health_and_metrics(server, engine):
+    post(server, "/v1/chat/completions", chat(CONTEXT, max_tokens=2))
+    post(server, "/v1/chat/completions", {**chat("hi"), "model": "nope"})
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL] and models["data"][0]["max_model_len"] == 2048
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["queue"]["waiting"] == 0 and health["store"][0]["tier"] == "memory"
+    text = httpx.get(f"{server.url}/metrics").text
+    counts = engine.metrics()
+    assert metric(text, "cacheblend_engine_reused_tokens_total") == counts["reused_tokens"] > 0
+    assert metric(text, "cacheblend_engine_requests_total") == counts["requests"]
+    assert metric(text, "cacheblend_store_hits_total", tier="memory") == counts["store"]["memory"]["hits"] > 0
+    assert metric(text, "cacheblend_registered_chunks") == len(engine.registry)
+    assert metric(text, "cacheblend_http_requests_total", endpoint="/v1/chat/completions", status="200") >= 1
+    assert metric(text, "cacheblend_http_requests_total", endpoint="/v1/chat/completions", status="404") >= 1
+    assert metric(text, "cacheblend_ttft_seconds_count", endpoint="/v1/chat/completions") >= 1
+    assert metric(text, "cacheblend_queue_depth") == 0 and "cacheblend_queue_wait_seconds_bucket" in text
+
+
+class FaultyEngine(CacheBlendEngine):
+    """Fails the way a real engine can, on a marker in the prompt: out of memory, or a bug."""
+
+    def prepare(self, segments=None, *, prompt=None, **kwargs):
+        if prompt is not None and "OOM-NOW" in prompt:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if prompt is not None and "CRASH-NOW" in prompt:
+            raise RuntimeError("a kernel failed")
+        return super().prepare(segments, prompt=prompt, **kwargs)
+
+
+def test_failures_get_5xx_and_the_server_goes_on(tokenizer, tmp_path, caplog):
+    engine = tiny_engine(tokenizer, tmp_path, cls=FaultyEngine)
+    with serving(engine) as live:
+        oom = post(live, "/v1/chat/completions", chat("OOM-NOW please"))
+        assert oom.status_code == 503 and oom.json()["error"]["code"] == "out_of_memory"
+        assert "Retry-After" in oom.headers and "out of memory" in oom.json()["error"]["message"]
+        crash = post(live, "/v1/chat/completions", chat("CRASH-NOW please", stream=True))
+        assert crash.status_code == 500 and "a kernel failed" in crash.json()["error"]["message"]
+        fine = post(live, "/v1/chat/completions", chat("Hello there", max_tokens=3))
+        assert fine.status_code == 200 and fine.json()["usage"]["completion_tokens"] >= 1
+    assert any("a kernel failed" in str(r.exc_info) for r in caplog.records if r.exc_info)
+
+
+class BreaksMidStream(CacheBlendEngine):
+    """Its streams fail after two pieces, as a decode step that runs out of memory would."""
+
+    def stream(self, *args, **kwargs):
+        inner = super().stream(*args, **kwargs)
+
+        def pieces():
+            for i, piece in enumerate(inner):
+                if i == 2:
+                    inner.close()
+                    raise torch.OutOfMemoryError("CUDA out of memory while decoding")
+                yield piece
+
+        return pieces()
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event(tokenizer, tmp_path):
+    engine = tiny_engine(tokenizer, tmp_path, cls=BreaksMidStream)
+    with serving(engine) as live:
+        with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=chat("Hello", max_tokens=50, stream=True),
+                          timeout=120) as response:  # fmt: skip
+            assert response.status_code == 200  # the prefill worked; the failure comes after the first pieces
+            events = sse_events(response)
+        plain = post(live, "/v1/chat/completions", chat("Hello", max_tokens=50))
+        health = httpx.get(f"{live.url}/health").json()
+    contents = [e["choices"][0]["delta"].get("content") for e in events[:-1]]
+    assert contents[1:] and all(contents[1:]) and "[DONE]" not in events
+    assert events[-1]["error"]["code"] == "out_of_memory" and "while decoding" in events[-1]["error"]["message"]
+    assert plain.status_code == 503 and plain.json()["error"]["code"] == "out_of_memory"
+    assert health["queue"]["active"] == 0 and health["status"] == "ok"
+
+
+def test_default_config_and_server_max_tokens(tokenizer, tmp_path):
+    engine = tiny_engine(tokenizer, tmp_path)
+    with serving(engine, config=BlendConfig(strategy="full_reuse"), default_max_tokens=3) as live:
+        post(live, "/v1/chunks", {"texts": PASSAGES})
+        body = post(live, "/v1/chat/completions", chat(CONTEXT)).json()
+    assert body["cacheblend"]["strategy"] == "full_reuse" and body["usage"]["completion_tokens"] <= 3
