@@ -23,7 +23,7 @@ from .decode import Sampler, TextStreamer, normalize_stop
 from .kv_cache import KVCache
 from .planner import Planner
 from .prefill import PrefillPlan, prefill
-from .registry import ChunkRegistry
+from .registry import MIN_TOKENS, ChunkRegistry
 from .request import GenerationResult, GenerationStream, PreparedRequest
 from .segments import Block, merge_text, place
 from .stats import EngineMetrics, RequestStats
@@ -45,6 +45,8 @@ class CacheBlendEngine:
     chunk_prefix: text every chunk is computed after (its attention sink); default: the BOS token, else
         the EOS token, else a newline.
     config: the default BlendConfig of ``generate``.
+    registry_size, registry_min_tokens: how many chunk texts ``generate(prompt=...)`` looks for, and the fewest
+        tokens a text needs to be looked for (shorter ones are not worth reusing; see engine/registry.py).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class CacheBlendEngine:
         chunk_prefix: str | None = None,
         config: BlendConfig | None = None,
         registry_size: int = 50_000,
+        registry_min_tokens: int = MIN_TOKENS,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -77,7 +80,7 @@ class CacheBlendEngine:
         if store_dtype == "auto":
             store_dtype = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
         self.store = self._build_store(store, memory_bytes, store_dtype, expect)
-        self.registry = ChunkRegistry(registry_size)
+        self.registry = ChunkRegistry(registry_size, registry_min_tokens)
         self._metrics = EngineMetrics()
         self._planner = Planner(self)
         self._prefix_lock = threading.Lock()
@@ -187,9 +190,15 @@ class CacheBlendEngine:
         return handles
 
     def register(self, handles: Iterable[ChunkHandle]) -> None:
-        """Make ``generate(prompt=...)`` recognise these chunks' texts."""
+        """Make ``generate(prompt=...)`` recognise these chunks' texts (those under ``registry.min_tokens``
+        tokens are skipped: too short to be worth reusing)."""
+        handles = list(handles)
         for handle in handles:
             self._check_handle(handle)
+            if self.registry.lookup(handle.text) != handle and self.tokenize(handle.text) != list(handle.token_ids):
+                raise ValueError(f"handle {handle.key[:12]}...: its text does not tokenize to its token ids; "
+                                 "use the handles engine.precompute returns")  # fmt: skip
+        for handle in handles:
             self.registry.register(handle)
 
     def compute_chunk(self, token_ids: Sequence[int]) -> ChunkKV:
@@ -307,11 +316,16 @@ class CacheBlendEngine:
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-            segments = self.registry.split(prompt)
+            # the prompt's own tokens; runs equal to a registered chunk's tokens reuse its KV (engine/registry.py)
+            segments = self.registry.split(self.tokenize(prompt))
+        else:
+            segments = merge_text(segments)
         blocks = []
-        for seg in merge_text(segments):
+        for seg in segments:
             if isinstance(seg, str):
                 blocks.append(Block(self.tokenize(seg)))
+            elif isinstance(seg, list):
+                blocks.append(Block(seg))
             else:
                 blocks.append(Block(list(self._check_handle(seg).token_ids), seg))
         blocks = [b for b in blocks if b.token_ids]
