@@ -226,7 +226,7 @@ class CacheBlendEngine:
 
     def chunk_kv(self, handle: ChunkHandle) -> tuple[ChunkKV, bool]:
         """The stored KV of a chunk (read in full), computing and storing it on a miss. Returns (kv, was_hit)."""
-        kv = self.store.get(handle.key)
+        kv = self.store.get(handle.key, handle.n_tokens)
         if kv is not None:
             return kv, True
         return self._compute_missing(handle), False
@@ -241,7 +241,7 @@ class CacheBlendEngine:
         here. A LazyChunk whose read fails is recomputed when the prefill reaches it, and counted as a miss
         in ``stats`` and in ``computed_on_miss``.
         """
-        found = self.store.fetch([h.key for h in handles])
+        found = self.store.fetch([h.key for h in handles], [h.n_tokens for h in handles])
         out: list[tuple[ChunkKV | LazyChunk, bool]] = []
         for handle, kv in zip(handles, found):
             if kv is None:
