@@ -171,9 +171,15 @@ class CacheBlendEngine:
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is a {type(text).__name__}; precompute takes strings")
         handles = [self.handle(t) for t in texts]
+        limit = self.context_window - len(self.chunk_prefix_ids)
         for i, handle in enumerate(handles):
             if not handle.token_ids:
                 raise ValueError(f"texts[{i}] has no tokens (empty text); drop it before precompute")
+            if handle.n_tokens > limit:
+                raise ValueError(
+                    f"texts[{i}] has {handle.n_tokens} tokens, more than a chunk can have in the model's "
+                    f"context window ({limit} of {self.context_window}); split it into smaller chunks"
+                )
         todo = {h.key: h for h in handles if not self.store.contains(h.key)}
         self._metrics.add(precompute_cache_hits=len(handles) - len(todo))
         items = todo.values()
@@ -359,7 +365,8 @@ class CacheBlendEngine:
         if config.strategy == "cacheblend":
             stats.recompute_ratio = config.recompute_ratio
         plan, store_blocks = self._planner.plan(blocks, config, stats)
-        cache = self._new_cache(n + extra_capacity)
+        # never more rows than the context window lets the request decode into (a huge max_new_tokens)
+        cache = self._new_cache(n + max(0, min(extra_capacity, max(self.context_window - n, 1))))
         t = time.perf_counter()
         with torch.inference_mode():
             result = prefill(self.forward, plan, cache, backend=config.backend)
