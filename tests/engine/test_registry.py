@@ -120,3 +120,9 @@ def test_registry_prefers_the_longest_match_and_forgets_evicted_texts():
     assert registry.split([5, 6, 7, 7]) == [[5, 6], registry.lookup("text [7, 7]")]
     with pytest.raises(ValueError, match="min_tokens must be an int >= 1"):
         ChunkRegistry(min_tokens=0)
+
+
+def test_register_skips_short_texts_too(engine):
+    handles = engine.precompute(["a", "start", PASSAGES[0]], register=False)
+    engine.register(handles)
+    assert len(engine.registry) == 1 and engine.registry.lookup(PASSAGES[0]) == handles[2]

@@ -77,8 +77,11 @@ def test_store_passwords_are_never_shown(cls, tiny_folder, tmp_path, caplog):
     assert llm.engine_kwargs == kwargs  # the engine itself got the real URLs
 
 
-def test_validation_errors_never_echo_the_password(tiny_folder, tmp_path):
-    kwargs = {"store": [f"redis://:{SECRET}@127.0.0.1/0?ttl=bad"], "cache_dir": str(tmp_path / "cache")}
+@pytest.mark.parametrize(
+    "url", [f"redis://:{SECRET}@127.0.0.1/0?ttl=bad", f"redis://127.0.0.1/0?password={SECRET}&ttl=bad"]
+)
+def test_validation_errors_never_echo_the_password(url, tiny_folder, tmp_path):
+    kwargs = {"store": ["memory://", url], "cache_dir": str(tmp_path / "cache")}
     with pytest.raises(ValidationError, match="bad ttl='bad'") as info:
         ChatCacheBlend(model=str(tiny_folder), engine_kwargs=kwargs)
     assert SECRET not in str(info.value) and SECRET not in repr(info.value)
