@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(help="CacheBlend for RAG: reuse chunk KV caches, recompute what matters.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (they print tables and write JSON).", no_args_is_help=True)
@@ -22,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 def fail(message: str) -> typer.Exit:
     """Print ``error: message`` (one line) and return the Exit(2) to raise."""
-    console.print(f"[red]error:[/red] {' '.join(str(message).split())}", markup=True, highlight=False, soft_wrap=True)
+    text = escape(" ".join(str(message).split()))
+    console.print(f"[red]error:[/red] {text}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
