@@ -1,7 +1,13 @@
 """RagIndex: documents -> nodes -> MiniLM embeddings -> faiss, each node's KV precomputed; asked through LlamaIndex.
 
-The pipeline is LlamaIndex's own, with the pieces of ``llama-index-cacheblend``: ``CacheBlendPrecompute``
-computes every node's KV cache at ingestion (into the engine's store, by default memory then disk), and the
+The pipeline is LlamaIndex's own, with the pieces of ``llama-index-cacheblend``. Documents are first cut into
+sections of at most ``MAX_SECTION_CHARS`` characters at paragraph, line or sentence breaks (``split_sections``),
+so LlamaIndex's sentence splitter never sees one huge text (a 50 MB file is one "paragraph" to it when its
+paragraphs are separated by single blank lines); a section NLTK's sentence tokenizer cannot handle within its
+time limit is split at sentence ends by a plain regular expression instead. ``plan_ingest`` then says how many
+chunks and how much KV the ingest will compute and write, and ``build(max_kv_bytes=...)`` refuses before
+computing anything when that is over the cap. ``CacheBlendPrecompute`` computes every node's KV cache at
+ingestion (into the engine's store, by default memory then disk), and the
 query engine answers with ``CacheBlendLLM`` after ``CacheBlendNodePostprocessor`` has registered the retrieved
 nodes, so each prompt reuses their KV. The index (docstore + faiss) persists to a folder; the KV lives in
 the engine's store, keyed by content, so a later process finds it again.
@@ -14,8 +20,11 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -30,10 +39,149 @@ FORMAT = 1
 EMBEDDING = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_TOP_K = 8
 INSTALL = "pip install -e integrations/llama-index-cacheblend (from the repository root)"
+MAX_SECTION_CHARS = 50_000  # the most text LlamaIndex's sentence splitter is handed at once
 
 
 class RagIndexError(ValueError):
     """No usable index in the folder (nothing ingested yet, or not an index this package wrote)."""
+
+
+class KVBudgetError(RagIndexError):
+    """The ingest would write more KV than the cap it was given (nothing was computed)."""
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """What an ingest computes: its chunks, those whose KV is not stored yet, and the bytes of KV they add."""
+
+    chunks: int
+    new_chunks: int
+    new_tokens: int
+    kv_bytes: int
+
+    def describe(self) -> str:
+        stored = self.chunks - self.new_chunks
+        return (f"{self.chunks} chunks ({stored} already stored): computing {self.new_chunks} chunks, "
+                f"{self.new_tokens:,} tokens, about {human_bytes(self.kv_bytes)} of KV")  # fmt: skip
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def kv_bytes_per_token(engine) -> int:
+    """Bytes of stored KV per chunk token: K and V of every layer in the store's dtype (int8: plus scales)."""
+    fwd = engine.forward
+    per_head = 2 * fwd.head_dim * engine.store.dtype.itemsize
+    if engine.store.dtype.itemsize == 1:  # int8: a float32 scale per token for V (K's are per channel)
+        per_head += 4
+    return fwd.n_layers * fwd.n_kv_heads * per_head
+
+
+def plan_ingest(engine, nodes) -> IngestPlan:
+    """How many of ``nodes`` need their KV computed, and about how many bytes of KV that writes."""
+    from llama_index.postprocessor.cacheblend.handles import node_handles
+
+    handles = {handle.key: handle for _, handle in node_handles(engine, nodes)}
+    new = [h for key, h in handles.items() if not engine.store.contains(key)]
+    tokens = sum(h.n_tokens for h in new)
+    return IngestPlan(len(nodes), len(new), tokens, tokens * kv_bytes_per_token(engine))
+
+
+_BREAKS = (re.compile(r"\n[ \t]*\n"), re.compile(r"\n"), re.compile(r"[.!?][\"')\]]*\s"), re.compile(r"\s"))
+
+
+def split_sections(text: str, max_chars: int = MAX_SECTION_CHARS) -> list[str]:
+    """``text`` cut into consecutive sections of at most ``max_chars`` characters ("".join gives ``text`` back):
+    after the last blank line in the second half of each window, else the last line break, else the last
+    sentence end, else the last space, else at ``max_chars``. Linear in the length of ``text``."""
+    if max_chars < 2:
+        raise ValueError(f"max_chars must be >= 2, got {max_chars}")
+    sections, start = [], 0
+    while len(text) - start > max_chars:
+        low, high = start + max_chars // 2, start + max_chars
+        cut = high
+        for pattern in _BREAKS:
+            last = None
+            for last in pattern.finditer(text, low, high):  # noqa: B007  (keep the last match)
+                pass
+            if last is not None:
+                cut = last.end()
+                break
+        sections.append(text[start:cut])
+        start = cut
+    sections.append(text[start:])
+    return [s for s in sections if s]
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def regex_sentences(text: str) -> list[str]:
+    """``text`` cut after every run of whitespace that follows ". ! ?" (and any closing quotes or brackets):
+    its sentences, each with the whitespace after it ("".join gives ``text`` back). Linear time."""
+    out, start = [], 0
+    for space in _SPACE.finditer(text):
+        i = space.start() - 1
+        while i >= start and text[i] in "\"')]":
+            i -= 1
+        if i >= start and text[i] in ".!?":
+            out.append(text[start : space.end()])
+            start = space.end()
+    if start < len(text):
+        out.append(text[start:])
+    return out
+
+
+@cache
+def _punkt():
+    from llama_index.core.node_parser.text.utils import split_by_sentence_tokenizer
+
+    return split_by_sentence_tokenizer()
+
+
+def sentences(text: str) -> list[str]:
+    """LlamaIndex's (NLTK punkt) sentence split, or ``regex_sentences`` where punkt fails (its regular
+    expressions run under a time limit, and its data may be missing)."""
+    try:
+        return _punkt()(text)
+    except Exception as exc:
+        logger.info("NLTK's sentence tokenizer failed on %d characters (%s); splitting at . ! ? instead",
+                    len(text), exc)  # fmt: skip
+        return regex_sentences(text)
+
+
+def split_nodes(engine, docs, *, chunk_size: int, chunk_overlap: int, progress: bool = False) -> list:
+    """LlamaIndex's SentenceSplitter over ``docs``, each first cut by ``split_sections``; every node keeps its
+    document as its source."""
+    from llama_index.core import Document
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.schema import NodeRelationship
+
+    splitter = SentenceSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap, tokenizer=engine.tokenize,
+                                chunking_tokenizer_fn=sentences)  # fmt: skip
+    parts, owner = [], {}
+    for doc in docs:
+        sections = split_sections(doc.text)
+        if len(sections) == 1:
+            parts.append(doc)
+            continue
+        for i, text in enumerate(sections):
+            part = Document(text=text, id_=f"{doc.id_}#section-{i}", metadata=dict(doc.metadata),
+                            excluded_llm_metadata_keys=list(doc.excluded_llm_metadata_keys),
+                            excluded_embed_metadata_keys=list(doc.excluded_embed_metadata_keys))  # fmt: skip
+            owner[part.id_] = doc
+            parts.append(part)
+    nodes = splitter(parts, show_progress=progress)
+    for node in nodes:
+        doc = owner.get(node.ref_doc_id)
+        if doc is not None:
+            node.relationships[NodeRelationship.SOURCE] = doc.as_related_node_info()
+    return nodes
 
 
 def require_llama_index() -> None:
@@ -83,15 +231,19 @@ class RagIndex:
         chunk_overlap: int = 32,
         progress: bool = False,
         embed_model=None,
+        max_kv_bytes: int | None = None,
+        on_plan: Callable[[IngestPlan], None] | None = None,
     ) -> RagIndex:
-        """Split, embed and index ``documents``; compute and store every node's KV (progress bars if asked)."""
+        """Split, embed and index ``documents``; compute and store every node's KV (progress bars if asked).
+
+        After splitting, ``on_plan`` gets the IngestPlan (chunks, KV bytes to write); with ``max_kv_bytes``, a
+        plan over it raises KVBudgetError before anything is computed."""
         if not documents:
             raise ValueError("documents is empty: read some with read_documents(path) first")
         if chunk_overlap >= chunk_size:
             raise ValueError(f"chunk_overlap must be smaller than chunk_size, got {chunk_overlap} >= {chunk_size}")
         require_llama_index()
         from llama_index.core import Document, StorageContext, VectorStoreIndex
-        from llama_index.core.node_parser import SentenceSplitter
         from llama_index.postprocessor.cacheblend import CacheBlendPrecompute, faiss_vector_store
 
         _use_engine_tokenizer(engine)
@@ -102,7 +254,16 @@ class RagIndex:
             for d in documents
         ]  # fmt: skip
         # the steps of VectorStoreIndex.from_documents, run one by one so each shows its own progress bar
-        nodes = SentenceSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap, tokenizer=engine.tokenize)(docs)
+        nodes = split_nodes(engine, docs, chunk_size=chunk_size, chunk_overlap=chunk_overlap, progress=progress)
+        plan = plan_ingest(engine, nodes)
+        if on_plan is not None:
+            on_plan(plan)
+        if max_kv_bytes is not None and plan.kv_bytes > max_kv_bytes:
+            raise KVBudgetError(
+                f"this ingest would write about {human_bytes(plan.kv_bytes)} of KV ({plan.new_chunks} new chunks, "
+                f"{plan.new_tokens:,} tokens), over the cap of {human_bytes(max_kv_bytes)}; nothing was computed. "
+                "Raise the cap (cacheblend ingest --max-kv-bytes), ingest fewer files, or use a larger --chunk-size"
+            )
         nodes = CacheBlendPrecompute(engine=engine)(nodes, show_progress=progress)
         storage = StorageContext.from_defaults(vector_store=faiss_vector_store())
         for doc in docs:
@@ -117,19 +278,31 @@ class RagIndex:
         return cls(engine, index, manifest)
 
     def persist(self, folder: str | Path) -> Path:
-        """Write the index to ``folder``, replacing an index there (written aside first, then swapped in)."""
+        """Write the index to ``folder``, replacing an index there (written aside first, then swapped in).
+
+        The folders used aside are new ones with unique hidden names next to ``folder``, removed afterwards:
+        nothing this call did not create is ever removed (a user's ``index.old`` or ``index.new`` stays)."""
         folder = Path(folder).expanduser()
         check_replaceable(folder)
-        staging = folder.with_name(folder.name + ".new")
-        shutil.rmtree(staging, ignore_errors=True)
-        self.index.storage_context.persist(persist_dir=str(staging))
-        (staging / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            folder.rename(old)
-        staging.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new-"))
+        old = None
+        try:
+            self.index.storage_context.persist(persist_dir=str(staging))
+            (staging / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+            if folder.exists():
+                old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+                folder.rename(old)  # onto the empty folder just made: that name is ours
+            staging.rename(folder)
+        except BaseException:
+            if old is not None and not folder.exists() and any(old.iterdir()):
+                old.rename(folder)  # put the previous index back
+            shutil.rmtree(staging, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return folder
 
     @classmethod

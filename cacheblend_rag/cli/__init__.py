@@ -6,12 +6,16 @@ import logging
 import os
 
 from . import bench, bench_store, demo, rag, serve, store  # noqa: F401  (registers the subcommands)
-from .common import app
+from .common import app, fail
 
 
 def main() -> None:
     logging.basicConfig(level=os.environ.get("CACHEBLEND_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    app()
+    try:
+        app(standalone_mode=True)
+    except (ValueError, OSError, ImportError) as exc:  # bad input, files, missing packages: one line, exit 2
+        logging.getLogger(__name__).debug("the command failed", exc_info=True)
+        raise SystemExit(fail(f"{exc} (CACHEBLEND_LOG=DEBUG shows the traceback)").exit_code) from None
 
 
 __all__ = ["app", "main"]

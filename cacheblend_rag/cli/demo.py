@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..app.demo import QUESTIONS
-from .common import CACHE_DIR, DEVICE, DTYPE, MODEL, app, console, load_engine, write_json
+from .common import CACHE_DIR, DEVICE, DTYPE, MODEL, app, console, load_engine, unit_interval, write_json
 
 
 @app.command()
@@ -23,7 +23,7 @@ def demo(
     device: str = DEVICE,
     dtype: str = DTYPE,
     cache_dir: Path | None = CACHE_DIR,
-    ratio: float = typer.Option(0.15, min=0.0, max=1.0, help="cacheblend recompute ratio."),
+    ratio: float = typer.Option(0.15, help="cacheblend recompute ratio, in [0, 1].", callback=unit_interval("--ratio")),
     max_new_tokens: int = typer.Option(32, min=1, help="Answer length limit."),
     rag: bool = typer.Option(True, "--rag/--no-rag", help="Also run the RAG part over the bundled corpus."),
     questions: int = typer.Option(

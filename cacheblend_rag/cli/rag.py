@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..config import STRATEGIES
-from .common import CACHE_DIR, DEVICE, DTYPE, MODEL, app, console, load_engine, write_json
+from .common import CACHE_DIR, DEVICE, DTYPE, MODEL, app, console, fail, load_engine, unit_interval, write_json
 
 INDEX_DIR = typer.Option(None, "--index-dir", help="Where the index is kept (default: CACHE_DIR/index).")
 
@@ -16,11 +16,6 @@ def index_dir_or_default(index_dir: Path | None, cache_dir: Path | None) -> Path
     from ..model.loading import default_cache_dir
 
     return (index_dir or (cache_dir or default_cache_dir()) / "index").expanduser()
-
-
-def fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
-    return typer.Exit(2)
 
 
 def require_rag_stack() -> None:
@@ -42,13 +37,27 @@ def ingest(
     index_dir: Path | None = INDEX_DIR,
     chunk_size: int = typer.Option(384, min=32, help="Tokens per chunk (the node splitter's chunk_size)."),
     chunk_overlap: int = typer.Option(32, min=0, help="Tokens shared by neighbouring chunks of one file."),
+    max_kv_bytes: str = typer.Option(
+        "20GB",
+        "--max-kv-bytes",
+        help="Refuse (before computing anything) an ingest that would write more KV than this, e.g. 500MB, 2TB; "
+        "'none' for no cap.",
+    ),
 ) -> None:
-    """Index documents and precompute each chunk's KV cache (replaces the index in --index-dir)."""
+    """Index documents and precompute each chunk's KV cache (replaces the index in --index-dir).
+
+    Before computing, it says how many chunks and how much KV it will write; progress bars show the rest
+    with an estimate of the time left."""
     from ..app import DocumentError, RagIndex, RagIndexError, read_documents
-    from ..app.index import check_replaceable
+    from ..app.index import KVBudgetError, check_replaceable
+    from ..store import parse_bytes
 
     if chunk_overlap >= chunk_size:
         raise fail(f"--chunk-overlap must be smaller than --chunk-size, got {chunk_overlap} >= {chunk_size}")
+    try:
+        cap = None if max_kv_bytes.strip().lower() in ("none", "unlimited") else parse_bytes(max_kv_bytes)
+    except ValueError as exc:
+        raise fail(f"--max-kv-bytes: {exc}, or none") from None
     folder = index_dir_or_default(index_dir, cache_dir)
     try:
         documents = read_documents(path)
@@ -56,10 +65,21 @@ def ingest(
     except (DocumentError, RagIndexError) as exc:
         raise fail(str(exc)) from None
     require_rag_stack()
-    console.print(f"read {len(documents)} document{'s' * (len(documents) != 1)} from {path}")
+    size = sum(len(d.text) for d in documents)
+    console.print(f"read {len(documents)} document{'s' * (len(documents) != 1)} ({size / 1e6:.1f} MB of text) "
+                  f"from {path}", highlight=False)  # fmt: skip
     engine = load_engine(model, device, dtype, cache_dir)
     before = engine.metrics()
-    index = RagIndex.build(engine, documents, chunk_size=chunk_size, chunk_overlap=chunk_overlap, progress=True)
+
+    def show_plan(plan) -> None:
+        console.print(f"{plan.describe()} to write to the KV store", highlight=False)
+        warn_disk_space(engine, plan.kv_bytes)
+
+    try:
+        index = RagIndex.build(engine, documents, chunk_size=chunk_size, chunk_overlap=chunk_overlap, progress=True,
+                               max_kv_bytes=cap, on_plan=show_plan)  # fmt: skip
+    except KVBudgetError as exc:
+        raise fail(str(exc)) from None
     after = engine.metrics()
     index.persist(folder)
     computed = after["precomputed_chunks"] - before["precomputed_chunks"]
@@ -73,6 +93,25 @@ def ingest(
     console.print(f'ask with: [bold]cacheblend ask "your question"{where}[/bold]', highlight=False)
 
 
+def warn_disk_space(engine, kv_bytes: int) -> None:
+    """Say so when the KV to write is more than the free space where the disk tier keeps it."""
+    import shutil
+
+    from ..app.index import human_bytes
+    from ..store import DiskTier
+
+    for tier in engine.store.tiers:
+        if not isinstance(tier, DiskTier):
+            continue
+        where = tier.root
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        if kv_bytes > free:
+            console.print(f"[yellow]warning:[/yellow] only {human_bytes(free)} free under {tier.root}: the KV that "
+                          "does not fit is not stored (it is computed again when needed)", highlight=False)  # fmt: skip
+
+
 @app.command()
 def ask(
     question: str = typer.Argument(..., help="The question, answered from the ingested documents."),
@@ -82,7 +121,7 @@ def ask(
     cache_dir: Path | None = CACHE_DIR,
     index_dir: Path | None = INDEX_DIR,
     strategy: str = typer.Option("cacheblend", help=f"How the prompt's KV is built: {', '.join(STRATEGIES)}."),
-    ratio: float = typer.Option(0.15, min=0.0, max=1.0, help="cacheblend recompute ratio."),
+    ratio: float = typer.Option(0.15, help="cacheblend recompute ratio, in [0, 1].", callback=unit_interval("--ratio")),
     top_k: int = typer.Option(8, "--top-k", min=1, help="Chunks retrieved into the prompt."),
     max_new_tokens: int = typer.Option(64, min=1, help="Answer length limit."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the answer and its statistics as JSON."),

@@ -34,17 +34,19 @@ def store_stats(
     models: Counter[str] = Counter()
     sizes: Counter[str] = Counter()
     unreadable = 0
-    for f in tier.files():
+    entries = tier.entries()  # regular files only: a FIFO would block safe_open, a dangling symlink has no size
+    for f, st in entries:
         try:
             with safe_open(str(f), framework="pt") as handle:
                 fp = (handle.metadata() or {}).get("model_fingerprint", "?")[:12]
-        except Exception:  # an unreadable file is counted, not fatal
+        except Exception:  # an unreadable file (or one deleted meanwhile) is counted, not fatal
             unreadable += 1
             fp = "unreadable"
         models[fp] += 1
-        sizes[fp] += f.stat().st_size
+        sizes[fp] += st.st_size
     per_model = [{"fingerprint": k, "entries": v, "bytes": sizes[k]} for k, v in models.most_common()]
-    payload = {"path": str(root), **tier.usage(), "unreadable": unreadable, "models": per_model}
+    usage = {"entries": len(entries), "bytes": sum(st.st_size for _, st in entries)}
+    payload = {"path": str(root), **usage, "unreadable": unreadable, "models": per_model}
     if json_out:
         print(json.dumps(payload, indent=2))
         return

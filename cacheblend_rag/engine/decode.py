@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,10 +34,13 @@ class Sampler:
     """Greedy when temperature == 0, else temperature + nucleus (top_p) sampling with an optional seed."""
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0
+                or not math.isfinite(temperature)):  # fmt: skip
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+            raise ValueError(f"seed must be an int (or None for an unseeded sampler), got {seed!r}")
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -57,6 +61,8 @@ class Sampler:
 def normalize_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
+    if not isinstance(stop, (str, list, tuple, set, frozenset)):
+        raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {stop!r}")
     items = (stop,) if isinstance(stop, str) else tuple(stop)
     if any(not isinstance(s, str) or not s for s in items):
         raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {stop!r}")

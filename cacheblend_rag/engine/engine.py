@@ -24,7 +24,7 @@ from .kv_cache import KVCache
 from .planner import Planner
 from .prefill import PrefillPlan, prefill
 from .query_selection import select_by_query
-from .registry import ChunkRegistry
+from .registry import MIN_TOKENS, ChunkRegistry
 from .request import GenerationResult, GenerationStream, PreparedRequest
 from .segments import Block, merge_text, place
 from .selection import Budget
@@ -47,6 +47,8 @@ class CacheBlendEngine:
     chunk_prefix: text every chunk is computed after; default: the chat template's start (system prompt and
         user header), else the tokenizer's BOS if it adds one, else a newline.
     config: the default BlendConfig of ``generate``.
+    registry_size, registry_min_tokens: how many chunk texts ``generate(prompt=...)`` looks for, and the fewest
+        tokens a text needs to be looked for (shorter ones are not worth reusing; see engine/registry.py).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class CacheBlendEngine:
         chunk_prefix: str | None = None,
         config: BlendConfig | None = None,
         registry_size: int = 50_000,
+        registry_min_tokens: int = MIN_TOKENS,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -79,7 +82,7 @@ class CacheBlendEngine:
         if store_dtype == "auto":
             store_dtype = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
         self.store = self._build_store(store, memory_bytes, store_dtype, expect)
-        self.registry = ChunkRegistry(registry_size)
+        self.registry = ChunkRegistry(registry_size, registry_min_tokens)
         self._metrics = EngineMetrics()
         self._planner = Planner(self)
         self._prefix_lock = threading.Lock()
@@ -180,9 +183,15 @@ class CacheBlendEngine:
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is a {type(text).__name__}; precompute takes strings")
         handles = [self.handle(t) for t in texts]
+        limit = self.context_window - len(self.chunk_prefix_ids)
         for i, handle in enumerate(handles):
             if not handle.token_ids:
                 raise ValueError(f"texts[{i}] has no tokens (empty text); drop it before precompute")
+            if handle.n_tokens > limit:
+                raise ValueError(
+                    f"texts[{i}] has {handle.n_tokens} tokens, more than a chunk can have in the model's "
+                    f"context window ({limit} of {self.context_window}); split it into smaller chunks"
+                )
         todo = {h.key: h for h in handles if not self.store.contains(h.key)}
         self._metrics.add(precompute_cache_hits=len(handles) - len(todo))
         items = todo.values()
@@ -199,9 +208,15 @@ class CacheBlendEngine:
         return handles
 
     def register(self, handles: Iterable[ChunkHandle]) -> None:
-        """Make ``generate(prompt=...)`` recognise these chunks' texts."""
+        """Make ``generate(prompt=...)`` recognise these chunks' texts (those under ``registry.min_tokens``
+        tokens are skipped: too short to be worth reusing)."""
+        handles = list(handles)
         for handle in handles:
             self._check_handle(handle)
+            if self.registry.lookup(handle.text) != handle and self.tokenize(handle.text) != list(handle.token_ids):
+                raise ValueError(f"handle {handle.key[:12]}...: its text does not tokenize to its token ids; "
+                                 "use the handles engine.precompute returns")  # fmt: skip
+        for handle in handles:
             self.registry.register(handle)
 
     def compute_chunk(self, token_ids: Sequence[int]) -> ChunkKV:
@@ -229,7 +244,7 @@ class CacheBlendEngine:
 
     def chunk_kv(self, handle: ChunkHandle) -> tuple[ChunkKV, bool]:
         """The stored KV of a chunk (read in full), computing and storing it on a miss. Returns (kv, was_hit)."""
-        kv = self.store.get(handle.key)
+        kv = self.store.get(handle.key, handle.n_tokens)
         if kv is not None:
             return kv, True
         return self._compute_missing(handle), False
@@ -244,7 +259,7 @@ class CacheBlendEngine:
         here. A LazyChunk whose read fails is recomputed when the prefill reaches it, and counted as a miss
         in ``stats`` and in ``computed_on_miss``.
         """
-        found = self.store.fetch([h.key for h in handles])
+        found = self.store.fetch([h.key for h in handles], [h.n_tokens for h in handles])
         out: list[tuple[ChunkKV | LazyChunk, bool]] = []
         for handle, kv in zip(handles, found):
             if kv is None:
@@ -319,11 +334,16 @@ class CacheBlendEngine:
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-            segments = self.registry.split(prompt)
+            # the prompt's own tokens; runs equal to a registered chunk's tokens reuse its KV (engine/registry.py)
+            segments = self.registry.split(self.tokenize(prompt))
+        else:
+            segments = merge_text(segments)
         blocks = []
-        for seg in merge_text(segments):
+        for seg in segments:
             if isinstance(seg, str):
                 blocks.append(Block(self.tokenize(seg)))
+            elif isinstance(seg, list):
+                blocks.append(Block(seg))
             else:
                 blocks.append(Block(list(self._check_handle(seg).token_ids), seg))
         blocks = [b for b in blocks if b.token_ids]
@@ -355,7 +375,8 @@ class CacheBlendEngine:
         n = blocks[-1].end
         stats = RequestStats(strategy=config.strategy, prompt_tokens=n)
         plan, store_blocks = self._planner.plan(blocks, config, stats)
-        cache = self._new_cache(n + extra_capacity)
+        # never more rows than the context window lets the request decode into (a huge max_new_tokens)
+        cache = self._new_cache(n + max(0, min(extra_capacity, max(self.context_window - n, 1))))
         t = time.perf_counter()
         with torch.inference_mode():
             if config.strategy == "cacheblend" and config.selection == "query" and plan.spans:

@@ -69,7 +69,7 @@ class Planner:
             keys.append(parent)
         spans = []
         for key, block in zip(keys, blocks):
-            kv = engine.store.get(key)
+            kv = engine.store.get(key, len(block.token_ids))
             if kv is None:
                 stats.cache_misses += 1
                 break

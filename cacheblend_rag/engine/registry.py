@@ -1,107 +1,104 @@
-"""Text -> handle registry, and splitting a finished prompt back into text and cached chunks.
+"""Chunk registry: finding registered chunks in a finished prompt, on the prompt's own tokens.
 
-Frameworks hand the LLM one string. Every chunk text registered here is found again inside that string
-(any order, any surrounding template): each position of the prompt is looked up by its first
-``ANCHOR`` characters, and a candidate matches only if its whole text is there. Text that matches no
-registered chunk stays text and is computed.
+Frameworks hand the LLM one string. The engine tokenizes the whole prompt as usual, and the registry looks
+for runs of its token ids that equal a registered chunk's token ids (any order, any surrounding template):
+each position is looked up by its first ``anchor`` token ids, and a candidate matches only if all its ids
+follow. Such a run reuses the chunk's stored KV; every other token is computed.
+
+Because matching works on the prompt's own tokenization, a match never changes how the prompt is tokenized:
+a chunk is never found inside a word, inside a special token such as ``<|im_start|>``, or where the text
+before it merges with its first token (after ``"Context: "`` a chunk starting ``"The"`` is tokenized as
+``" The"``; put chunks on their own line, e.g. ``"Context:\\n"``, as framework templates do). There it is
+simply computed: slower, never different.
+
+Texts of fewer than ``min_tokens`` tokens (``MIN_TOKENS``, 8, by default) are not registered: reusing them
+saves less than loading them costs, and short token runs recur in unrelated text. They can still be passed
+as explicit segments (``engine.generate([..., handle, ...])``).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from ..store.chunk import ChunkHandle
 
-ANCHOR = 24
+MIN_TOKENS = 8
+MAX_ANCHOR = 8
 
 
 class ChunkRegistry:
-    """LRU-bounded map of chunk texts to handles."""
+    """LRU-bounded map of chunk texts to handles, searched by token ids."""
 
-    def __init__(self, max_entries: int = 50_000) -> None:
+    def __init__(self, max_entries: int = 50_000, min_tokens: int = MIN_TOKENS) -> None:
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
+            raise ValueError(f"min_tokens must be an int >= 1, got {min_tokens!r}")
         self.max_entries = max_entries
+        self.min_tokens = min_tokens
+        self.anchor = min(min_tokens, MAX_ANCHOR)
         self._by_text: OrderedDict[str, ChunkHandle] = OrderedDict()
-        self._by_anchor: dict[str, set[str]] = {}
-        self._short: set[str] = set()
+        self._by_ids: dict[tuple[int, ...], ChunkHandle] = {}
+        self._by_anchor: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._by_text)
 
-    def register(self, handle: ChunkHandle) -> None:
-        text = handle.text
-        if not text:
-            return
+    def register(self, handle: ChunkHandle) -> bool:
+        """Register ``handle``; False (and nothing registered) if its text is shorter than ``min_tokens``."""
+        text, ids = handle.text, tuple(handle.token_ids)
+        if not text or len(ids) < self.min_tokens:
+            return False
         with self._lock:
-            if text in self._by_text:
-                self._by_text.move_to_end(text)
-                self._by_text[text] = handle
-                return
-            self._by_text[text] = handle
-            if len(text) < ANCHOR:
-                self._short.add(text)
-            else:
-                self._by_anchor.setdefault(text[:ANCHOR], set()).add(text)
-            while len(self._by_text) > self.max_entries:
-                old, _ = self._by_text.popitem(last=False)
+            old = self._by_text.pop(text, None)
+            if old is not None:
                 self._forget(old)
+            self._by_text[text] = handle
+            self._by_ids[ids] = handle
+            self._by_anchor.setdefault(ids[: self.anchor], set()).add(ids)
+            while len(self._by_text) > self.max_entries:
+                _, evicted = self._by_text.popitem(last=False)
+                self._forget(evicted)
+        return True
 
-    def _forget(self, text: str) -> None:
-        if len(text) < ANCHOR:
-            self._short.discard(text)
+    def _forget(self, handle: ChunkHandle) -> None:
+        ids = tuple(handle.token_ids)
+        if self._by_ids.get(ids) is not handle:  # another text with the same tokens took its place
             return
-        bucket = self._by_anchor.get(text[:ANCHOR])
+        del self._by_ids[ids]
+        bucket = self._by_anchor.get(ids[: self.anchor])
         if bucket is not None:
-            bucket.discard(text)
+            bucket.discard(ids)
             if not bucket:
-                del self._by_anchor[text[:ANCHOR]]
+                del self._by_anchor[ids[: self.anchor]]
 
     def lookup(self, text: str) -> ChunkHandle | None:
         with self._lock:
             return self._by_text.get(text)
 
-    def split(self, prompt: str) -> list[str | ChunkHandle]:
-        """Split ``prompt`` into text pieces and the handles of registered chunks found in it (leftmost,
-        longest match first; matches never overlap)."""
+    def split(self, token_ids: Sequence[int]) -> list[list[int] | ChunkHandle]:
+        """Split a prompt's token ids into runs to compute (lists of ids) and the handles of registered chunks
+        whose token ids appear in it (leftmost, longest match first; matches never overlap)."""
+        ids = list(token_ids)
+        out: list[list[int] | ChunkHandle] = []
+        n, a = len(ids), self.anchor
+        start = i = 0
         with self._lock:
-            matches = self._long_matches(prompt) + self._short_matches(prompt)
-            by_text = dict(self._by_text)
-        matches.sort(key=lambda m: (m[0], -len(m[1])))
-        out: list[str | ChunkHandle] = []
-        pos = 0
-        for start, text in matches:
-            if start < pos:
-                continue
-            if start > pos:
-                out.append(prompt[pos:start])
-            out.append(by_text[text])
-            pos = start + len(text)
-        if pos < len(prompt):
-            out.append(prompt[pos:])
-        return out
-
-    def _long_matches(self, prompt: str) -> list[tuple[int, str]]:
-        found = []
-        get = self._by_anchor.get
-        i, end = 0, len(prompt) - ANCHOR + 1
-        while i < end:
-            bucket = get(prompt[i : i + ANCHOR])
-            if bucket:
-                hits = [t for t in bucket if prompt.startswith(t, i)]
-                if hits:
-                    best = max(hits, key=len)
-                    found.append((i, best))
-                    i += len(best)
+            get = self._by_anchor.get
+            while i + a <= n:
+                bucket = get(tuple(ids[i : i + a]))
+                best = None
+                for cand in bucket or ():
+                    if (best is None or len(cand) > len(best)) and tuple(ids[i : i + len(cand)]) == cand:
+                        best = cand
+                if best is None:
+                    i += 1
                     continue
-            i += 1
-        return found
-
-    def _short_matches(self, prompt: str) -> list[tuple[int, str]]:
-        found = []
-        for text in self._short:
-            start = prompt.find(text)
-            while start >= 0:
-                found.append((start, text))
-                start = prompt.find(text, start + len(text))
-        return found
+                if i > start:
+                    out.append(ids[start:i])
+                out.append(self._by_ids[best])
+                i = start = i + len(best)
+        if start < n:
+            out.append(ids[start:])
+        return out

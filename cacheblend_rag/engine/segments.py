@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..store.chunk import ChunkHandle
@@ -25,6 +25,9 @@ def merge_text(segments: Sequence[str | ChunkHandle]) -> list[str | ChunkHandle]
     """Validate segment types and join adjacent strings (they are tokenized together)."""
     if isinstance(segments, (str, ChunkHandle)):
         segments = [segments]
+    if isinstance(segments, (Mapping, set, frozenset)) or not isinstance(segments, Iterable):
+        raise TypeError(f"segments must be a list of str (computed) and ChunkHandle (reused) items in prompt order, "
+                        f"got a {type(segments).__name__}")  # fmt: skip
     out: list[str | ChunkHandle] = []
     for i, seg in enumerate(segments):
         if isinstance(seg, str):

@@ -7,8 +7,11 @@ one. A reader keeps the file it opened (its descriptor) for the whole read, so a
 delete cannot mix two files. ``open`` parses the header and checks the metadata and that every tensor lies
 inside the file; ``read_layer`` reads one layer's tensors straight into the caller's buffers with
 ``pread`` and checks each one's CRC. A file that fails any check is a miss: it is logged, deleted (unless a
-newer file replaced it meanwhile), and recomputed by the caller. Files are not fsynced: after a power loss
-a file may be empty or truncated, which the checks catch.
+newer file replaced it meanwhile), and recomputed by the caller; so is anything at an entry's path that is
+not a regular file (a FIFO is opened non-blocking, so it cannot hang a request). Files are not fsynced: after
+a power loss a file may be empty or truncated, which the checks catch. A write that fails (disk full,
+read-only file system, ...) is skipped: counted in the tier's ``errors``, logged at most once a minute, and
+the request goes on without it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import struct
 import threading
 import time
@@ -36,6 +40,7 @@ __all__ = ["CorruptEntry", "DiskTier", "tensor_crc"]
 
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8}
 _MAX_HEADER = 16 << 20
+WARN_EVERY_S = 60.0  # at most one "could not write" warning per this many seconds
 
 
 class DiskTier:
@@ -46,6 +51,8 @@ class DiskTier:
         self.model_fingerprint = model_fingerprint
         self.stats = TierStats()
         self._lock = threading.Lock()
+        self._last_write_warning = -float("inf")
+        self._failed_writes = 0  # since the last warning
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -57,7 +64,7 @@ class DiskTier:
         """A per-layer reader of ``key``'s file (header validated), or None on a miss."""
         path = self.path(key)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO put there must not block the request
         except FileNotFoundError:
             self._count(misses=1)
             return None
@@ -94,18 +101,35 @@ class DiskTier:
             self._count(misses=1, errors=1)
 
     def put(self, key: str, kv: ChunkKV) -> None:
+        """Write ``key``'s file. A failed write (disk full, read-only, ...) is skipped: counted in ``errors``,
+        logged at most once a minute, and the caller goes on without it."""
         path = self.path(key)
         meta, tensors = encode_entry(key, self.model_fingerprint, kv)
         tmp = path.parent / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(tmp), metadata=meta.to_strings())
+            size = os.stat(tmp).st_size  # before the replace: a cleaner may delete the file right after it
             os.replace(tmp, path)
-        except OSError as exc:
-            logger.warning("could not write KV cache file %s (%s); continuing without it", path, exc)
-            tmp.unlink(missing_ok=True)
+        except Exception as exc:  # OSError, and safetensors' SafetensorError ("No space left on device", ...)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self._write_failed(path, exc)
             return
-        self._count(writes=1, bytes_written=path.stat().st_size if path.exists() else 0)
+        self._count(writes=1, bytes_written=size)
+
+    def _write_failed(self, path: Path, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.stats.errors += 1
+            self._failed_writes += 1
+            if now - self._last_write_warning < WARN_EVERY_S:
+                return
+            self._last_write_warning = now
+            failed, self._failed_writes = self._failed_writes, 0
+        logger.warning("could not write KV cache file %s (%s: %s); continuing without it. [%d failed writes since "
+                       "the last warning; this warning repeats at most every %gs]", path, type(exc).__name__, exc,
+                       failed, WARN_EVERY_S)  # fmt: skip
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -114,30 +138,46 @@ class DiskTier:
     def files(self) -> list[Path]:
         return sorted(self.root.glob("??/*.safetensors")) if self.root.is_dir() else []
 
+    def entries(self) -> list[tuple[Path, os.stat_result]]:
+        """(path, stat) of every entry that is a regular file now; dangling symlinks, FIFOs and other odd
+        files, and files deleted while the folder is scanned, are skipped."""
+        out = []
+        for f in self.files():
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append((f, st))
+        return out
+
     def usage(self) -> dict[str, int]:
-        files = self.files()
-        return {"entries": len(files), "bytes": sum(f.stat().st_size for f in files)}
+        entries = self.entries()
+        return {"entries": len(entries), "bytes": sum(st.st_size for _, st in entries)}
 
     def gc(self, max_bytes: int) -> dict[str, int]:
         """Delete least recently used files (by access, else modification time) until under ``max_bytes``."""
-        entries = []
-        for f in self.files():
-            st = f.stat()
-            entries.append((max(st.st_atime, st.st_mtime), st.st_size, f))
-        entries.sort()
+        entries = sorted((max(st.st_atime, st.st_mtime), st.st_size, f) for f, st in self.entries())
         total = sum(size for _, size, _ in entries)
         removed = freed = 0
         for _, size, f in entries:
             if total <= max_bytes:
                 break
-            f.unlink(missing_ok=True)
+            try:
+                f.unlink()
+            except FileNotFoundError:  # removed meanwhile (another gc, a cleaner): it is gone all the same
+                pass
+            except OSError as exc:
+                logger.warning("could not delete KV cache file %s (%s)", f, exc)
+                continue
             total -= size
             removed += 1
             freed += size
         cutoff = time.time() - 3600
         for stale in self.root.glob("??/.tmp-*") if self.root.is_dir() else []:
-            if stale.stat().st_mtime < cutoff:  # left by a writer that died mid-way
-                stale.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                if stale.lstat().st_mtime < cutoff:  # left by a writer that died mid-way
+                    stale.unlink()
         return {"removed": removed, "freed_bytes": freed, "bytes": total}
 
     def _count(self, **deltas: int) -> None:
@@ -151,7 +191,10 @@ class _DiskReader(LayerReaderBase):
 
     def __init__(self, tier: DiskTier, key: str, path: Path, fd: int) -> None:
         self.tier, self.path, self.fd = tier, path, fd
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptEntry("not a regular file")
+        size = st.st_size
         head = os.pread(fd, 8, 0)
         if len(head) < 8:
             raise CorruptEntry(f"{size} bytes: too short for a safetensors header")

@@ -24,7 +24,8 @@ class KVStore:
     values overflow float16 is stored as bfloat16 instead. ``int8`` (or ``torch.int8``) stores keys with a
     per-channel and values with a per-token scale (``codec.py``): about half the bytes of float16 on disk and
     in Redis; every tier, memory included, serves the same decoded float16 values. ``expect`` = (layers,
-    kv_heads, head_dim): an entry of any other geometry is treated as a miss.
+    kv_heads, head_dim): an entry of any other geometry is treated as a miss and deleted, and so is one whose
+    token count is not the one the caller asks for (``get(key, n_tokens)``, ``fetch(keys, n_tokens)``).
     pipelined: ``fetch`` reads blocks from tiers that serialize (disk, Redis) layer by layer in the
     background instead of whole before the prefill. layer_timeout_s: how long a prefill waits for one layer
     before it recomputes the block instead.
@@ -55,24 +56,29 @@ class KVStore:
     def contains(self, key: str) -> bool:
         return any(t.contains(key) for t in self.tiers)
 
-    def get(self, key: str) -> ChunkKV | None:
-        """The whole block (read before returning), promoted to the faster tiers; None on a miss."""
+    def get(self, key: str, n_tokens: int | None = None) -> ChunkKV | None:
+        """The whole block (read before returning), promoted to the faster tiers; None on a miss. With
+        ``n_tokens``, an entry of another token count is a miss (and deleted)."""
         for i, tier in enumerate(self.tiers):
             kv = tier.get(key)
             if kv is None:
                 continue
-            if not self._fits(tuple(kv.k.shape)):
-                self._reject(tier, key, tuple(kv.k.shape))
+            if not self._fits(tuple(kv.k.shape), n_tokens):
+                self._reject(tier, key, tuple(kv.k.shape), n_tokens)
                 continue
             self._promote(i, key, kv)
             return kv
         return None
 
-    def fetch(self, keys: Sequence[str]) -> list[ChunkKV | LazyChunk | None]:
+    def fetch(
+        self, keys: Sequence[str], n_tokens: Sequence[int | None] | None = None
+    ) -> list[ChunkKV | LazyChunk | None]:
         """Per key: a ChunkKV from a fast tier, a LazyChunk being read in the background from a slow one
-        (see ``pipeline.py``), or None on a miss. Repeated keys get the same object."""
+        (see ``pipeline.py``), or None on a miss. Repeated keys get the same object. ``n_tokens``: per key, the
+        token count its entry must have (an entry of another count is a miss, and deleted)."""
+        tokens = dict(zip(keys, n_tokens)) if n_tokens is not None else {}
         if not self.pipelined:
-            found = {key: self.get(key) for key in dict.fromkeys(keys)}
+            found = {key: self.get(key, tokens.get(key)) for key in dict.fromkeys(keys)}
             return [found[key] for key in keys]
         found: dict[str, ChunkKV | LazyChunk | None] = {}
         origin: dict[str, int] = {}
@@ -81,12 +87,13 @@ class KVStore:
             if key in found:
                 continue
             found[key] = None
+            want = tokens.get(key)
             for i, tier in enumerate(self.tiers):
                 opener = getattr(tier, "open", None)
                 if opener is None:
                     kv = tier.get(key)
-                    if kv is not None and not self._fits(tuple(kv.k.shape)):
-                        self._reject(tier, key, tuple(kv.k.shape))
+                    if kv is not None and not self._fits(tuple(kv.k.shape), want):
+                        self._reject(tier, key, tuple(kv.k.shape), want)
                     elif kv is not None:
                         self._promote(i, key, kv)
                         found[key] = kv
@@ -95,9 +102,9 @@ class KVStore:
                 reader = opener(key)
                 if reader is None:
                     continue
-                if not self._fits(reader.meta.shape):
+                if not self._fits(reader.meta.shape, want):  # before any buffer of that shape is allocated
                     reader.close()
-                    self._reject(tier, key, reader.meta.shape)
+                    self._reject(tier, key, reader.meta.shape, want)
                     continue
                 found[key] = chunk = LazyChunk(key, reader, tier.name, self.layer_timeout_s)
                 origin[key] = i
@@ -111,15 +118,19 @@ class KVStore:
         for faster in self.tiers[:index]:
             faster.put(key, kv)
 
-    def _fits(self, shape: tuple[int, ...]) -> bool:
+    def _fits(self, shape: tuple[int, ...], n_tokens: int | None = None) -> bool:
+        if n_tokens is not None and shape[2] != n_tokens:
+            return False
         if self.expect is None:
             return True
         layers, heads, dim = self.expect
         return shape[0] == layers and shape[1] == heads and shape[3] == dim
 
-    def _reject(self, tier: Tier, key: str, shape: tuple[int, ...]) -> None:
-        logger.warning("KV entry %s in the %s tier has shape %s, expected (layers, kv heads, head dim) = %s; "
-                       "treating it as a miss", key[:12], tier.name, shape, self.expect)  # fmt: skip
+    def _reject(self, tier: Tier, key: str, shape: tuple[int, ...], n_tokens: int | None = None) -> None:
+        layers, heads, dim = self.expect or ("?", "?", "?")
+        expected = (layers, heads, "?" if n_tokens is None else n_tokens, dim)
+        logger.warning("KV entry %s in the %s tier has shape %s, expected (layers, kv heads, tokens, head dim) = "
+                       "%s; treating it as a miss and deleting it", key[:12], tier.name, shape, expected)  # fmt: skip
         tier.stats.corrupt += 1
         tier.delete(key)
 

@@ -17,9 +17,11 @@ never expires. Under memory pressure Redis' own ``maxmemory-policy`` decides: us
 ``volatile-lru`` with a ttl) on a Redis dedicated to the cache; with ``noeviction`` writes fail when it is
 full (logged, the request still succeeds).
 
-Availability: a call that fails to connect or times out (``socket_timeout``, default 1s) makes the tier
-back off (``health.py``): it is skipped, calls are misses and writes are dropped, for 1s doubling up to
-30s (``backoff``, ``backoff_max``), then tried again; one warning per minute at most (``warn_every``).
+Availability: a call that fails to connect, times out (``socket_timeout``, default 1s) or gets a reply
+that is not Redis' protocol (the URL reaches another service), i.e. any Redis error except an error reply
+of the server, makes the tier back off (``health.py``): it is skipped, calls are misses and writes are
+dropped, for 1s doubling up to 30s (``backoff``, ``backoff_max``), then tried again; one warning per minute
+at most (``warn_every``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from .entry import (
 )
 from .health import Backoff
 from .tier import TierStats
+from .urls import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +126,7 @@ class RedisTier:
         where: str = "Redis",
     ) -> None:
         """client: a ``redis.Redis`` (bytes replies, i.e. ``decode_responses=False``)."""
-        from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+        from redis.exceptions import RedisError, ResponseError
 
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("RedisTier needs a client with decode_responses=False (values are raw bytes)")
@@ -135,7 +138,7 @@ class RedisTier:
         self.where = where
         self.stats = TierStats()
         self.health = Backoff(where, backoff, backoff_max, warn_every)
-        self._down_errors = (ConnectionError, TimeoutError)
+        self._redis_error = RedisError
         self._response_error = ResponseError
         self._put_script = client.register_script(_PUT)
         self._delete_script = client.register_script(_DELETE_IF)
@@ -166,7 +169,7 @@ class RedisTier:
                 try:
                     ours[name] = OPTIONS[name](value)
                 except ValueError as exc:
-                    raise ValueError(f"bad {name}={value!r} in store URL {_redact(url)}: {exc}") from None
+                    raise ValueError(f"bad {name}={value!r} in store URL {redact_url(url)}: {exc}") from None
             else:
                 theirs.append((name, value))
         redis_url = urlunparse(parsed._replace(query=urlencode(theirs)))
@@ -177,7 +180,7 @@ class RedisTier:
             pool = client.connection_pool
             pool.connection_class(**pool.connection_kwargs)  # checks the options; connects only when used
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"bad Redis store URL {_redact(url)}: {exc}; options of ours are "
+            raise ValueError(f"bad Redis store URL {redact_url(url)}: {exc}; options of ours are "
                              f"{', '.join(OPTIONS)}, the rest go to redis-py") from None  # fmt: skip
         host = f"{parsed.hostname or 'localhost'}:{parsed.port or 6379}"
         where = f"Redis at {parsed.scheme}://{host}{parsed.path or '/0'}"
@@ -193,7 +196,9 @@ class RedisTier:
             raise TierUnavailable(f"{self.where} is backing off after a failure")
         try:
             out = fn(*args, **kwargs)
-        except self._down_errors as exc:
+        except self._response_error:  # the server answered with an error reply: it is up
+            raise
+        except self._redis_error as exc:  # cannot connect, timed out, not Redis' protocol (InvalidResponse), ...
             self._count(errors=1)
             self.health.failure(exc)
             raise TierUnavailable(f"{self.where}: {exc}") from exc
@@ -394,11 +399,3 @@ class _RedisReader(LayerReaderBase):
 
     def _release(self) -> None:
         self.fields = None
-
-
-def _redact(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
-    return urlunparse(parsed._replace(netloc=netloc))

@@ -87,3 +87,64 @@ def test_bad_generation_arguments(engine):
         engine.precompute([""])
     with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
         engine.generate(["hi"], config=BlendConfig(backend="triton"))
+
+
+# ---- issue 10, cases 9 and 10 ----------------------------------------------------------------------------------
+def test_huge_max_new_tokens_sizes_the_cache_to_the_context_window(engine, monkeypatch):
+    capacities = []
+    new_cache = engine._new_cache
+
+    def recording(capacity):
+        capacities.append(capacity)
+        return new_cache(capacity)
+
+    monkeypatch.setattr(engine, "_new_cache", recording)
+    engine.eos_token_ids = frozenset(range(engine.forward.vocab_size))  # ends at once: only the sizing matters
+    result = engine.generate(["Hello there"], max_new_tokens=10**9)
+    assert result.finish_reason == "eos" and max(capacities) <= engine.context_window + 1
+    stream = engine.stream(["Hello there"], max_new_tokens=10**12)
+    assert list(stream) == [] and max(capacities) <= engine.context_window + 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"temperature": float("inf")}, ValueError, "temperature must be a finite number >= 0, got inf"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be a finite number"),
+        ({"top_p": float("nan")}, ValueError, "top_p must be in"),
+        ({"seed": "x"}, ValueError, r"seed must be an int \(or None for an unseeded sampler\), got 'x'"),
+        ({"seed": 1.5}, ValueError, "seed must be an int"),
+        ({"seed": 2**70}, ValueError, "seed must be an int"),
+        ({"stop": 5}, ValueError, "stop must be a non-empty string or a list of non-empty strings, got 5"),
+        ({"stop": [5]}, ValueError, "stop must be"),
+        ({"stop": {"a": 1}}, ValueError, "stop must be"),
+    ],
+)
+def test_bad_sampling_arguments_name_the_value(engine, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        engine.generate(["hi"], max_new_tokens=2, **kwargs)
+
+
+@pytest.mark.parametrize("segments", [{"Q": 1, "A": 2}, {"Q", "A"}, 5])
+def test_segments_must_be_an_ordered_list(engine, segments):
+    with pytest.raises(TypeError, match=r"segments must be a list of str \(computed\) and ChunkHandle"):
+        engine.generate(segments, max_new_tokens=2)
+    assert engine.generate(("Q", " A"), max_new_tokens=1).stats.prompt_tokens > 1  # a tuple is fine
+
+
+def test_chunk_longer_than_the_context_window_is_refused_before_computing(engine):
+    text = "word " * 2100
+    message = r"texts\[1\] has 210\d tokens, more than a chunk can have in the model's context window \(2047 of 2048\)"
+    with pytest.raises(ValueError, match=message + "; split it"):
+        engine.precompute([PASSAGES[0], text])
+    assert engine.metrics()["precomputed_chunks"] == 0 and len(engine.registry) == 0
+
+
+def test_register_checks_that_a_handle_text_matches_its_tokens(engine):
+    (handle,) = engine.precompute([PASSAGES[0]], register=False)
+    forged = ChunkHandle(handle.key, PASSAGES[1], handle.token_ids, handle.model_fingerprint)
+    with pytest.raises(ValueError, match="its text does not tokenize to its token ids"):
+        engine.register([handle, forged])
+    assert len(engine.registry) == 0  # all or nothing
+    engine.register([handle])
+    assert engine.registry.lookup(PASSAGES[0]) == handle

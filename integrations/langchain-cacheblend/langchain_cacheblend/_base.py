@@ -8,9 +8,10 @@ from typing import Any
 
 from langchain_core.language_models import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer, model_validator
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine, GenerationResult
+from cacheblend_rag.store.urls import redact_secrets
 
 from ._generation import Generation, Options
 
@@ -43,7 +44,9 @@ def load_engine(model: str, engine_kwargs: dict[str, Any]) -> CacheBlendEngine:
 class CacheBlendParams(BaseModel):
     """The engine and the generation options common to the chat model and the LLM."""
 
-    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, extra="forbid")
+    # hide_input_in_errors: a validation error must not echo engine_kwargs (store URLs may hold passwords)
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, extra="forbid",
+                              hide_input_in_errors=True)  # fmt: skip
 
     engine: CacheBlendEngine | None = Field(default=None, exclude=True, repr=False)
     """The engine to generate with. Share it with CacheBlendRetriever so retrieved chunks are reused. If not
@@ -52,7 +55,8 @@ class CacheBlendParams(BaseModel):
     """Model to load when ``engine`` is not given (``smollm2-135m``, a .gguf file, a folder or a Hugging Face
     id); with ``engine``, the name reported in traces (default: the engine's name)."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments of ``CacheBlendEngine.from_pretrained`` (device, dtype, store, cache_dir, ...)."""
+    """Keyword arguments of ``CacheBlendEngine.from_pretrained`` (device, dtype, store, cache_dir, ...). Shown
+    (repr, serialization, traces) with the passwords of store URLs replaced by ``***``."""
     temperature: float = Field(default=0.0, ge=0.0)
     """Sampling temperature; 0 is greedy."""
     max_tokens: int = Field(default=256, ge=1)
@@ -79,6 +83,13 @@ class CacheBlendParams(BaseModel):
     """Whether ``invoke`` streams internally (token callbacks fire for every piece)."""
 
     _blend: BlendConfig = PrivateAttr()
+
+    def __repr_args__(self):
+        return [(k, redact_secrets(v) if k == "engine_kwargs" else v) for k, v in super().__repr_args__()]
+
+    @field_serializer("engine_kwargs")
+    def _redacted_engine_kwargs(self, value: dict[str, Any]) -> dict[str, Any]:
+        return redact_secrets(value)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         """LangSmith's tracing parameters (the LangChain base class's), with our provider and default stop."""

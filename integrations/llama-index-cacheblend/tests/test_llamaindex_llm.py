@@ -15,7 +15,7 @@ from cacheblend_rag import BlendConfig
 pytestmark = pytest.mark.real_model
 
 PASSAGE = "The Corvin Tower in Lanford is 212 metres tall and was finished in 1997."
-QUESTION = f"Context: {PASSAGE}\nQuestion: How tall is the Corvin Tower?"
+QUESTION = f"Context:\n{PASSAGE}\nQuestion: How tall is the Corvin Tower?"
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +58,12 @@ def test_complete_wraps_the_prompt_and_reports_reuse(engine, passage):
 
 def test_predict_sends_what_complete_would(engine, passage, llm_calls):
     llm = CacheBlendLLM(engine=engine, max_new_tokens=8, system_prompt="Answer with a number.")
-    answer = llm.predict(PromptTemplate("Context: {context}\nQuestion: {q}"), context=PASSAGE, q="How tall?")
+    answer = llm.predict(PromptTemplate("Context:\n{context}\nQuestion: {q}"), context=PASSAGE, q="How tall?")
 
     [(prompt, response)] = llm_calls
-    assert prompt == llm.completion_to_prompt(f"Context: {PASSAGE}\nQuestion: How tall?")
+    assert prompt == llm.completion_to_prompt(f"Context:\n{PASSAGE}\nQuestion: How tall?")
     assert prompt.count("Answer with a number.") == 1 and prompt.startswith("<|im_start|>system\nAnswer with")
-    assert answer == response.text == llm.complete(f"Context: {PASSAGE}\nQuestion: How tall?").text
+    assert answer == response.text == llm.complete(f"Context:\n{PASSAGE}\nQuestion: How tall?").text
     assert response.additional_kwargs["cache_hits"] == 1
 
 

@@ -21,13 +21,20 @@ def llm_texts(index) -> list[str]:
     return [node.get_content(metadata_mode=MetadataMode.LLM) for node in index.docstore.docs.values()]
 
 
+def contains_run(run, ids) -> bool:
+    run, ids = list(run), list(ids)
+    return any(ids[i : i + len(run)] == run for i in range(len(ids) - len(run) + 1))
+
+
 def check_accounting(engine, index, calls) -> list[dict]:
-    """Each LLM call reused exactly the cached node texts that appear whole in its prompt; the rest was computed."""
+    """Each LLM call reused exactly the cached node texts that appear whole in its prompt, tokenized as alone (a
+    text merged into a token with the character before or after it is computed); the rest was computed."""
     texts = llm_texts(index)
     stats = []
     for prompt, response in calls:
         s = response.additional_kwargs
-        whole = [t for t in texts if t in prompt]
+        ids = engine.tokenize(prompt)
+        whole = [t for t in texts if t in prompt and contains_run(engine.handle(t).token_ids, ids)]
         assert s["cache_hits"] == len(whole) and s["cache_misses"] == 0, (prompt, s)
         assert s["cached_tokens"] == sum(engine.handle(t).n_tokens for t in whole), (prompt, s)
         assert s["prompt_tokens"] - s["cached_tokens"] <= s["recomputed_tokens"] < s["prompt_tokens"] or not whole
@@ -64,9 +71,11 @@ def test_response_modes_answer_and_reuse_whole_chunks(mode, index, llm, postproc
 
     assert "27" in str(response)
     stats = check_accounting(engine, index, llm_calls)
-    # the context window is large: no mode splits a node, so every retrieved node is reused in some call
+    # the context window is large: no mode splits a node, so every retrieved node is reused in some call, except
+    # in simple_summarize, which quotes the texts as a Python list: "." + "'," is one token (see the README)
     sources = [item.node.get_content(metadata_mode=MetadataMode.LLM) for item in response.source_nodes]
-    assert all(any(text in s["whole"] for s in stats) for text in sources)
+    if mode != "simple_summarize":
+        assert all(any(text in s["whole"] for s in stats) for text in sources)
     assert all(s["reused_tokens"] > 0 for s in stats if s["whole"])
 
 
