@@ -174,7 +174,7 @@ class RedisClusterTier(RedisTier):
         """nodes: (host, port) of some cluster nodes; connection: redis-py options (socket_timeout, password,
         ssl, ...); options: the Redis tier's (ttl, prefix, touch, backoff, backoff_max, warn_every, where)."""
         from redis.backoff import NoBackoff
-        from redis.exceptions import ClusterError, RedisClusterException
+        from redis.exceptions import ClusterError, ConnectionError, RedisClusterException, TimeoutError
         from redis.retry import Retry
 
         if not nodes:
@@ -184,8 +184,11 @@ class RedisClusterTier(RedisTier):
         options.setdefault("where", "Redis Cluster at " + ",".join(f"{h}:{p}" for h, p in nodes))
         client = _LazyClusterClient(list(nodes), kwargs)
         super().__init__(client, model_fingerprint, **options)
-        # ClusterDownError and TryAgainError are ResponseErrors too: listed here, they mean "unreachable"
-        self._down_errors = client.down_errors = (*self._down_errors, ClusterError, RedisClusterException)
+        # ClusterDownError and TryAgainError are error replies (ResponseError) that mean "unreachable", and
+        # RedisClusterException is no RedisError at all
+        self._cluster_down = (ClusterError, RedisClusterException)
+        self._caught = (self._redis_error, *self._cluster_down)
+        client.down_errors = (ConnectionError, TimeoutError, *self._cluster_down)
         self._nodes: dict[str | None, Backoff] = {None: self.health}
         self._batchers: dict[str | None, _NodeBatcher] = {}
         self._nodes_lock = threading.Lock()
@@ -248,7 +251,9 @@ class RedisClusterTier(RedisTier):
                 raise TierUnavailable(f"{self.where} is backing off after a failure")
             try:
                 self.client.real()
-            except self._down_errors as exc:
+            except self._caught as exc:
+                if not self._is_down(exc):
+                    raise
                 self._count(errors=1)
                 self.health.failure(exc)
                 raise TierUnavailable(f"{self.where}: {exc}") from exc
@@ -265,12 +270,17 @@ class RedisClusterTier(RedisTier):
             raise TierUnavailable(f"{health.what} is backing off after a failure")
         try:
             out = fn(*args, **kwargs)
-        except self._down_errors as exc:
+        except self._caught as exc:
+            if not self._is_down(exc):
+                raise
             self._count(errors=1)
             health.failure(exc)
             raise TierUnavailable(f"{health.what}: {exc}") from exc
         health.success()
         return out
+
+    def _is_down(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._cluster_down) or super()._is_down(exc)
 
     def open(self, key: str) -> _RedisReader | None:
         with self.on_node(self.node_of(self.entry_key(key))):

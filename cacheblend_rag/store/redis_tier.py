@@ -196,14 +196,19 @@ class RedisTier:
             raise TierUnavailable(f"{self.where} is backing off after a failure")
         try:
             out = fn(*args, **kwargs)
-        except self._response_error:  # the server answered with an error reply: it is up
-            raise
-        except self._redis_error as exc:  # cannot connect, timed out, not Redis' protocol (InvalidResponse), ...
+        except self._redis_error as exc:
+            if not self._is_down(exc):
+                raise
             self._count(errors=1)
             self.health.failure(exc)
             raise TierUnavailable(f"{self.where}: {exc}") from exc
         self.health.success()
         return out
+
+    def _is_down(self, exc: BaseException) -> bool:
+        """Whether a Redis error means the tier cannot be used: cannot connect, timed out, not Redis' protocol
+        (InvalidResponse), ...; an error reply (ResponseError) means the server is up."""
+        return not isinstance(exc, self._response_error)
 
     def contains(self, key: str) -> bool:
         try:

@@ -134,7 +134,9 @@ def test_segments_must_be_an_ordered_list(engine, segments):
 
 def test_chunk_longer_than_the_context_window_is_refused_before_computing(engine):
     text = "word " * 2100
-    message = r"texts\[1\] has 210\d tokens, more than a chunk can have in the model's context window \(2047 of 2048\)"
+    room = 2048 - len(engine.chunk_prefix_ids)  # the chunk prefix takes part of the window
+    message = rf"texts\[1\] has 210\d tokens, more than a chunk can have in the model's context window \({room} "
+    message += r"of 2048\)"
     with pytest.raises(ValueError, match=message + "; split it"):
         engine.precompute([PASSAGES[0], text])
     assert engine.metrics()["precomputed_chunks"] == 0 and len(engine.registry) == 0
