@@ -11,5 +11,16 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
-__all__ = ["BlendConfig", "CacheBlendEngine", "ChunkHandle", "ChunkKV", "GenerationResult", "GenerationStream",
-           "KVStore", "ModelNotFoundError", "RequestStats", "UnsupportedModelError", "__version__"]  # fmt: skip
+__all__ = [
+    "BlendConfig",
+    "CacheBlendEngine",
+    "ChunkHandle",
+    "ChunkKV",
+    "GenerationResult",
+    "GenerationStream",
+    "KVStore",
+    "ModelNotFoundError",
+    "RequestStats",
+    "UnsupportedModelError",
+    "__version__",
+]

@@ -48,9 +48,15 @@ def strategy_rows(engine, questions=DEMO_QUESTIONS, ratio: float = 0.15, max_new
                 segments, max_new_tokens=max_new_tokens, config=BlendConfig(strategy=strategy, recompute_ratio=ratio)
             )
             stats = result.stats
-            rows.append({
-                "question": item.question, "strategy": strategy, "answer": result.text.strip(),
-                "ttft_s": result.ttft_s, "prompt_tokens": stats.prompt_tokens, "reused_tokens": stats.reused_tokens,
-                "recomputed_tokens": stats.recomputed_tokens,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "question": item.question,
+                    "strategy": strategy,
+                    "answer": result.text.strip(),
+                    "ttft_s": result.ttft_s,
+                    "prompt_tokens": stats.prompt_tokens,
+                    "reused_tokens": stats.reused_tokens,
+                    "recomputed_tokens": stats.recomputed_tokens,
+                }
+            )
     return rows

@@ -110,16 +110,18 @@ def build_chain(engine: CacheBlendEngine, llm: ChatCacheBlend, k: int = 3):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--question", action="append", help="ask this instead of the built-in questions")
-    parser.add_argument("--strategy", default="cacheblend",
-                        choices=["cacheblend", "full_reuse", "prefix_cache", "full_recompute"])  # fmt: skip
+    parser.add_argument(
+        "--strategy", default="cacheblend", choices=["cacheblend", "full_reuse", "prefix_cache", "full_recompute"]
+    )
     parser.add_argument("--recompute-ratio", type=float, default=0.15)
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
 
     engine = CacheBlendEngine.from_pretrained("smollm2-135m")  # KV store: memory, then ~/.cache/cacheblend_rag/kv
     engine.precompute(PASSAGES, progress=True)  # ingest time: each passage's KV once (on disk for later runs)
-    llm = ChatCacheBlend(engine=engine, max_tokens=args.max_tokens, strategy=args.strategy,
-                         recompute_ratio=args.recompute_ratio)  # fmt: skip
+    llm = ChatCacheBlend(
+        engine=engine, max_tokens=args.max_tokens, strategy=args.strategy, recompute_ratio=args.recompute_ratio
+    )
     chain = build_chain(engine, llm)
 
     questions = args.question or QUESTIONS
@@ -128,8 +130,10 @@ def main() -> None:
             answer = chain.invoke(question)
         tokens = next(iter(usage.usage_metadata.values()))
         print(f"Q: {question}\nA: {answer.strip()}")
-        print(f"   prompt tokens {tokens['input_tokens']}, reused (cache_read) "
-              f"{tokens['input_token_details']['cache_read']}, generated {tokens['output_tokens']}\n")  # fmt: skip
+        print(
+            f"   prompt tokens {tokens['input_tokens']}, reused (cache_read) "
+            f"{tokens['input_token_details']['cache_read']}, generated {tokens['output_tokens']}\n"
+        )
 
     print(f"Streaming: {questions[0]}\nA: ", end="", flush=True)
     for piece in chain.stream(questions[0]):
@@ -137,8 +141,10 @@ def main() -> None:
     print("\n")
 
     metrics = engine.metrics()
-    print(f"engine: {metrics['requests']} requests, {metrics['reused_tokens']} of {metrics['prompt_tokens']} prompt "
-          f"tokens reused, {metrics['cache_hits']} chunk cache hits, {metrics['cache_misses']} misses")  # fmt: skip
+    print(
+        f"engine: {metrics['requests']} requests, {metrics['reused_tokens']} of {metrics['prompt_tokens']} prompt "
+        f"tokens reused, {metrics['cache_hits']} chunk cache hits, {metrics['cache_misses']} misses"
+    )
 
 
 if __name__ == "__main__":

@@ -80,11 +80,15 @@ def build_index(engine: CacheBlendEngine) -> VectorStoreIndex:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--question", action="append", help="ask this instead of the built-in questions")
-    parser.add_argument("--strategy", default="cacheblend",
-                        choices=["cacheblend", "full_reuse", "prefix_cache", "full_recompute"])  # fmt: skip
+    parser.add_argument(
+        "--strategy", default="cacheblend", choices=["cacheblend", "full_reuse", "prefix_cache", "full_recompute"]
+    )
     parser.add_argument("--recompute-ratio", type=float, default=0.15)
-    parser.add_argument("--response-mode", default="compact",
-                        choices=["compact", "refine", "simple_summarize", "tree_summarize", "accumulate"])  # fmt: skip
+    parser.add_argument(
+        "--response-mode",
+        default="compact",
+        choices=["compact", "refine", "simple_summarize", "tree_summarize", "accumulate"],
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
 
@@ -92,8 +96,9 @@ def main() -> None:
     Settings.tokenizer = engine.tokenize  # LlamaIndex counts prompt tokens with the model's own tokenizer
     index = build_index(engine)
 
-    llm = CacheBlendLLM(engine=engine, max_new_tokens=args.max_new_tokens, strategy=args.strategy,
-                        recompute_ratio=args.recompute_ratio)  # fmt: skip
+    llm = CacheBlendLLM(
+        engine=engine, max_new_tokens=args.max_new_tokens, strategy=args.strategy, recompute_ratio=args.recompute_ratio
+    )
     postprocessor = CacheBlendNodePostprocessor(engine=engine)
     query_engine = index.as_query_engine(
         llm=llm, node_postprocessors=[postprocessor], similarity_top_k=2, response_mode=args.response_mode
@@ -107,22 +112,29 @@ def main() -> None:
         stats = last.response.additional_kwargs
         sources = ", ".join(item.node.metadata["file_name"] for item in response.source_nodes)
         print(f"Q: {question}\nA: {str(response).strip()}\n   sources: {sources}")
-        print(f"   prompt tokens {stats['prompt_tokens']}, reused {stats['reused_tokens']}, recomputed "
-              f"{stats['recomputed_tokens']}, chunk cache hits {stats['cache_hits']}, "
-              f"time to first token {stats['ttft_s'] * 1000:.0f} ms\n")  # fmt: skip
+        print(
+            f"   prompt tokens {stats['prompt_tokens']}, reused {stats['reused_tokens']}, recomputed "
+            f"{stats['recomputed_tokens']}, chunk cache hits {stats['cache_hits']}, "
+            f"time to first token {stats['ttft_s'] * 1000:.0f} ms\n"
+        )
 
     streaming = index.as_query_engine(
-        llm=llm, node_postprocessors=[postprocessor], similarity_top_k=2, response_mode=args.response_mode,
+        llm=llm,
+        node_postprocessors=[postprocessor],
+        similarity_top_k=2,
+        response_mode=args.response_mode,
         streaming=True,
-    )  # fmt: skip
+    )
     print(f"Streaming: {questions[0]}\nA: ", end="", flush=True)
     streaming.query(questions[0]).print_response_stream()
     print("\n")
 
     metrics = engine.metrics()
-    print(f"engine: {metrics['requests']} requests, {metrics['reused_tokens']} of {metrics['prompt_tokens']} prompt "
-          f"tokens reused, {metrics['cache_hits']} chunk cache hits, {metrics['cache_misses']} misses, "
-          f"{metrics['precomputed_chunks']} chunks precomputed")  # fmt: skip
+    print(
+        f"engine: {metrics['requests']} requests, {metrics['reused_tokens']} of {metrics['prompt_tokens']} prompt "
+        f"tokens reused, {metrics['cache_hits']} chunk cache hits, {metrics['cache_misses']} misses, "
+        f"{metrics['precomputed_chunks']} chunks precomputed"
+    )
 
 
 if __name__ == "__main__":

@@ -64,15 +64,31 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 4, vocab: int =
         Qwen2ForCausalLM,
     )
 
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)  # fmt: skip
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     common.update(overrides)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif arch == "llama3_rope":
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # fmt: skip
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
         model = LlamaForCausalLM(LlamaConfig(rope_parameters=rope, **common))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
@@ -102,6 +118,9 @@ def smollm2_engine(smollm2_dir, tmp_path_factory):
     """The real SmolLM2-135M in float32 with a private memory + disk store."""
     root = tmp_path_factory.mktemp("smollm2-kv")
     return CacheBlendEngine.from_pretrained(
-        str(smollm2_dir), device="cpu", dtype="float32", cache_dir=root,
+        str(smollm2_dir),
+        device="cpu",
+        dtype="float32",
+        cache_dir=root,
         store=["memory://?max_bytes=1GB", f"file://{root / 'kv'}"],
-    )  # fmt: skip
+    )

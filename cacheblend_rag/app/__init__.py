@@ -8,5 +8,15 @@ from .answer import Answer
 from .documents import DocumentError, SourceDocument, read_documents, sample_corpus
 from .index import DEFAULT_TOP_K, IngestPlan, KVBudgetError, RagIndex, RagIndexError
 
-__all__ = ["DEFAULT_TOP_K", "Answer", "DocumentError", "IngestPlan", "KVBudgetError", "RagIndex", "RagIndexError",
-           "SourceDocument", "read_documents", "sample_corpus"]  # fmt: skip
+__all__ = [
+    "DEFAULT_TOP_K",
+    "Answer",
+    "DocumentError",
+    "IngestPlan",
+    "KVBudgetError",
+    "RagIndex",
+    "RagIndexError",
+    "SourceDocument",
+    "read_documents",
+    "sample_corpus",
+]

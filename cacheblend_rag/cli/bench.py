@@ -49,13 +49,17 @@ def bench_ttft_cmd(
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"])
     result = bench_ttft(engine, examples, names, ratio=ratio, repeats=repeats, progress=True)
     table = Table(title=f"TTFT, {len(examples)} examples, {result['config']['dtype']} on {result['config']['device']}")
-    for col in ("strategy", "median TTFT s", "speedup", "median per-example speedup", "FLOP speedup",
-                "recomputed"):  # fmt: skip
+    for col in ("strategy", "median TTFT s", "speedup", "median per-example speedup", "FLOP speedup", "recomputed"):
         table.add_column(col, justify="right")
     for s in result["summary"]:
-        table.add_row(s["strategy"], f"{s['median_ttft_s']:.3f}", f"{s.get('speedup', float('nan')):.2f}x",
-                      f"{s.get('median_example_speedup', float('nan')):.2f}x",
-                      f"{s.get('flop_speedup', float('nan')):.2f}x", f"{s['recomputed_fraction']:.1%}")  # fmt: skip
+        table.add_row(
+            s["strategy"],
+            f"{s['median_ttft_s']:.3f}",
+            f"{s.get('speedup', float('nan')):.2f}x",
+            f"{s.get('median_example_speedup', float('nan')):.2f}x",
+            f"{s.get('flop_speedup', float('nan')):.2f}x",
+            f"{s['recomputed_fraction']:.1%}",
+        )
     console.print(table)
     if profile:
         console.print(profile_request(engine, examples[0], ratio=ratio))
@@ -84,8 +88,9 @@ def bench_sweep_cmd(
     names = items(strategies)
     counts = [int(c) for c in floats(chunks, "--chunks")]
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"])
-    result = sweep(engine, examples, names, counts, floats(ratios, "--ratios"), ratio=ratio, repeats=repeats,
-                   progress=True)  # fmt: skip
+    result = sweep(
+        engine, examples, names, counts, floats(ratios, "--ratios"), ratio=ratio, repeats=repeats, progress=True
+    )
     table = Table(title="Median TTFT (s) vs number of chunks")
     table.add_column("chunks", justify="right")
     for name in names:
@@ -175,8 +180,18 @@ def eval_cmd(
 def print_eval_table(result: dict) -> None:
     cfg = result["config"]
     table = Table(title=f"Quality vs full recompute, {cfg['n']} examples ({cfg['model']}, {cfg['dtype']})")
-    for col in ("config", "gold F1", "gold EM", "answer EM vs full", "Rouge-L vs full", "top-1 agree", "KL",
-                "median TTFT s", "speedup", "recomputed"):  # fmt: skip
+    for col in (
+        "config",
+        "gold F1",
+        "gold EM",
+        "answer EM vs full",
+        "Rouge-L vs full",
+        "top-1 agree",
+        "KL",
+        "median TTFT s",
+        "speedup",
+        "recomputed",
+    ):
         table.add_column(col, justify="right")
     for s in result["summary"]:
         keys = ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement")

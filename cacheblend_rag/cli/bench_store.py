@@ -58,23 +58,43 @@ def bench_tiers_cmd(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
-        result = bench_tiers(engine, examples, names, items(strategies),
-                             ratio=ratio, repeats=repeats, slow_mbps=slow_mbps, redis_url=redis, work_dir=work_dir,
-                             progress=True)  # fmt: skip
+        result = bench_tiers(
+            engine,
+            examples,
+            names,
+            items(strategies),
+            ratio=ratio,
+            repeats=repeats,
+            slow_mbps=slow_mbps,
+            redis_url=redis,
+            work_dir=work_dir,
+            progress=True,
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     cfg = result["config"]
     kv_mb = cfg["median_kv_mb_per_example"]
-    table = Table(title=f"TTFT by store tier, {cfg['n']} examples x {cfg['repeats']} repeats, {kv_mb:.0f} MB of KV "
-                  f"per example ({cfg['dtype']} on {cfg['device']})")  # fmt: skip
+    table = Table(
+        title=f"TTFT by store tier, {cfg['n']} examples x {cfg['repeats']} repeats, {kv_mb:.0f} MB of KV "
+        f"per example ({cfg['dtype']} on {cfg['device']})"
+    )
     for col in ("tier", "strategy", "median TTFT s", "vs memory", "median load s", "spread", "misses"):
         table.add_column(col, justify="right")
     for s in result["summary"]:
-        table.add_row(s["tier"], s["strategy"], f"{s['median_ttft_s']:.3f}", f"{s.get('vs_memory', float('nan')):.3f}x",
-                      f"{s['median_load_s']:.3f}", f"{s['spread']:.1%}", f"{s['misses']}/{s['requests']}")  # fmt: skip
+        table.add_row(
+            s["tier"],
+            s["strategy"],
+            f"{s['median_ttft_s']:.3f}",
+            f"{s.get('vs_memory', float('nan')):.3f}x",
+            f"{s['median_load_s']:.3f}",
+            f"{s['spread']:.1%}",
+            f"{s['misses']}/{s['requests']}",
+        )
     console.print(table)
-    console.print("[dim]vs memory: median over examples of (this tier's TTFT / the memory tier's); spread: median "
-                  "over examples of (max - min) / median of the repeats.[/dim]")  # fmt: skip
+    console.print(
+        "[dim]vs memory: median over examples of (this tier's TTFT / the memory tier's); spread: median "
+        "over examples of (max - min) / median of the repeats.[/dim]"
+    )
     _write_json(out, result)
 
 
@@ -100,8 +120,9 @@ def bench_compress_cmd(
     unknown = [d for d in names if d not in ("float16", "bfloat16", "float32", "int8")]
     if unknown:
         raise typer.BadParameter(f"unknown store dtypes {unknown}; choose from float16, bfloat16, float32, int8")
-    result = bench_compression(engine, examples, ratio=ratio, max_new_tokens=max_new_tokens, dtypes=names,
-                               progress=True)  # fmt: skip
+    result = bench_compression(
+        engine, examples, ratio=ratio, max_new_tokens=max_new_tokens, dtypes=names, progress=True
+    )
     compute = result["config"]["dtype"]
     table = Table(title=f"Stored KV dtypes, {len(examples)} examples ({compute} compute), fidelity to full recompute")
     for col in ("store dtype", "config", "top-1 agree", "KL", "answer EM vs full", "gold F1", "bytes/token"):

@@ -113,8 +113,10 @@ def load_examples_or_exit(data: Path | None, n: int):
     from ..eval.datasets import DataError, load_examples
 
     if data is None:
-        console.print("[red]error:[/red] --data is required: a MuSiQue-style JSON file (e.g. --data "
-                      "../shared/data/musique_dev.json), a folder of wikimqa samples, or --data town")  # fmt: skip
+        console.print(
+            "[red]error:[/red] --data is required: a MuSiQue-style JSON file (e.g. --data "
+            "../shared/data/musique_dev.json), a folder of wikimqa samples, or --data town"
+        )
         raise typer.Exit(2)
     try:
         return load_examples(data, n)

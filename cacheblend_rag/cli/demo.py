@@ -57,8 +57,14 @@ def demo(
         if question and last is not None:
             table.add_section()
         last = r["question"]
-        table.add_row(escape(question), r["strategy"], escape(r["answer"]), f"{r['ttft_s'] * 1000:.0f}",
-                      str(r["reused_tokens"]), str(r["recomputed_tokens"]))  # fmt: skip
+        table.add_row(
+            escape(question),
+            r["strategy"],
+            escape(r["answer"]),
+            f"{r['ttft_s'] * 1000:.0f}",
+            str(r["reused_tokens"]),
+            str(r["recomputed_tokens"]),
+        )
     console.print(table)
     payload: dict = {"rows": rows}
     if rag:
@@ -85,8 +91,11 @@ def rag_part(engine, *, ratio: float, max_new_tokens: int, questions: int, top_k
     index = build_sample_index(engine, progress=True)
     after = engine.metrics()
     computed = after["precomputed_chunks"] - before["precomputed_chunks"]
-    console.print(f"{index.n_nodes} chunks indexed; KV cache: {computed} computed now, {index.n_nodes - computed} "
-                  f"already stored (in {engine.cache_dir / 'kv'})", highlight=False)  # fmt: skip
+    console.print(
+        f"{index.n_nodes} chunks indexed; KV cache: {computed} computed now, {index.n_nodes - computed} "
+        f"already stored (in {engine.cache_dir / 'kv'})",
+        highlight=False,
+    )
 
     asked = QUESTIONS[:questions]
     answered: list[dict] = []
@@ -99,19 +108,31 @@ def rag_part(engine, *, ratio: float, max_new_tokens: int, questions: int, top_k
         rows = rag_rows(index, asked, ratio=ratio, top_k=top_k, max_new_tokens=max_new_tokens, on_row=progress)
     summary = summarize(rows)
     if rows:
-        print_rag_table(rows, title=f"Questions answered from the index ({engine.name}, top {top_k} chunks per "
-                                    f"prompt, cacheblend ratio {ratio:g})")  # fmt: skip
+        print_rag_table(
+            rows,
+            title=f"Questions answered from the index ({engine.name}, top {top_k} chunks per "
+            f"prompt, cacheblend ratio {ratio:g})",
+        )
         print_summary(summary)
     console.print(
         'Your own documents: [bold]cacheblend ingest PATH[/bold], then [bold]cacheblend ask "QUESTION"[/bold]'
     )
-    return {"corpus": str(corpus), "documents": len(index.manifest["documents"]), "chunks": index.n_nodes,
-            "top_k": top_k, "recompute_ratio": ratio, "rows": rows, "summary": summary}  # fmt: skip
+    return {
+        "corpus": str(corpus),
+        "documents": len(index.manifest["documents"]),
+        "chunks": index.n_nodes,
+        "top_k": top_k,
+        "recompute_ratio": ratio,
+        "rows": rows,
+        "summary": summary,
+    }
 
 
 def print_rag_table(rows: list[dict], title: str) -> None:
-    caption = ("✓ / ✗: the answer contains the expected fact or not. reused / recomputed: prompt tokens whose KV "
-               "came from the store / was computed for this request.")  # fmt: skip
+    caption = (
+        "✓ / ✗: the answer contains the expected fact or not. reused / recomputed: prompt tokens whose KV "
+        "came from the store / was computed for this request."
+    )
     table = Table(title=title, caption=caption, caption_justify="left")
     table.add_column("question", overflow="fold", max_width=34)
     table.add_column("strategy", no_wrap=True)
@@ -129,8 +150,14 @@ def print_rag_table(rows: list[dict], title: str) -> None:
             cell = ""
         mark = "[green]✓[/green]" if r["correct"] else "[red]✗[/red]"
         answer = escape(" ".join(r["answer"].split())) or "[dim](empty)[/dim]"
-        table.add_row(cell, r["strategy"], f"{mark} {answer}", f"{r['ttft_s'] * 1000:.0f}", str(r["reused_tokens"]),
-                      str(r["recomputed_tokens"]))  # fmt: skip
+        table.add_row(
+            cell,
+            r["strategy"],
+            f"{mark} {answer}",
+            f"{r['ttft_s'] * 1000:.0f}",
+            str(r["reused_tokens"]),
+            str(r["recomputed_tokens"]),
+        )
     console.print(table)
 
 

@@ -66,8 +66,10 @@ def ingest(
         raise fail(str(exc)) from None
     require_rag_stack()
     size = sum(len(d.text) for d in documents)
-    console.print(f"read {len(documents)} document{'s' * (len(documents) != 1)} ({size / 1e6:.1f} MB of text) "
-                  f"from {path}", highlight=False)  # fmt: skip
+    console.print(
+        f"read {len(documents)} document{'s' * (len(documents) != 1)} ({size / 1e6:.1f} MB of text) from {path}",
+        highlight=False,
+    )
     engine = load_engine(model, device, dtype, cache_dir)
     before = engine.metrics()
 
@@ -76,8 +78,15 @@ def ingest(
         warn_disk_space(engine, plan.kv_bytes)
 
     try:
-        index = RagIndex.build(engine, documents, chunk_size=chunk_size, chunk_overlap=chunk_overlap, progress=True,
-                               max_kv_bytes=cap, on_plan=show_plan)  # fmt: skip
+        index = RagIndex.build(
+            engine,
+            documents,
+            chunk_size=chunk_size,
+            chunk_overlap=chunk_overlap,
+            progress=True,
+            max_kv_bytes=cap,
+            on_plan=show_plan,
+        )
     except KVBudgetError as exc:
         raise fail(str(exc)) from None
     after = engine.metrics()
@@ -108,8 +117,11 @@ def warn_disk_space(engine, kv_bytes: int) -> None:
             where = where.parent
         free = shutil.disk_usage(where).free
         if kv_bytes > free:
-            console.print(f"[yellow]warning:[/yellow] only {human_bytes(free)} free under {tier.root}: the KV that "
-                          "does not fit is not stored (it is computed again when needed)", highlight=False)  # fmt: skip
+            console.print(
+                f"[yellow]warning:[/yellow] only {human_bytes(free)} free under {tier.root}: the KV that "
+                "does not fit is not stored (it is computed again when needed)",
+                highlight=False,
+            )
 
 
 @app.command()
@@ -147,8 +159,9 @@ def ask(
     def show(piece: str) -> None:
         console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
 
-    answer = index.ask(question, strategy=strategy, recompute_ratio=ratio, top_k=top_k,
-                       max_new_tokens=max_new_tokens, on_text=show)  # fmt: skip
+    answer = index.ask(
+        question, strategy=strategy, recompute_ratio=ratio, top_k=top_k, max_new_tokens=max_new_tokens, on_text=show
+    )
     console.print()
     if answer.ttft_s is not None:
         blend = f"{strategy}, ratio {ratio:g}" if strategy == "cacheblend" else strategy

@@ -60,9 +60,12 @@ def serve(
     remote = [url for url in store if url.split(":", 1)[0] in ("redis", "rediss", "redis+cluster", "rediss+cluster")]
     if remote and dtype == "auto" and engine.device.type == "cpu":
         chosen = str(engine.dtype).removeprefix("torch.")
-        console.print(f"[yellow]warning:[/yellow] --dtype auto chose {chosen} by timing a matmul on this CPU; "
-                      "replicas sharing a store share chunks only if they compute in the same dtype: pass "
-                      "--dtype bfloat16 or --dtype float32 to every replica", highlight=False)  # fmt: skip
+        console.print(
+            f"[yellow]warning:[/yellow] --dtype auto chose {chosen} by timing a matmul on this CPU; "
+            "replicas sharing a store share chunks only if they compute in the same dtype: pass "
+            "--dtype bfloat16 or --dtype float32 to every replica",
+            highlight=False,
+        )
     if share_registry:
         from ..engine.shared_registry import share_registry as share
 
@@ -71,7 +74,18 @@ def serve(
             console.print(f"chunk registry shared at {shared.key[:40]}... on {shared.tier.where}", highlight=False)
     from ..serve import serve as run
 
-    console.print(f"serving {served_model_name or model} on http://{host}:{port}/v1 (one prefill at a time, "
-                  f"{max_active} decoding by turns, {max_queue} may wait)", highlight=False)  # fmt: skip
-    run(engine, host, port, log_level=log_level, model_name=served_model_name or model, max_active=max_active,
-        max_queue=max_queue, default_max_tokens=max_tokens)  # fmt: skip
+    console.print(
+        f"serving {served_model_name or model} on http://{host}:{port}/v1 (one prefill at a time, "
+        f"{max_active} decoding by turns, {max_queue} may wait)",
+        highlight=False,
+    )
+    run(
+        engine,
+        host,
+        port,
+        log_level=log_level,
+        model_name=served_model_name or model,
+        max_active=max_active,
+        max_queue=max_queue,
+        default_max_tokens=max_tokens,
+    )

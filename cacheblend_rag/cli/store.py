@@ -72,5 +72,7 @@ def store_gc(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     result = DiskTier(_store_root(cache_dir), "").gc(budget)
-    console.print(f"removed {result['removed']} entries ({result['freed_bytes'] / 1e6:.1f} MB); "
-                  f"{result['bytes'] / 1e6:.1f} MB left")  # fmt: skip
+    console.print(
+        f"removed {result['removed']} entries ({result['freed_bytes'] / 1e6:.1f} MB); "
+        f"{result['bytes'] / 1e6:.1f} MB left"
+    )

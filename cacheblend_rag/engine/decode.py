@@ -34,8 +34,12 @@ class Sampler:
     """Greedy when temperature == 0, else temperature + nucleus (top_p) sampling with an optional seed."""
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> None:
-        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0
-                or not math.isfinite(temperature)):  # fmt: skip
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not temperature >= 0
+            or not math.isfinite(temperature)
+        ):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")

@@ -214,8 +214,10 @@ class CacheBlendEngine:
         for handle in handles:
             self._check_handle(handle)
             if self.registry.lookup(handle.text) != handle and self.tokenize(handle.text) != list(handle.token_ids):
-                raise ValueError(f"handle {handle.key[:12]}...: its text does not tokenize to its token ids; "
-                                 "use the handles engine.precompute returns")  # fmt: skip
+                raise ValueError(
+                    f"handle {handle.key[:12]}...: its text does not tokenize to its token ids; "
+                    "use the handles engine.precompute returns"
+                )
         for handle in handles:
             self.registry.register(handle)
 
@@ -238,8 +240,10 @@ class CacheBlendEngine:
                 "call engine.precompute([...]) on this engine to get handles for it"
             )
         if chain_key(self.fingerprint, self.prefix_key, handle.token_ids) != handle.key:
-            raise ValueError(f"unknown handle {handle.key[:12]}...: its key does not match its tokens; "
-                             "use the handles engine.precompute returns")  # fmt: skip
+            raise ValueError(
+                f"unknown handle {handle.key[:12]}...: its key does not match its tokens; "
+                "use the handles engine.precompute returns"
+            )
         return handle
 
     def chunk_kv(self, handle: ChunkHandle) -> tuple[ChunkKV, bool]:
@@ -380,8 +384,9 @@ class CacheBlendEngine:
         t = time.perf_counter()
         with torch.inference_mode():
             if config.strategy == "cacheblend" and config.selection == "query" and plan.spans:
-                plan, _, probe_flops = select_by_query(self.forward, plan, cache, Budget.of(config),
-                                                       backend=config.backend)  # fmt: skip
+                plan, _, probe_flops = select_by_query(
+                    self.forward, plan, cache, Budget.of(config), backend=config.backend
+                )
                 stats.probe_s = time.perf_counter() - t
                 stats.prefill_flops += probe_flops
             result = prefill(self.forward, plan, cache, backend=config.backend)
@@ -418,8 +423,9 @@ class CacheBlendEngine:
         config = self._config(config)
         request = self.prepare(segments, prompt=prompt, config=config, extra_capacity=max_new_tokens)
         room = self.context_window - request.stats.prompt_tokens
-        return GenerationStream(self, request, sampler, streamer, min(max_new_tokens, max(room, 1)), config.backend,
-                                self._metrics.record)  # fmt: skip
+        return GenerationStream(
+            self, request, sampler, streamer, min(max_new_tokens, max(room, 1)), config.backend, self._metrics.record
+        )
 
     def generate(
         self,
@@ -438,8 +444,16 @@ class CacheBlendEngine:
         Greedy when ``temperature`` is 0. Stops at EOS, at the first ``stop`` string (cut from the text),
         or after ``max_new_tokens``.
         """
-        return self.stream(segments, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, seed=seed, stop=stop, config=config).result  # fmt: skip
+        return self.stream(
+            segments,
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            config=config,
+        ).result
 
     def metrics(self) -> dict:
         """Cumulative counters: requests, tokens, cache hits/misses, and per-tier store counters."""
@@ -467,5 +481,7 @@ class CacheBlendEngine:
         return KVCache(fwd.n_layers, fwd.n_kv_heads, fwd.head_dim, capacity, self.dtype, self.device)
 
     def __repr__(self) -> str:
-        return (f"CacheBlendEngine(model={self.name!r}, device={self.device}, dtype={self.dtype}, "
-                f"layers={self.forward.n_layers})")  # fmt: skip
+        return (
+            f"CacheBlendEngine(model={self.name!r}, device={self.device}, dtype={self.dtype}, "
+            f"layers={self.forward.n_layers})"
+        )

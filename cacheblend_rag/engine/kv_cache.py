@@ -8,8 +8,9 @@ import torch
 class KVCache:
     """k, v: [L, Hkv, capacity, D]; rows 0..length-1 are filled (key j at position j)."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         shape = (n_layers, n_kv_heads, capacity, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)

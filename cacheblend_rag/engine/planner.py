@@ -55,8 +55,15 @@ class Planner:
         if config.strategy == "full_reuse":
             return PrefillPlan(ids=ids, spans=spans, initial=forced.nonzero().squeeze(1), forced=forced), None
         checks = dict(zip(config.check_layers, config.ratios))
-        plan = PrefillPlan(ids=ids, spans=spans, forced=forced, checks=checks, deviation=config.deviation,
-                           selection=config.selection, budget=Budget.of(config))  # fmt: skip
+        plan = PrefillPlan(
+            ids=ids,
+            spans=spans,
+            forced=forced,
+            checks=checks,
+            deviation=config.deviation,
+            selection=config.selection,
+            budget=Budget.of(config),
+        )
         return plan, None
 
     def _prefix_plan(self, ids: torch.Tensor, blocks: list[Block], stats: RequestStats):

@@ -26,8 +26,10 @@ def merge_text(segments: Sequence[str | ChunkHandle]) -> list[str | ChunkHandle]
     if isinstance(segments, (str, ChunkHandle)):
         segments = [segments]
     if isinstance(segments, (Mapping, set, frozenset)) or not isinstance(segments, Iterable):
-        raise TypeError(f"segments must be a list of str (computed) and ChunkHandle (reused) items in prompt order, "
-                        f"got a {type(segments).__name__}")  # fmt: skip
+        raise TypeError(
+            f"segments must be a list of str (computed) and ChunkHandle (reused) items in prompt order, "
+            f"got a {type(segments).__name__}"
+        )
     out: list[str | ChunkHandle] = []
     for i, seg in enumerate(segments):
         if isinstance(seg, str):

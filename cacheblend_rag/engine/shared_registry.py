@@ -43,8 +43,15 @@ class SharedChunkRegistry(ChunkRegistry):
     read per round trip.
     """
 
-    def __init__(self, tier, fingerprint: str, make_handle: Callable[[str], ChunkHandle], max_entries: int = 50_000,
-                 batch: int = 1000, touch_every: float = 60.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tier,
+        fingerprint: str,
+        make_handle: Callable[[str], ChunkHandle],
+        max_entries: int = 50_000,
+        batch: int = 1000,
+        touch_every: float = 60.0,
+    ) -> None:
         from redis.exceptions import ClusterError, ConnectionError, RedisClusterException, TimeoutError
 
         super().__init__(max_entries)
@@ -152,8 +159,12 @@ class SharedChunkRegistry(ChunkRegistry):
             self._counts["errors"] += 1
             if not self._warned_response:
                 self._warned_response = True
-                logger.warning("%s refused the shared chunk registry's call on %s (%s); this engine keeps its "
-                               "own registry", self.tier.where, self.key, exc)  # fmt: skip
+                logger.warning(
+                    "%s refused the shared chunk registry's call on %s (%s); this engine keeps its own registry",
+                    self.tier.where,
+                    self.key,
+                    exc,
+                )
             return None
         self.health.success()
         return out
@@ -189,11 +200,17 @@ def share_registry(engine, tier=None) -> SharedChunkRegistry | None:
         logger.info("the engine has no Redis tier: its chunk registry stays its own")
         return None
     if len(engine.registry):
-        raise ValueError(f"share_registry(engine) must come before chunks are registered (this engine has "
-                         f"{len(engine.registry)}); call it right after making the engine")  # fmt: skip
+        raise ValueError(
+            f"share_registry(engine) must come before chunks are registered (this engine has "
+            f"{len(engine.registry)}); call it right after making the engine"
+        )
     shared = SharedChunkRegistry(tier, engine.fingerprint, engine.handle, engine.registry.max_entries)
     received = shared.sync()
-    logger.info("shared chunk registry at %s on %s: %d chunk texts registered by other engines",
-                shared.key, tier.where, received)  # fmt: skip
+    logger.info(
+        "shared chunk registry at %s on %s: %d chunk texts registered by other engines",
+        shared.key,
+        tier.where,
+        received,
+    )
     engine.registry = shared
     return shared

@@ -43,9 +43,19 @@ class RequestStats:
 class EngineMetrics:
     """Thread-safe cumulative counters, read through ``snapshot()``."""
 
-    FIELDS = ("requests", "prompt_tokens", "reused_tokens", "recomputed_tokens", "generated_tokens",
-              "cache_hits", "cache_misses", "precomputed_chunks", "precompute_cache_hits", "computed_on_miss",
-              "abandoned_requests")  # fmt: skip
+    FIELDS = (
+        "requests",
+        "prompt_tokens",
+        "reused_tokens",
+        "recomputed_tokens",
+        "generated_tokens",
+        "cache_hits",
+        "cache_misses",
+        "precomputed_chunks",
+        "precompute_cache_hits",
+        "computed_on_miss",
+        "abandoned_requests",
+    )
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -6,5 +6,12 @@ from .deviation import kv_deviation, select_top
 from .rotary import RopeTable, apply_rope
 from .scatter import scatter_rows
 
-__all__ = ["RopeTable", "apply_rope", "kv_deviation", "resolve_backend", "scatter_rows", "select_top",
-           "selected_attention"]  # fmt: skip
+__all__ = [
+    "RopeTable",
+    "apply_rope",
+    "kv_deviation",
+    "resolve_backend",
+    "scatter_rows",
+    "select_top",
+    "selected_attention",
+]

@@ -62,8 +62,9 @@ def selected_attention_torch(
     hidden = torch.arange(n, device=q.device)[None, :] > q_pos[:, None]  # [M, N]
     bias = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
     # 4-D inputs: torch's fused CPU kernels only take [B, H, L, D]; 3-D falls back to the slow math path
-    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias, scale=scale,
-                                         enable_gqa=hq != k.shape[0])  # fmt: skip
+    out = F.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=bias, scale=scale, enable_gqa=hq != k.shape[0]
+    )
     return out[0]
 
 
@@ -135,8 +136,7 @@ def selected_attention_cpu(
     if m == 0:
         return q.new_empty(hq, 0, v.shape[-1])
     if m == n and int(q_pos[0]) == 0 and torch.equal(q_pos, torch.arange(n, device=q.device)):
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
-                                              enable_gqa=gqa)[0]  # fmt: skip
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=gqa)[0]
     if int(q_pos.min()) >= n - 1:  # decoding: every key is visible
         return F.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale, enable_gqa=gqa)[0]
     suffix = m >= QUERY_BLOCK and _FLASH_LSE is not None and m == n - int(q_pos[0]) and int(q_pos[-1]) == n - 1
@@ -148,8 +148,9 @@ def selected_attention_cpu(
         q, q_pos = q[:, order], q_pos[order]
     out = torch.empty_like(q)
     for a, b, keys, bias in _query_blocks(q_pos, n, q.dtype):
-        out[:, a:b] = F.scaled_dot_product_attention(q[None, :, a:b], k[None, :, :keys], v[None, :, :keys],
-                                                     attn_mask=bias, scale=scale, enable_gqa=gqa)[0]  # fmt: skip
+        out[:, a:b] = F.scaled_dot_product_attention(
+            q[None, :, a:b], k[None, :, :keys], v[None, :, :keys], attn_mask=bias, scale=scale, enable_gqa=gqa
+        )[0]
     if order is not None:
         out = out[:, torch.argsort(order)]
     return out
@@ -164,8 +165,20 @@ if HAVE_TRITON:
         return tl.dot(a, b)
 
     @triton.jit
-    def _online_softmax_step(q, k, v, acc, m_i, l_i, qk_scale, visible, MASKED: tl.constexpr,
-                             P_DTYPE: tl.constexpr, FP32: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    def _online_softmax_step(
+        q,
+        k,
+        v,
+        acc,
+        m_i,
+        l_i,
+        qk_scale,
+        visible,
+        MASKED: tl.constexpr,
+        P_DTYPE: tl.constexpr,
+        FP32: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         """One key block: q [BM, BD], k, v [BN, BD], visible [BM, BN] (used if MASKED) -> acc, m_i, l_i."""
         s = _dot(q, tl.trans(k), FP32) * qk_scale
         if MASKED:
@@ -181,12 +194,34 @@ if HAVE_TRITON:
 
     @triton.jit
     def _attention_kernel(
-        q_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, qk_scale, M, N,
-        stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
-        stride_vh, stride_vn, stride_vd, stride_oh, stride_om, stride_od,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, UPCAST: tl.constexpr,
-    ):  # fmt: skip
+        q_ptr,
+        pos_ptr,
+        k_ptr,
+        v_ptr,
+        o_ptr,
+        qk_scale,
+        M,
+        N,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_oh,
+        stride_om,
+        stride_od,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        FP32: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         # grid: (cdiv(M * GROUP, BLOCK_M), Hkv); row r of a block is query r // GROUP, head r % GROUP of the group
         block = tl.num_programs(0) - 1 - tl.program_id(0)  # longest blocks first (with sorted queries)
         kv_head = tl.program_id(1).to(tl.int64)
@@ -197,8 +232,11 @@ if HAVE_TRITON:
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + head[:, None] * stride_qh + query[:, None] * stride_qm + d[None, :] * stride_qd,
-                    mask=q_mask, other=0.0)  # fmt: skip
+        q = tl.load(
+            q_ptr + head[:, None] * stride_qh + query[:, None] * stride_qm + d[None, :] * stride_qd,
+            mask=q_mask,
+            other=0.0,
+        )
         p_dtype = q.dtype  # attention weights are rounded to the input dtype before P @ V
         if UPCAST:  # the interpreter's dot reads 16-bit floats as integers; float32 products are the same
             q = q.to(tl.float32)
@@ -232,8 +270,11 @@ if HAVE_TRITON:
         out = acc / l_i[:, None]
         if UPCAST:
             out = round_to(out, p_dtype)
-        tl.store(o_ptr + head[:, None] * stride_oh + query[:, None] * stride_om + d[None, :] * stride_od,
-                 out.to(o_ptr.dtype.element_ty), mask=q_mask)  # fmt: skip
+        tl.store(
+            o_ptr + head[:, None] * stride_oh + query[:, None] * stride_om + d[None, :] * stride_od,
+            out.to(o_ptr.dtype.element_ty),
+            mask=q_mask,
+        )
 
     def attention_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
         """Block sizes and launch settings for a head_dim and dtype (chosen without a GPU to tune on)."""
@@ -264,13 +305,29 @@ if HAVE_TRITON:
         cfg = {**attention_config(dim, q.dtype), **config}
         grid = (triton.cdiv(m * group, cfg["block_m"]), hkv)
         _attention_kernel[grid](
-            q, q_pos, k, v, out, scale * 1.4426950408889634, m, n,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            GROUP=group, HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-            BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FP32=q.dtype == torch.float32,
+            q,
+            q_pos,
+            k,
+            v,
+            out,
+            scale * 1.4426950408889634,
+            m,
+            n,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *out.stride(),
+            GROUP=group,
+            HEAD_DIM=dim,
+            BLOCK_D=max(16, triton.next_power_of_2(dim)),
+            BLOCK_M=cfg["block_m"],
+            BLOCK_N=cfg["block_n"],
+            FP32=q.dtype == torch.float32,
             UPCAST=triton_interpreting() and q.dtype != torch.float32,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True,
-        )  # fmt: skip
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+            enable_fp_fusion=True,
+        )
         return out
 
 
@@ -298,12 +355,16 @@ def selected_attention(
     check(q_pos.dtype in (torch.int32, torch.int64), f"q_pos must be integers, got {q_pos.dtype}")
     if q_pos.numel():
         low, high = (int(x) for x in torch.aminmax(q_pos))
-        check(low >= 0 and high < k.shape[1],
-              f"q_pos must lie in [0, {k.shape[1]}) (key j is at position j), got [{low}, {high}]")  # fmt: skip
+        check(
+            low >= 0 and high < k.shape[1],
+            f"q_pos must lie in [0, {k.shape[1]}) (key j is at position j), got [{low}, {high}]",
+        )
     if resolve_backend(backend, q.device) == "triton":
         check(q.shape[-1] <= 256, f"the Triton kernel supports head_dim <= 256, got {q.shape[-1]}; use backend='torch'")
-        check(q.dtype in (torch.float32, torch.float16, torch.bfloat16),
-              f"the Triton kernel supports fp32/fp16/bf16, got {q.dtype}; use backend='torch'")  # fmt: skip
+        check(
+            q.dtype in (torch.float32, torch.float16, torch.bfloat16),
+            f"the Triton kernel supports fp32/fp16/bf16, got {q.dtype}; use backend='torch'",
+        )
         return selected_attention_triton(q, q_pos, k, v, scale)
     if q.device.type == "cpu":
         return selected_attention_cpu(q, q_pos, k, v, scale)

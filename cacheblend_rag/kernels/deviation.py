@@ -43,10 +43,24 @@ if HAVE_TRITON:
 
     @triton.jit
     def _deviation_kernel(
-        fresh_ptr, cached_ptr, from_ptr, rows_ptr, out_ptr,
-        H, T, D, stride_fh, stride_ft, stride_fd, stride_ch, stride_ct, stride_cd,
-        HAS_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
+        fresh_ptr,
+        cached_ptr,
+        from_ptr,
+        rows_ptr,
+        out_ptr,
+        H,
+        T,
+        D,
+        stride_fh,
+        stride_ft,
+        stride_fd,
+        stride_ch,
+        stride_ct,
+        stride_cd,
+        HAS_ROWS: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         # grid: (cdiv(T, BLOCK_T),)
         toks = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         in_range = toks < T
@@ -83,10 +97,22 @@ if HAVE_TRITON:
         block_t = 32
         block_d = min(128, triton.next_power_of_2(dim))
         _deviation_kernel[(triton.cdiv(tokens, block_t),)](
-            fresh, cached, from_cache.view(torch.uint8), rows if rows is not None else out, out,
-            heads, tokens, dim, *fresh.stride(), *cached.stride(),
-            HAS_ROWS=rows is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4, enable_fp_fusion=True,
-        )  # fmt: skip
+            fresh,
+            cached,
+            from_cache.view(torch.uint8),
+            rows if rows is not None else out,
+            out,
+            heads,
+            tokens,
+            dim,
+            *fresh.stride(),
+            *cached.stride(),
+            HAS_ROWS=rows is not None,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=4,
+            enable_fp_fusion=True,
+        )
         return out
 
 
@@ -102,28 +128,37 @@ def kv_deviation(
 
     cached: [H, T, D]; or, with ``rows`` ([T] int64, each < N), [H, N, D] of which rows[t] is token t's.
     """
-    check(fresh.dim() == 3 and cached.dim() == 3 and fresh.shape[0] == cached.shape[0]
-          and fresh.shape[2] == cached.shape[2],
-          f"fresh and cached must both be [heads, tokens, head_dim]; got {tuple(fresh.shape)} and "
-          f"{tuple(cached.shape)}")  # fmt: skip
+    check(
+        fresh.dim() == 3
+        and cached.dim() == 3
+        and fresh.shape[0] == cached.shape[0]
+        and fresh.shape[2] == cached.shape[2],
+        f"fresh and cached must both be [heads, tokens, head_dim]; got {tuple(fresh.shape)} and {tuple(cached.shape)}",
+    )
     if rows is None:
-        check(fresh.shape == cached.shape,
-              f"fresh {tuple(fresh.shape)} and cached {tuple(cached.shape)} differ; pass rows= to compare with "
-              "some rows of a larger cached tensor")  # fmt: skip
+        check(
+            fresh.shape == cached.shape,
+            f"fresh {tuple(fresh.shape)} and cached {tuple(cached.shape)} differ; pass rows= to compare with "
+            "some rows of a larger cached tensor",
+        )
     else:
-        check(rows.shape == (fresh.shape[1],) and rows.dtype in (torch.int32, torch.int64),
-              f"rows must be an integer tensor of shape [{fresh.shape[1]}], got {rows.dtype} "
-              f"{tuple(rows.shape)}")  # fmt: skip
+        check(
+            rows.shape == (fresh.shape[1],) and rows.dtype in (torch.int32, torch.int64),
+            f"rows must be an integer tensor of shape [{fresh.shape[1]}], got {rows.dtype} {tuple(rows.shape)}",
+        )
         check(rows.device == fresh.device, f"rows on {rows.device} but fresh on {fresh.device}")
         if rows.numel():
             low, high = (int(v) for v in torch.aminmax(rows))
             check(low >= 0 and high < cached.shape[1], f"rows must lie in [0, {cached.shape[1]}), got [{low}, {high}]")
-    check(from_cache.shape == (fresh.shape[1],) and from_cache.dtype == torch.bool,
-          f"from_cache must be a bool tensor of shape [{fresh.shape[1]}], got {from_cache.dtype} "
-          f"{tuple(from_cache.shape)}")  # fmt: skip
-    check(fresh.device == cached.device == from_cache.device,
-          f"fresh, cached and from_cache on different devices: {fresh.device}, {cached.device}, "
-          f"{from_cache.device}")  # fmt: skip
+    check(
+        from_cache.shape == (fresh.shape[1],) and from_cache.dtype == torch.bool,
+        f"from_cache must be a bool tensor of shape [{fresh.shape[1]}], got {from_cache.dtype} "
+        f"{tuple(from_cache.shape)}",
+    )
+    check(
+        fresh.device == cached.device == from_cache.device,
+        f"fresh, cached and from_cache on different devices: {fresh.device}, {cached.device}, {from_cache.device}",
+    )
     if resolve_backend(backend, fresh.device) == "triton":
         return kv_deviation_triton(fresh, cached, from_cache, rows)
     return kv_deviation_torch(fresh, cached, from_cache, rows)

@@ -77,8 +77,9 @@ class RopeTable:
         return cos, sin
 
 
-def apply_rope_torch(x: torch.Tensor, positions: torch.Tensor, rope: RopeTable, out: torch.Tensor | None = None
-                     ) -> torch.Tensor:  # fmt: skip
+def apply_rope_torch(
+    x: torch.Tensor, positions: torch.Tensor, rope: RopeTable, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Reference. x: [H, T, D]; positions: [T] -> [H, T, D] (into ``out`` if given; it may be x).
 
     Written on the two halves: ``x1*cos - x2*sin`` and ``x2*cos + x1*sin`` are the same IEEE operations as
@@ -102,10 +103,23 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rope_kernel(
-        x_ptr, out_ptr, pos_ptr, cos_ptr, sin_ptr,
-        T, stride_xh, stride_xt, stride_xd, stride_oh, stride_ot, stride_od, stride_table,
-        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
-    ):  # fmt: skip
+        x_ptr,
+        out_ptr,
+        pos_ptr,
+        cos_ptr,
+        sin_ptr,
+        T,
+        stride_xh,
+        stride_xt,
+        stride_xd,
+        stride_oh,
+        stride_ot,
+        stride_od,
+        stride_table,
+        HALF: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
         # grid: (H, cdiv(T, BLOCK_T)); the heads of one token block run side by side, sharing table rows in L2
         head = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -141,11 +155,21 @@ if HAVE_TRITON:
         half = dim // 2
         grid = (heads, triton.cdiv(tokens, block_t))
         _rope_kernel[grid](
-            x, out, positions, cos, sin,
-            tokens, *x.stride(), *out.stride(), cos.stride(0),
-            HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_T=block_t,
-            num_warps=4, enable_fp_fusion=False,
-        )  # fmt: skip
+            x,
+            out,
+            positions,
+            cos,
+            sin,
+            tokens,
+            *x.stride(),
+            *out.stride(),
+            cos.stride(0),
+            HALF=half,
+            BLOCK_HALF=triton.next_power_of_2(half),
+            BLOCK_T=block_t,
+            num_warps=4,
+            enable_fp_fusion=False,
+        )
 
 
 def apply_rope(
@@ -164,8 +188,10 @@ def apply_rope(
     check(x.dim() == 3, f"x must be [heads, tokens, head_dim], got shape {tuple(x.shape)}")
     check(x.shape[-1] == rope.head_dim, f"x's head_dim {x.shape[-1]} != RoPE head_dim {rope.head_dim}")
     check(x.dtype in (torch.float32, torch.float16, torch.bfloat16), f"x must be fp32/fp16/bf16, got {x.dtype}")
-    check(positions.dim() == 1 and positions.shape[0] == x.shape[1],
-          f"positions must be [tokens={x.shape[1]}], got shape {tuple(positions.shape)}")  # fmt: skip
+    check(
+        positions.dim() == 1 and positions.shape[0] == x.shape[1],
+        f"positions must be [tokens={x.shape[1]}], got shape {tuple(positions.shape)}",
+    )
     check(positions.dtype in (torch.int32, torch.int64), f"positions must be integers, got {positions.dtype}")
     check(positions.device == x.device, f"positions on {positions.device} but x on {x.device}")
     max_position = 0
@@ -174,9 +200,11 @@ def apply_rope(
         check(low >= 0, f"positions must be >= 0, got a minimum of {low}")
         max_position = high
     if out is not None:
-        check(out.shape == x.shape and out.dtype == x.dtype and out.device == x.device,
-              f"out must match x ({tuple(x.shape)}, {x.dtype}, {x.device}); got ({tuple(out.shape)}, "
-              f"{out.dtype}, {out.device})")  # fmt: skip
+        check(
+            out.shape == x.shape and out.dtype == x.dtype and out.device == x.device,
+            f"out must match x ({tuple(x.shape)}, {x.dtype}, {x.device}); got ({tuple(out.shape)}, "
+            f"{out.dtype}, {out.device})",
+        )
     if resolve_backend(backend, x.device) == "triton":
         target = out if out is not None else torch.empty_like(x)
         apply_rope_triton(x, positions, rope, target, max_position)

@@ -3,5 +3,11 @@
 from .forward import SUPPORTED_ARCHITECTURES, ModelForward, UnsupportedModelError
 from .loading import ModelNotFoundError, default_cache_dir, load_model
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "ModelForward", "ModelNotFoundError", "UnsupportedModelError",
-           "default_cache_dir", "load_model"]  # fmt: skip
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "ModelForward",
+    "ModelNotFoundError",
+    "UnsupportedModelError",
+    "default_cache_dir",
+    "load_model",
+]

@@ -37,8 +37,7 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, *, log_level: str =
     require_serve()
     import uvicorn
 
-    uvicorn.run(create_app(engine, **options), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=10)  # fmt: skip
+    uvicorn.run(create_app(engine, **options), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
 
 
 __all__ = ["create_app", "require_serve", "serve"]

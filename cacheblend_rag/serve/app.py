@@ -31,8 +31,15 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/chunks", "/v1/model
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.kind, self.code, self.param, self.headers = status, kind, code, param, headers
 
@@ -133,15 +140,21 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
-                 for e in errors[:5]]  # fmt: skip
+        parts = [
+            f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}" for e in errors[:5]
+        ]
         param = ".".join(str(x) for x in errors[0].get("loc", ()) if x != "body") if errors else None
         return JSONResponse(error_body("; ".join(parts), param=param or None), status_code=400)
 
     def check_model(model: str | None) -> None:
         if model is not None and model != name:
-            raise ApiError(404, f"model {model!r} is not served here; this server serves {name!r} (GET /v1/models)",
-                           "invalid_request_error", "model_not_found", "model")  # fmt: skip
+            raise ApiError(
+                404,
+                f"model {model!r} is not served here; this server serves {name!r} (GET /v1/models)",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
 
     def observe_first(ticket, endpoint: str) -> None:
         if ticket.started_at is not None:
@@ -261,8 +274,9 @@ def create_app(
             return exc.response()
         if any(not text.strip() for text in body.texts):
             bad = next(i for i, text in enumerate(body.texts) if not text.strip())
-            return ApiError(400, f"texts[{bad}] is empty; drop empty texts", "invalid_request_error",
-                            param=f"texts[{bad}]").response()  # fmt: skip
+            return ApiError(
+                400, f"texts[{bad}] is empty; drop empty texts", "invalid_request_error", param=f"texts[{bad}]"
+            ).response()
 
         def start():
             before = engine.metrics()["precomputed_chunks"]
@@ -281,13 +295,25 @@ def create_app(
             ticket.cancel()
         handles, computed = value
         data = [{"object": "chunk", "index": i, "key": h.key, "n_tokens": h.n_tokens} for i, h in enumerate(handles)]
-        return JSONResponse({"object": "list", "model": name, "data": data, "computed": computed,
-                             "already_stored": len({h.key for h in handles}) - computed})  # fmt: skip
+        return JSONResponse(
+            {
+                "object": "list",
+                "model": name,
+                "data": data,
+                "computed": computed,
+                "already_stored": len({h.key for h in handles}) - computed,
+            }
+        )
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {"id": name, "object": "model", "created": started, "owned_by": "cacheblend",
-                "max_model_len": engine.context_window}  # fmt: skip
+        card = {
+            "id": name,
+            "object": "model",
+            "created": started,
+            "owned_by": "cacheblend",
+            "max_model_len": engine.context_window,
+        }
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
@@ -295,16 +321,29 @@ def create_app(
         """200 while serving. ``available``: False while a remote tier (or the shared registry) is backing off
         after a failed call; the server then works without it (its chunks are computed). Replicas share chunks
         only if their ``model_fingerprint`` (model, tokenizer, compute dtype) is the same."""
-        tiers = [{"tier": t.name, "available": not (getattr(t, "health", None) is not None and t.health.down)}
-                 for t in engine.store.tiers]  # fmt: skip
+        tiers = [
+            {"tier": t.name, "available": not (getattr(t, "health", None) is not None and t.health.down)}
+            for t in engine.store.tiers
+        ]
         registry = None
         if shared is not None:
             registry = {"available": not shared.health.down, **shared.stats()}
-        queue = {"waiting": scheduler.waiting, "active": scheduler.active, "max_queue": scheduler.max_queue,
-                 "max_active": scheduler.max_active}  # fmt: skip
-        return {"status": "ok", "model": name, "queue": queue, "store": tiers, "shared_registry": registry,
-                "registered_chunks": len(engine.registry), "dtype": str(engine.dtype).removeprefix("torch."),
-                "model_fingerprint": engine.fingerprint[:16]}  # fmt: skip
+        queue = {
+            "waiting": scheduler.waiting,
+            "active": scheduler.active,
+            "max_queue": scheduler.max_queue,
+            "max_active": scheduler.max_active,
+        }
+        return {
+            "status": "ok",
+            "model": name,
+            "queue": queue,
+            "store": tiers,
+            "shared_registry": registry,
+            "registered_chunks": len(engine.registry),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "model_fingerprint": engine.fingerprint[:16],
+        }
 
     @app.get("/metrics")
     async def prometheus() -> Response:

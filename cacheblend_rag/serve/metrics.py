@@ -33,13 +33,13 @@ class EngineCollector:
             if name in GAUGES:
                 yield GaugeMetricFamily(f"cacheblend_{name}", f"engine: {name.replace('_', ' ')}", value=value)
             else:
-                yield CounterMetricFamily(f"cacheblend_engine_{name}", f"engine: {name.replace('_', ' ')}",
-                                          value=value)  # fmt: skip
+                yield CounterMetricFamily(f"cacheblend_engine_{name}", f"engine: {name.replace('_', ' ')}", value=value)
         tiers = metrics.get("store") or {}
         names = sorted({field for counters in tiers.values() for field in counters})
         for field in names:
-            family = CounterMetricFamily(f"cacheblend_store_{field}", f"store tier: {field.replace('_', ' ')}",
-                                         labels=["tier"])  # fmt: skip
+            family = CounterMetricFamily(
+                f"cacheblend_store_{field}", f"store tier: {field.replace('_', ' ')}", labels=["tier"]
+            )
             for tier, counters in tiers.items():
                 if field in counters:
                     family.add_metric([tier], counters[field])
@@ -58,12 +58,25 @@ class ServerMetrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("cacheblend_http_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "status"], registry=self.registry)  # fmt: skip
-        self.ttft = Histogram("cacheblend_ttft_seconds", "time to first token, queueing included", ["endpoint"],
-                              buckets=TTFT_BUCKETS, registry=self.registry)  # fmt: skip
-        self.queue_wait = Histogram("cacheblend_queue_wait_seconds", "time a request waited for the engine",
-                                    buckets=TTFT_BUCKETS, registry=self.registry)  # fmt: skip
+        self.requests = Counter(
+            "cacheblend_http_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "cacheblend_ttft_seconds",
+            "time to first token, queueing included",
+            ["endpoint"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "cacheblend_queue_wait_seconds",
+            "time a request waited for the engine",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
         depth = Gauge("cacheblend_queue_depth", "requests waiting for the engine", registry=self.registry)
         depth.set_function(lambda: scheduler.waiting)
         active = Gauge("cacheblend_active_requests", "requests the engine is decoding", registry=self.registry)

@@ -34,8 +34,9 @@ def blend_report(stats) -> dict:
     }
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:  # fmt: skip
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -59,11 +60,17 @@ class ChatFormat:
     def full(self, result) -> dict:
         return {
             **self._base("chat.completion"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "logprobs": None, "finish_reason": FINISH[result.finish_reason]}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "logprobs": None,
+                    "finish_reason": FINISH[result.finish_reason],
+                }
+            ],
             "usage": usage(result.stats),
             "cacheblend": blend_report(result.stats),
-        }  # fmt: skip
+        }
 
     def first_chunk(self) -> dict:
         return self.chunk({"role": "assistant", "content": ""})
@@ -78,8 +85,12 @@ class ChatFormat:
         return self.chunk({}, FINISH[result.finish_reason])
 
     def usage_chunk(self, result) -> dict:
-        return {**self._base("chat.completion.chunk"), "choices": [], "usage": usage(result.stats),
-                "cacheblend": blend_report(result.stats)}  # fmt: skip
+        return {
+            **self._base("chat.completion.chunk"),
+            "choices": [],
+            "usage": usage(result.stats),
+            "cacheblend": blend_report(result.stats),
+        }
 
 
 class CompletionFormat:
@@ -96,18 +107,21 @@ class CompletionFormat:
     def full(self, result) -> dict:
         return {
             **self._base(),
-            "choices": [{"index": 0, "text": result.text, "logprobs": None,
-                         "finish_reason": FINISH[result.finish_reason]}],
+            "choices": [
+                {"index": 0, "text": result.text, "logprobs": None, "finish_reason": FINISH[result.finish_reason]}
+            ],
             "usage": usage(result.stats),
             "cacheblend": blend_report(result.stats),
-        }  # fmt: skip
+        }
 
     def first_chunk(self) -> dict | None:
         return None
 
     def chunk(self, text: str, finish_reason: str | None = None) -> dict:
-        return {**self._base(), "choices": [{"index": 0, "text": text, "logprobs": None,
-                                             "finish_reason": finish_reason}]}  # fmt: skip
+        return {
+            **self._base(),
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        }
 
     def last_chunk(self, result) -> dict:
         return self.chunk("", FINISH[result.finish_reason])

@@ -30,8 +30,7 @@ class QueueFull(Exception):
     """The queue is full; ``retry_after``: seconds after which a retry is likely to be admitted."""
 
     def __init__(self, waiting: int, retry_after: int) -> None:
-        super().__init__(f"the server is busy: {waiting} requests are waiting for the engine; retry in "
-                         f"{retry_after}s")  # fmt: skip
+        super().__init__(f"the server is busy: {waiting} requests are waiting for the engine; retry in {retry_after}s")
         self.waiting, self.retry_after = waiting, retry_after
 
 
@@ -81,8 +80,13 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, max_active: int = 4, max_queue: int = 32, on_idle: Callable[[], None] | None = None,
-                 idle_every: float = 2.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        max_active: int = 4,
+        max_queue: int = 32,
+        on_idle: Callable[[], None] | None = None,
+        idle_every: float = 2.0,
+    ) -> None:
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
         if max_queue < 0:

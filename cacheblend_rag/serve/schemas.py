@@ -65,8 +65,7 @@ class _Sampling(BaseModel):
     def sampling(self, default_max_tokens: int) -> dict:
         """Keyword arguments of ``engine.stream`` (greedy when temperature is absent or 0)."""
         if self.n not in (None, 1):
-            raise BadRequest(f"n={self.n}: this server returns one choice per request; send n=1 or leave it out",
-                             "n")  # fmt: skip
+            raise BadRequest(f"n={self.n}: this server returns one choice per request; send n=1 or leave it out", "n")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise BadRequest(f"{name} is not supported; leave it out or send 0", name)
@@ -106,8 +105,7 @@ class ChatMessage(BaseModel):
 
     def as_engine_message(self, index: int) -> dict:
         if self.tool_calls:
-            raise BadRequest(f"messages[{index}] has tool_calls; this server does not run tools",
-                             f"messages[{index}]")  # fmt: skip
+            raise BadRequest(f"messages[{index}] has tool_calls; this server does not run tools", f"messages[{index}]")
         if self.content is None:
             raise BadRequest(f"messages[{index}] has no content", f"messages[{index}].content")
         if isinstance(self.content, str):
@@ -115,8 +113,10 @@ class ChatMessage(BaseModel):
         else:
             kinds = sorted({p.type for p in self.content if p.type != "text" or p.text is None})
             if kinds:
-                raise BadRequest(f"messages[{index}] has {', '.join(kinds)} content; this server takes text only",
-                                 f"messages[{index}].content")  # fmt: skip
+                raise BadRequest(
+                    f"messages[{index}] has {', '.join(kinds)} content; this server takes text only",
+                    f"messages[{index}].content",
+                )
             text = "".join(p.text or "" for p in self.content)
         role = "system" if self.role == "developer" else self.role
         return {"role": role, "content": text}
@@ -133,8 +133,9 @@ class ChatCompletionRequest(_Sampling):
         if self.tools or self.functions:
             raise BadRequest("tools / functions are not supported by this server; leave them out", "tools")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise BadRequest(f"response_format {self.response_format.get('type')!r} is not supported; only text",
-                             "response_format")  # fmt: skip
+            raise BadRequest(
+                f"response_format {self.response_format.get('type')!r} is not supported; only text", "response_format"
+            )
         return [m.as_engine_message(i) for i, m in enumerate(self.messages)]
 
     def sampling(self, default_max_tokens: int) -> dict:
@@ -159,8 +160,7 @@ class CompletionRequest(_Sampling):
             raise BadRequest("best_of is not supported; leave it out", "best_of")
         if isinstance(self.prompt, list):
             if len(self.prompt) != 1:
-                raise BadRequest(f"prompt is a list of {len(self.prompt)} texts; send one prompt per request",
-                                 "prompt")  # fmt: skip
+                raise BadRequest(f"prompt is a list of {len(self.prompt)} texts; send one prompt per request", "prompt")
             return self.prompt[0]
         return self.prompt
 

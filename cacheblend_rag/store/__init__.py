@@ -11,6 +11,19 @@ from .pipeline import LazyChunk
 from .redis_tier import RedisTier
 from .urls import parse_bytes, tier_from_url
 
-__all__ = ["ChunkHandle", "ChunkKV", "CorruptEntry", "DiskTier", "KVStore", "LazyChunk", "MemoryTier",
-           "PackedKV", "RedisTier", "TierUnavailable", "chain_key", "model_fingerprint", "parse_bytes",
-           "tier_from_url"]  # fmt: skip
+__all__ = [
+    "ChunkHandle",
+    "ChunkKV",
+    "CorruptEntry",
+    "DiskTier",
+    "KVStore",
+    "LazyChunk",
+    "MemoryTier",
+    "PackedKV",
+    "RedisTier",
+    "TierUnavailable",
+    "chain_key",
+    "model_fingerprint",
+    "parse_bytes",
+    "tier_from_url",
+]

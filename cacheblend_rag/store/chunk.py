@@ -23,8 +23,9 @@ class ChunkKV:
 
     def __post_init__(self) -> None:
         if self.k.dim() != 4 or self.k.shape != self.v.shape:
-            raise ValueError(f"ChunkKV needs k and v of one shape [L, Hkv, T, D]; got {tuple(self.k.shape)}, "
-                             f"{tuple(self.v.shape)}")  # fmt: skip
+            raise ValueError(
+                f"ChunkKV needs k and v of one shape [L, Hkv, T, D]; got {tuple(self.k.shape)}, {tuple(self.v.shape)}"
+            )
 
     @property
     def n_layers(self) -> int:

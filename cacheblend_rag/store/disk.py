@@ -127,9 +127,15 @@ class DiskTier:
                 return
             self._last_write_warning = now
             failed, self._failed_writes = self._failed_writes, 0
-        logger.warning("could not write KV cache file %s (%s: %s); continuing without it. [%d failed writes since "
-                       "the last warning; this warning repeats at most every %gs]", path, type(exc).__name__, exc,
-                       failed, WARN_EVERY_S)  # fmt: skip
+        logger.warning(
+            "could not write KV cache file %s (%s: %s); continuing without it. [%d failed writes since "
+            "the last warning; this warning repeats at most every %gs]",
+            path,
+            type(exc).__name__,
+            exc,
+            failed,
+            WARN_EVERY_S,
+        )
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -85,8 +85,12 @@ class EntryMeta:
         _, heads, tokens, dim = self.shape
         if self.codec == "none":
             return {"k": ((heads, tokens, dim), self.dtype), "v": ((heads, tokens, dim), self.dtype)}
-        return {"k": ((heads, tokens, dim), torch.int8), "v": ((heads, tokens, dim), torch.int8),
-                "ks": ((heads, 1, dim), torch.float32), "vs": ((heads, tokens, 1), torch.float32)}  # fmt: skip
+        return {
+            "k": ((heads, tokens, dim), torch.int8),
+            "v": ((heads, tokens, dim), torch.int8),
+            "ks": ((heads, 1, dim), torch.float32),
+            "vs": ((heads, tokens, 1), torch.float32),
+        }
 
     def names(self) -> list[str]:
         return [f"{name}.{layer}" for name in self.specs() for layer in range(self.n_layers)]
@@ -147,8 +151,11 @@ def encode_entry(key: str, model_fingerprint: str, kv: ChunkKV) -> tuple[EntryMe
         parts, dtype, codec = {"k": kv.k, "v": kv.v}, kv.k.dtype, "none"
     if dtype not in DTYPES.values():
         raise ValueError(f"stored KV must be float16, bfloat16 or float32, got {dtype}")
-    tensors = {f"{name}.{layer}": t[layer].detach().to("cpu").contiguous()
-               for name, t in parts.items() for layer in range(kv.n_layers)}  # fmt: skip
+    tensors = {
+        f"{name}.{layer}": t[layer].detach().to("cpu").contiguous()
+        for name, t in parts.items()
+        for layer in range(kv.n_layers)
+    }
     crc = {name: tensor_crc(t) for name, t in tensors.items()}
     meta = EntryMeta(key, model_fingerprint, tuple(kv.k.shape), dtype, codec, crc)  # type: ignore[arg-type]
     return meta, tensors

@@ -55,8 +55,14 @@ class Backoff:
         logger.warning(
             "%s is unavailable (%s: %s); serving without it (its chunks are recomputed) and retrying in %.1fs "
             "[%d failed attempts, %d calls skipped since the last warning; this warning repeats at most every %gs]",
-            self.what, type(exc).__name__, exc, delay, self._failures, skipped, self.warn_every,
-        )  # fmt: skip
+            self.what,
+            type(exc).__name__,
+            exc,
+            delay,
+            self._failures,
+            skipped,
+            self.warn_every,
+        )
 
     def success(self) -> None:
         if self._failures == 0:  # the common case: no lock
@@ -68,5 +74,6 @@ class Backoff:
             self._skipped = 0
             self._last_warning = -float("inf")
         if failures:
-            logger.warning("%s is available again after %.1fs (%d failed attempts)", self.what,
-                           time.monotonic() - since, failures)  # fmt: skip
+            logger.warning(
+                "%s is available again after %.1fs (%d failed attempts)", self.what, time.monotonic() - since, failures
+            )

@@ -75,8 +75,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def model_fingerprint(model: torch.nn.Module, tokenizer, *, extra: str = "") -> str:
     """Identity of (architecture config, weights, tokenizer, compute dtype): the namespace of every key."""
     config = model.config.to_dict()
-    for volatile in ("_name_or_path", "_commit_hash", "transformers_version", "_attn_implementation_autoset",
-                     "_attn_implementation", "use_cache", "dtype", "torch_dtype"):  # fmt: skip
+    for volatile in (
+        "_name_or_path",
+        "_commit_hash",
+        "transformers_version",
+        "_attn_implementation_autoset",
+        "_attn_implementation",
+        "use_cache",
+        "dtype",
+        "torch_dtype",
+    ):
         config.pop(volatile, None)
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True, default=str).encode())

@@ -129,8 +129,14 @@ class KVStore:
     def _reject(self, tier: Tier, key: str, shape: tuple[int, ...], n_tokens: int | None = None) -> None:
         layers, heads, dim = self.expect or ("?", "?", "?")
         expected = (layers, heads, "?" if n_tokens is None else n_tokens, dim)
-        logger.warning("KV entry %s in the %s tier has shape %s, expected (layers, kv heads, tokens, head dim) = "
-                       "%s; treating it as a miss and deleting it", key[:12], tier.name, shape, expected)  # fmt: skip
+        logger.warning(
+            "KV entry %s in the %s tier has shape %s, expected (layers, kv heads, tokens, head dim) = "
+            "%s; treating it as a miss and deleting it",
+            key[:12],
+            tier.name,
+            shape,
+            expected,
+        )
         tier.stats.corrupt += 1
         tier.delete(key)
 

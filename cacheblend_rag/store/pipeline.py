@@ -65,8 +65,12 @@ class LazyChunk:
         with self._cond:
             if not self._cond.wait_for(lambda: self._ready > index or self._error is not None, self.timeout_s):
                 self._error = TimeoutError(f"layer {index} of {self.key[:12]} took over {self.timeout_s}s to read")
-                logger.warning("reading KV block %s from the %s tier is too slow (%s); recomputing it",
-                               self.key[:12], self.tier, self._error)  # fmt: skip
+                logger.warning(
+                    "reading KV block %s from the %s tier is too slow (%s); recomputing it",
+                    self.key[:12],
+                    self.tier,
+                    self._error,
+                )
             if self._ready > index:
                 assert self._buffers is not None
                 return self._buffers.k[index], self._buffers.v[index]

@@ -133,8 +133,7 @@ class _LazyClusterClient:
         with self._lock:
             if self._client is None:
                 try:
-                    self._client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.nodes],
-                                                **self.kwargs)  # fmt: skip
+                    self._client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.nodes], **self.kwargs)
                 except RedisClusterException as exc:  # "Redis Cluster cannot be connected"
                     raise ConnectionError(str(exc)) from exc
         return self._client
@@ -169,8 +168,9 @@ class _NodeBatcher:
 class RedisClusterTier(RedisTier):
     name = "redis-cluster"
 
-    def __init__(self, nodes: list[tuple[str, int]], model_fingerprint: str, connection: dict | None = None,
-                 **options) -> None:  # fmt: skip
+    def __init__(
+        self, nodes: list[tuple[str, int]], model_fingerprint: str, connection: dict | None = None, **options
+    ) -> None:
         """nodes: (host, port) of some cluster nodes; connection: redis-py options (socket_timeout, password,
         ssl, ...); options: the Redis tier's (ttl, prefix, touch, backoff, backoff_max, warn_every, where)."""
         from redis.backoff import NoBackoff
@@ -179,8 +179,13 @@ class RedisClusterTier(RedisTier):
 
         if not nodes:
             raise ValueError("a Redis Cluster tier needs at least one node, e.g. redis+cluster://127.0.0.1:7000")
-        kwargs = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0, "require_full_coverage": False,
-                  "retry": Retry(NoBackoff(), 1), **(connection or {})}  # fmt: skip
+        kwargs = {
+            "socket_timeout": 1.0,
+            "socket_connect_timeout": 1.0,
+            "require_full_coverage": False,
+            "retry": Retry(NoBackoff(), 1),
+            **(connection or {}),
+        }
         options.setdefault("where", "Redis Cluster at " + ",".join(f"{h}:{p}" for h, p in nodes))
         client = _LazyClusterClient(list(nodes), kwargs)
         super().__init__(client, model_fingerprint, **options)
@@ -209,8 +214,10 @@ class RedisClusterTier(RedisTier):
         try:
             (SSLConnection if connection.get("ssl") else Connection)(**per_connection)  # checks; connects later
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"bad Redis Cluster store URL {redact(url)}: {exc}; options of ours are "
-                             f"{', '.join(OPTIONS)}, the rest go to redis-py") from None  # fmt: skip
+            raise ValueError(
+                f"bad Redis Cluster store URL {redact(url)}: {exc}; options of ours are "
+                f"{', '.join(OPTIONS)}, the rest go to redis-py"
+            ) from None
         return cls(nodes, model_fingerprint, connection, **ours)
 
     # ---- per-node availability ----------------------------------------------------------------------
@@ -230,8 +237,7 @@ class RedisClusterTier(RedisTier):
             health = self._nodes.get(node)
             if health is None:
                 base = self.health
-                health = self._nodes[node] = Backoff(f"{self.where}, node {node}", base.base, base.cap,
-                                                     base.warn_every)  # fmt: skip
+                health = self._nodes[node] = Backoff(f"{self.where}, node {node}", base.base, base.cap, base.warn_every)
             return health
 
     @contextlib.contextmanager
@@ -296,8 +302,15 @@ class RedisClusterTier(RedisTier):
 
 
 # options RedisCluster takes itself; the rest configure each node's connections
-_CLUSTER_OPTIONS = {"ssl", "max_connections", "read_from_replicas", "require_full_coverage", "reinitialize_steps",
-                    "dynamic_startup_nodes", "cluster_error_retry_attempts"}  # fmt: skip
+_CLUSTER_OPTIONS = {
+    "ssl",
+    "max_connections",
+    "read_from_replicas",
+    "require_full_coverage",
+    "reinitialize_steps",
+    "dynamic_startup_nodes",
+    "cluster_error_retry_attempts",
+}
 
 
 _TEXT_OPTIONS = {"username", "password", "client_name", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs"}

@@ -105,8 +105,14 @@ def _flag(text: str) -> bool:
 
 # Options of ours in the URL's query string; every other query option goes to redis-py (socket_timeout,
 # socket_connect_timeout, ssl_ca_certs, ssl_cert_reqs, max_connections, health_check_interval, ...).
-OPTIONS = {"ttl": parse_duration, "prefix": str, "touch": _flag, "backoff": float, "backoff_max": float,
-           "warn_every": float}  # fmt: skip
+OPTIONS = {
+    "ttl": parse_duration,
+    "prefix": str,
+    "touch": _flag,
+    "backoff": float,
+    "backoff_max": float,
+    "warn_every": float,
+}
 
 
 class RedisTier:
@@ -180,8 +186,10 @@ class RedisTier:
             pool = client.connection_pool
             pool.connection_class(**pool.connection_kwargs)  # checks the options; connects only when used
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"bad Redis store URL {redact_url(url)}: {exc}; options of ours are "
-                             f"{', '.join(OPTIONS)}, the rest go to redis-py") from None  # fmt: skip
+            raise ValueError(
+                f"bad Redis store URL {redact_url(url)}: {exc}; options of ours are "
+                f"{', '.join(OPTIONS)}, the rest go to redis-py"
+            ) from None
         host = f"{parsed.hostname or 'localhost'}:{parsed.port or 6379}"
         where = f"Redis at {parsed.scheme}://{host}{parsed.path or '/0'}"
         return cls(client, model_fingerprint, where=where, **ours)
@@ -275,12 +283,12 @@ class RedisTier:
         except (TierUnavailable, self._response_error):
             deleted = None
         if deleted == 0:  # what was judged is gone already: expired, evicted, replaced or deleted by a peer
-            logger.info("%s entry %s changed or expired while being read (%s); treating it as a miss",
-                        self.where, key[:12], exc)  # fmt: skip
+            logger.info(
+                "%s entry %s changed or expired while being read (%s); treating it as a miss", self.where, key[:12], exc
+            )
             return
         self._count(corrupt=1)
-        logger.warning("%s entry %s is unusable (%s); treating it as a miss and recomputing",
-                       self.where, key[:12], exc)  # fmt: skip
+        logger.warning("%s entry %s is unusable (%s); treating it as a miss and recomputing", self.where, key[:12], exc)
 
     def put(self, key: str, kv: ChunkKV) -> None:
         meta, tensors = encode_entry(key, self.model_fingerprint, kv)
@@ -296,8 +304,12 @@ class RedisTier:
             now = time.monotonic()
             if now - self._last_write_warning >= self.health.warn_every:
                 self._last_write_warning = now
-                logger.warning("%s refused a KV write (%s); continuing without it. If Redis is full, set "
-                               "maxmemory-policy allkeys-lru or a ttl", self.where, exc)  # fmt: skip
+                logger.warning(
+                    "%s refused a KV write (%s); continuing without it. If Redis is full, set "
+                    "maxmemory-policy allkeys-lru or a ttl",
+                    self.where,
+                    exc,
+                )
             self._count(errors=1)
             return
         if written:
@@ -345,9 +357,14 @@ class RedisTier:
         except Exception:  # managed Redis often disables CONFIG
             return
         if policy == "noeviction" or (policy.startswith("volatile") and not self.ttl):
-            logger.warning("%s has maxmemory-policy %s and the tier's ttl is %s: cached KV may fill it and "
-                           "writes will then fail. Use maxmemory-policy allkeys-lru on a cache-only Redis, or "
-                           "set ttl=... in the store URL", self.where, policy, self.ttl or "0 (never)")  # fmt: skip
+            logger.warning(
+                "%s has maxmemory-policy %s and the tier's ttl is %s: cached KV may fill it and "
+                "writes will then fail. Use maxmemory-policy allkeys-lru on a cache-only Redis, or "
+                "set ttl=... in the store URL",
+                self.where,
+                policy,
+                self.ttl or "0 (never)",
+            )
 
     def _count(self, **deltas: int) -> None:
         with self._lock:

@@ -9,8 +9,18 @@ from urllib.parse import parse_qs, unquote, urlparse
 from .disk import DiskTier
 from .memory import MemoryTier
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_bytes(text: str | int) -> int:
@@ -52,8 +62,9 @@ def redact_secrets(value):
     if isinstance(value, str):
         return redact_url(value) if "://" in value or "=" in value else value
     if isinstance(value, dict):
-        return {k: "***" if isinstance(k, str) and _SECRET_NAME.search(k) else redact_secrets(v)
-                for k, v in value.items()}  # fmt: skip
+        return {
+            k: "***" if isinstance(k, str) and _SECRET_NAME.search(k) else redact_secrets(v) for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return type(value)(redact_secrets(v) for v in value)
     return value

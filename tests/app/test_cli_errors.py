@@ -48,8 +48,9 @@ def test_ask_ratio_nan_is_named(tmp_path):
 
 
 def test_ingest_with_a_missing_model(docs_dir, tmp_path):
-    out = runner.invoke(app, ["ingest", str(docs_dir), "--model", str(tmp_path / "nothing"), "--cache-dir",
-                              str(tmp_path / "cache")])  # fmt: skip
+    out = runner.invoke(
+        app, ["ingest", str(docs_dir), "--model", str(tmp_path / "nothing"), "--cache-dir", str(tmp_path / "cache")]
+    )
     assert out.exit_code == 2
     check_one_line_error(out.output, "could not load the model")
 
@@ -59,8 +60,25 @@ def test_main_turns_other_input_errors_into_one_line(tiny_dir, tmp_path, monkeyp
     ``cacheblend`` entry point: one line, exit 2; the traceback only with CACHEBLEND_LOG=DEBUG."""
     data = tmp_path / "data.json"
     data.write_text('[{"question": "Q?", "answers": ["A"], "ctxs": [{"title": "", "text": "One passage here."}]}]')
-    argv = ["cacheblend", "bench", "ttft", "--data", str(data), "--n", "1", "--model", str(tiny_dir), "--dtype",
-            "float32", "--ratio", "2", "--out", str(tmp_path / "out.json"), "--cache-dir", str(tmp_path)]  # fmt: skip
+    argv = [
+        "cacheblend",
+        "bench",
+        "ttft",
+        "--data",
+        str(data),
+        "--n",
+        "1",
+        "--model",
+        str(tiny_dir),
+        "--dtype",
+        "float32",
+        "--ratio",
+        "2",
+        "--out",
+        str(tmp_path / "out.json"),
+        "--cache-dir",
+        str(tmp_path),
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as info:
         main()

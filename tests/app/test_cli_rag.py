@@ -66,15 +66,27 @@ def test_ask_answers_from_the_index_and_reuses_kv(ingested, tmp_path):
         "sources",
         "index_dir",
     }
-    assert "44" in first["text"] and first["text"] in " ".join(run("ask", QUESTION, *options, "--top-k", 2,
-                                                                    "--max-new-tokens", 16).split())  # fmt: skip
+    assert "44" in first["text"] and first["text"] in " ".join(
+        run("ask", QUESTION, *options, "--top-k", 2, "--max-new-tokens", 16).split()
+    )
     for answer in answers:  # every chunk's KV came from the store written at ingestion: none computed now
         assert answer["reused_tokens"] > 0 and answer["cache_hits"] == 2 and answer["cache_misses"] == 0
         assert answer["reused_tokens"] + answer["recomputed_tokens"] == answer["prompt_tokens"]
     assert second["text"] == first["text"] and second["prompt_tokens"] == first["prompt_tokens"]
 
-    run("ask", QUESTION, *options, "--top-k", 2, "--max-new-tokens", 4, "--strategy", "full_recompute", "--json",
-        tmp_path / "full.json")  # fmt: skip
+    run(
+        "ask",
+        QUESTION,
+        *options,
+        "--top-k",
+        2,
+        "--max-new-tokens",
+        4,
+        "--strategy",
+        "full_recompute",
+        "--json",
+        tmp_path / "full.json",
+    )
     full = json.loads((tmp_path / "full.json").read_text())
     assert full["reused_tokens"] == 0 and full["recomputed_tokens"] == full["prompt_tokens"] == first["prompt_tokens"]
 

@@ -19,12 +19,34 @@ def demo(*args) -> str:
 
 
 def test_demo_rag_part_table_and_json(tiny_dir, tmp_path):
-    out = demo("--model", tiny_dir, "--dtype", "float32", "--cache-dir", tmp_path, "--max-new-tokens", 3,
-               "--questions", 2, "--top-k", 3, "--json", tmp_path / "demo.json")  # fmt: skip
+    out = demo(
+        "--model",
+        tiny_dir,
+        "--dtype",
+        "float32",
+        "--cache-dir",
+        tmp_path,
+        "--max-new-tokens",
+        3,
+        "--questions",
+        2,
+        "--top-k",
+        3,
+        "--json",
+        tmp_path / "demo.json",
+    )
     text = " ".join(out.split())
-    for needle in ("Strategies on multi-chunk questions", "RAG with LlamaIndex", "29 chunks indexed",
-                   "29 computed now, 0 already stored", "top 3 chunks per prompt", "Median TTFT",
-                   "How tall is the Greyhook", "expected: 31", "Who is the curator"):  # fmt: skip
+    for needle in (
+        "Strategies on multi-chunk questions",
+        "RAG with LlamaIndex",
+        "29 chunks indexed",
+        "29 computed now, 0 already stored",
+        "top 3 chunks per prompt",
+        "Median TTFT",
+        "How tall is the Greyhook",
+        "expected: 31",
+        "Who is the curator",
+    ):
         assert needle in text, needle
     assert "mayor" not in text  # the third question was not asked
 
@@ -47,25 +69,61 @@ def test_demo_rag_part_table_and_json(tiny_dir, tmp_path):
     assert summary["full_recompute"]["reuse_fraction"] == 0 and summary["cacheblend"]["reuse_fraction"] > 0.5
     assert summary["cacheblend"]["questions"] == 2 and summary["speedup"] > 0
 
-    again = " ".join(demo("--model", tiny_dir, "--dtype", "float32", "--cache-dir", tmp_path, "--max-new-tokens", 1,
-                          "--questions", 1, "--top-k", 2).split())  # fmt: skip
+    again = " ".join(
+        demo(
+            "--model",
+            tiny_dir,
+            "--dtype",
+            "float32",
+            "--cache-dir",
+            tmp_path,
+            "--max-new-tokens",
+            1,
+            "--questions",
+            1,
+            "--top-k",
+            2,
+        ).split()
+    )
     assert "0 computed now, 29 already stored" in again  # the KV store on disk kept every chunk
 
 
 def test_demo_without_rag(tiny_dir, tmp_path):
-    out = demo("--model", tiny_dir, "--dtype", "float32", "--cache-dir", tmp_path, "--max-new-tokens", 1, "--no-rag",
-               "--json", tmp_path / "demo.json")  # fmt: skip
+    out = demo(
+        "--model",
+        tiny_dir,
+        "--dtype",
+        "float32",
+        "--cache-dir",
+        tmp_path,
+        "--max-new-tokens",
+        1,
+        "--no-rag",
+        "--json",
+        tmp_path / "demo.json",
+    )
     assert "Strategies on multi-chunk questions" in out and "RAG" not in out
     assert set(json.loads((tmp_path / "demo.json").read_text())) == {"rows"}
 
 
 def test_summary_counts_agreement_and_speedup():
     def row(question, strategy, answer, ttft, reused, correct):
-        return {"question": question, "strategy": strategy, "answer": answer, "ttft_s": ttft, "prompt_tokens": 100,
-                "reused_tokens": reused, "correct": correct}  # fmt: skip
+        return {
+            "question": question,
+            "strategy": strategy,
+            "answer": answer,
+            "ttft_s": ttft,
+            "prompt_tokens": 100,
+            "reused_tokens": reused,
+            "correct": correct,
+        }
 
-    rows = [row("a", "full_recompute", "x", 1.0, 0, True), row("a", "cacheblend", "x", 0.25, 80, True),
-            row("b", "full_recompute", "y", 3.0, 0, True), row("b", "cacheblend", "z", 0.5, 90, False)]  # fmt: skip
+    rows = [
+        row("a", "full_recompute", "x", 1.0, 0, True),
+        row("a", "cacheblend", "x", 0.25, 80, True),
+        row("b", "full_recompute", "y", 3.0, 0, True),
+        row("b", "cacheblend", "z", 0.5, 90, False),
+    ]
     s = summarize(rows)
     assert s["full_recompute"]["median_ttft_s"] == 2.0 and s["cacheblend"]["median_ttft_s"] == 0.375
     assert abs(s["speedup"] - 2.0 / 0.375) < 1e-12
@@ -81,8 +139,20 @@ def test_demo_without_llama_index_skips_the_rag_part_and_says_what_to_install(ti
         raise ImportError("the RAG commands need llama_index.core, part of the LlamaIndex integration: pip install x")
 
     monkeypatch.setattr(cacheblend_rag.app.index, "require_llama_index", missing)
-    out = " ".join(demo("--model", tiny_dir, "--dtype", "float32", "--cache-dir", tmp_path, "--max-new-tokens", 1,
-                        "--json", tmp_path / "demo.json").split())  # fmt: skip
+    out = " ".join(
+        demo(
+            "--model",
+            tiny_dir,
+            "--dtype",
+            "float32",
+            "--cache-dir",
+            tmp_path,
+            "--max-new-tokens",
+            1,
+            "--json",
+            tmp_path / "demo.json",
+        ).split()
+    )
     assert "RAG part skipped: the RAG commands need llama_index.core" in out and "pip install x" in out
     assert "Strategies on multi-chunk questions" in out and "Median TTFT" not in out
     assert set(json.loads((tmp_path / "demo.json").read_text())) == {"rows"}

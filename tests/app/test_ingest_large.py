@@ -21,13 +21,18 @@ from cacheblend_rag.app.index import (
 )
 from cacheblend_rag.cli import app
 
-WORDS = re.findall(r"\w+", "the harbour town of port merrow lies on a tidal estuary where fishing boats moor beside "
-                   "the old stone quay and gulls cry over the market square at dawn")  # fmt: skip
+WORDS = re.findall(
+    r"\w+",
+    "the harbour town of port merrow lies on a tidal estuary where fishing boats moor beside "
+    "the old stone quay and gulls cry over the market square at dawn",
+)
 
 
 def paragraph(rng: random.Random) -> str:
-    sentences = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 18))).capitalize() + "."
-                 for _ in range(rng.randint(2, 7)))  # fmt: skip
+    sentences = (
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 18))).capitalize() + "."
+        for _ in range(rng.randint(2, 7))
+    )
     return " ".join(sentences)
 
 
@@ -118,8 +123,11 @@ def test_ingest_says_what_it_will_write_and_honours_max_kv_bytes(tiny_dir, tmp_p
     text = " ".join(out.output.split())
     assert out.exit_code == 2, out.output
     assert "read 1 document (0.3 MB of text)" in text and "chunks (0 already stored): computing" in text
-    assert re.search(r"would write about [\d.]+ MB of KV \(\d+ new chunks, [\d,]+ tokens\), over the cap of 2.0 MB; "
-                     r"nothing was computed\. Raise the cap \(cacheblend ingest --max-kv-bytes\)", text)  # fmt: skip
+    assert re.search(
+        r"would write about [\d.]+ MB of KV \(\d+ new chunks, [\d,]+ tokens\), over the cap of 2.0 MB; "
+        r"nothing was computed\. Raise the cap \(cacheblend ingest --max-kv-bytes\)",
+        text,
+    )
     assert "Traceback" not in out.output and not list((tmp_path / "cache").rglob("*.safetensors"))
     bad = runner.invoke(app, ["ingest", str(big), *options, "--max-kv-bytes", "lots"])
     assert bad.exit_code == 2 and "--max-kv-bytes: cannot read a byte size from 'lots'" in bad.output
@@ -144,7 +152,10 @@ def test_persist_never_removes_folders_it_did_not_make(engine, docs_dir, tmp_pat
     assert (tmp_path / "index.old" / "keep.txt").read_text() == "index.old"
     assert (tmp_path / "index.new" / "keep.txt").read_text() == "index.new"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".index", "index"))) == [
-        "index", "index.new", "index.old"]  # fmt: skip
+        "index",
+        "index.new",
+        "index.old",
+    ]
     assert RagIndex.load(engine, folder).n_nodes == 3
 
 

@@ -73,7 +73,8 @@ def test_prompt_is_split_at_registered_chunks_in_any_order(engine):
     as_segments = [*engine.registry.split(engine.tokenize(prompt))]
     as_segments = [engine.tokenizer.decode(s) if isinstance(s, list) else s for s in as_segments]
     assert [s for s in as_segments if not isinstance(s, str)] == order and "".join(
-        s if isinstance(s, str) else s.text for s in as_segments) == prompt  # fmt: skip
+        s if isinstance(s, str) else s.text for s in as_segments
+    ) == prompt
 
 
 def test_unregistered_text_is_simply_computed(engine):
@@ -88,15 +89,20 @@ def test_chat_segments_keep_chunk_texts(engine):
     assert segments[2] is handles[0] and segments[3] is handles[1]
     assert segments[0].startswith("<|im_start|>system\nBe brief.") and segments[-1].endswith("assistant\n")
     prompt = "".join(s if isinstance(s, str) else s.text for s in segments)
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Passages:\n" + PASSAGES[0] + PASSAGES[1] + "\nQ?"}]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Passages:\n" + PASSAGES[0] + PASSAGES[1] + "\nQ?"},
+    ]
     assert prompt == engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def test_threads_get_the_same_results_as_alone(engine):
     handles = engine.precompute(PASSAGES)
-    requests = [(["Read.\n", *handles[i:] , f"\nQ{i}?"], BlendConfig(strategy=s))
-                for i in range(3) for s in ("cacheblend", "full_reuse", "prefix_cache", "full_recompute")]  # fmt: skip
+    requests = [
+        (["Read.\n", *handles[i:], f"\nQ{i}?"], BlendConfig(strategy=s))
+        for i in range(3)
+        for s in ("cacheblend", "full_reuse", "prefix_cache", "full_recompute")
+    ]
     alone = [engine.generate(segs, max_new_tokens=6, config=cfg).token_ids for segs, cfg in requests]
     results: dict[int, list[int]] = {}
     errors = []

@@ -42,8 +42,9 @@ def test_query_selection_counts_and_stats(make_engine):
     assert 0 < req.stats.probe_s <= req.stats.prefill_s
     dev = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.2))
     assert not torch.equal(req.logits, dev.logits)
-    heads = engine.prepare(segments, config=config("cacheblend", selection="query", recompute_ratio=0.2,
-                                                   recompute_chunk_head=3))  # fmt: skip
+    heads = engine.prepare(
+        segments, config=config("cacheblend", selection="query", recompute_ratio=0.2, recompute_chunk_head=3)
+    )
     assert heads.stats.recomputed_tokens == round(0.2 * cached) + uncached
 
 

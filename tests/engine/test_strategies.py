@@ -113,8 +113,10 @@ def test_prompt_ending_in_a_chunk_still_computes_the_last_token(make_engine):
 def test_flops_shrink_with_reuse(make_engine):
     engine = make_engine("llama", seed=3)
     segments = ["Read.\n", *engine.precompute(PASSAGES), QUESTION]
-    flops = {s: engine.prepare(segments, config=config(s)).stats.prefill_flops
-             for s in ("full_recompute", "full_reuse", "cacheblend")}  # fmt: skip
+    flops = {
+        s: engine.prepare(segments, config=config(s)).stats.prefill_flops
+        for s in ("full_recompute", "full_reuse", "cacheblend")
+    }
     assert flops["full_reuse"] < flops["cacheblend"] < flops["full_recompute"]
 
 

@@ -22,11 +22,17 @@ def tiny_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     items = [
-        {"ctxs": [{"title": "", "text": p} for p in PASSAGES], "question": "Which river reaches the Black Sea",
-         "answers": ["Danube"]},
-        {"ctxs": [{"title": "Mountains", "text": p} for p in reversed(PASSAGES)], "question": "Highest in Africa?",
-         "answers": ["Kilimanjaro"]},
-    ]  # fmt: skip
+        {
+            "ctxs": [{"title": "", "text": p} for p in PASSAGES],
+            "question": "Which river reaches the Black Sea",
+            "answers": ["Danube"],
+        },
+        {
+            "ctxs": [{"title": "Mountains", "text": p} for p in reversed(PASSAGES)],
+            "question": "Highest in Africa?",
+            "answers": ["Kilimanjaro"],
+        },
+    ]
     path = tmp_path_factory.mktemp("data") / "tiny.json"
     path.write_text(json.dumps(items))
     return path
@@ -43,21 +49,27 @@ def common(tiny_dir, tmp_path):
 
 
 def test_demo_prints_every_strategy(tiny_dir, tmp_path):
-    out = invoke("demo", *common(tiny_dir, tmp_path), "--max-new-tokens", 4, "--no-rag", "--json",
-                 tmp_path / "demo.json")  # fmt: skip
+    out = invoke(
+        "demo", *common(tiny_dir, tmp_path), "--max-new-tokens", 4, "--no-rag", "--json", tmp_path / "demo.json"
+    )
     for name in ("full_recompute", "prefix_cache", "full_reuse", "cacheblend", "TTFT ms", "Messi or Ronaldo"):
         assert name in out
     rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
-    assert len(rows) == 12 and {r["strategy"] for r in rows} == {"full_recompute", "prefix_cache", "full_reuse",
-                                                                 "cacheblend"}  # fmt: skip
+    assert len(rows) == 12 and {r["strategy"] for r in rows} == {
+        "full_recompute",
+        "prefix_cache",
+        "full_reuse",
+        "cacheblend",
+    }
     assert all(r["reused_tokens"] + r["recomputed_tokens"] == r["prompt_tokens"] for r in rows)
     assert all(r["reused_tokens"] == 0 for r in rows if r["strategy"] == "full_recompute")
     assert all(r["reused_tokens"] > 0 for r in rows if r["strategy"] in ("full_reuse", "cacheblend"))
 
 
 def test_bench_ttft_json(tiny_dir, data_file, tmp_path):
-    out = invoke("bench", "ttft", "--data", data_file, "--n", 2, *common(tiny_dir, tmp_path), "--out",
-                 tmp_path / "ttft.json")  # fmt: skip
+    out = invoke(
+        "bench", "ttft", "--data", data_file, "--n", 2, *common(tiny_dir, tmp_path), "--out", tmp_path / "ttft.json"
+    )
     assert "speedup" in out
     result = json.loads((tmp_path / "ttft.json").read_text())
     assert {s["strategy"] for s in result["summary"]} == {"full_recompute", "prefix_cache", "full_reuse", "cacheblend"}
@@ -70,16 +82,39 @@ def test_bench_ttft_json(tiny_dir, data_file, tmp_path):
 
 def test_eval_json_keys_and_ranges(tiny_dir, data_file, tmp_path):
     out_file = tmp_path / "eval.json"
-    out = invoke("eval", "--data", data_file, "--n", 2, "--ratios", "0.15,1", "--max-new-tokens", 8,
-                 "--selections", "deviation,query", "--targets", "0.5", *common(tiny_dir, tmp_path),
-                 "--out", out_file)  # fmt: skip
+    out = invoke(
+        "eval",
+        "--data",
+        data_file,
+        "--n",
+        2,
+        "--ratios",
+        "0.15,1",
+        "--max-new-tokens",
+        8,
+        "--selections",
+        "deviation,query",
+        "--targets",
+        "0.5",
+        *common(tiny_dir, tmp_path),
+        "--out",
+        out_file,
+    )
     assert "top-1 agree" in out and "cacheblend[query]@0.15" in out  # labels printed as written
     result = json.loads(out_file.read_text())
     assert set(result) == {"config", "examples", "summary"}
     labels = [s["config"] for s in result["summary"]]
-    assert labels == ["full_recompute", "prefix_cache", "full_reuse", "cacheblend[deviation]@0.15",
-                      "cacheblend[deviation]@1", "cacheblend[deviation]~0.5", "cacheblend[query]@0.15",
-                      "cacheblend[query]@1", "cacheblend[query]~0.5"]  # fmt: skip
+    assert labels == [
+        "full_recompute",
+        "prefix_cache",
+        "full_reuse",
+        "cacheblend[deviation]@0.15",
+        "cacheblend[deviation]@1",
+        "cacheblend[deviation]~0.5",
+        "cacheblend[query]@0.15",
+        "cacheblend[query]@1",
+        "cacheblend[query]~0.5",
+    ]
     for row in result["examples"]:
         for key in ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement"):
             assert 0.0 <= row[key] <= 1.0
@@ -126,8 +161,21 @@ def test_eval_bad_data_is_a_clear_error(tmp_path, content, message):
 
 def test_bench_sweep_and_plot(tiny_dir, data_file, tmp_path):
     out_file = tmp_path / "sweep.json"
-    invoke("bench", "sweep", "--data", data_file, "--n", 1, "--chunks", "1,3", "--ratios", "0,0.5",
-           *common(tiny_dir, tmp_path), "--out", out_file)  # fmt: skip
+    invoke(
+        "bench",
+        "sweep",
+        "--data",
+        data_file,
+        "--n",
+        1,
+        "--chunks",
+        "1,3",
+        "--ratios",
+        "0,0.5",
+        *common(tiny_dir, tmp_path),
+        "--out",
+        out_file,
+    )
     result = json.loads(out_file.read_text())
     assert {r["chunks"] for r in result["ttft_vs_chunks"]} == {1, 3}
     assert [r["ratio"] for r in result["ttft_vs_ratio"]] == [0.0, 0.5]

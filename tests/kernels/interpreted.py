@@ -45,8 +45,14 @@ def llama3_rope(head_dim: int) -> RopeTable:
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    params = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     config = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, rope_parameters=params)
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     return RopeTable(inv_freq, attention_scaling=1.25)
@@ -129,8 +135,11 @@ def test_deviation_equals_reference(dtype, layout, heads, tokens, head_dim, mask
     gen = torch.Generator().manual_seed(tokens + head_dim)
     fresh = strided((heads, tokens, head_dim), dtype, gen, layout)
     cached = strided((heads, tokens, head_dim), dtype, gen, "contiguous")
-    from_cache = {"random": torch.rand(tokens, generator=gen) < 0.6, "all": torch.ones(tokens, dtype=torch.bool),
-                  "none": torch.zeros(tokens, dtype=torch.bool)}[mask]  # fmt: skip
+    from_cache = {
+        "random": torch.rand(tokens, generator=gen) < 0.6,
+        "all": torch.ones(tokens, dtype=torch.bool),
+        "none": torch.zeros(tokens, dtype=torch.bool),
+    }[mask]
     expected = kv_deviation_torch(fresh, cached, from_cache)
     got = kv_deviation(fresh, cached, from_cache, backend="triton")
     assert got.dtype == torch.float32 and got.shape == (tokens,)
@@ -234,8 +243,11 @@ def test_attention_extreme_scores_stay_finite():
 def test_all_three_kernels_really_ran_under_the_interpreter(monkeypatch):
     """The equalities above prove nothing if the wrappers silently took the torch path."""
     calls = []
-    for module, name in ((rotary, "apply_rope_triton"), (deviation, "kv_deviation_triton"),
-                         (attention, "selected_attention_triton")):  # fmt: skip
+    for module, name in (
+        (rotary, "apply_rope_triton"),
+        (deviation, "kv_deviation_triton"),
+        (attention, "selected_attention_triton"),
+    ):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     x = torch.randn(2, 5, 16)
@@ -268,9 +280,17 @@ def engines(tokenizer, tmp_path, arch):
     from tests.conftest import tiny_model
 
     model = tiny_model(arch, seed=11, layers=3)
-    return [CacheBlendEngine(model, tokenizer, store=["memory://?max_bytes=256MB"], store_dtype=torch.float32,
-                             cache_dir=tmp_path / backend, config=BlendConfig(backend=backend))
-            for backend in ("triton", "torch")]  # fmt: skip
+    return [
+        CacheBlendEngine(
+            model,
+            tokenizer,
+            store=["memory://?max_bytes=256MB"],
+            store_dtype=torch.float32,
+            cache_dir=tmp_path / backend,
+            config=BlendConfig(backend=backend),
+        )
+        for backend in ("triton", "torch")
+    ]
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3_rope"])
@@ -287,9 +307,11 @@ def test_engine_blended_prefill_triton_equals_torch(tokenizer, tmp_path, arch):
         assert_close(kv.k, torch_kv.k, rtol=1e-5, atol=1e-5)
         assert_close(kv.v, torch_kv.v, rtol=1e-5, atol=1e-5)
     segments = ["Read:\n", *handles, "\nWho scored?"]
-    for cfg in (BlendConfig(strategy="cacheblend", recompute_ratio=0.3),
-                BlendConfig(strategy="cacheblend", recompute_ratio=0.15, check_layers=(1, 2), deviation="k"),
-                BlendConfig(strategy="full_recompute")):  # fmt: skip
+    for cfg in (
+        BlendConfig(strategy="cacheblend", recompute_ratio=0.3),
+        BlendConfig(strategy="cacheblend", recompute_ratio=0.15, check_layers=(1, 2), deviation="k"),
+        BlendConfig(strategy="full_recompute"),
+    ):
         got = triton_engine.prepare(segments, config=cfg.replace(backend="triton"))
         expected = torch_engine.prepare(segments, config=cfg.replace(backend="torch"))
         assert got.stats.layer_rows == expected.stats.layer_rows

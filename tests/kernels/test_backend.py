@@ -17,8 +17,11 @@ def _forbid_triton(monkeypatch) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("a Triton launcher was called")
 
-    for module, name in ((rotary, "apply_rope_triton"), (deviation, "kv_deviation_triton"),
-                         (attention, "selected_attention_triton")):  # fmt: skip
+    for module, name in (
+        (rotary, "apply_rope_triton"),
+        (deviation, "kv_deviation_triton"),
+        (attention, "selected_attention_triton"),
+    ):
         monkeypatch.setattr(module, name, boom, raising=False)
 
 
@@ -81,26 +84,47 @@ def test_engine_with_triton_forced_on_cpu_fails_before_any_work(make_engine, mon
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: rotary.apply_rope(torch.randn(2, 5), torch.arange(5), rotary.RopeTable(torch.ones(8))),
-         r"x must be \[heads, tokens, head_dim\], got shape \(2, 5\)"),
-        (lambda: rotary.apply_rope(torch.randn(2, 5, 16), torch.arange(-1, 4), rotary.RopeTable(torch.ones(8))),
-         "positions must be >= 0, got a minimum of -1"),
-        (lambda: rotary.apply_rope(torch.randn(2, 5, 16), torch.arange(5), rotary.RopeTable(torch.ones(8)),
-                                   out=torch.empty(2, 5, 16, dtype=torch.float16)),
-         "out must match x"),
-        (lambda: deviation.kv_deviation(torch.randn(2, 5, 16), torch.randn(2, 6, 16), torch.ones(5, dtype=bool)),
-         "pass rows="),
-        (lambda: deviation.kv_deviation(torch.randn(2, 3, 16), torch.randn(2, 6, 16), torch.ones(3, dtype=bool),
-                                        rows=torch.tensor([0, 2, 6])),
-         r"rows must lie in \[0, 6\), got \[0, 6\]"),
-        (lambda: attention.selected_attention(torch.randn(3, 2, 16), torch.tensor([0, 1]), torch.randn(2, 4, 16),
-                                              torch.randn(2, 4, 16), 0.25),
-         "query heads 3 not a multiple of KV heads 2"),
-        (lambda: attention.selected_attention(torch.randn(2, 2, 16), torch.tensor([0, 4]), torch.randn(2, 4, 16),
-                                              torch.randn(2, 4, 16), 0.25),
-         r"q_pos must lie in \[0, 4\)"),
+        (
+            lambda: rotary.apply_rope(torch.randn(2, 5), torch.arange(5), rotary.RopeTable(torch.ones(8))),
+            r"x must be \[heads, tokens, head_dim\], got shape \(2, 5\)",
+        ),
+        (
+            lambda: rotary.apply_rope(torch.randn(2, 5, 16), torch.arange(-1, 4), rotary.RopeTable(torch.ones(8))),
+            "positions must be >= 0, got a minimum of -1",
+        ),
+        (
+            lambda: rotary.apply_rope(
+                torch.randn(2, 5, 16),
+                torch.arange(5),
+                rotary.RopeTable(torch.ones(8)),
+                out=torch.empty(2, 5, 16, dtype=torch.float16),
+            ),
+            "out must match x",
+        ),
+        (
+            lambda: deviation.kv_deviation(torch.randn(2, 5, 16), torch.randn(2, 6, 16), torch.ones(5, dtype=bool)),
+            "pass rows=",
+        ),
+        (
+            lambda: deviation.kv_deviation(
+                torch.randn(2, 3, 16), torch.randn(2, 6, 16), torch.ones(3, dtype=bool), rows=torch.tensor([0, 2, 6])
+            ),
+            r"rows must lie in \[0, 6\), got \[0, 6\]",
+        ),
+        (
+            lambda: attention.selected_attention(
+                torch.randn(3, 2, 16), torch.tensor([0, 1]), torch.randn(2, 4, 16), torch.randn(2, 4, 16), 0.25
+            ),
+            "query heads 3 not a multiple of KV heads 2",
+        ),
+        (
+            lambda: attention.selected_attention(
+                torch.randn(2, 2, 16), torch.tensor([0, 4]), torch.randn(2, 4, 16), torch.randn(2, 4, 16), 0.25
+            ),
+            r"q_pos must lie in \[0, 4\)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_wrappers_name_the_bad_value(call, message):
     with pytest.raises(ValueError, match=message):
         call()

@@ -19,19 +19,26 @@ def hf_rotary(rope_parameters: dict | None, head_dim: int = 32):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     extra = {"rope_parameters": rope_parameters} if rope_parameters else {}
-    config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, **extra)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, **extra
+    )
     module = LlamaRotaryEmbedding(config)
     return module, RopeTable(module.inv_freq, module.attention_scaling)
 
 
 ROPES = {
     "default": None,
-    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
     "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
     "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256},
-}  # fmt: skip
+}
 
 
 # ---- rotary -------------------------------------------------------------------------------------------
@@ -108,8 +115,10 @@ def test_deviation_reference_equals_the_formula_in_float64():
         else:
             assert got[t] == float("-inf")
     rows = torch.tensor([4, 0, 9])
-    assert torch.equal(kv_deviation(fresh[:, rows], cached, from_cache[rows], rows=rows),
-                       kv_deviation_torch(fresh[:, rows], cached[:, rows], from_cache[rows]))  # fmt: skip
+    assert torch.equal(
+        kv_deviation(fresh[:, rows], cached, from_cache[rows], rows=rows),
+        kv_deviation_torch(fresh[:, rows], cached[:, rows], from_cache[rows]),
+    )
 
 
 def test_select_top_picks_the_largest_finite_deviations_sorted():
@@ -148,8 +157,12 @@ def test_attention_reference_equals_the_definition():
     gen = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(6, 5, 8, generator=gen), torch.randn(2, 13, 8, generator=gen), torch.randn(2, 13, 8)
     q_pos = torch.tensor([12, 0, 7, 3, 7])
-    assert_close(selected_attention_torch(q, q_pos, k, v, 0.3).double(), naive_attention(q, q_pos, k, v, 0.3),
-                 rtol=1e-5, atol=1e-5)  # fmt: skip
+    assert_close(
+        selected_attention_torch(q, q_pos, k, v, 0.3).double(),
+        naive_attention(q, q_pos, k, v, 0.3),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def cases(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -167,8 +180,9 @@ def cases(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(4, 4), (6, 2)])
-@pytest.mark.parametrize("which", ["prefill", "decode", "decode_many", "first", "sorted_subset", "unsorted_subset",
-                                   "suffix"])  # fmt: skip
+@pytest.mark.parametrize(
+    "which", ["prefill", "decode", "decode_many", "first", "sorted_subset", "unsorted_subset", "suffix"]
+)
 def test_cpu_path_equals_reference(dtype, q_heads, kv_heads, which):
     gen = torch.Generator().manual_seed(q_heads)
     n = 700  # enough queries for several of the CPU path's query blocks

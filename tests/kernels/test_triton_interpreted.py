@@ -19,8 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).with_name("interpreted.py")
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (Linux x86_64 only)")  # fmt: skip
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed (Linux x86_64 only)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,19 @@ def interpreted_run(request, tmp_path_factory) -> dict[str, list[tuple[str, str,
         tokenizer_dir = ""  # the engine checks skip; the kernel checks still run
     report = tmp_path_factory.mktemp("interpreted") / "report.xml"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CACHEBLEND_TEST_TOKENIZER": tokenizer_dir}
-    cmd = [sys.executable, "-m", "pytest", str(HELPER), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-           f"--junitxml={report}", f"--basetemp={report.parent / 'tmp'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(HELPER),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        f"--junitxml={report}",
+        f"--basetemp={report.parent / 'tmp'}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if not report.exists():
         pytest.fail(f"the interpreted run wrote no report (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -66,8 +78,11 @@ def test_no_interpreted_test_failed(interpreted_run):
     """Every test of interpreted.py, whatever its name, passed (the engine ones may skip without SmolLM2)."""
     cases = [case for kernel, group in interpreted_run.items() if kernel != "_output" for case in group]
     assert len(cases) > 100, interpreted_run["_output"][0][2]
-    bad = [f"{name}: {outcome}\n{message}" for name, outcome, message in cases
-           if outcome != "passed" and not (outcome == "skipped" and name.startswith("test_engine"))]  # fmt: skip
+    bad = [
+        f"{name}: {outcome}\n{message}"
+        for name, outcome, message in cases
+        if outcome != "passed" and not (outcome == "skipped" and name.startswith("test_engine"))
+    ]
     assert not bad, "\n\n".join(bad)
     assert interpreted_run["_output"][0][1] == "0", interpreted_run["_output"][0][2]
 

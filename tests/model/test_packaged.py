@@ -23,8 +23,16 @@ def fake_parts(tmp_path, monkeypatch, contents: list[bytes], prefix: str = "cbte
 
 def split_model(contents: list[bytes], **overrides) -> SplitGGUF:
     blob = b"".join(contents)
-    fields = dict(alias="test-model", dist="cbtest-part", module="cbtest_part", version="1.0", parts=len(contents),
-                  size=len(blob), sha256=hashlib.sha256(blob).hexdigest(), make_target="test-model")  # fmt: skip
+    fields = dict(
+        alias="test-model",
+        dist="cbtest-part",
+        module="cbtest_part",
+        version="1.0",
+        parts=len(contents),
+        size=len(blob),
+        sha256=hashlib.sha256(blob).hexdigest(),
+        make_target="test-model",
+    )
     fields.update(overrides)
     return SplitGGUF(**fields)
 

@@ -67,8 +67,13 @@ def serving(engine, **options) -> Iterator[LiveServer]:
 
 def tiny_engine(tokenizer, cache_dir, store=None, seed: int = 0, cls=CacheBlendEngine) -> CacheBlendEngine:
     """An engine over a tiny random Llama (fp32, so reuse is exact) with the SmolLM2 tokenizer and chat template."""
-    return cls(tiny_model("llama", seed), tokenizer, store=store or ["memory://?max_bytes=1GB"],
-               store_dtype=torch.float32, cache_dir=cache_dir)  # fmt: skip
+    return cls(
+        tiny_model("llama", seed),
+        tokenizer,
+        store=store or ["memory://?max_bytes=1GB"],
+        store_dtype=torch.float32,
+        cache_dir=cache_dir,
+    )
 
 
 def chat(messages_or_text, **body) -> dict:

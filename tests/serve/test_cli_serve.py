@@ -31,10 +31,32 @@ def test_cacheblend_serve_command(tokenizer, tmp_path, redis_url):
     tiny_model("llama", seed=5).to(torch.float32).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     port = free_port()
-    args = [sys.executable, "-c", CLI, "serve", "--model", str(folder), "--port", str(port), "--device", "cpu",
-            "--dtype", "float32", "--cache-dir", str(tmp_path / "cache"), "--store", "memory://?max_bytes=100MB",
-            "--store", redis_url, "--served-model-name", "tiny", "--max-tokens", "4",
-            "--log-level", "warning"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-c",
+        CLI,
+        "serve",
+        "--model",
+        str(folder),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--store",
+        "memory://?max_bytes=100MB",
+        "--store",
+        redis_url,
+        "--served-model-name",
+        "tiny",
+        "--max-tokens",
+        "4",
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -85,8 +107,9 @@ def test_core_imports_without_the_server_dependencies():
         main()
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=180)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env(), capture_output=True, text=True, timeout=180
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert "IMPORT-ERROR: the cacheblend server needs FastAPI, uvicorn, prometheus-client" in out

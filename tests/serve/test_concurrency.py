@@ -30,8 +30,10 @@ def step_until_abandoned(engine: PacedEngine, abandoned: int) -> None:
             return
         taken = engine.taken
         engine.step()
-        wait_until(lambda t=taken: engine.taken > t or engine.metrics()["abandoned_requests"] >= abandoned,
-                   "the engine to use its permit")  # fmt: skip
+        wait_until(
+            lambda t=taken: engine.taken > t or engine.metrics()["abandoned_requests"] >= abandoned,
+            "the engine to use its permit",
+        )
 
 
 def test_full_queue_gets_429_and_a_disconnected_stream_stops_decoding(paced):
@@ -43,8 +45,9 @@ def test_full_queue_gets_429_and_a_disconnected_stream_stops_decoding(paced):
             assert first.status_code == 200
             lines = first.iter_lines()
             assert next(lines).startswith("data: ")  # the role chunk: the prefill is done, decoding waits
-            second = threading.Thread(target=lambda: queued.update(
-                response=httpx.post(url, json=chat("Hello", max_tokens=3), timeout=120)))  # fmt: skip
+            second = threading.Thread(
+                target=lambda: queued.update(response=httpx.post(url, json=chat("Hello", max_tokens=3), timeout=120))
+            )
             second.start()
             wait_until(lambda: health(live)["queue"]["waiting"] == 1, "the second request to queue")
 
@@ -74,8 +77,11 @@ def test_a_client_that_gives_up_stops_its_non_streamed_request(paced):
 
         def impatient():
             try:
-                httpx.post(url, json={"model": "tiny-random-llama", "prompt": "Once upon", "max_tokens": LONG},
-                           timeout=httpx.Timeout(60, read=1.0))  # fmt: skip
+                httpx.post(
+                    url,
+                    json={"model": "tiny-random-llama", "prompt": "Once upon", "max_tokens": LONG},
+                    timeout=httpx.Timeout(60, read=1.0),
+                )
             except httpx.ReadTimeout as exc:
                 gave_up["error"] = exc
 
@@ -87,8 +93,9 @@ def test_a_client_that_gives_up_stops_its_non_streamed_request(paced):
         step_until_abandoned(paced, 1)
         assert paced.metrics()["abandoned_requests"] == 1 and paced.metrics()["generated_tokens"] < LONG
         paced.unpace()
-        again = httpx.post(url, json={"model": "tiny-random-llama", "prompt": "Once upon", "max_tokens": 3},
-                           timeout=120)  # fmt: skip
+        again = httpx.post(
+            url, json={"model": "tiny-random-llama", "prompt": "Once upon", "max_tokens": 3}, timeout=120
+        )
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] >= 1
         wait_until(lambda: health(live)["queue"]["active"] == 0, "the engine to be idle")
 

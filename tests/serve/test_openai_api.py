@@ -37,8 +37,9 @@ def post(server, path: str, body: dict, **kw) -> httpx.Response:
 def test_chunks_are_precomputed_registered_and_reported(server, engine):
     response = post(server, "/v1/chunks", {"texts": [*PASSAGES, "A new chunk about the Nile delta and its farms."]})
     body = response.json()
-    assert response.status_code == 200 and [d["key"] for d in body["data"][:3]] == [engine.handle(p).key for p in
-                                                                                  PASSAGES]  # fmt: skip
+    assert response.status_code == 200 and [d["key"] for d in body["data"][:3]] == [
+        engine.handle(p).key for p in PASSAGES
+    ]
     assert body["computed"] == 1 and body["already_stored"] == 3  # the three passages were registered at start
     assert all(engine.registry.lookup(p) is not None for p in PASSAGES)
     assert body["data"][3]["n_tokens"] == len(engine.tokenize("A new chunk about the Nile delta and its farms."))
@@ -78,8 +79,9 @@ def test_streamed_chat_matches_the_plain_answer(server):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
     assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     # without stream_options.include_usage there is no usage chunk
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream_options": None},
-                      timeout=120) as response:  # fmt: skip
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json={**body, "stream_options": None}, timeout=120
+    ) as response:
         assert all("usage" not in e for e in sse_events(response)[:-1])
 
 
@@ -143,8 +145,12 @@ def test_bad_requests_get_clear_json_errors(server, body, status, says):
 
 
 def test_malformed_json_and_empty_chunk_texts(server):
-    response = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", timeout=30,
-                          headers={"content-type": "application/json"})  # fmt: skip
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=b"{not json",
+        timeout=30,
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
     empty = post(server, "/v1/chunks", {"texts": ["fine", "  "]})
     assert empty.status_code == 400 and "texts[1]" in empty.json()["error"]["message"]
@@ -214,8 +220,9 @@ class BreaksMidStream(CacheBlendEngine):
 def test_a_stream_that_fails_midway_ends_with_an_error_event(tokenizer, tmp_path):
     engine = tiny_engine(tokenizer, tmp_path, cls=BreaksMidStream)
     with serving(engine) as live:
-        with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=chat("Hello", max_tokens=50, stream=True),
-                          timeout=120) as response:  # fmt: skip
+        with httpx.stream(
+            "POST", f"{live.url}/v1/chat/completions", json=chat("Hello", max_tokens=50, stream=True), timeout=120
+        ) as response:
             assert response.status_code == 200  # the prefill worked; the failure comes after the first pieces
             events = sse_events(response)
         plain = post(live, "/v1/chat/completions", chat("Hello", max_tokens=50))

@@ -115,8 +115,11 @@ def test_failures_are_reported_and_the_worker_goes_on():
 
     async def main():
         scheduler = Scheduler(max_active=1, max_queue=4)
-        tickets = [scheduler.submit(broken_start), scheduler.submit(broken_pieces),
-                   scheduler.submit(lambda: {"answer": 42})]  # fmt: skip
+        tickets = [
+            scheduler.submit(broken_start),
+            scheduler.submit(broken_pieces),
+            scheduler.submit(lambda: {"answer": 42}),
+        ]
         scheduler.start()
         results = [await drain(t) for t in tickets]
         scheduler.close()

@@ -45,8 +45,9 @@ def engine(smollm2_dir, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # steady on a busy 2-core machine, as the other real-model tests
     root = tmp_path_factory.mktemp("stock-clients")
-    yield CacheBlendEngine.from_pretrained(str(smollm2_dir), device="cpu", dtype="float32", cache_dir=root,
-                                           store=["memory://?max_bytes=1GB"])  # fmt: skip
+    yield CacheBlendEngine.from_pretrained(
+        str(smollm2_dir), device="cpu", dtype="float32", cache_dir=root, store=["memory://?max_bytes=1GB"]
+    )
     torch.set_num_threads(threads)
 
 
@@ -61,8 +62,12 @@ def server(engine):
 @pytest.fixture
 def reuse(server):
     """``reuse()`` -> how the server's reuse counters moved since the test started (read from /metrics)."""
-    names = ("cacheblend_engine_requests_total", "cacheblend_engine_reused_tokens_total",
-             "cacheblend_engine_cache_hits_total", "cacheblend_engine_cache_misses_total")  # fmt: skip
+    names = (
+        "cacheblend_engine_requests_total",
+        "cacheblend_engine_reused_tokens_total",
+        "cacheblend_engine_cache_hits_total",
+        "cacheblend_engine_cache_misses_total",
+    )
 
     def read() -> dict:
         text = httpx.get(f"{server.url}/metrics", timeout=30).text
@@ -85,8 +90,15 @@ def test_langchain_chat_openai_in_an_lcel_chain(server, reuse, no_tracing):
     from langchain_core.runnables import RunnableLambda, RunnablePassthrough
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model=MODEL, base_url=f"{server.url}/v1", api_key="unused", temperature=0, max_tokens=24,
-                     stream_usage=True, max_retries=0)  # fmt: skip
+    llm = ChatOpenAI(
+        model=MODEL,
+        base_url=f"{server.url}/v1",
+        api_key="unused",
+        temperature=0,
+        max_tokens=24,
+        stream_usage=True,
+        max_retries=0,
+    )
     prompt = ChatPromptTemplate.from_messages(
         [
             ("system", "Answer the question using only the context. Give a short answer."),
@@ -136,8 +148,16 @@ def test_llamaindex_openai_like_in_a_query_engine(server, engine, reuse):
         index = VectorStoreIndex.from_documents(documents, embed_model=minilm_embedding(), transformations=[splitter])
         texts = [node.get_content(metadata_mode=MetadataMode.LLM) for node in index.docstore.docs.values()]
         assert sorted(texts) == sorted(PASSAGES)  # one node per passage: the registered chunks, verbatim
-        llm = OpenAILike(model=MODEL, api_base=f"{server.url}/v1", api_key="unused", is_chat_model=True,
-                         context_window=2048, max_tokens=24, temperature=0, max_retries=0)  # fmt: skip
+        llm = OpenAILike(
+            model=MODEL,
+            api_base=f"{server.url}/v1",
+            api_key="unused",
+            is_chat_model=True,
+            context_window=2048,
+            max_tokens=24,
+            temperature=0,
+            max_retries=0,
+        )
         query_engine = index.as_query_engine(llm=llm, similarity_top_k=2)
         response = query_engine.query("How tall is the Lighthouse of Varna?")
         assert "27" in str(response)
@@ -151,8 +171,16 @@ def test_llamaindex_openai_like_in_a_query_engine(server, engine, reuse):
         assert len(pieces) > 1 and "".join(pieces).strip() == str(response).strip()
         assert reuse()["requests"] == 2 and reuse()["cache_hits"] == 4
 
-        completion = OpenAILike(model=MODEL, api_base=f"{server.url}/v1", api_key="unused", is_chat_model=False,
-                                context_window=2048, max_tokens=8, temperature=0, max_retries=0)  # fmt: skip
+        completion = OpenAILike(
+            model=MODEL,
+            api_base=f"{server.url}/v1",
+            api_key="unused",
+            is_chat_model=False,
+            context_window=2048,
+            max_tokens=8,
+            temperature=0,
+            max_retries=0,
+        )
         raw = completion.complete(f"{PASSAGES[3]}\nQuestion: which lake is the deepest?\nAnswer:").raw
         assert raw.usage.prompt_tokens_details.cached_tokens > 0
     finally:

@@ -55,22 +55,47 @@ class RedisClusterServers:
     def start(self) -> RedisClusterServers:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for port in self.ports:
-            args = [self.server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                    "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "1500",
-                    "--cluster-require-full-coverage", "no", "--maxmemory-policy", "allkeys-lru", "--save", "",
-                    "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
+            args = [
+                self.server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                "--cluster-node-timeout",
+                "1500",
+                "--cluster-require-full-coverage",
+                "no",
+                "--maxmemory-policy",
+                "allkeys-lru",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ]
             self.procs[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for port in self.ports:
             self._wait(lambda port=port: self._cli(port, "ping") == "PONG", f"redis-server on port {port}")
         nodes = [f"127.0.0.1:{p}" for p in self.ports]
-        create = subprocess.run([self.cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        create = subprocess.run(
+            [self.cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if create.returncode != 0:
             self.stop()
             raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}\n{create.stderr}")
         for port in self.ports:
-            self._wait(lambda port=port: "cluster_state:ok" in self._cli(port, "cluster", "info"),
-                       f"cluster state ok on port {port}")  # fmt: skip
+            self._wait(
+                lambda port=port: "cluster_state:ok" in self._cli(port, "cluster", "info"),
+                f"cluster state ok on port {port}",
+            )
         return self
 
     def kill(self, port: int) -> None:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-NO_REDIS = ("no Redis server: set CACHEBLEND_TEST_REDIS=redis://127.0.0.1:PORT/0 (CI's .ci/run does) or install "
-            "redis-server (apt-get install -y redis-server) so the tests can start one")  # fmt: skip
+NO_REDIS = (
+    "no Redis server: set CACHEBLEND_TEST_REDIS=redis://127.0.0.1:PORT/0 (CI's .ci/run does) or install "
+    "redis-server (apt-get install -y redis-server) so the tests can start one"
+)
 
 
 def free_port() -> int:
@@ -53,8 +55,20 @@ class RedisServer:
 
     def start(self, ping_url: str | None = None) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(self.workdir), *self.extra]  # fmt: skip
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            *self.extra,
+        ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not reachable(ping_url or self.url):

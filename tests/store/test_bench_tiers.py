@@ -23,9 +23,14 @@ def tiny_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    items = [{"ctxs": [{"title": "", "text": p} for p in PASSAGES], "question": "Which river?", "answers": ["Nile"]},
-             {"ctxs": [{"title": "T", "text": p} for p in reversed(PASSAGES)], "question": "Highest?",
-              "answers": ["Kilimanjaro"]}]  # fmt: skip
+    items = [
+        {"ctxs": [{"title": "", "text": p} for p in PASSAGES], "question": "Which river?", "answers": ["Nile"]},
+        {
+            "ctxs": [{"title": "T", "text": p} for p in reversed(PASSAGES)],
+            "question": "Highest?",
+            "answers": ["Kilimanjaro"],
+        },
+    ]
     path = tmp_path_factory.mktemp("data") / "tiny.json"
     path.write_text(json.dumps(items))
     return path
@@ -39,9 +44,27 @@ def invoke(*args):
 
 def test_bench_tiers_every_variant(tiny_dir, data_file, tmp_path, redis_base_url):
     model = ["--model", tiny_dir, "--dtype", "float32", "--cache-dir", tmp_path]
-    out = invoke("bench", "tiers", "--data", data_file, "--n", 2, "--repeats", 2, "--tiers", ",".join(VARIANTS),
-                 "--strategies", "cacheblend,full_reuse", "--redis", redis_base_url, "--slow-mbps", 50, *model,
-                 "--out", tmp_path / "t.json")  # fmt: skip
+    out = invoke(
+        "bench",
+        "tiers",
+        "--data",
+        data_file,
+        "--n",
+        2,
+        "--repeats",
+        2,
+        "--tiers",
+        ",".join(VARIANTS),
+        "--strategies",
+        "cacheblend,full_reuse",
+        "--redis",
+        redis_base_url,
+        "--slow-mbps",
+        50,
+        *model,
+        "--out",
+        tmp_path / "t.json",
+    )
     assert "vs memory" in out and "disk-slow-sync" in out
     result = json.loads((tmp_path / "t.json").read_text())
     assert {(s["tier"], s["strategy"]) for s in result["summary"]} == {
@@ -55,16 +78,47 @@ def test_bench_tiers_every_variant(tiny_dir, data_file, tmp_path, redis_base_url
 
 def test_bench_tiers_rejects_unknown_tiers_and_redis_without_url(tiny_dir, data_file, tmp_path):
     for tiers, message in (("memory,tape", "unknown tier variants"), ("memory,redis", "need --redis")):
-        args = ["bench", "tiers", "--data", data_file, "--n", 1, "--tiers", tiers, "--model", tiny_dir, "--dtype",
-                "float32", "--cache-dir", tmp_path]  # fmt: skip
+        args = [
+            "bench",
+            "tiers",
+            "--data",
+            data_file,
+            "--n",
+            1,
+            "--tiers",
+            tiers,
+            "--model",
+            tiny_dir,
+            "--dtype",
+            "float32",
+            "--cache-dir",
+            tmp_path,
+        ]
         result = runner.invoke(app, [str(a) for a in args])
         assert result.exit_code != 0 and message in result.output
 
 
 def test_bench_compress(tiny_dir, data_file, tmp_path):
-    out = invoke("bench", "compress", "--data", data_file, "--n", 1, "--max-new-tokens", 4, "--model", tiny_dir,
-                 "--dtype", "float32", "--cache-dir", tmp_path, "--store-dtypes", "float16,int8", "--out",
-                 tmp_path / "c.json")  # fmt: skip
+    out = invoke(
+        "bench",
+        "compress",
+        "--data",
+        data_file,
+        "--n",
+        1,
+        "--max-new-tokens",
+        4,
+        "--model",
+        tiny_dir,
+        "--dtype",
+        "float32",
+        "--cache-dir",
+        tmp_path,
+        "--store-dtypes",
+        "float16,int8",
+        "--out",
+        tmp_path / "c.json",
+    )
     assert "int8 relative RMS error" in out
     result = json.loads((tmp_path / "c.json").read_text())
     rows = {(s["store_dtype"], s["config"]): s for s in result["summary"]}

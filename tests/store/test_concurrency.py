@@ -151,8 +151,17 @@ print(json.dumps(counts))
 
 def _hammer(url: str, n: int = 150) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", HAMMER, url, str(w), str(n)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in (0, 1)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", HAMMER, url, str(w), str(n)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in (0, 1)
+    ]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=180)

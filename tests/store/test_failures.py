@@ -171,8 +171,11 @@ def _consistent_wrong_count(engine, tier, handles):
 
 @pytest.mark.parametrize("where", ["memory", "disk", "redis"])
 def test_entry_with_a_wrong_token_count_is_a_miss_and_deleted(make_engine, tmp_path, where, request, caplog):
-    stores = {"memory": lambda: ["memory://?max_bytes=1GB"], "disk": lambda: [f"file://{tmp_path / 'kv'}"],
-              "redis": lambda: [request.getfixturevalue("redis_url")]}  # fmt: skip
+    stores = {
+        "memory": lambda: ["memory://?max_bytes=1GB"],
+        "disk": lambda: [f"file://{tmp_path / 'kv'}"],
+        "redis": lambda: [request.getfixturevalue("redis_url")],
+    }
     engine = make_engine("llama", seed=6, store=stores[where]())
     tier = engine.store.tiers[0]
     handles = engine.precompute(PASSAGES)

@@ -188,9 +188,15 @@ def _other_key(tier, rkey):
     tier.client.copy(donor, rkey)
 
 
-CORRUPTIONS = {"truncated field": _truncate, "garbage field (same size)": _garbage_field,
-               "garbage meta": _garbage_meta, "wrong type": _wrong_type, "missing field": _missing_field,
-               "another model's entry": _other_model, "another key's entry": _other_key}  # fmt: skip
+CORRUPTIONS = {
+    "truncated field": _truncate,
+    "garbage field (same size)": _garbage_field,
+    "garbage meta": _garbage_meta,
+    "wrong type": _wrong_type,
+    "missing field": _missing_field,
+    "another model's entry": _other_model,
+    "another key's entry": _other_key,
+}
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
@@ -226,14 +232,46 @@ def test_int8_store_round_trips_through_redis(redis_url):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a TLS certificate")
 def test_tls_and_password(tmp_path):
     """rediss:// with a password, against a redis-server that only speaks TLS and requires auth."""
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
-                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(tmp_path / "key.pem"),
+            "-out",
+            str(tmp_path / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     server = RedisServer(tmp_path / "redis")
     port = server.port
-    server.extra = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tmp_path / "cert.pem"),
-                    "--tls-key-file", str(tmp_path / "key.pem"), "--tls-ca-cert-file", str(tmp_path / "cert.pem"),
-                    "--tls-auth-clients", "no", "--requirepass", "pa ss"]  # fmt: skip
+    server.extra = [
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--tls-cert-file",
+        str(tmp_path / "cert.pem"),
+        "--tls-key-file",
+        str(tmp_path / "key.pem"),
+        "--tls-ca-cert-file",
+        str(tmp_path / "cert.pem"),
+        "--tls-auth-clients",
+        "no",
+        "--requirepass",
+        "pa ss",
+    ]
     url = f"rediss://:pa%20ss@127.0.0.1:{port}/2?ssl_ca_certs={tmp_path / 'cert.pem'}"
     try:
         server.start(ping_url=url)

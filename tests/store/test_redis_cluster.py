@@ -45,8 +45,9 @@ def prompt(handles):
 
 
 def test_url_form_options_and_errors():
-    nodes, ours, theirs = parse_cluster_url("redis+cluster://:pw%40x@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002"
-                                            "?ttl=2h&prefix=p:&socket_timeout=0.5")  # fmt: skip
+    nodes, ours, theirs = parse_cluster_url(
+        "redis+cluster://:pw%40x@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002?ttl=2h&prefix=p:&socket_timeout=0.5"
+    )
     assert nodes == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002)]
     assert ours == {"ttl": 7200, "prefix": "p:"} and theirs == {"socket_timeout": "0.5", "password": "pw@x"}
     # nothing connects until the tier is used: an unreachable cluster still makes a tier (the engine starts)

@@ -16,8 +16,10 @@ FP = "f" * 64
 
 def random_kv(tokens=7, layers=3, heads=2, dim=8, dtype=torch.float16, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return ChunkKV(torch.randn(layers, heads, tokens, dim, generator=gen).to(dtype),
-                   torch.randn(layers, heads, tokens, dim, generator=gen).to(dtype))  # fmt: skip
+    return ChunkKV(
+        torch.randn(layers, heads, tokens, dim, generator=gen).to(dtype),
+        torch.randn(layers, heads, tokens, dim, generator=gen).to(dtype),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -200,5 +202,6 @@ def test_tensor_crc_is_zlibs_crc32_whichever_library_computes_it(dtype):
 
     for n in (0, 1, 7, 4099):
         t = (torch.randn(n) * 50).to(dtype)
-        assert tensor_crc(t) == zlib.crc32(t.numpy().tobytes() if dtype != torch.bfloat16 else
-                                           t.view(torch.int16).numpy().tobytes())  # fmt: skip
+        assert tensor_crc(t) == zlib.crc32(
+            t.numpy().tobytes() if dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes()
+        )

@@ -19,8 +19,7 @@ DEFAULT_MODEL = "smollm2-135m"
 PROVIDER = "cacheblend"
 
 # Per-call keyword arguments (``invoke(..., temperature=0.7)`` or ``.bind(...)``) and the field each overrides.
-CALL_OPTIONS = ("temperature", "max_tokens", "top_p", "seed", "timeout", "strategy", "recompute_ratio",
-                "blend_config")  # fmt: skip
+CALL_OPTIONS = ("temperature", "max_tokens", "top_p", "seed", "timeout", "strategy", "recompute_ratio", "blend_config")
 
 _engines: dict[str, CacheBlendEngine] = {}
 _engines_lock = threading.Lock()
@@ -45,8 +44,9 @@ class CacheBlendParams(BaseModel):
     """The engine and the generation options common to the chat model and the LLM."""
 
     # hide_input_in_errors: a validation error must not echo engine_kwargs (store URLs may hold passwords)
-    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, extra="forbid",
-                              hide_input_in_errors=True)  # fmt: skip
+    model_config = ConfigDict(
+        populate_by_name=True, arbitrary_types_allowed=True, extra="forbid", hide_input_in_errors=True
+    )
 
     engine: CacheBlendEngine | None = Field(default=None, exclude=True, repr=False)
     """The engine to generate with. Share it with CacheBlendRetriever so retrieved chunks are reused. If not

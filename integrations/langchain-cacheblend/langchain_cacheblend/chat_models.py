@@ -183,8 +183,11 @@ def _role(message: BaseMessage, i: int) -> str:
             return role
     if isinstance(message, ChatMessage) and message.role in _CHAT_ROLES:
         return message.role
-    what = f"a ChatMessage with role {message.role!r}" if isinstance(message, ChatMessage) else (
-        f"a {type(message).__name__}")  # fmt: skip
+    what = (
+        f"a ChatMessage with role {message.role!r}"
+        if isinstance(message, ChatMessage)
+        else (f"a {type(message).__name__}")
+    )
     raise TypeError(
         f"messages[{i}] is {what}; ChatCacheBlend takes system, human and AI text messages only (it has no tool "
         "or function calling). Put tool results into a HumanMessage if the model should read them"

@@ -57,8 +57,9 @@ class CacheBlendRetriever(BaseRetriever):
         """Precompute (if missing) and register each document's text; return copies with the handle."""
         for i, doc in enumerate(documents):
             if not isinstance(doc, Document):
-                raise TypeError(f"the wrapped retriever returned a {type(doc).__name__} at position {i}, "
-                                "not a Document")  # fmt: skip
+                raise TypeError(
+                    f"the wrapped retriever returned a {type(doc).__name__} at position {i}, not a Document"
+                )
         texts = [doc.page_content for doc in documents if doc.page_content]
         handles = iter(self.engine.precompute(texts))
         out = []

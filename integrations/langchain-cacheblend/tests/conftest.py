@@ -46,9 +46,19 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
     """A 2-layer random Llama with the SmolLM2 vocabulary (float32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -61,8 +71,9 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tiny_engine(smollm2_tokenizer, tmp_path_factory) -> CacheBlendEngine:
     """An engine over a tiny random model: fast, deterministic, its text is gibberish."""
-    engine = CacheBlendEngine(tiny_llama(), smollm2_tokenizer, store=["memory://"],
-                              cache_dir=tmp_path_factory.mktemp("tiny-kv"))  # fmt: skip
+    engine = CacheBlendEngine(
+        tiny_llama(), smollm2_tokenizer, store=["memory://"], cache_dir=tmp_path_factory.mktemp("tiny-kv")
+    )
     engine.name = "tiny-random-llama"
     return engine
 

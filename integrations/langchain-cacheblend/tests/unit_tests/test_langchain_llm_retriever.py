@@ -52,8 +52,9 @@ def test_retriever_precomputes_registers_and_records_handles(make_tiny_engine, c
 def test_retriever_async_and_edge_cases(make_tiny_engine, corpus):
     engine = make_tiny_engine()
     blank = Document(page_content="", metadata={"source": "blank"})
-    retriever = CacheBlendRetriever(retriever=KeywordRetriever(documents=[*corpus, blank]), engine=engine,
-                                    metadata_key="kv")  # fmt: skip
+    retriever = CacheBlendRetriever(
+        retriever=KeywordRetriever(documents=[*corpus, blank]), engine=engine, metadata_key="kv"
+    )
     docs = asyncio.run(retriever.ainvoke("highest mountain in Africa"))
     assert docs and all(d.metadata["kv"] == engine.handle(d.page_content).to_dict() for d in docs)
     assert retriever.invoke("zebra") == []

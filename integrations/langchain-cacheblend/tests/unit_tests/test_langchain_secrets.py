@@ -51,9 +51,16 @@ def closed_port() -> int:
 @pytest.mark.parametrize("cls", [ChatCacheBlend, CacheBlendLLM])
 def test_store_passwords_are_never_shown(cls, tiny_folder, tmp_path, caplog):
     port = closed_port()  # nothing listens: the Redis tiers are unavailable, which gets logged
-    kwargs = {"store": ["memory://", f"redis://:{SECRET}@127.0.0.1:{port}/0",
-                        f"redis://127.0.0.1:{port}/1?password={SECRET}&ttl=1h"],
-              "device": "cpu", "dtype": "float32", "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    kwargs = {
+        "store": [
+            "memory://",
+            f"redis://:{SECRET}@127.0.0.1:{port}/0",
+            f"redis://127.0.0.1:{port}/1?password={SECRET}&ttl=1h",
+        ],
+        "device": "cpu",
+        "dtype": "float32",
+        "cache_dir": str(tmp_path / "cache"),
+    }
     llm = cls(model=str(tiny_folder), engine_kwargs=kwargs, max_tokens=2)
     recorder = Recorder()
     with caplog.at_level(logging.DEBUG):

@@ -91,12 +91,16 @@ class CacheBlendLLM(CustomLLM):
         has_template = bool(getattr(engine.tokenizer, "chat_template", None))
         chat_template = kwargs.pop("chat_template", None)
         if chat_template and not has_template:
-            raise ValueError(f"chat_template=True but the tokenizer of {engine.name!r} has no chat template; "
-                             "pass chat_template=False (or None) to send prompts as they are")  # fmt: skip
+            raise ValueError(
+                f"chat_template=True but the tokenizer of {engine.name!r} has no chat template; "
+                "pass chat_template=False (or None) to send prompts as they are"
+            )
         window = kwargs.pop("context_window", None) or engine.context_window
         if isinstance(window, int) and window > engine.context_window:
-            raise ValueError(f"context_window={window} is larger than the model's {engine.context_window} tokens; "
-                             "pass a smaller value or leave it unset")  # fmt: skip
+            raise ValueError(
+                f"context_window={window} is larger than the model's {engine.context_window} tokens; "
+                "pass a smaller value or leave it unset"
+            )
         own_completion = kwargs.get("completion_to_prompt") is not None
         own_messages = kwargs.get("messages_to_prompt") is not None
         kwargs.setdefault("model_name", engine.name)
@@ -221,8 +225,11 @@ class CacheBlendLLM(CustomLLM):
 
 def _response(result: GenerationResult, delta: str | None = None) -> CompletionResponse:
     stats = result.stats.as_dict()
-    usage = {"prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["new_tokens"],
-             "total_tokens": stats["prompt_tokens"] + stats["new_tokens"]}  # fmt: skip
+    usage = {
+        "prompt_tokens": stats["prompt_tokens"],
+        "completion_tokens": stats["new_tokens"],
+        "total_tokens": stats["prompt_tokens"] + stats["new_tokens"],
+    }
     summary = {name: value for name, value in stats.items() if name != "layer_rows"}
     return CompletionResponse(
         text=result.text,
