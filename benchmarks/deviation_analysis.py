@@ -26,7 +26,7 @@ from cacheblend_rag.eval.datasets import load_examples
 
 def analyse(engine, example, ratio: float) -> list[dict]:
     blocks = engine.blocks(example.prompt(engine), None)
-    ids = engine._ids_tensor([t for b in blocks for t in b.token_ids])
+    ids = torch.tensor([t for b in blocks for t in b.token_ids], device=engine.device)
     n = ids.shape[0]
     with torch.inference_mode():
         exact = prefill(engine.forward, PrefillPlan(ids=ids, capture=(0, n), need_logits=False), engine._new_cache(n))

@@ -21,6 +21,7 @@ import torch
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
 from cacheblend_rag.engine.decode import decode_step
+from cacheblend_rag.engine.planner import plan_request
 from cacheblend_rag.engine.prefill import PrefillPlan, prefill
 from cacheblend_rag.engine.selection import attention_mass
 from cacheblend_rag.engine.stats import RequestStats
@@ -74,7 +75,7 @@ def study(engine, example, args, rng) -> dict:
     segments = example.prompt(engine, args.k)
     blocks = engine.blocks(segments, None)
     stats = RequestStats(strategy="cacheblend", prompt_tokens=blocks[-1].end)
-    base, _ = engine._planner.plan(blocks, BlendConfig(recompute_ratio=args.ratio), stats)
+    base, _ = plan_request(blocks, BlendConfig(recompute_ratio=args.ratio), engine.chunks, stats)
     ids, spans = base.ids, base.spans
     n = ids.shape[0]
     full_plan = PrefillPlan(ids=ids)

@@ -17,6 +17,7 @@ import time
 import torch
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
+from cacheblend_rag.engine.planner import plan_request
 from cacheblend_rag.engine.prefill import CachedSpan, PrefillPlan, prefill
 from cacheblend_rag.engine.selection import attention_mass
 from cacheblend_rag.engine.stats import RequestStats
@@ -54,7 +55,7 @@ def study_example(engine, example, args, rng) -> dict:
     segments = example.prompt(engine, args.k)
     blocks = engine.blocks(segments, None)
     stats = RequestStats(strategy="cacheblend", prompt_tokens=blocks[-1].end)
-    plan, _ = engine._planner.plan(blocks, BlendConfig(), stats)
+    plan, _ = plan_request(blocks, BlendConfig(), engine.chunks, stats)
     ids, spans = plan.ids, plan.spans
     n = ids.shape[0]
     tail_start = max(span.end for span in spans)

@@ -3,7 +3,7 @@
 import logging
 
 from .config import BlendConfig
-from .engine import CacheBlendEngine, GenerationResult, GenerationStream, RequestStats
+from .engine import CacheBlendEngine, GenerationResult, GenerationStream, RequestStats, SamplingParams
 from .model import ModelNotFoundError, UnsupportedModelError
 from .store import ChunkHandle, ChunkKV, KVStore
 
@@ -21,6 +21,7 @@ __all__ = [
     "KVStore",
     "ModelNotFoundError",
     "RequestStats",
+    "SamplingParams",
     "UnsupportedModelError",
     "__version__",
 ]

@@ -6,10 +6,11 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from .kernels.backend import BACKENDS
+
 STRATEGIES = ("full_recompute", "prefix_cache", "full_reuse", "cacheblend")
 DEVIATIONS = ("v", "k")
 SELECTIONS = ("deviation", "attention", "query")
-BACKENDS = ("auto", "torch", "triton")
 
 
 def _is_number(x: object) -> bool:

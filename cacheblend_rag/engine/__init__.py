@@ -1,7 +1,8 @@
-"""The blending engine: planning, the blended prefill, decoding."""
+"""The blending engine: prompts, chunks, planning, the blended prefill, decoding."""
 
 from .engine import CacheBlendEngine
 from .request import GenerationResult, GenerationStream
+from .sampling import SamplingParams
 from .stats import RequestStats
 
-__all__ = ["CacheBlendEngine", "GenerationResult", "GenerationStream", "RequestStats"]
+__all__ = ["CacheBlendEngine", "GenerationResult", "GenerationStream", "RequestStats", "SamplingParams"]

@@ -1,38 +1,40 @@
-"""CacheBlendEngine: the public entry point. A thin shell over loading, the store, planning and decoding."""
+"""CacheBlendEngine: the public entry point, a few methods over the prompt format, the chunk source, the
+planner, the blended prefill and decoding.
+
+A request goes: segments or a prompt string -> token blocks (``prompt.py``, chunk texts found by the
+registry) -> a plan (``planner.py``, stored KV fetched by ``chunks.py``) -> the prefill (``prefill.py``) ->
+decoding (``request.py``).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from ..config import BlendConfig
-from ..kernels import resolve_backend
 from ..model.forward import ModelForward
 from ..model.loading import default_cache_dir, load_model
-from ..store import ChunkHandle, ChunkKV, DiskTier, KVStore, MemoryTier, chain_key, model_fingerprint, tier_from_url
-from ..store.pipeline import LazyChunk
-from .decode import Sampler, TextStreamer, normalize_stop
+from ..store import ChunkHandle, ChunkKV, model_fingerprint
+from .chunks import ChunkSource, StoreSpec, build_store
+from .decode import TextStreamer
 from .kv_cache import KVCache
-from .planner import Planner
-from .prefill import PrefillPlan, prefill
+from .planner import plan_request
+from .prefill import PrefillPlan, PrefillResult, prefill
+from .prompt import PromptFormat
 from .query_selection import select_by_query
 from .registry import MIN_TOKENS, ChunkRegistry
 from .request import GenerationResult, GenerationStream, PreparedRequest
-from .segments import Block, merge_text, place
+from .sampling import Sampler, SamplingParams
+from .segments import Block, merge_text
 from .selection import Budget
 from .stats import EngineMetrics, RequestStats
 
 logger = logging.getLogger(__name__)
-
-StoreSpec = KVStore | Sequence[object] | None
 
 
 class CacheBlendEngine:
@@ -51,6 +53,8 @@ class CacheBlendEngine:
         tokens a text needs to be looked for (shorter ones are not worth reusing; see engine/registry.py).
     """
 
+    name = "custom"
+
     def __init__(
         self,
         model,
@@ -67,31 +71,35 @@ class CacheBlendEngine:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.forward = ModelForward(model)
-        self.device = self.forward.device
-        self.dtype = self.forward.dtype
+        self.forward = fwd = ModelForward(model)
+        self.device, self.dtype = fwd.device, fwd.dtype
         self.default_config = config or BlendConfig()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.fingerprint = model_fingerprint(model, tokenizer, extra=f"compute={self.dtype}")
-        self.bos_ids = self._added_prefix()
-        self.chunk_prefix_ids = self._chunk_prefix_ids(chunk_prefix)
-        self.prefix_key = chain_key(self.fingerprint, None, self.chunk_prefix_ids)
-        self.eos_token_ids = self._eos_ids()
-        fwd = self.forward
-        expect = (fwd.n_layers, fwd.n_kv_heads, fwd.head_dim)
-        if store_dtype == "auto":
-            store_dtype = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
-        self.store = self._build_store(store, memory_bytes, store_dtype, expect)
-        self.registry = ChunkRegistry(registry_size, registry_min_tokens)
-        self._metrics = EngineMetrics()
-        self._planner = Planner(self)
-        self._prefix_lock = threading.Lock()
-        self._computing: dict[str, Future] = {}  # chunk key -> its computation in progress (one per key)
-        self._computing_lock = threading.Lock()
+        self.prompts = PromptFormat(tokenizer, getattr(model, "generation_config", None))
+        self.bos_ids = self.prompts.bos_ids
+        self.eos_token_ids = self.prompts.eos_ids
+        self.chunk_prefix_ids = self.prompts.chunk_prefix_ids(chunk_prefix)
         limits = [x for x in (fwd.max_positions, fwd.sliding_window) if x]
         self.context_window = min(limits) if limits else 1 << 20
+        if store_dtype == "auto":
+            store_dtype = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        expect = (fwd.n_layers, fwd.n_kv_heads, fwd.head_dim)
+        self.store = build_store(store, self.fingerprint, self.cache_dir, memory_bytes, store_dtype, expect)
+        self.registry = ChunkRegistry(registry_size, registry_min_tokens)
+        self._metrics = EngineMetrics()
+        self.chunks = ChunkSource(
+            fwd,
+            self.store,
+            self.fingerprint,
+            self.chunk_prefix_ids,
+            self.tokenize,
+            self._metrics,
+            context_window=self.context_window,
+            backend=self.default_config.backend,
+        )
+        self.prefix_key = self.chunks.prefix_key
 
-    # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
         cls,
@@ -108,100 +116,19 @@ class CacheBlendEngine:
         engine.name = str(name_or_path)
         return engine
 
-    name = "custom"
-
-    def _build_store(self, store: StoreSpec, memory_bytes: int, dtype: torch.dtype, expect) -> KVStore:
-        if isinstance(store, KVStore):
-            store.expect = store.expect or expect
-            return store
-        if store is None:
-            tiers = [MemoryTier(memory_bytes), DiskTier(self.cache_dir / "kv", self.fingerprint)]
-        elif isinstance(store, (str, bytes)):
-            raise TypeError("store must be a list of tier URLs or tiers, e.g. store=['memory://?max_bytes=2GB']")
-        else:
-            tiers = [tier_from_url(t, self.fingerprint) if isinstance(t, str) else t for t in store]
-        return KVStore(tiers, dtype=dtype, expect=expect)
-
-    def _chunk_prefix_ids(self, chunk_prefix: str | None) -> list[int]:
-        """What chunks are computed after: how the prompts they will be reused in begin (APE's shared prefix).
-
-        Default: the chat template's text before a user message (system prompt included), else the tokens the
-        tokenizer puts before a prompt (e.g. BOS), else a newline. Never a token prompts do not start with: Qwen
-        reads a chunk computed after its ``<|endoftext|>`` (its nominal BOS) so differently that reusing it
-        alone changes answers (docs/BENCHMARKS.md).
-        """
-        if chunk_prefix is not None:
-            ids = self.tokenize(chunk_prefix)
-            if not ids:
-                raise ValueError(f"chunk_prefix {chunk_prefix!r} has no tokens; pass a non-empty text or None")
-            return ids
-        try:
-            header = self.chat_segments([])[0] if getattr(self.tokenizer, "chat_template", None) else ""
-        except Exception as exc:  # a template that needs more than one user message: fall back
-            logger.debug("no chat header for the chunk prefix (%s)", exc)
-            header = ""
-        if header:
-            return self.tokenize(header)
-        return list(self.bos_ids) or self.tokenize("\n")
-
-    def _added_prefix(self) -> list[int]:
-        """Special tokens the tokenizer puts before a prompt (e.g. Llama's BOS); prepended to every request."""
-        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("x")["input_ids"]
-        if len(full) > len(plain) and full[len(full) - len(plain) :] == plain:
-            return list(full[: len(full) - len(plain)])
-        return []
-
-    def _eos_ids(self) -> frozenset[int]:
-        ids = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        gen = getattr(self.model, "generation_config", None)
-        extra = getattr(gen, "eos_token_id", None) if gen is not None else None
-        if extra is not None:
-            ids.update(int(x) for x in (extra if isinstance(extra, (list, tuple)) else [extra]))
-        return frozenset(ids)
-
     # ---- chunks -------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` alone, without special tokens added."""
-        if not isinstance(text, str):
-            raise TypeError(f"expected text (str), got {type(text).__name__}")
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.prompts.tokenize(text)
 
     def handle(self, text: str) -> ChunkHandle:
         """The handle a chunk text would have (computes nothing)."""
-        ids = self.tokenize(text)
-        return ChunkHandle(chain_key(self.fingerprint, self.prefix_key, ids), text, tuple(ids), self.fingerprint)
+        return self.chunks.handle(text)
 
     def precompute(self, texts: Iterable[str], progress: bool = False, register: bool = True) -> list[ChunkHandle]:
-        """Compute and store the KV of every chunk not already stored; return one handle per text."""
-        if isinstance(texts, str):
-            raise TypeError("precompute takes a list of texts; wrap a single text: precompute([text])")
-        texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is a {type(text).__name__}; precompute takes strings")
-        handles = [self.handle(t) for t in texts]
-        limit = self.context_window - len(self.chunk_prefix_ids)
-        for i, handle in enumerate(handles):
-            if not handle.token_ids:
-                raise ValueError(f"texts[{i}] has no tokens (empty text); drop it before precompute")
-            if handle.n_tokens > limit:
-                raise ValueError(
-                    f"texts[{i}] has {handle.n_tokens} tokens, more than a chunk can have in the model's "
-                    f"context window ({limit} of {self.context_window}); split it into smaller chunks"
-                )
-        todo = {h.key: h for h in handles if not self.store.contains(h.key)}
-        self._metrics.add(precompute_cache_hits=len(handles) - len(todo))
-        items = todo.values()
-        if progress and todo:
-            from tqdm.auto import tqdm
-
-            items = tqdm(items, total=len(todo), desc="precompute KV", unit="chunk")
-        for handle in items:
-            self.store.put(handle.key, self.compute_chunk(handle.token_ids))
-            self._metrics.add(precomputed_chunks=1)
+        """Compute and store the KV of every chunk not already stored; return one handle per text (registered
+        for ``generate(prompt=...)`` unless ``register=False``)."""
+        handles = self.chunks.precompute(texts, progress)
         if register:
             for handle in handles:
                 self.registry.register(handle)
@@ -212,7 +139,7 @@ class CacheBlendEngine:
         tokens are skipped: too short to be worth reusing)."""
         handles = list(handles)
         for handle in handles:
-            self._check_handle(handle)
+            self.chunks.check(handle)
             if self.registry.lookup(handle.text) != handle and self.tokenize(handle.text) != list(handle.token_ids):
                 raise ValueError(
                     f"handle {handle.key[:12]}...: its text does not tokenize to its token ids; "
@@ -223,113 +150,23 @@ class CacheBlendEngine:
 
     def compute_chunk(self, token_ids: Sequence[int]) -> ChunkKV:
         """KV of ``chunk_prefix + token_ids`` computed alone, prefix rows dropped, keys before RoPE."""
-        ids = self.chunk_prefix_ids + list(token_ids)
-        p = len(self.chunk_prefix_ids)
-        plan = PrefillPlan(ids=self._ids_tensor(ids), capture=(p, len(ids)), need_logits=False)
-        cache = self._new_cache(len(ids))
-        with torch.inference_mode():
-            result = prefill(self.forward, plan, cache, backend=self.default_config.backend)
-        return result.captured
-
-    def _check_handle(self, handle: object) -> ChunkHandle:
-        if not isinstance(handle, ChunkHandle):
-            raise TypeError(f"expected a ChunkHandle from engine.precompute, got {type(handle).__name__}")
-        if handle.model_fingerprint != self.fingerprint:
-            raise ValueError(
-                f"unknown handle {handle.key[:12]}...: it was made by another model or tokenizer; "
-                "call engine.precompute([...]) on this engine to get handles for it"
-            )
-        if chain_key(self.fingerprint, self.prefix_key, handle.token_ids) != handle.key:
-            raise ValueError(
-                f"unknown handle {handle.key[:12]}...: its key does not match its tokens; "
-                "use the handles engine.precompute returns"
-            )
-        return handle
+        return self.chunks.compute(token_ids)
 
     def chunk_kv(self, handle: ChunkHandle) -> tuple[ChunkKV, bool]:
         """The stored KV of a chunk (read in full), computing and storing it on a miss. Returns (kv, was_hit)."""
-        kv = self.store.get(handle.key, handle.n_tokens)
-        if kv is not None:
-            return kv, True
-        return self._compute_missing(handle), False
+        return self.chunks.get(handle)
 
-    def chunk_sources(
-        self, handles: Sequence[ChunkHandle], stats: RequestStats | None = None
-    ) -> list[tuple[ChunkKV | LazyChunk, bool]]:
-        """The KV of a request's chunks for the prefill, as (kv, was_hit) per handle.
-
-        A chunk in the memory tier is a ChunkKV; one in a slow tier (disk, Redis) is a LazyChunk whose layers
-        a background thread reads while the prefill computes the layers before; a miss is computed and stored
-        here. A LazyChunk whose read fails is recomputed when the prefill reaches it, and counted as a miss
-        in ``stats`` and in ``computed_on_miss``.
-        """
-        found = self.store.fetch([h.key for h in handles], [h.n_tokens for h in handles])
-        out: list[tuple[ChunkKV | LazyChunk, bool]] = []
-        for handle, kv in zip(handles, found):
-            if kv is None:
-                out.append((self._compute_missing(handle), False))
-                continue
-            if isinstance(kv, LazyChunk) and kv.fallback is None:
-                kv.fallback = partial(self._compute_missing, handle)
-                kv.on_fallback = partial(self._count_fallback, stats)
-            out.append((kv, True))
-        return out
-
-    def _count_fallback(self, stats: RequestStats | None) -> None:
-        if stats is not None:
-            stats.cache_hits -= 1
-            stats.cache_misses += 1
-
-    def _compute_missing(self, handle: ChunkHandle) -> ChunkKV:
-        """Compute and store a chunk the store lacks; concurrent misses on one chunk share one computation."""
-        with self._computing_lock:
-            pending = self._computing.get(handle.key)
-            if pending is None:
-                mine = self._computing[handle.key] = Future()
-        if pending is not None:
-            return pending.result()
-        try:
-            self._metrics.add(computed_on_miss=1)
-            kv = self.store.put(handle.key, self.compute_chunk(handle.token_ids))
-            mine.set_result(kv)
-            return kv
-        except BaseException as exc:
-            mine.set_exception(exc)
-            raise
-        finally:
-            with self._computing_lock:
-                del self._computing[handle.key]
-
-    # ---- requests -----------------------------------------------------------------------------------
+    # ---- prompts ------------------------------------------------------------------------------------
     def chat_segments(self, segments: Sequence[str | ChunkHandle] | str, system: str | None = None) -> list:
         """Wrap segments in the model's chat template as one user message, chunk texts unchanged."""
-        template = getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            raise ValueError("this tokenizer has no chat template; pass segments to generate() directly")
-        sentinel = "\u2063CACHEBLEND-SEGMENTS\u2063"
-        messages = [{"role": "system", "content": system}] if system is not None else []
-        messages.append({"role": "user", "content": sentinel})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if text.count(sentinel) != 1:
-            raise ValueError("the chat template changes the message text; build the prompt segments yourself")
-        before, after = text.split(sentinel)
-        return [before, *merge_text(segments), after]
+        return self.prompts.chat_segments(segments, system)
 
     def format_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The prompt string for chat ``messages`` ([{"role": ..., "content": ...}]) in the model's template.
 
         Chunk texts inside message contents stay verbatim, so ``generate(prompt=...)`` finds and reuses them.
         """
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this tokenizer has no chat template; format the prompt yourself and pass prompt=...")
-        if not messages:
-            raise ValueError("messages is empty: pass at least one {'role': ..., 'content': ...} message")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
-                raise ValueError(f"messages[{i}] must be a dict with 'role' and str 'content', got {message!r}")
-        return self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.prompts.format_chat(messages, add_generation_prompt)
 
     def blocks(self, segments: Sequence[str | ChunkHandle] | None, prompt: str | None) -> list[Block]:
         """Token blocks of a request, given segments or a prompt string (split at registered chunk texts)."""
@@ -339,31 +176,12 @@ class CacheBlendEngine:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
             # the prompt's own tokens; runs equal to a registered chunk's tokens reuse its KV (engine/registry.py)
-            segments = self.registry.split(self.tokenize(prompt))
+            runs = self.registry.split(self.tokenize(prompt))
         else:
-            segments = merge_text(segments)
-        blocks = []
-        for seg in segments:
-            if isinstance(seg, str):
-                blocks.append(Block(self.tokenize(seg)))
-            elif isinstance(seg, list):
-                blocks.append(Block(seg))
-            else:
-                blocks.append(Block(list(self._check_handle(seg).token_ids), seg))
-        blocks = [b for b in blocks if b.token_ids]
-        first = blocks[0].token_ids if blocks else []
-        if self.bos_ids and first[: len(self.bos_ids)] != self.bos_ids:
-            blocks.insert(0, Block(list(self.bos_ids)))
-        n = place(blocks)
-        if not any(b.handle is not None or b.token_ids != self.bos_ids for b in blocks):
-            raise ValueError("the prompt is empty: give at least one non-empty text segment or chunk")
-        if n > self.context_window:
-            raise ValueError(
-                f"the prompt has {n} tokens but the model's context window is {self.context_window}; "
-                "retrieve fewer or shorter chunks, or shorten the prompt"
-            )
-        return blocks
+            runs = merge_text(segments)
+        return self.prompts.blocks(runs, self.chunks.check, self.context_window)
 
+    # ---- requests -----------------------------------------------------------------------------------
     def prepare(
         self,
         segments: Sequence[str | ChunkHandle] | None = None,
@@ -375,85 +193,53 @@ class CacheBlendEngine:
         """Run the prefill of a request under ``config``; returns the cache and first-token logits."""
         started = time.perf_counter()
         config = self._config(config)
+        fwd = self.forward.with_backend(config.backend)  # the request's kernels, chosen once
         blocks = self.blocks(segments, prompt)
         n = blocks[-1].end
         stats = RequestStats(strategy=config.strategy, prompt_tokens=n)
-        plan, store_blocks = self._planner.plan(blocks, config, stats)
+        plan, prefix_blocks = plan_request(blocks, config, self.chunks, stats)
         # never more rows than the context window lets the request decode into (a huge max_new_tokens)
         cache = self._new_cache(n + max(0, min(extra_capacity, max(self.context_window - n, 1))))
-        t = time.perf_counter()
-        with torch.inference_mode():
-            if config.strategy == "cacheblend" and config.selection == "query" and plan.spans:
-                plan, _, probe_flops = select_by_query(
-                    self.forward, plan, cache, Budget.of(config), backend=config.backend
-                )
-                stats.probe_s = time.perf_counter() - t
-                stats.prefill_flops += probe_flops
-            result = prefill(self.forward, plan, cache, backend=config.backend)
-        stats.prefill_s = time.perf_counter() - t
-        if config.strategy == "cacheblend" and stats.cached_tokens:
-            cached_rows = sum(int(((result.rows >= s.start) & (result.rows < s.end)).sum()) for s in plan.spans)
-            stats.recompute_ratio = cached_rows / stats.cached_tokens
-        stats.recomputed_tokens = int(result.rows.shape[0])
-        stats.reused_tokens = n - stats.recomputed_tokens
-        stats.layer_rows = result.layer_rows
-        stats.prefill_flops += result.flops
-        if store_blocks:
-            self._planner.store_prefix_blocks(store_blocks, result.captured)
+        result = self._prefill(fwd, plan, cache, config, stats)
+        if prefix_blocks is not None:
+            prefix_blocks.store(self.store, result.captured)
         prompt_ids = [t for b in blocks for t in b.token_ids]
-        return PreparedRequest(cache, result.logits, stats, prompt_ids, started)
+        return PreparedRequest(cache, result.logits, stats, prompt_ids, started, fwd)
 
     def stream(
         self,
         segments: Sequence[str | ChunkHandle] | None = None,
         *,
         prompt: str | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
         config: BlendConfig | None = None,
+        sampling: SamplingParams | None = None,
+        **options,
     ) -> GenerationStream:
         """Like ``generate`` but returns an iterator of text pieces; its ``.result`` has the full result."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        sampler = Sampler(temperature, top_p, seed)
-        streamer = TextStreamer(self.tokenizer, normalize_stop(stop))
-        config = self._config(config)
-        request = self.prepare(segments, prompt=prompt, config=config, extra_capacity=max_new_tokens)
-        room = self.context_window - request.stats.prompt_tokens
-        return GenerationStream(
-            self, request, sampler, streamer, min(max_new_tokens, max(room, 1)), config.backend, self._metrics.record
-        )
+        sampling = SamplingParams.of(sampling, options)
+        streamer = TextStreamer(self.tokenizer, sampling.stop)
+        request = self.prepare(segments, prompt=prompt, config=config, extra_capacity=sampling.max_new_tokens)
+        room = max(self.context_window - request.stats.prompt_tokens, 1)
+        max_new = min(sampling.max_new_tokens, room)
+        return GenerationStream(request, Sampler(sampling), streamer, max_new, self.eos_token_ids, self._metrics.record)
 
     def generate(
         self,
         segments: Sequence[str | ChunkHandle] | None = None,
         *,
         prompt: str | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
         config: BlendConfig | None = None,
+        sampling: SamplingParams | None = None,
+        **options,
     ) -> GenerationResult:
         """Generate from segments (str = compute, ChunkHandle = reuse) or from a prompt string.
 
-        Greedy when ``temperature`` is 0. Stops at EOS, at the first ``stop`` string (cut from the text),
-        or after ``max_new_tokens``.
+        ``sampling`` (a SamplingParams) or its fields as keyword arguments (``max_new_tokens=128``,
+        ``temperature=0.0``, ``top_p=1.0``, ``seed=None``, ``stop=None``; these override ``sampling``'s): greedy
+        when ``temperature`` is 0; stops at EOS, at the first ``stop`` string (cut from the text), or after
+        ``max_new_tokens``. ``config``: the BlendConfig (default: the engine's).
         """
-        return self.stream(
-            segments,
-            prompt=prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            config=config,
-        ).result
+        return self.stream(segments, prompt=prompt, config=config, sampling=sampling, **options).result
 
     def metrics(self) -> dict:
         """Cumulative counters: requests, tokens, cache hits/misses, and per-tier store counters."""
@@ -463,6 +249,21 @@ class CacheBlendEngine:
         return out
 
     # ---- helpers ------------------------------------------------------------------------------------
+    def _prefill(
+        self, fwd: ModelForward, plan: PrefillPlan, cache: KVCache, config: BlendConfig, stats: RequestStats
+    ) -> PrefillResult:
+        """Run ``plan`` into ``cache`` (after the probe pass of the query selection) and note it in ``stats``."""
+        t = time.perf_counter()
+        with torch.inference_mode():
+            if config.strategy == "cacheblend" and config.selection == "query" and plan.spans:
+                plan, _, probe_flops = select_by_query(fwd, plan, cache, Budget.of(config))
+                stats.probe_s = time.perf_counter() - t
+                stats.prefill_flops += probe_flops
+            result = prefill(fwd, plan, cache)
+        stats.prefill_s = time.perf_counter() - t
+        stats.note_prefill(result, plan.spans, blend=config.strategy == "cacheblend")
+        return result
+
     def _config(self, config: BlendConfig | None) -> BlendConfig:
         config = config or self.default_config
         if not isinstance(config, BlendConfig):
@@ -470,15 +271,10 @@ class CacheBlendEngine:
         too_deep = [layer for layer in config.check_layers if layer >= self.forward.n_layers]
         if config.strategy == "cacheblend" and too_deep:
             raise ValueError(f"check_layers {too_deep} do not exist: the model has {self.forward.n_layers} layers")
-        resolve_backend(config.backend, self.device)  # fails early, with the fix, if Triton cannot run here
         return config
 
-    def _ids_tensor(self, ids: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(list(ids), dtype=torch.long, device=self.device)
-
     def _new_cache(self, capacity: int) -> KVCache:
-        fwd = self.forward
-        return KVCache(fwd.n_layers, fwd.n_kv_heads, fwd.head_dim, capacity, self.dtype, self.device)
+        return KVCache.for_model(self.forward, capacity)
 
     def __repr__(self) -> str:
         return (

@@ -16,6 +16,11 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
 
+    @classmethod
+    def for_model(cls, fwd, capacity: int) -> KVCache:
+        """An empty cache of ``capacity`` rows shaped for ``fwd`` (a ModelForward), in its dtype and device."""
+        return cls(fwd.n_layers, fwd.n_kv_heads, fwd.head_dim, capacity, fwd.dtype, fwd.device)
+
     @property
     def capacity(self) -> int:
         return self.k.shape[2]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import apply_rope, scatter_rows, selected_attention
+from ..kernels import scatter_rows
 from ..model.forward import ModelForward
 from ..store.chunk import ChunkKV
 from .kv_cache import KVCache
@@ -73,21 +73,25 @@ def layer_flops(fwd: ModelForward) -> tuple[float, float, float]:
     return 2.0 * hidden * 2 * kv, 2.0 * hidden * inner, 2.0 * (inner * hidden + 3 * hidden * intermediate)
 
 
-def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: str = "auto") -> PrefillResult:
-    """Fill ``cache`` rows 0..N-1 for every layer following ``plan``; return the last position's logits."""
-    ids = plan.ids
+def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResult:
+    """Fill ``cache`` rows 0..N-1 for every layer following ``plan``; return the last position's logits.
+
+    Runs on ``fwd``'s kernels. N prompt rows; M: the rows computed at the current layer (``sel``), which shrinks
+    at check layers and to the last row after the last K/V is written.
+    """
+    ids = plan.ids  # [N]
     n = ids.shape[0]
     device = ids.device
-    positions = torch.arange(n, device=device)
-    from_cache = torch.zeros(n, dtype=torch.bool, device=device)
+    positions = torch.arange(n, device=device)  # [N]: row j is at position j
+    from_cache = torch.zeros(n, dtype=torch.bool, device=device)  # [N]
     for span in plan.spans:
         from_cache[span.start : span.end] = True
     n_cached = int(from_cache.sum())
     last_cached_end = max((span.end for span in plan.spans), default=0)
-    forced = plan.forced if plan.forced is not None else ~from_cache
-    sel = positions if plan.initial is None else plan.initial
+    forced = plan.forced if plan.forced is not None else ~from_cache  # [N] bool
+    sel = positions if plan.initial is None else plan.initial  # [M] sorted rows computed at this layer
     span_of_row, n_spans = span_index(n, plan.spans, device) if plan.shift_stale else (None, 0)
-    h = fwd.embed(ids[sel])
+    h = fwd.embed(ids[sel])  # [M, hidden]: the residual stream of the computed rows
     kv_flops, q_flops, rest_flops = layer_flops(fwd)
     flops = 0.0
     layer_rows: list[int] = []
@@ -97,52 +101,52 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache, *, backend: st
         raise ValueError("a plan on a ready cache computes a fixed set of rows: no checks, capture or shift")
     cache.length = n
     for layer in range(fwd.n_layers):
-        keys, values = cache.layer(layer, n)
+        keys, values = cache.layer(layer, n)  # [Hkv, N, D] views of the fused cache
         if not plan.cache_ready:
             for span in plan.spans:
-                k_stored, v_stored = span.kv.layer(layer)
+                k_stored, v_stored = span.kv.layer(layer)  # [Hkv, T, D], k before RoPE
                 keys[:, span.start : span.end].copy_(k_stored)
                 values[:, span.start : span.end].copy_(v_stored)
-        x = fwd.attn_input(layer, h)
-        k_new, v_new = fwd.project_kv(layer, x)
+        x = fwd.attn_input(layer, h)  # [M, hidden] normalised
+        k_new, v_new = fwd.project_kv(layer, x)  # [Hkv, M, D] each, k before RoPE
         if plan.cache_ready:
-            k_new = apply_rope(k_new, sel, fwd.rope, backend=backend)
+            k_new = fwd.rotate(k_new, sel)  # the cache's keys are rotated already: rotate the new ones alike
         flops += kv_flops * sel.shape[0]
         check = layer in plan.checks
         if check:
-            sel_cached = from_cache[sel]
-            scores = deviation_scores(plan.deviation, sel, k_new, v_new, keys, values, sel_cached, backend)
+            sel_cached = from_cache[sel]  # [M] bool
+            scores = deviation_scores(plan.deviation, sel, k_new, v_new, keys, values, sel_cached, fwd.kernels)  # [M]
         if span_of_row is not None and sel.shape[0] < n:
             shift_stale_rows(keys, values, sel, k_new, v_new, span_of_row, n_spans)
         scatter_rows(keys, sel, k_new)
         scatter_rows(values, sel, v_new)
         if plan.capture is not None:
             a, b = plan.capture
-            captured_k.append(keys[:, a:b].clone())
+            captured_k.append(keys[:, a:b].clone())  # [Hkv, b - a, D] before RoPE
             captured_v.append(values[:, a:b].clone())
         if layer == fwd.n_layers - 1 and not plan.need_logits:
             layer_rows.append(0)
             break
         if not plan.cache_ready:
-            apply_rope(keys, positions, fwd.rope, out=keys, backend=backend)
+            fwd.rotate(keys, positions, out=keys)  # every key to its absolute position, in place
         if check:
             if plan.selection == "attention":
-                probes = probe_rows(sel, sel_cached, last_cached_end)
-                q_probe = fwd.project_q(layer, x[probes], sel[probes], backend=backend)
+                probes = probe_rows(sel, sel_cached, last_cached_end)  # [P] indices into sel
+                q_probe = fwd.project_q(layer, x[probes], sel[probes])  # [Hq, P, D]
                 scores = scores * attention_mass(q_probe, sel[probes], keys, fwd.scale)[sel]
             sel_forced = forced[sel]
             budget = check_budget(plan, layer, n_cached, scores, sel_forced, sel_cached)
-            keep = choose(scores, sel_forced, sel_cached, budget)
-            x, h, sel = x[keep], h[keep], sel[keep]
+            keep = choose(scores, sel_forced, sel_cached, budget)  # [K] indices into sel
+            x, h, sel = x[keep], h[keep], sel[keep]  # M := K
         layer_rows.append(sel.shape[0])
         rows = sel
         if layer == fwd.n_layers - 1:  # past the last K/V, only the last position's output (its logits) is used
             x, h, rows = x[-1:], h[-1:], sel[-1:]
-        q = fwd.project_q(layer, x, rows, backend=backend)
+        q = fwd.project_q(layer, x, rows)  # [Hq, M, D] rotated
         if plan.observe is not None:
             plan.observe(layer, q, rows, keys)
-        attn = selected_attention(q, rows, keys, values, fwd.scale, backend=backend)
-        h = fwd.finish_layer(layer, h, attn)
+        attn = fwd.attend(q, rows, keys, values)  # [Hq, M, D]
+        h = fwd.finish_layer(layer, h, attn)  # [M, hidden]
         flops += (q_flops + rest_flops) * rows.shape[0] + 4.0 * fwd.n_heads * fwd.head_dim * float((rows + 1).sum())
     logits = None
     if plan.need_logits:

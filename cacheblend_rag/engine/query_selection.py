@@ -61,7 +61,7 @@ def probe_start(plan: PrefillPlan) -> int:
 
 
 def select_by_query(
-    fwd: ModelForward, plan: PrefillPlan, cache: KVCache, budget: Budget, *, backend: str = "auto"
+    fwd: ModelForward, plan: PrefillPlan, cache: KVCache, budget: Budget
 ) -> tuple[PrefillPlan, torch.Tensor, float]:
     """Run the probe pass of ``plan`` (a cacheblend plan: spans and forced rows) into ``cache`` and return the
     plan that recomputes the forced rows plus the chosen cached rows through every layer, the scores [N] and the
@@ -73,7 +73,7 @@ def select_by_query(
     forced = plan.forced if plan.forced is not None else ~from_cache
     tail = TailAttention(from_cache, probe_start(plan), fwd.scale)
     probe = replace(plan, initial=forced.nonzero().squeeze(1), checks={}, observe=tail, capture=None)
-    flops = prefill(fwd, probe, cache, backend=backend).flops
+    flops = prefill(fwd, probe, cache).flops
     candidates = (from_cache & ~forced).nonzero().squeeze(1)
     n_forced_cached = int((forced & from_cache).sum())
     k = budget.rows(tail.scores[candidates], int(from_cache.sum()), n_forced_cached) - n_forced_cached

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decode import Sampler, TextStreamer, decode_step
+from ..model.forward import ModelForward
+from .decode import TextStreamer, decode_step
 from .kv_cache import KVCache
+from .sampling import Sampler
 from .stats import RequestStats
 
 
@@ -25,34 +27,38 @@ class GenerationResult:
 
 @dataclass
 class PreparedRequest:
-    """State right after the prefill: the fused cache and the logits of the first new token."""
+    """State right after the prefill: the fused cache, the logits of the first new token, and the forward
+    (on the request's kernels) that decoding continues with."""
 
     cache: KVCache
     logits: torch.Tensor  # [vocab] float32
     stats: RequestStats
     prompt_ids: list[int]
     started: float  # perf_counter() when the request arrived
+    fwd: ModelForward
 
 
 class GenerationStream:
-    """Iterate for text pieces as they are produced; ``result`` holds the GenerationResult afterwards."""
+    """Iterate for text pieces as they are produced; ``result`` holds the GenerationResult afterwards.
+
+    request: the prefilled request, decoded with its own forward; eos_ids: tokens that end it;
+    on_finish(stats, abandoned): called once, when it ends or is closed early.
+    """
 
     def __init__(
         self,
-        engine,
         request: PreparedRequest,
         sampler: Sampler,
         streamer: TextStreamer,
         max_new_tokens: int,
-        backend: str,
+        eos_ids: frozenset[int],
         on_finish: Callable[[RequestStats, bool], None],
     ) -> None:
-        self._engine = engine
         self._request = request
         self._sampler = sampler
         self._streamer = streamer
         self._max_new = max_new_tokens
-        self._backend = backend
+        self._eos = eos_ids
         self._on_finish = on_finish
         self._result: GenerationResult | None = None
         self._pieces = self._run()
@@ -105,14 +111,12 @@ class GenerationStream:
 
     def _decode(self, req: PreparedRequest, tokens: list[int]) -> Iterator[str]:
         """Yield text pieces while sampling into ``tokens``; return the finish reason."""
-        fwd = self._engine.forward
-        eos = self._engine.eos_token_ids
         logits = req.logits
         for i in range(self._max_new):
             token = self._sampler(logits)
             if i == 0:
                 req.stats.ttft_s = time.perf_counter() - req.started
-            if token in eos:
+            if token in self._eos:
                 return "eos"
             tokens.append(token)
             piece = self._streamer.push(token)
@@ -123,5 +127,5 @@ class GenerationStream:
             if i + 1 == self._max_new:
                 break
             with torch.inference_mode():
-                logits = decode_step(fwd, req.cache, token, backend=self._backend)
+                logits = decode_step(req.fwd, req.cache, token)
         return "length"

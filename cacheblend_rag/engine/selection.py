@@ -13,19 +13,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import kv_deviation, select_top
+from ..kernels import Kernels, select_top
 
 MAX_PROBES = 256  # tail rows whose attention is measured (bounds the [heads, probes, N] scores)
 
 
-def deviation_scores(deviation: str, sel, k_new, v_new, keys, values, sel_cached, backend: str) -> torch.Tensor:
+def deviation_scores(deviation: str, sel, k_new, v_new, keys, values, sel_cached, kernels: Kernels) -> torch.Tensor:
     """Per computed row: squared K or V deviation from the stored rows, -inf for uncached rows.
 
     sel: [M] rows; k_new, v_new: [Hkv, M, D] fresh (K before RoPE); keys, values: [Hkv, N, D] holding the stored
     rows (K before RoPE); sel_cached: [M] bool. Must run before the fresh rows overwrite the stored ones.
     """
     fresh, stored = (v_new, values) if deviation == "v" else (k_new, keys)
-    return kv_deviation(fresh, stored, sel_cached, rows=sel, backend=backend)
+    return kernels.deviation(fresh, stored, sel_cached, rows=sel)
 
 
 def attention_mass(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:

@@ -36,6 +36,18 @@ class RequestStats:
     prefill_flops: float = 0.0
     layer_rows: list[int] = field(default_factory=list, repr=False)
 
+    def note_prefill(self, result, spans, blend: bool) -> None:
+        """Fold in a prefill's outcome (a PrefillResult over the cached ``spans``): the rows it recomputed, their
+        FLOPs and, for cacheblend (``blend``), the share of the cached rows among them."""
+        rows = result.rows  # [M] rows computed through the last layer
+        if blend and self.cached_tokens:
+            cached_rows = sum(int(((rows >= s.start) & (rows < s.end)).sum()) for s in spans)
+            self.recompute_ratio = cached_rows / self.cached_tokens
+        self.recomputed_tokens = int(rows.shape[0])
+        self.reused_tokens = self.prompt_tokens - self.recomputed_tokens
+        self.layer_rows = result.layer_rows
+        self.prefill_flops += result.flops
+
     def as_dict(self) -> dict:
         return asdict(self)
 

@@ -3,15 +3,21 @@
 Each step works on any subset of rows: ``qkv`` projects the rows of one layer (queries rotated to their
 absolute positions, keys returned *before* RoPE so they can be stored and re-rotated), ``finish_layer``
 applies the output projection, residuals and MLP to the same rows. The blended prefill and the decoder
-drive these steps; attention over the fused cache happens in between (kernels/attention.py).
+drive these steps; attention over the fused cache happens in between (``attend``: kernels/attention.py).
+
+A forward carries the kernels it calls (``kernels``, chosen once: ``with_backend`` gives a copy on another
+backend for one request), so no step takes a backend name.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from ..kernels.rotary import RopeTable, apply_rope
+from ..kernels import Kernels
+from ..kernels.rotary import RopeTable
 
 SUPPORTED_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -62,9 +68,9 @@ def sliding_window(config) -> int | None:
 
 
 class ModelForward:
-    """Row-subset forward steps of a Llama / Mistral / Qwen2 ``*ForCausalLM``."""
+    """Row-subset forward steps of a Llama / Mistral / Qwen2 ``*ForCausalLM``, on the kernels of ``backend``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, backend: str = "auto") -> None:
         config = model.config
         check_supported(config)
         base = model.model
@@ -85,6 +91,16 @@ class ModelForward:
         self.sliding_window = sliding_window(config)
         rotary = base.rotary_emb
         self.rope = RopeTable(rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0))
+        self.kernels = Kernels.on(backend, self.device)
+
+    def with_backend(self, backend: str) -> ModelForward:
+        """This forward on the kernels of ``backend`` (itself if they are the ones it has): resolved here, once."""
+        kernels = Kernels.on(backend, self.device)
+        if kernels == self.kernels:
+            return self
+        other = copy.copy(self)  # the modules are shared, not copied
+        other.kernels = kernels
+        return other
 
     @property
     def device(self) -> torch.device:
@@ -110,19 +126,28 @@ class ModelForward:
         v = attn.v_proj(x).view(m, self.n_kv_heads, self.head_dim).transpose(0, 1)
         return k, v
 
-    def project_q(self, layer: int, x: torch.Tensor, positions: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    def project_q(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [M, hidden] normalised; positions: [M] -> q: [Hq, M, D] rotated to its positions."""
         m = x.shape[0]
         q = self.layers[layer].self_attn.q_proj(x).view(m, self.n_heads, self.head_dim).transpose(0, 1)
-        return apply_rope(q, positions, self.rope, backend=backend)
+        return self.rotate(q, positions)
 
     def qkv(
-        self, layer: int, h: torch.Tensor, positions: torch.Tensor, backend: str = "auto"
+        self, layer: int, h: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h: [M, hidden]; positions: [M] -> q: [Hq, M, D] rotated, k: [Hkv, M, D] before RoPE, v: [Hkv, M, D]."""
         x = self.attn_input(layer, h)
         k, v = self.project_kv(layer, x)
-        return self.project_q(layer, x, positions, backend), k, v
+        return self.project_q(layer, x, positions), k, v
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [H, T, D] before RoPE; positions: [T] -> x rotated to its positions (into ``out`` if given)."""
+        return self.kernels.rope(x, positions, self.rope, out=out)
+
+    def attend(self, q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """q: [Hq, M, D] rotated at q_pos: [M]; keys, values: [Hkv, N, D] (key j at position j) -> [Hq, M, D],
+        each query attending to the keys at its position and before."""
+        return self.kernels.attention(q, q_pos, keys, values, self.scale)
 
     def finish_layer(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """h: [M, hidden] (the layer's input rows); attn_out: [Hq, M, D] -> the layer's output rows [M, hidden]."""

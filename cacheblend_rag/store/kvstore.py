@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
@@ -71,11 +72,17 @@ class KVStore:
         return None
 
     def fetch(
-        self, keys: Sequence[str], n_tokens: Sequence[int | None] | None = None
+        self,
+        keys: Sequence[str],
+        n_tokens: Sequence[int | None] | None = None,
+        *,
+        fallback: Callable[[str], ChunkKV] | None = None,
     ) -> list[ChunkKV | LazyChunk | None]:
         """Per key: a ChunkKV from a fast tier, a LazyChunk being read in the background from a slow one
         (see ``pipeline.py``), or None on a miss. Repeated keys get the same object. ``n_tokens``: per key, the
-        token count its entry must have (an entry of another count is a miss, and deleted)."""
+        token count its entry must have (an entry of another count is a miss, and deleted). ``fallback(key)``
+        computes a block whose background read fails (without one, a failed read raises when the block is used).
+        """
         tokens = dict(zip(keys, n_tokens)) if n_tokens is not None else {}
         if not self.pipelined:
             found = {key: self.get(key, tokens.get(key)) for key in dict.fromkeys(keys)}
@@ -106,7 +113,8 @@ class KVStore:
                     reader.close()
                     self._reject(tier, key, reader.meta.shape, want)
                     continue
-                found[key] = chunk = LazyChunk(key, reader, tier.name, self.layer_timeout_s)
+                recompute = partial(fallback, key) if fallback is not None else None
+                found[key] = chunk = LazyChunk(key, reader, tier.name, self.layer_timeout_s, recompute)
                 origin[key] = i
                 lazy.append(chunk)
                 break

@@ -8,9 +8,9 @@ trip); ``LazyChunk.layer(l)`` returns at once if layer l is in, and otherwise wa
 layer of a block has been read it is promoted to the faster tiers.
 
 A block whose read fails (corrupt, vanished, tier down, or slower than ``timeout_s`` for one layer) is
-recomputed by its ``fallback`` (the engine's compute path) the first time the prefill asks for a layer that
-was not read; layers already handed out came from the same model, so they agree with the recomputed ones up
-to the store's rounding. Its ``on_fallback`` callback lets the caller count it as a miss.
+recomputed by its ``fallback`` (given to ``KVStore.fetch``: the engine's compute path, which also counts it
+as a miss) the first time the prefill asks for a layer that was not read; layers already handed out came
+from the same model, so they agree with the recomputed ones up to the store's rounding.
 """
 
 from __future__ import annotations
@@ -30,17 +30,23 @@ logger = logging.getLogger(__name__)
 class LazyChunk:
     """A stored block arriving layer by layer; the prefill uses it like a ChunkKV (``n_tokens``, ``layer``).
 
-    fallback: computes the block when the read fails (set by the engine); on_fallback: called once then.
+    fallback: computes the block when the read fails (called at most once); None: a failed read raises.
     """
 
-    def __init__(self, key: str, reader: EntryReader, tier: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        key: str,
+        reader: EntryReader,
+        tier: str,
+        timeout_s: float = 30.0,
+        fallback: Callable[[], ChunkKV] | None = None,
+    ) -> None:
         self.key = key
         self.tier = tier
         self.reader = reader
         self.meta = reader.meta
         self.timeout_s = timeout_s
-        self.fallback: Callable[[], ChunkKV] | None = None
-        self.on_fallback: Callable[[], None] | None = None
+        self.fallback = fallback
         self._buffers: EntryBuffers | None = None
         self._ready = 0  # layers 0.._ready-1 are in
         self._error: BaseException | None = None
@@ -90,10 +96,8 @@ class LazyChunk:
                 if self.fallback is None:
                     raise RuntimeError(
                         f"reading KV block {self.key[:12]} from the {self.tier} tier failed ({self._error}) and "
-                        "this LazyChunk has no fallback; set .fallback to a function that computes the block"
+                        "it has no fallback; pass KVStore.fetch(..., fallback=...) a function that computes a block"
                     )
-                if self.on_fallback is not None:
-                    self.on_fallback()
                 self._recomputed = self.fallback()
             return self._recomputed
 

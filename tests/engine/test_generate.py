@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from cacheblend_rag import BlendConfig, GenerationResult
-from cacheblend_rag.engine.decode import Sampler, TextStreamer
+from cacheblend_rag import BlendConfig, GenerationResult, SamplingParams
+from cacheblend_rag.engine.decode import TextStreamer
 from tests.conftest import PASSAGES, config
 
 
@@ -55,9 +55,9 @@ def test_seeded_sampling_is_reproducible(engine):
     b = engine.generate(["Once upon a time"], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)
     assert a.token_ids == b.token_ids
     with pytest.raises(ValueError, match="top_p"):
-        Sampler(top_p=0.0)
+        SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
-        Sampler(temperature=-1)
+        SamplingParams(temperature=-1)
 
 
 def test_prompt_is_split_at_registered_chunks_in_any_order(engine):

@@ -119,7 +119,7 @@ def block(key, variant):  # two processes computing one chunk may round differen
     gen = torch.Generator().manual_seed(int(key[:2]) * 10 + variant)
     return ChunkKV(torch.randn(6, 2, 64, 32, generator=gen).half(), torch.randn(6, 2, 64, 32, generator=gen).half())
 
-def fail():
+def fail(key):
     raise LookupError("read failed")
 
 expected = {(k, w): block(k, w) for k in keys for w in (0, 1)}
@@ -132,9 +132,8 @@ for _ in range(n):
     elif roll < 0.45:
         tier.delete(key); counts["delete"] += 1
     else:
-        got = store.fetch([key])[0] if roll < 0.75 else tier.get(key)
+        got = store.fetch([key], fallback=fail)[0] if roll < 0.75 else tier.get(key)
         if isinstance(got, LazyChunk):
-            got.fallback = fail
             try:
                 got = got.wait()
             except LookupError:  # the read failed (replaced or deleted meanwhile): a miss, never a mix

@@ -1,0 +1,195 @@
+"""Where a request's chunk KV comes from: content-addressed handles, the store, and the model on a miss.
+
+A chunk is computed alone, after the chunk prefix (``prefix_ids``: how the prompts it will be reused in begin),
+at positions 0..len-1; the prefix rows are dropped and the keys kept before RoPE, so the chunk can be placed
+anywhere. Its key chains the model fingerprint, the prefix and its tokens (``store/keys.py``): any change to
+one of them is another key, never a wrong entry. Concurrent misses on one chunk share one computation.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+
+from ..model.forward import ModelForward
+from ..store import ChunkHandle, ChunkKV, DiskTier, KVStore, MemoryTier, chain_key, tier_from_url
+from ..store.pipeline import LazyChunk
+from .kv_cache import KVCache
+from .prefill import PrefillPlan, prefill
+from .stats import EngineMetrics, RequestStats
+
+StoreSpec = KVStore | Sequence[object] | None
+
+
+def build_store(
+    spec: StoreSpec, fingerprint: str, cache_dir: Path, memory_bytes: int, dtype: torch.dtype, expect
+) -> KVStore:
+    """A KVStore from ``spec``: a KVStore (kept; its ``expect`` filled in), a list of tiers or tier URLs, or None
+    (a memory tier of ``memory_bytes`` in front of a disk tier under ``cache_dir/kv``)."""
+    if isinstance(spec, KVStore):
+        spec.expect = spec.expect or expect
+        return spec
+    if spec is None:
+        tiers = [MemoryTier(memory_bytes), DiskTier(cache_dir / "kv", fingerprint)]
+    elif isinstance(spec, (str, bytes, os.PathLike)):
+        raise TypeError("store must be a list of tier URLs or tiers, e.g. store=['memory://?max_bytes=2GB']")
+    else:
+        tiers = [tier_from_url(t, fingerprint) if isinstance(t, str) else t for t in spec]
+    return KVStore(tiers, dtype=dtype, expect=expect)
+
+
+class ChunkSource:
+    """Handles, precomputation and the KV of a request's chunks.
+
+    forward: computes missing chunks (on the kernels of ``backend``); tokenize: text -> token ids; metrics: the
+    engine's counters; context_window: the model's, which a chunk and the prefix must fit in.
+    """
+
+    def __init__(
+        self,
+        forward: ModelForward,
+        store: KVStore,
+        fingerprint: str,
+        prefix_ids: list[int],
+        tokenize: Callable[[str], list[int]],
+        metrics: EngineMetrics,
+        *,
+        context_window: int,
+        backend: str = "auto",
+    ) -> None:
+        self.forward = forward
+        self.store = store
+        self.fingerprint = fingerprint
+        self.prefix_ids = list(prefix_ids)
+        self.prefix_key = chain_key(fingerprint, None, self.prefix_ids)
+        self.tokenize = tokenize
+        self.metrics = metrics
+        self.context_window = context_window
+        self.backend = backend
+        self._computing: dict[str, Future] = {}  # chunk key -> its computation in progress (one per key)
+        self._computing_lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return self.forward.device
+
+    # ---- handles ------------------------------------------------------------------------------------------
+    def handle(self, text: str) -> ChunkHandle:
+        """The handle a chunk text would have (computes nothing)."""
+        ids = self.tokenize(text)
+        return ChunkHandle(chain_key(self.fingerprint, self.prefix_key, ids), text, tuple(ids), self.fingerprint)
+
+    def check(self, handle: object) -> ChunkHandle:
+        """``handle`` if it is one of this model's, with a key that matches its tokens; else a clear error."""
+        if not isinstance(handle, ChunkHandle):
+            raise TypeError(f"expected a ChunkHandle from engine.precompute, got {type(handle).__name__}")
+        if handle.model_fingerprint != self.fingerprint:
+            raise ValueError(
+                f"unknown handle {handle.key[:12]}...: it was made by another model or tokenizer; "
+                "call engine.precompute([...]) on this engine to get handles for it"
+            )
+        if chain_key(self.fingerprint, self.prefix_key, handle.token_ids) != handle.key:
+            raise ValueError(
+                f"unknown handle {handle.key[:12]}...: its key does not match its tokens; "
+                "use the handles engine.precompute returns"
+            )
+        return handle
+
+    # ---- computing ----------------------------------------------------------------------------------------
+    def precompute(self, texts: Iterable[str], progress: bool = False) -> list[ChunkHandle]:
+        """Compute and store the KV of every chunk not already stored; return one handle per text."""
+        if isinstance(texts, str):
+            raise TypeError("precompute takes a list of texts; wrap a single text: precompute([text])")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is a {type(text).__name__}; precompute takes strings")
+        handles = [self.handle(t) for t in texts]
+        limit = self.context_window - len(self.prefix_ids)
+        for i, handle in enumerate(handles):
+            if not handle.token_ids:
+                raise ValueError(f"texts[{i}] has no tokens (empty text); drop it before precompute")
+            if handle.n_tokens > limit:
+                raise ValueError(
+                    f"texts[{i}] has {handle.n_tokens} tokens, more than a chunk can have in the model's "
+                    f"context window ({limit} of {self.context_window}); split it into smaller chunks"
+                )
+        todo = {h.key: h for h in handles if not self.store.contains(h.key)}
+        self.metrics.add(precompute_cache_hits=len(handles) - len(todo))
+        items = todo.values()
+        if progress and todo:
+            from tqdm.auto import tqdm
+
+            items = tqdm(items, total=len(todo), desc="precompute KV", unit="chunk")
+        for handle in items:
+            self.store.put(handle.key, self.compute(handle.token_ids))
+            self.metrics.add(precomputed_chunks=1)
+        return handles
+
+    def compute(self, token_ids: Sequence[int]) -> ChunkKV:
+        """KV of ``prefix_ids + token_ids`` computed alone, prefix rows dropped, keys before RoPE."""
+        fwd = self.forward.with_backend(self.backend)
+        ids = self.prefix_ids + list(token_ids)
+        p = len(self.prefix_ids)
+        ids_tensor = torch.tensor(ids, dtype=torch.long, device=fwd.device)
+        plan = PrefillPlan(ids=ids_tensor, capture=(p, len(ids)), need_logits=False)
+        with torch.inference_mode():
+            return prefill(fwd, plan, KVCache.for_model(fwd, len(ids))).captured
+
+    def _compute_missing(self, handle: ChunkHandle) -> ChunkKV:
+        """Compute and store a chunk the store lacks; concurrent misses on one chunk share one computation."""
+        with self._computing_lock:
+            pending = self._computing.get(handle.key)
+            if pending is None:
+                mine = self._computing[handle.key] = Future()
+        if pending is not None:
+            return pending.result()
+        try:
+            self.metrics.add(computed_on_miss=1)
+            kv = self.store.put(handle.key, self.compute(handle.token_ids))
+            mine.set_result(kv)
+            return kv
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        finally:
+            with self._computing_lock:
+                del self._computing[handle.key]
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    def get(self, handle: ChunkHandle) -> tuple[ChunkKV, bool]:
+        """The stored KV of a chunk (read in full), computing and storing it on a miss. Returns (kv, was_hit)."""
+        kv = self.store.get(handle.key, handle.n_tokens)
+        if kv is not None:
+            return kv, True
+        return self._compute_missing(handle), False
+
+    def fetch(self, handles: Sequence[ChunkHandle], stats: RequestStats | None = None) -> list[ChunkKV | LazyChunk]:
+        """The KV of a request's chunks for the prefill, one per handle, counted as hits and misses in ``stats``.
+
+        A chunk in the memory tier is a ChunkKV; one in a slow tier (disk, Redis) is a LazyChunk whose layers
+        a background thread reads while the prefill computes the layers before; a miss is computed and stored
+        here. A LazyChunk whose read fails is recomputed when the prefill reaches it, and then counted as a
+        miss instead of a hit (in ``stats`` and in ``computed_on_miss``).
+        """
+        by_key = {h.key: h for h in handles}
+
+        def recompute(key: str) -> ChunkKV:
+            if stats is not None:
+                stats.cache_hits -= 1
+                stats.cache_misses += 1
+            return self._compute_missing(by_key[key])
+
+        found = self.store.fetch([h.key for h in handles], [h.n_tokens for h in handles], fallback=recompute)
+        out: list[ChunkKV | LazyChunk] = []
+        for handle, kv in zip(handles, found):
+            if stats is not None:
+                stats.cache_hits += kv is not None
+                stats.cache_misses += kv is None
+            out.append(kv if kv is not None else self._compute_missing(handle))
+        return out
