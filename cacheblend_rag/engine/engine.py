@@ -8,7 +8,6 @@ decoding (``request.py``).
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -24,17 +23,12 @@ from .chunks import ChunkSource, StoreSpec, build_store
 from .decode import TextStreamer
 from .kv_cache import KVCache
 from .planner import plan_request
-from .prefill import PrefillPlan, PrefillResult, prefill
 from .prompt import PromptFormat
-from .query_selection import select_by_query
 from .registry import MIN_TOKENS, ChunkRegistry
-from .request import GenerationResult, GenerationStream, PreparedRequest
+from .request import GenerationResult, GenerationStream, PreparedRequest, run_prefill
 from .sampling import Sampler, SamplingParams
-from .segments import Block, merge_text
-from .selection import Budget
+from .segments import Block
 from .stats import EngineMetrics, RequestStats
-
-logger = logging.getLogger(__name__)
 
 
 class CacheBlendEngine:
@@ -170,16 +164,7 @@ class CacheBlendEngine:
 
     def blocks(self, segments: Sequence[str | ChunkHandle] | None, prompt: str | None) -> list[Block]:
         """Token blocks of a request, given segments or a prompt string (split at registered chunk texts)."""
-        if (segments is None) == (prompt is None):
-            raise ValueError("pass either segments or prompt=..., not both or neither")
-        if prompt is not None:
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-            # the prompt's own tokens; runs equal to a registered chunk's tokens reuse its KV (engine/registry.py)
-            runs = self.registry.split(self.tokenize(prompt))
-        else:
-            runs = merge_text(segments)
-        return self.prompts.blocks(runs, self.chunks.check, self.context_window)
+        return self.prompts.blocks(segments, prompt, self.registry, self.chunks.check, self.context_window)
 
     # ---- requests -----------------------------------------------------------------------------------
     def prepare(
@@ -200,7 +185,7 @@ class CacheBlendEngine:
         plan, prefix_blocks = plan_request(blocks, config, self.chunks, stats)
         # never more rows than the context window lets the request decode into (a huge max_new_tokens)
         cache = self._new_cache(n + max(0, min(extra_capacity, max(self.context_window - n, 1))))
-        result = self._prefill(fwd, plan, cache, config, stats)
+        result = run_prefill(fwd, plan, cache, config, stats)
         if prefix_blocks is not None:
             prefix_blocks.store(self.store, result.captured)
         prompt_ids = [t for b in blocks for t in b.token_ids]
@@ -249,21 +234,6 @@ class CacheBlendEngine:
         return out
 
     # ---- helpers ------------------------------------------------------------------------------------
-    def _prefill(
-        self, fwd: ModelForward, plan: PrefillPlan, cache: KVCache, config: BlendConfig, stats: RequestStats
-    ) -> PrefillResult:
-        """Run ``plan`` into ``cache`` (after the probe pass of the query selection) and note it in ``stats``."""
-        t = time.perf_counter()
-        with torch.inference_mode():
-            if config.strategy == "cacheblend" and config.selection == "query" and plan.spans:
-                plan, _, probe_flops = select_by_query(fwd, plan, cache, Budget.of(config))
-                stats.probe_s = time.perf_counter() - t
-                stats.prefill_flops += probe_flops
-            result = prefill(fwd, plan, cache)
-        stats.prefill_s = time.perf_counter() - t
-        stats.note_prefill(result, plan.spans, blend=config.strategy == "cacheblend")
-        return result
-
     def _config(self, config: BlendConfig | None) -> BlendConfig:
         config = config or self.default_config
         if not isinstance(config, BlendConfig):

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from ..store.chunk import ChunkHandle
+from .registry import ChunkRegistry
 from .segments import Block, merge_text, place
 
 logger = logging.getLogger(__name__)
@@ -83,21 +84,32 @@ class PromptFormat:
 
     def blocks(
         self,
-        segments: Sequence[str | list[int] | ChunkHandle],
+        segments: Sequence[str | ChunkHandle] | None,
+        prompt: str | None,
+        registry: ChunkRegistry,
         check_handle: Callable[[ChunkHandle], ChunkHandle],
         context_window: int,
     ) -> list[Block]:
-        """Placed token blocks of a request: text segments tokenized one by one, token runs as they are, chunk
-        handles checked (``check_handle``) and kept; BOS first if the tokenizer adds one and the prompt lacks it.
-        Raises ValueError for an empty prompt or one longer than ``context_window``."""
+        """Placed token blocks of a request, given ``segments`` (text tokenized segment by segment, chunk handles
+        checked by ``check_handle`` and kept) or a ``prompt`` string (tokenized whole; runs equal to a chunk in
+        ``registry`` reuse its KV); BOS first if the tokenizer adds one and the prompt lacks it. Raises
+        ValueError for an empty prompt or one longer than ``context_window``."""
+        if (segments is None) == (prompt is None):
+            raise ValueError("pass either segments or prompt=..., not both or neither")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            runs = registry.split(self.tokenize(prompt))  # token runs and the handles found among them
+        else:
+            runs = merge_text(segments)
         blocks = []
-        for seg in segments:
-            if isinstance(seg, str):
-                blocks.append(Block(self.tokenize(seg)))
-            elif isinstance(seg, list):
-                blocks.append(Block(seg))
+        for run in runs:
+            if isinstance(run, str):
+                blocks.append(Block(self.tokenize(run)))
+            elif isinstance(run, list):
+                blocks.append(Block(run))
             else:
-                blocks.append(Block(list(check_handle(seg).token_ids), seg))
+                blocks.append(Block(list(check_handle(run).token_ids), run))
         blocks = [b for b in blocks if b.token_ids]
         first = blocks[0].token_ids if blocks else []
         if self.bos_ids and first[: len(self.bos_ids)] != self.bos_ids:

@@ -1,4 +1,4 @@
-"""A request after its prefill: decoding, streaming, and the final GenerationResult."""
+"""A request's prefill run, then its decoding, streaming, and the final GenerationResult."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import BlendConfig
 from ..model.forward import ModelForward
 from .decode import TextStreamer, decode_step
 from .kv_cache import KVCache
+from .prefill import PrefillPlan, PrefillResult, prefill
+from .query_selection import select_by_query
 from .sampling import Sampler
+from .selection import Budget
 from .stats import RequestStats
 
 
@@ -36,6 +40,22 @@ class PreparedRequest:
     prompt_ids: list[int]
     started: float  # perf_counter() when the request arrived
     fwd: ModelForward
+
+
+def run_prefill(
+    fwd: ModelForward, plan: PrefillPlan, cache: KVCache, config: BlendConfig, stats: RequestStats
+) -> PrefillResult:
+    """Run ``plan`` into ``cache`` (after the probe pass of the query selection) and note it in ``stats``."""
+    t = time.perf_counter()
+    with torch.inference_mode():
+        if config.strategy == "cacheblend" and config.selection == "query" and plan.spans:
+            plan, _, probe_flops = select_by_query(fwd, plan, cache, Budget.of(config))
+            stats.probe_s = time.perf_counter() - t
+            stats.prefill_flops += probe_flops
+        result = prefill(fwd, plan, cache)
+    stats.prefill_s = time.perf_counter() - t
+    stats.note_prefill(result, plan.spans, blend=config.strategy == "cacheblend")
+    return result
 
 
 class GenerationStream:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..store import DiskTier, KVStore, MemoryTier
-from ..store.entry import CRC32, EntryReader, read_entry
+from ..store.entry import CRC32, EntryReader, read_or_miss
 from .datasets import Example
 from .ttft import _warm_up, run_info, strategy_config
 
@@ -54,13 +54,7 @@ class ThrottledTier:
         return None if reader is None else _ThrottledReader(self, reader)
 
     def get(self, key: str):
-        reader = self.open(key)
-        if reader is None:
-            return None
-        try:
-            return read_entry(reader)
-        except Exception:  # logged and counted by the tier's reader
-            return None
+        return read_or_miss(self.open(key))
 
     def put(self, key: str, kv) -> None:
         self.tier.put(key, kv)

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from .chunk import ChunkKV
-from .entry import CorruptEntry, EntryMeta, LayerReaderBase, encode_entry, read_entry, tensor_bytes, tensor_crc
+from .entry import CorruptEntry, EntryMeta, LayerReaderBase, encode_entry, read_or_miss, tensor_bytes, tensor_crc
 from .tier import TierStats
 
 logger = logging.getLogger(__name__)
@@ -66,11 +66,11 @@ class DiskTier:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO put there must not block the request
         except FileNotFoundError:
-            self._count(misses=1)
+            self.stats.add(misses=1)
             return None
         except OSError as exc:
             logger.warning("cannot open KV cache file %s (%s); treating it as a miss", path, exc)
-            self._count(misses=1, errors=1)
+            self.stats.add(misses=1, errors=1)
             return None
         try:
             return _DiskReader(self, key, path, fd)
@@ -80,25 +80,19 @@ class DiskTier:
             return None
 
     def get(self, key: str) -> ChunkKV | None:
-        reader = self.open(key)
-        if reader is None:
-            return None
-        try:
-            return read_entry(reader)
-        except Exception:  # already logged and counted by the reader
-            return None
+        return read_or_miss(self.open(key))
 
     def _unusable(self, path: Path, fd: int, exc: BaseException) -> None:
         """Log, count and delete a bad file, unless ``path`` now names another (newer) file than ``fd``."""
         if not isinstance(exc, OSError):  # bad content, not a failing device
             logger.warning("KV cache file %s is unusable (%s); treating it as a miss and recomputing", path, exc)
-            self._count(misses=1, corrupt=1)
+            self.stats.add(misses=1, corrupt=1)
             with contextlib.suppress(OSError):
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
                     path.unlink()
         else:
             logger.warning("could not read KV cache file %s (%s); treating it as a miss", path, exc)
-            self._count(misses=1, errors=1)
+            self.stats.add(misses=1, errors=1)
 
     def put(self, key: str, kv: ChunkKV) -> None:
         """Write ``key``'s file. A failed write (disk full, read-only, ...) is skipped: counted in ``errors``,
@@ -116,12 +110,12 @@ class DiskTier:
                 tmp.unlink(missing_ok=True)
             self._write_failed(path, exc)
             return
-        self._count(writes=1, bytes_written=size)
+        self.stats.add(writes=1, bytes_written=size)
 
     def _write_failed(self, path: Path, exc: BaseException) -> None:
         now = time.monotonic()
+        self.stats.add(errors=1)
         with self._lock:
-            self.stats.errors += 1
             self._failed_writes += 1
             if now - self._last_write_warning < WARN_EVERY_S:
                 return
@@ -185,11 +179,6 @@ class DiskTier:
                 if stale.lstat().st_mtime < cutoff:  # left by a writer that died mid-way
                     stale.unlink()
         return {"removed": removed, "freed_bytes": freed, "bytes": total}
-
-    def _count(self, **deltas: int) -> None:
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self.stats, name, getattr(self.stats, name) + delta)
 
 
 class _DiskReader(LayerReaderBase):

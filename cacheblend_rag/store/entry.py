@@ -180,8 +180,8 @@ class LayerReaderBase:
     """What the disk and Redis readers share: a failed layer marks the entry unusable and closes the reader;
     ``close`` is idempotent and counts a hit (with the entry's bytes) only if every layer was read.
 
-    Subclasses set ``tier`` (with ``_count``) and ``meta``, fill one layer in ``_fill``, say how to discard the
-    entry in ``_discard`` and release what they hold in ``_release``."""
+    Subclasses set ``tier`` (with ``stats``, a TierStats) and ``meta``, fill one layer in ``_fill``, say how to
+    discard the entry in ``_discard`` and release what they hold in ``_release``."""
 
     tier: object
     meta: EntryMeta
@@ -212,7 +212,7 @@ class LayerReaderBase:
         self._closed = True
         self._release()
         if self._read == self.meta.n_layers:
-            self.tier._count(hits=1, bytes_read=self.meta.nbytes)  # type: ignore[attr-defined]
+            self.tier.stats.add(hits=1, bytes_read=self.meta.nbytes)  # type: ignore[attr-defined]
 
 
 class LayerBatcher(Protocol):
@@ -276,6 +276,17 @@ def read_entry(reader: EntryReader) -> ChunkKV:
     finally:
         reader.close()
     return buffers.kv()
+
+
+def read_or_miss(reader: EntryReader | None) -> ChunkKV | None:
+    """Every layer of an opened entry, or None if there is none or its read fails (the tier's reader has
+    logged and counted the failure, and deleted a corrupt entry): the whole-entry read of every tier."""
+    if reader is None:
+        return None
+    try:
+        return read_entry(reader)
+    except Exception:
+        return None
 
 
 def encode_int8(kv: ChunkKV) -> ChunkKV:

@@ -145,7 +145,7 @@ class KVStore:
             shape,
             expected,
         )
-        tier.stats.corrupt += 1
+        tier.stats.add(corrupt=1)
         tier.delete(key)
 
     def put(self, key: str, kv: ChunkKV) -> ChunkKV:

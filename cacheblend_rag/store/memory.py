@@ -37,11 +37,10 @@ class MemoryTier:
         with self._lock:
             kv = self._items.get(key)
             if kv is None:
-                self.stats.misses += 1
+                self.stats.add(misses=1)
                 return None
             self._items.move_to_end(key)
-            self.stats.hits += 1
-            self.stats.bytes_read += kv.nbytes
+            self.stats.add(hits=1, bytes_read=kv.nbytes)
             return kv
 
     def put(self, key: str, kv: ChunkKV) -> None:
@@ -57,11 +56,10 @@ class MemoryTier:
             while self._items and self._bytes + size > self.max_bytes:
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= evicted.nbytes
-                self.stats.evictions += 1
+                self.stats.add(evictions=1)
             self._items[key] = kv
             self._bytes += size
-            self.stats.writes += 1
-            self.stats.bytes_written += size
+            self.stats.add(writes=1, bytes_written=size)
 
     def delete(self, key: str) -> None:
         with self._lock:

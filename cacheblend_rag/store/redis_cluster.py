@@ -260,7 +260,7 @@ class RedisClusterTier(RedisTier):
             except self._caught as exc:
                 if not self._is_down(exc):
                     raise
-                self._count(errors=1)
+                self.stats.add(errors=1)
                 self.health.failure(exc)
                 raise TierUnavailable(f"{self.where}: {exc}") from exc
             self.health.success()
@@ -279,7 +279,7 @@ class RedisClusterTier(RedisTier):
         except self._caught as exc:
             if not self._is_down(exc):
                 raise
-            self._count(errors=1)
+            self.stats.add(errors=1)
             health.failure(exc)
             raise TierUnavailable(f"{health.what}: {exc}") from exc
         health.success()

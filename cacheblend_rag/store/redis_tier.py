@@ -30,7 +30,6 @@ import contextlib
 import json
 import logging
 import re
-import threading
 import time
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
@@ -44,7 +43,7 @@ from .entry import (
     LayerReaderBase,
     TierUnavailable,
     encode_entry,
-    read_entry,
+    read_or_miss,
     tensor_bytes,
 )
 from .health import Backoff
@@ -148,7 +147,6 @@ class RedisTier:
         self._response_error = ResponseError
         self._put_script = client.register_script(_PUT)
         self._delete_script = client.register_script(_DELETE_IF)
-        self._lock = threading.Lock()
         self._last_write_warning = -float("inf")
         self._checked_policy = False
 
@@ -207,7 +205,7 @@ class RedisTier:
         except self._redis_error as exc:
             if not self._is_down(exc):
                 raise
-            self._count(errors=1)
+            self.stats.add(errors=1)
             self.health.failure(exc)
             raise TierUnavailable(f"{self.where}: {exc}") from exc
         self.health.success()
@@ -238,7 +236,7 @@ class RedisTier:
         try:
             raw = self._call(fetch_meta)
         except TierUnavailable:
-            self._count(misses=1)
+            self.stats.add(misses=1)
             return None
         return self._reader(key, raw, None)
 
@@ -246,25 +244,19 @@ class RedisTier:
         try:
             fields = self._call(self.client.hgetall, self.entry_key(key))
         except TierUnavailable:
-            self._count(misses=1)
+            self.stats.add(misses=1)
             return None
         except self._response_error as exc:  # e.g. WRONGTYPE: something else was written under the key
             self._unusable(key, None, exc)
             return None
-        reader = self._reader(key, fields.get(b"meta"), fields)
-        if reader is None:
-            return None
-        try:
-            return read_entry(reader)
-        except Exception:  # already logged and counted by the reader
-            return None
+        return read_or_miss(self._reader(key, fields.get(b"meta"), fields))
 
     def _reader(self, key: str, raw, fields: dict | None) -> _RedisReader | None:
         if raw is None:
             if fields:  # a hash without metadata: not ours to trust
                 self._unusable(key, None, CorruptEntry("the hash has no meta field"))
             else:
-                self._count(misses=1)
+                self.stats.add(misses=1)
             return None
         try:
             if isinstance(raw, Exception):
@@ -277,7 +269,7 @@ class RedisTier:
 
     def _unusable(self, key: str, raw_meta: bytes | None, exc: BaseException) -> None:
         """Delete a bad entry (unless it changed since ``raw_meta`` was read); log; count a miss."""
-        self._count(misses=1)
+        self.stats.add(misses=1)
         try:
             deleted = self._call(self._delete_script, keys=[self.entry_key(key)], args=[raw_meta or b""])
         except (TierUnavailable, self._response_error):
@@ -287,7 +279,7 @@ class RedisTier:
                 "%s entry %s changed or expired while being read (%s); treating it as a miss", self.where, key[:12], exc
             )
             return
-        self._count(corrupt=1)
+        self.stats.add(corrupt=1)
         logger.warning("%s entry %s is unusable (%s); treating it as a miss and recomputing", self.where, key[:12], exc)
 
     def put(self, key: str, kv: ChunkKV) -> None:
@@ -310,10 +302,10 @@ class RedisTier:
                     self.where,
                     exc,
                 )
-            self._count(errors=1)
+            self.stats.add(errors=1)
             return
         if written:
-            self._count(writes=1, bytes_written=sum(len(a) for a in args[4::2]))
+            self.stats.add(writes=1, bytes_written=sum(len(a) for a in args[4::2]))
         self._check_policy()
 
     def read_layers(self, items: list[tuple[_RedisReader, dict[str, torch.Tensor]]], layer: int) -> list:
@@ -330,7 +322,7 @@ class RedisTier:
             replies = self._call(fetch)
         except TierUnavailable as exc:
             for reader, _ in items:
-                self._count(misses=1)
+                self.stats.add(misses=1)
                 reader.close()
             return [exc] * len(items)
         errors: list = []
@@ -366,11 +358,6 @@ class RedisTier:
                 self.ttl or "0 (never)",
             )
 
-    def _count(self, **deltas: int) -> None:
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self.stats, name, getattr(self.stats, name) + delta)
-
     def __repr__(self) -> str:
         return f"RedisTier({self.where}, prefix={self.prefix!r}, ttl={self.ttl})"
 
@@ -392,7 +379,7 @@ class _RedisReader(LayerReaderBase):
             try:
                 values = self.tier._call(self.tier.client.hmget, self.tier.entry_key(self.key), names)
             except TierUnavailable:
-                self.tier._count(misses=1)
+                self.tier.stats.add(misses=1)
                 self.close()
                 raise
             except Exception as exc:  # e.g. WRONGTYPE: replaced by something else meanwhile

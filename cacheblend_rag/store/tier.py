@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import threading
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from .chunk import ChunkKV
@@ -18,9 +19,16 @@ class TierStats:
     bytes_written: int = 0
     evictions: int = 0
     errors: int = 0  # failed I/O or connection attempts (entries kept; the tier may back off)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        """Add to counters by name (``stats.add(misses=1, errors=1)``); safe from any thread."""
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
 class Tier(Protocol):

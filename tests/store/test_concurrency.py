@@ -290,3 +290,23 @@ def test_disk_tier_reads_and_writes_from_threads(tmp_path, n_threads):
         t.join()
     assert not errors and tier.stats.corrupt == 0
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(f"{k}.safetensors" for k in blocks)
+
+
+def test_tier_stats_add_loses_no_count_under_threads():
+    """Every tier counts through TierStats.add, from request threads and loader threads at once."""
+    from cacheblend_rag.store.tier import TierStats
+
+    stats = TierStats()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: an unlocked read-add-write loses counts
+    try:
+        threads = [
+            threading.Thread(target=lambda: [stats.add(hits=1, bytes_read=3) for _ in range(20_000)]) for _ in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert stats.as_dict() == {**TierStats().as_dict(), "hits": 80_000, "bytes_read": 240_000}
