@@ -247,7 +247,7 @@ def create_app(
             return api_error(exc).response()
 
         def start():
-            return engine.stream(prompt=engine.format_chat(messages), config=blend, **sampling)
+            return engine.stream(prompt=engine.format_chat(messages), config=blend, sampling=sampling)
 
         return await generate(request, "/v1/chat/completions", start, ChatFormat(name), body)
 
@@ -262,7 +262,7 @@ def create_app(
             return api_error(exc).response()
 
         def start():
-            return engine.stream(prompt=prompt, config=blend, **sampling)
+            return engine.stream(prompt=prompt, config=blend, sampling=sampling)
 
         return await generate(request, "/v1/completions", start, CompletionFormat(name), body)
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import BlendConfig
+from ..engine.sampling import SamplingParams
 
 
 class BadRequest(ValueError):
@@ -62,8 +63,9 @@ class _Sampling(BaseModel):
     logprobs: Any = None
     cacheblend: dict[str, Any] | None = None
 
-    def sampling(self, default_max_tokens: int) -> dict:
-        """Keyword arguments of ``engine.stream`` (greedy when temperature is absent or 0)."""
+    def sampling(self, default_max_tokens: int, max_tokens: int | None = None) -> SamplingParams:
+        """The request's SamplingParams (greedy when temperature is absent or 0); ``max_tokens`` overrides the
+        body's. A value the engine refuses is a 400 naming it."""
         if self.n not in (None, 1):
             raise BadRequest(f"n={self.n}: this server returns one choice per request; send n=1 or leave it out", "n")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -76,13 +78,16 @@ class _Sampling(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if stop is not None and len(stop) > 4:
             raise BadRequest(f"stop has {len(stop)} sequences; send at most 4", "stop")
-        return {
-            "max_new_tokens": self.max_tokens or default_max_tokens,
-            "temperature": self.temperature or 0.0,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
-            "seed": self.seed,
-            "stop": stop or None,
-        }
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens or self.max_tokens or default_max_tokens,
+                temperature=self.temperature or 0.0,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                seed=self.seed,
+                stop=stop or None,
+            )
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
 
     @property
     def include_usage(self) -> bool:
@@ -138,11 +143,8 @@ class ChatCompletionRequest(_Sampling):
             )
         return [m.as_engine_message(i) for i, m in enumerate(self.messages)]
 
-    def sampling(self, default_max_tokens: int) -> dict:
-        out = super().sampling(default_max_tokens)
-        if self.max_completion_tokens is not None:
-            out["max_new_tokens"] = self.max_completion_tokens
-        return out
+    def sampling(self, default_max_tokens: int, max_tokens: int | None = None) -> SamplingParams:
+        return super().sampling(default_max_tokens, max_tokens or self.max_completion_tokens)
 
 
 class CompletionRequest(_Sampling):

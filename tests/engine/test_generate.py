@@ -150,3 +150,19 @@ def test_miss_path_computations_are_counted(engine):
     engine.store.delete(handle.key)
     engine.generate(["Q ", handle], max_new_tokens=1, config=config("full_reuse"))
     assert engine.metrics()["computed_on_miss"] == 1
+
+
+def test_sampling_params_and_keywords_are_one_set_of_options(engine):
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=3, stop="zzz")
+    assert params.stop == ("zzz",) and SamplingParams(stop=None).stop == ()
+    by_params = engine.generate(["Once upon a time"], sampling=params)
+    by_keywords = engine.generate(
+        ["Once upon a time"], max_new_tokens=6, temperature=1.0, top_p=0.9, seed=3, stop="zzz"
+    )
+    assert by_params.token_ids == by_keywords.token_ids and 1 <= len(by_params.token_ids) <= 6
+    shorter = engine.generate(["Once upon a time"], sampling=params, max_new_tokens=2)  # keywords override
+    assert shorter.token_ids == by_params.token_ids[:2]
+    with pytest.raises(TypeError, match=r"unknown sampling option\(s\) \['max_tokens'\]; the options are max_new_tok"):
+        engine.generate(["hi"], max_tokens=3)
+    with pytest.raises(TypeError, match="sampling must be a SamplingParams, got dict"):
+        engine.generate(["hi"], sampling={"max_new_tokens": 3})

@@ -128,3 +128,28 @@ def test_engine_with_triton_forced_on_cpu_fails_before_any_work(make_engine, mon
 def test_wrappers_name_the_bad_value(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_request_resolves_auto_once_and_every_kernel_gets_the_resolved_name(make_engine, monkeypatch):
+    from cacheblend_rag import BlendConfig
+    from cacheblend_rag.kernels import dispatch
+    from tests.conftest import PASSAGES
+
+    engine = make_engine("llama", seed=1)
+    handles = engine.precompute(PASSAGES[:2])
+    choices, kernel_calls = [], []
+
+    def choose(name, device):
+        choices.append(name)
+        return resolve_backend(name, device)
+
+    def kernel_check(name, device):
+        kernel_calls.append(name)
+        return resolve_backend(name, device)
+
+    monkeypatch.setattr(dispatch, "resolve_backend", choose)
+    for module in (attention, deviation, rotary):
+        monkeypatch.setattr(module, "resolve_backend", kernel_check)
+    engine.generate(["Q: ", *handles, " A:"], max_new_tokens=3, config=BlendConfig(strategy="cacheblend"))
+    assert choices == ["auto"]  # chosen once for the request (prefill and decoding)
+    assert kernel_calls and set(kernel_calls) == {"torch"}  # the kernels are handed the choice, never "auto"

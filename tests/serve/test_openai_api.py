@@ -132,6 +132,7 @@ def test_blend_options_per_request(server, engine):
         (chat("hi", logprobs=True), 400, "logprobs"),
         (chat("hi", stop=["a", "b", "c", "d", "e"]), 400, "at most 4"),
         (chat("hi", stop=[""]), 400, "stop must be"),
+        (chat("hi", seed=2**70), 400, "seed must be an int"),
         (chat([{"role": "tool", "content": "x"}]), 400, "role"),
         (chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, "text only"),
         (chat("Lorem ipsum dolor sit amet. " * 400), 400, "context window"),

@@ -10,7 +10,7 @@ from langchain_core.language_models import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer, model_validator
 
-from cacheblend_rag import BlendConfig, CacheBlendEngine, GenerationResult
+from cacheblend_rag import BlendConfig, CacheBlendEngine, GenerationResult, SamplingParams
 from cacheblend_rag.store.urls import redact_secrets
 
 from ._generation import Generation, Options
@@ -152,18 +152,14 @@ class CacheBlendParams(BaseModel):
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f"timeout must be a number of seconds > 0, or None for no limit; got {timeout!r}")
         stop = stop if stop is not None else self.stop
-        if isinstance(stop, str):
-            stop = [stop]
-        return Options(
+        sampling = SamplingParams(
             max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
             temperature=kwargs.get("temperature", self.temperature),
             top_p=kwargs.get("top_p", self.top_p),
             seed=kwargs.get("seed", self.seed),
-            stop=list(stop) if stop else None,
-            config=blend,
-            timeout=timeout,
-            max_retries=self.max_retries,
+            stop=stop or None,
         )
+        return Options(sampling=sampling, config=blend, timeout=timeout, max_retries=self.max_retries)
 
     def _generation(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> Generation:
         return Generation(self._engine, prompt, self._options(stop, kwargs))

@@ -1,22 +1,20 @@
-"""One engine request as LangChain needs it: per-call options, timeout, retries, and a thread bridge for async.
+"""One engine request as LangChain needs it: per-call options, timeout and retries.
 
-The engine is synchronous and compute-bound. Async callers get its text pieces through a worker thread and an
-``asyncio.Queue``, so the event loop keeps running while the model computes. A consumer that stops early
-(a closed or cancelled stream) tells the worker to stop after the token it is on, and waits for that.
+Async callers iterate a Generation through the core's thread bridge (``cacheblend_rag.engine.aio``), as the
+LlamaIndex integration does: a consumer that stops early (a closed or cancelled stream) stops the decoding
+after the token it is on, and the engine's stream is closed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from cacheblend_rag import BlendConfig, CacheBlendEngine, GenerationResult, GenerationStream
+from cacheblend_rag import BlendConfig, CacheBlendEngine, GenerationResult, GenerationStream, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +23,7 @@ logger = logging.getLogger(__name__)
 class Options:
     """Everything one request needs besides its prompt (instance defaults merged with per-call overrides)."""
 
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: list[str] | None
+    sampling: SamplingParams
     config: BlendConfig
     timeout: float | None
     max_retries: int
@@ -53,11 +47,14 @@ class Generation:
     def __iter__(self) -> Iterator[str]:
         started = time.monotonic()
         stream = self._start()
-        self._check_deadline(started, 0)
-        for n, piece in enumerate(stream, start=1):
-            yield piece
-            self._check_deadline(started, n)
-        self.result = stream.result
+        try:
+            self._check_deadline(started, 0)
+            for n, piece in enumerate(stream, start=1):
+                yield piece
+                self._check_deadline(started, n)
+            self.result = stream.result
+        finally:
+            stream.close()  # stopped early (the consumer left, a timeout): the engine stops decoding now
 
     def run(self) -> GenerationResult:
         """Generate to the end and return the result."""
@@ -70,15 +67,7 @@ class Generation:
         opts = self.options
         for attempt in range(opts.max_retries + 1):
             try:
-                return self.engine.stream(
-                    prompt=self.prompt,
-                    max_new_tokens=opts.max_new_tokens,
-                    temperature=opts.temperature,
-                    top_p=opts.top_p,
-                    seed=opts.seed,
-                    stop=opts.stop,
-                    config=opts.config,
-                )
+                return self.engine.stream(prompt=self.prompt, sampling=opts.sampling, config=opts.config)
             except torch.OutOfMemoryError:
                 if attempt == opts.max_retries:
                     raise
@@ -94,44 +83,3 @@ class Generation:
                 f"generation exceeded timeout={timeout}s after {pieces} text piece(s); "
                 "raise timeout, lower max_tokens, or pass timeout=None for no limit"
             )
-
-
-_ITEM, _ERROR, _DONE = "item", "error", "done"
-
-
-async def iterate_in_thread(make: Callable[[], Iterable[str]]) -> AsyncIterator[str]:
-    """Run ``iter(make())`` in a worker thread and yield its items on the event loop."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
-    abandoned = threading.Event()
-
-    def put(kind: str, value: object) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            abandoned.set()
-
-    def produce() -> None:
-        try:
-            for item in make():
-                if abandoned.is_set():
-                    return
-                put(_ITEM, item)
-        except BaseException as exc:
-            put(_ERROR, exc)
-        else:
-            put(_DONE, None)
-
-    worker = loop.run_in_executor(None, produce)
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == _ITEM:
-                yield value  # type: ignore[misc]
-            elif kind == _ERROR:
-                raise value  # type: ignore[misc]
-            else:
-                break
-    finally:
-        abandoned.set()
-        await worker  # returns once the worker is past its current token: no request outlives its consumer

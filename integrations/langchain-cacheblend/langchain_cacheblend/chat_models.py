@@ -12,9 +12,9 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict
 
 from cacheblend_rag import GenerationResult
+from cacheblend_rag.engine.aio import iterate_in_thread
 
 from ._base import CacheBlendParams, finish_reason, usage_metadata
-from ._generation import iterate_in_thread
 
 _ROLES = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant"}
 _CHAT_ROLES = ("system", "user", "assistant")

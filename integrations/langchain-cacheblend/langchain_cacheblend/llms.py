@@ -11,9 +11,9 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
 from cacheblend_rag import GenerationResult
+from cacheblend_rag.engine.aio import iterate_in_thread
 
 from ._base import CacheBlendParams, usage_metadata
-from ._generation import iterate_in_thread
 
 
 class CacheBlendLLM(CacheBlendParams, LLM):

@@ -126,6 +126,38 @@ def test_async_calls_leave_the_event_loop_free(engine, passage):
     assert chat.message.content == expected == "".join(chat_pieces)
 
 
+@pytest.mark.parametrize("leave", ["aclose", "cancel"])
+def test_abandoned_astream_stops_decoding(engine, monkeypatch, leave):
+    """A consumer that closes the stream or is cancelled stops the decoding (as in the LangChain integration)."""
+    monkeypatch.setattr(engine, "eos_token_ids", frozenset())  # no early end: only the consumer can stop it
+    llm = CacheBlendLLM(engine=engine, max_new_tokens=200)
+    before = engine.metrics()
+
+    async def run():
+        stream = await llm.astream_complete(QUESTION)
+        if leave == "aclose":
+            await anext(stream)
+            await stream.aclose()
+            return
+        got_one = asyncio.Event()
+
+        async def consume():
+            async for _ in stream:
+                got_one.set()
+
+        task = asyncio.create_task(consume())
+        await got_one.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    after = engine.metrics()
+    assert after["requests"] - before["requests"] == 1
+    assert after["abandoned_requests"] - before["abandoned_requests"] == 1
+    assert after["generated_tokens"] - before["generated_tokens"] < 20  # of 200: stopped soon after it left
+
+
 def test_call_options_override_the_fields(engine, passage):
     llm = CacheBlendLLM(engine=engine, max_new_tokens=12, strategy="cacheblend")
     short = llm.complete(QUESTION, max_new_tokens=2)

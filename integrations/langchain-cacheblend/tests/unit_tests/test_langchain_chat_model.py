@@ -136,21 +136,38 @@ def test_async_methods_do_not_block_the_event_loop(make_tiny_engine, method):
     assert isinstance(asyncio.run(run()), str)
 
 
-def test_abandoned_astream_stops_the_worker(make_tiny_engine):
+@pytest.mark.parametrize("leave", ["aclose", "cancel"])
+def test_abandoned_astream_stops_decoding(make_tiny_engine, leave):
+    """A consumer that closes the stream or is cancelled stops the decoding (as in the LlamaIndex integration)."""
     engine = make_tiny_engine()
     chat = ChatCacheBlend(engine=engine, max_tokens=300)
     assert chat.invoke(QUESTION).response_metadata["finish_reason"] == "length"  # a full request runs 300 tokens
-    assert engine.metrics()["requests"] == 1
+    assert engine.metrics()["generated_tokens"] == 300
 
     async def run():
         stream = chat.astream(QUESTION)
-        first = await anext(stream)
-        await stream.aclose()
-        return first
+        if leave == "aclose":
+            first = await anext(stream)
+            await stream.aclose()
+            return first
+        got_one = asyncio.Event()
 
-    assert isinstance(asyncio.run(run()), AIMessageChunk)
-    # the worker stopped a token or two after the consumer left: the second request never finished
-    assert engine.metrics()["requests"] == 1
+        async def consume():
+            async for _ in stream:
+                got_one.set()
+
+        task = asyncio.create_task(consume())
+        await got_one.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return None
+
+    asyncio.run(run())
+    metrics = engine.metrics()
+    # the worker stopped a token or two after the consumer left, and the engine's stream was closed
+    assert metrics["requests"] == 2 and metrics["abandoned_requests"] == 1
+    assert metrics["generated_tokens"] - 300 <= 3
 
 
 def test_per_call_options_and_stop(chat):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 from llama_index.core.base.llms.generic_utils import (
     astream_completion_response_to_chat_response,
@@ -26,12 +26,11 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from cacheblend_rag import BlendConfig, CacheBlendEngine, GenerationResult, GenerationStream
+from cacheblend_rag import BlendConfig, CacheBlendEngine, GenerationResult, GenerationStream, SamplingParams
+from cacheblend_rag.engine.aio import iterate_in_thread
 
 # options a call may override: llm.complete(prompt, max_new_tokens=8, strategy="full_recompute")
 CALL_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop", "strategy", "recompute_ratio")
-
-T = TypeVar("T")
 
 
 class CacheBlendLLM(CustomLLM):
@@ -165,19 +164,20 @@ class CacheBlendLLM(CustomLLM):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         return prompt if formatted else self._extend_prompt(self.completion_to_prompt(prompt))
 
-    def _call_options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+    def _call_options(self, overrides: dict[str, Any]) -> tuple[SamplingParams, BlendConfig]:
+        """The request's sampling and blend options: the fields, with a call's ``overrides`` applied."""
         unknown = sorted(set(overrides) - set(CALL_OPTIONS))
         if unknown:
             raise TypeError(f"unknown generation option(s) {unknown}; CacheBlendLLM takes {', '.join(CALL_OPTIONS)}")
         opts = {name: overrides.get(name, getattr(self, name)) for name in CALL_OPTIONS}
         config = BlendConfig(strategy=opts.pop("strategy"), recompute_ratio=opts.pop("recompute_ratio"))
-        opts["stop"] = opts["stop"] or None
-        return {**opts, "config": config}
+        return SamplingParams(**opts), config
 
     # ---- generation ---------------------------------------------------------------------------------
     def _start(self, prompt: str, formatted: bool, overrides: dict[str, Any]) -> GenerationStream:
         """Run the prefill (blending the cached chunks) and return the decoding stream."""
-        return self._engine.stream(prompt=self._full_prompt(prompt, formatted), **self._call_options(overrides))
+        sampling, config = self._call_options(overrides)
+        return self._engine.stream(prompt=self._full_prompt(prompt, formatted), sampling=sampling, config=config)
 
     def _complete(self, prompt: str, formatted: bool, overrides: dict[str, Any]) -> CompletionResponse:
         return _response(self._start(prompt, formatted, overrides).result)
@@ -201,26 +201,27 @@ class CacheBlendLLM(CustomLLM):
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         return stream_completion_response_to_chat_response(_stream_responses(self._start_chat(messages, kwargs)))
 
-    # ---- async: prefill and every decoding step run in a worker thread, never on the event loop --------
+    # ---- async: the prefill and the decoding run in worker threads, never on the event loop; a consumer
+    # that stops early stops the decoding (cacheblend_rag.engine.aio, as in the LangChain integration) -------
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await asyncio.to_thread(self._complete, prompt, formatted, kwargs)
+        stream = await asyncio.to_thread(self._start, prompt, formatted, kwargs)
+        return _response(await _decoded(stream))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         stream = await asyncio.to_thread(self._start, prompt, formatted, kwargs)
-        return _iterate_in_thread(_stream_responses(stream))
+        return iterate_in_thread(lambda: _stream_responses(stream))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         stream = await asyncio.to_thread(self._start_chat, messages, kwargs)
-        result = await asyncio.to_thread(lambda: stream.result)
-        return completion_response_to_chat_response(_response(result))
+        return completion_response_to_chat_response(_response(await _decoded(stream)))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         stream = await asyncio.to_thread(self._start_chat, messages, kwargs)
-        return astream_completion_response_to_chat_response(_iterate_in_thread(_stream_responses(stream)))
+        return astream_completion_response_to_chat_response(iterate_in_thread(lambda: _stream_responses(stream)))
 
 
 def _response(result: GenerationResult, delta: str | None = None) -> CompletionResponse:
@@ -244,23 +245,21 @@ def _response(result: GenerationResult, delta: str | None = None) -> CompletionR
     )
 
 
+async def _decoded(stream: GenerationStream) -> GenerationResult:
+    """The stream decoded to the end in a worker thread; cancelled, it stops decoding."""
+    async for _ in iterate_in_thread(lambda: stream):
+        pass
+    return stream.result
+
+
 def _stream_responses(stream: GenerationStream) -> Iterator[CompletionResponse]:
+    """The stream's pieces as responses (``text`` so far, ``delta``), then one with the statistics; closing
+    it early closes the stream (the engine stops decoding)."""
     text = ""
-    for piece in stream:
-        text += piece
-        yield CompletionResponse(text=text, delta=piece)
-    yield _response(stream.result, delta="")
-
-
-def _iterate_in_thread(items: Iterator[T]) -> AsyncIterator[T]:
-    """Each ``next()`` (one decoding step) runs in a worker thread, so the event loop stays free."""
-    done = object()
-
-    async def gen() -> AsyncIterator[T]:
-        while True:
-            item = await asyncio.to_thread(next, items, done)
-            if item is done:
-                return
-            yield item  # type: ignore[misc]
-
-    return gen()
+    try:
+        for piece in stream:
+            text += piece
+            yield CompletionResponse(text=text, delta=piece)
+        yield _response(stream.result, delta="")
+    finally:
+        stream.close()
