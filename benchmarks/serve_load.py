@@ -40,7 +40,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cacheblend_rag.app.demo import QUESTIONS  # noqa: E402
+from cacheblend_rag_app.sample_questions import QUESTIONS  # noqa: E402
 
 CORPUS = REPO / "cacheblend_rag" / "data" / "corpus"
 

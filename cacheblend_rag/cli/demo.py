@@ -1,20 +1,78 @@
 """``cacheblend demo``: the quick-start command.
 
 Part 1: multi-chunk questions answered under every strategy (the engine alone).
-Part 2: RAG over the bundled corpus with LlamaIndex: ingest (KV precomputed), then each question answered
-under ``full_recompute`` and ``cacheblend``, with TTFT and reuse statistics.
+Part 2: RAG over the bundled corpus with the RAG app (``cacheblend_rag_app``, over the LlamaIndex
+integration; skipped with a note when it is not installed): ingest (KV precomputed), then each question
+answered under ``full_recompute`` and ``cacheblend``, with TTFT and reuse statistics.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..app.demo import QUESTIONS
+from ..config import STRATEGIES, BlendConfig
 from .common import CACHE_DIR, DEVICE, DTYPE, MODEL, app, console, load_engine, unit_interval, write_json
+
+RAG_QUESTIONS = 5  # the RAG app's sample questions (cacheblend_rag_app/sample_questions.py)
+
+
+@dataclass(frozen=True)
+class StrategyQuestion:
+    chunks: tuple[str, ...]
+    question: str
+
+
+STRATEGY_QUESTIONS = (
+    StrategyQuestion(
+        ("Lionel Messi scored 13 goals at FIFA World Cups.", "Cristiano Ronaldo scored 8 goals at FIFA World Cups."),
+        "Who scored more goals at FIFA World Cups, Messi or Ronaldo?",
+    ),
+    StrategyQuestion(
+        ("Marie Curie was born in Warsaw in 1867.", "Warsaw is the capital and largest city of Poland."),
+        "In which country was Marie Curie born?",
+    ),
+    StrategyQuestion(
+        (
+            "The Eiffel Tower was completed in 1889 for the World's Fair in Paris.",
+            "The Statue of Liberty was dedicated in New York Harbor in 1886.",
+            "The Golden Gate Bridge opened to traffic in 1937.",
+        ),
+        "In which year was the Eiffel Tower completed?",
+    ),
+)
+INSTRUCTION = "Answer the question in one short sentence using only the passages.\nPassages:\n"
+
+
+def strategy_rows(engine, questions=STRATEGY_QUESTIONS, ratio: float = 0.15, max_new_tokens: int = 32) -> list[dict]:
+    """Answer every question under every strategy; one row per (question, strategy)."""
+    rows = []
+    for item in questions:
+        handles = engine.precompute(list(item.chunks))
+        parts = [INSTRUCTION]
+        for handle in handles:
+            parts += [handle, "\n"]
+        segments = engine.chat_segments([*parts, f"Question: {item.question}"])
+        for strategy in STRATEGIES:
+            config = BlendConfig(strategy=strategy, recompute_ratio=ratio)
+            result = engine.generate(segments, max_new_tokens=max_new_tokens, config=config)
+            stats = result.stats
+            rows.append(
+                {
+                    "question": item.question,
+                    "strategy": strategy,
+                    "answer": result.text.strip(),
+                    "ttft_s": result.ttft_s,
+                    "prompt_tokens": stats.prompt_tokens,
+                    "reused_tokens": stats.reused_tokens,
+                    "recomputed_tokens": stats.recomputed_tokens,
+                }
+            )
+    return rows
 
 
 @app.command()
@@ -27,21 +85,18 @@ def demo(
     max_new_tokens: int = typer.Option(32, min=1, help="Answer length limit."),
     rag: bool = typer.Option(True, "--rag/--no-rag", help="Also run the RAG part over the bundled corpus."),
     questions: int = typer.Option(
-        len(QUESTIONS), "--questions", min=0, max=len(QUESTIONS), help="How many of the RAG part's questions to ask."
+        RAG_QUESTIONS, "--questions", min=0, max=RAG_QUESTIONS, help="How many of the RAG part's questions to ask."
     ),
     top_k: int = typer.Option(8, "--top-k", min=1, help="Chunks retrieved into each RAG prompt."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write both parts as JSON."),
 ) -> None:
     """Multi-chunk questions under every strategy, then RAG over a bundled corpus (offline, bundled model)."""
-    from ..demo import strategy_rows
-
     if rag:
-        from ..app.index import require_llama_index
+        from .rag import find_rag_app
 
-        try:
-            require_llama_index()
-        except ImportError as exc:  # the strategy part needs only the core; say what the RAG part needs
-            console.print(f"[yellow]RAG part skipped:[/yellow] {exc}", highlight=False)
+        _, missing = find_rag_app()
+        if missing is not None:  # the strategy part needs only the core; say what the RAG part needs
+            console.print(f"[yellow]RAG part skipped:[/yellow] {missing}", highlight=False)
             rag = False
     engine = load_engine(model, device, dtype, cache_dir)
     rows = strategy_rows(engine, ratio=ratio, max_new_tokens=max_new_tokens)
@@ -74,8 +129,8 @@ def demo(
 
 def rag_part(engine, *, ratio: float, max_new_tokens: int, questions: int, top_k: int) -> dict:
     """Index the bundled corpus, ask the sample questions, print the table and the summary."""
-    from ..app import sample_corpus
-    from ..app.demo import build_sample_index, rag_rows, summarize
+    from cacheblend_rag_app import sample_corpus
+    from cacheblend_rag_app.sample_questions import QUESTIONS, build_sample_index, rag_rows, summarize
 
     console.print()
     console.rule("[bold]RAG with LlamaIndex[/bold]")

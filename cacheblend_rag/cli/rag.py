@@ -1,4 +1,9 @@
-"""``cacheblend ingest`` and ``cacheblend ask``: a persistent RAG index over your own .txt / .md files."""
+"""``cacheblend ingest`` and ``cacheblend ask``: a persistent RAG index over your own .txt / .md files.
+
+The index is the RAG app's (``cacheblend_rag_app``, the layer above the LlamaIndex integration); these
+commands import it when they run, and say what to install when it is missing. Nothing else in the core
+package imports it or LlamaIndex.
+"""
 
 from __future__ import annotations
 
@@ -18,13 +23,30 @@ def index_dir_or_default(index_dir: Path | None, cache_dir: Path | None) -> Path
     return (index_dir or (cache_dir or default_cache_dir()) / "index").expanduser()
 
 
-def require_rag_stack() -> None:
-    from ..app.index import require_llama_index
+RAG_INSTALL = "pip install -e integrations/llama-index-cacheblend -e app (from the repository root)"
 
+
+def find_rag_app(check_llama_index: bool = True):
+    """(the RAG app package, None) when it (and, if asked, the LlamaIndex pieces it uses) is installed, else
+    (None, what is missing and how to install it)."""
     try:
-        require_llama_index()
+        import cacheblend_rag_app
     except ImportError as exc:
-        raise fail(str(exc)) from None
+        return None, f"the RAG commands need the RAG app (missing {exc.name}): {RAG_INSTALL}"
+    if check_llama_index:
+        try:
+            cacheblend_rag_app.require_llama_index()
+        except ImportError as exc:
+            return None, str(exc)
+    return cacheblend_rag_app, None
+
+
+def rag_app(check_llama_index: bool = True):
+    """The RAG app package (see ``find_rag_app``), or exit 2 saying what to install."""
+    rag, missing = find_rag_app(check_llama_index)
+    if missing is not None:
+        raise fail(missing)
+    return rag
 
 
 @app.command()
@@ -48,9 +70,9 @@ def ingest(
 
     Before computing, it says how many chunks and how much KV it will write; progress bars show the rest
     with an estimate of the time left."""
-    from ..app import DocumentError, RagIndex, RagIndexError, read_documents
-    from ..app.index import KVBudgetError, check_replaceable
     from ..store import parse_bytes
+
+    rag = rag_app(check_llama_index=False)  # the cheap checks of the input come first
 
     if chunk_overlap >= chunk_size:
         raise fail(f"--chunk-overlap must be smaller than --chunk-size, got {chunk_overlap} >= {chunk_size}")
@@ -60,11 +82,11 @@ def ingest(
         raise fail(f"--max-kv-bytes: {exc}, or none") from None
     folder = index_dir_or_default(index_dir, cache_dir)
     try:
-        documents = read_documents(path)
-        check_replaceable(folder)
-    except (DocumentError, RagIndexError) as exc:
+        documents = rag.read_documents(path)
+        rag.check_replaceable(folder)
+    except (rag.DocumentError, rag.RagIndexError) as exc:
         raise fail(str(exc)) from None
-    require_rag_stack()
+    rag_app()
     size = sum(len(d.text) for d in documents)
     console.print(
         f"read {len(documents)} document{'s' * (len(documents) != 1)} ({size / 1e6:.1f} MB of text) from {path}",
@@ -75,10 +97,10 @@ def ingest(
 
     def show_plan(plan) -> None:
         console.print(f"{plan.describe()} to write to the KV store", highlight=False)
-        warn_disk_space(engine, plan.kv_bytes)
+        warn_disk_space(engine, plan.kv_bytes, rag.human_bytes)
 
     try:
-        index = RagIndex.build(
+        index = rag.RagIndex.build(
             engine,
             documents,
             chunk_size=chunk_size,
@@ -87,7 +109,7 @@ def ingest(
             max_kv_bytes=cap,
             on_plan=show_plan,
         )
-    except KVBudgetError as exc:
+    except rag.KVBudgetError as exc:
         raise fail(str(exc)) from None
     after = engine.metrics()
     index.persist(folder)
@@ -102,11 +124,10 @@ def ingest(
     console.print(f'ask with: [bold]cacheblend ask "your question"{where}[/bold]', highlight=False)
 
 
-def warn_disk_space(engine, kv_bytes: int) -> None:
+def warn_disk_space(engine, kv_bytes: int, human_bytes) -> None:
     """Say so when the KV to write is more than the free space where the disk tier keeps it."""
     import shutil
 
-    from ..app.index import human_bytes
     from ..store import DiskTier
 
     for tier in engine.store.tiers:
@@ -139,22 +160,20 @@ def ask(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the answer and its statistics as JSON."),
 ) -> None:
     """Answer a question from the index built by `cacheblend ingest` (the answer streams, then its statistics)."""
-    from ..app import RagIndex, RagIndexError
-    from ..app.index import read_manifest
-
+    rag = rag_app(check_llama_index=False)  # the cheap checks of the input come first
     if strategy not in STRATEGIES:
         raise fail(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if not question.strip():
         raise fail('the question is empty; pass one in quotes: cacheblend ask "How tall is ...?"')
     folder = index_dir_or_default(index_dir, cache_dir)
     try:
-        read_manifest(folder)
-    except RagIndexError as exc:
+        rag.read_manifest(folder)
+    except rag.RagIndexError as exc:
         raise fail(str(exc)) from None
-    require_rag_stack()
+    rag_app()
     engine = load_engine(model, device, dtype, cache_dir)
     with console.status("loading the index ..."):
-        index = RagIndex.load(engine, folder)
+        index = rag.RagIndex.load(engine, folder)
 
     def show(piece: str) -> None:
         console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)

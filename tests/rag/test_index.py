@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from cacheblend_rag.app import RagIndex, RagIndexError, read_documents
-from cacheblend_rag.app.index import MANIFEST
+from cacheblend_rag_app import RagIndex, RagIndexError, read_documents
+from cacheblend_rag_app.index import MANIFEST
 
 QUESTION = "How tall is the Brannock Light?"
 

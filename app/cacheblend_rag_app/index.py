@@ -1,18 +1,15 @@
 """RagIndex: documents -> nodes -> MiniLM embeddings -> faiss, each node's KV precomputed; asked through LlamaIndex.
 
-The pipeline is LlamaIndex's own, with the pieces of ``llama-index-cacheblend``. Documents are first cut into
-sections of at most ``MAX_SECTION_CHARS`` characters at paragraph, line or sentence breaks (``split_sections``),
-so LlamaIndex's sentence splitter never sees one huge text (a 50 MB file is one "paragraph" to it when its
-paragraphs are separated by single blank lines); a section NLTK's sentence tokenizer cannot handle within its
-time limit is split at sentence ends by a plain regular expression instead. ``plan_ingest`` then says how many
-chunks and how much KV the ingest will compute and write, and ``build(max_kv_bytes=...)`` refuses before
-computing anything when that is over the cap. ``CacheBlendPrecompute`` computes every node's KV cache at
-ingestion (into the engine's store, by default memory then disk), and the
-query engine answers with ``CacheBlendLLM`` after ``CacheBlendNodePostprocessor`` has registered the retrieved
-nodes, so each prompt reuses their KV. The index (docstore + faiss) persists to a folder; the KV lives in
-the engine's store, keyed by content, so a later process finds it again.
+The pipeline is LlamaIndex's own, with the pieces of this integration. Documents are cut into nodes
+(``sections.py``); ``plan_ingest`` then says how many chunks and how much KV the ingest will compute and
+write, and ``build(max_kv_bytes=...)`` refuses before computing anything when that is over the cap.
+``CacheBlendPrecompute`` computes every node's KV cache at ingestion (into the engine's store, by default
+memory then disk), and the query engine answers with ``CacheBlendLLM`` after ``CacheBlendNodePostprocessor``
+has registered the retrieved nodes, so each prompt reuses their KV. The index (docstore + faiss) persists to
+a folder; the KV lives in the engine's store, keyed by content, so a later process finds it again.
 
-LlamaIndex is imported only inside functions: the rest of cacheblend_rag does not need it.
+LlamaIndex is imported inside functions, so ``cacheblend`` commands that fail early (a bad path, no index)
+answer at once.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -28,9 +24,11 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from ..config import STRATEGIES
+from cacheblend_rag.config import STRATEGIES
+
 from .answer import Answer, CallRecorder
 from .documents import SourceDocument
+from .sections import split_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +36,7 @@ MANIFEST = "cacheblend_index.json"
 FORMAT = 1
 EMBEDDING = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_TOP_K = 8
-INSTALL = "pip install -e integrations/llama-index-cacheblend (from the repository root)"
-MAX_SECTION_CHARS = 50_000  # the most text LlamaIndex's sentence splitter is handed at once
+INSTALL = "pip install -e integrations/llama-index-cacheblend -e app (from the repository root)"
 
 
 class RagIndexError(ValueError):
@@ -92,104 +89,6 @@ def plan_ingest(engine, nodes) -> IngestPlan:
     new = [h for key, h in handles.items() if not engine.store.contains(key)]
     tokens = sum(h.n_tokens for h in new)
     return IngestPlan(len(nodes), len(new), tokens, tokens * kv_bytes_per_token(engine))
-
-
-_BREAKS = (re.compile(r"\n[ \t]*\n"), re.compile(r"\n"), re.compile(r"[.!?][\"')\]]*\s"), re.compile(r"\s"))
-
-
-def split_sections(text: str, max_chars: int = MAX_SECTION_CHARS) -> list[str]:
-    """``text`` cut into consecutive sections of at most ``max_chars`` characters ("".join gives ``text`` back):
-    after the last blank line in the second half of each window, else the last line break, else the last
-    sentence end, else the last space, else at ``max_chars``. Linear in the length of ``text``."""
-    if max_chars < 2:
-        raise ValueError(f"max_chars must be >= 2, got {max_chars}")
-    sections, start = [], 0
-    while len(text) - start > max_chars:
-        low, high = start + max_chars // 2, start + max_chars
-        cut = high
-        for pattern in _BREAKS:
-            last = None
-            for last in pattern.finditer(text, low, high):  # noqa: B007  (keep the last match)
-                pass
-            if last is not None:
-                cut = last.end()
-                break
-        sections.append(text[start:cut])
-        start = cut
-    sections.append(text[start:])
-    return [s for s in sections if s]
-
-
-_SPACE = re.compile(r"\s+")
-
-
-def regex_sentences(text: str) -> list[str]:
-    """``text`` cut after every run of whitespace that follows ". ! ?" (and any closing quotes or brackets):
-    its sentences, each with the whitespace after it ("".join gives ``text`` back). Linear time."""
-    out, start = [], 0
-    for space in _SPACE.finditer(text):
-        i = space.start() - 1
-        while i >= start and text[i] in "\"')]":
-            i -= 1
-        if i >= start and text[i] in ".!?":
-            out.append(text[start : space.end()])
-            start = space.end()
-    if start < len(text):
-        out.append(text[start:])
-    return out
-
-
-@cache
-def _punkt():
-    from llama_index.core.node_parser.text.utils import split_by_sentence_tokenizer
-
-    return split_by_sentence_tokenizer()
-
-
-def sentences(text: str) -> list[str]:
-    """LlamaIndex's (NLTK punkt) sentence split, or ``regex_sentences`` where punkt fails (its regular
-    expressions run under a time limit, and its data may be missing)."""
-    try:
-        return _punkt()(text)
-    except Exception as exc:
-        logger.info(
-            "NLTK's sentence tokenizer failed on %d characters (%s); splitting at . ! ? instead", len(text), exc
-        )
-        return regex_sentences(text)
-
-
-def split_nodes(engine, docs, *, chunk_size: int, chunk_overlap: int, progress: bool = False) -> list:
-    """LlamaIndex's SentenceSplitter over ``docs``, each first cut by ``split_sections``; every node keeps its
-    document as its source."""
-    from llama_index.core import Document
-    from llama_index.core.node_parser import SentenceSplitter
-    from llama_index.core.schema import NodeRelationship
-
-    splitter = SentenceSplitter(
-        chunk_size=chunk_size, chunk_overlap=chunk_overlap, tokenizer=engine.tokenize, chunking_tokenizer_fn=sentences
-    )
-    parts, owner = [], {}
-    for doc in docs:
-        sections = split_sections(doc.text)
-        if len(sections) == 1:
-            parts.append(doc)
-            continue
-        for i, text in enumerate(sections):
-            part = Document(
-                text=text,
-                id_=f"{doc.id_}#section-{i}",
-                metadata=dict(doc.metadata),
-                excluded_llm_metadata_keys=list(doc.excluded_llm_metadata_keys),
-                excluded_embed_metadata_keys=list(doc.excluded_embed_metadata_keys),
-            )
-            owner[part.id_] = doc
-            parts.append(part)
-    nodes = splitter(parts, show_progress=progress)
-    for node in nodes:
-        doc = owner.get(node.ref_doc_id)
-        if doc is not None:
-            node.relationships[NodeRelationship.SOURCE] = doc.as_related_node_info()
-    return nodes
 
 
 def require_llama_index() -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from cacheblend_rag.app import DocumentError, read_documents, sample_corpus
-from cacheblend_rag.app.demo import QUESTIONS, CorpusQuestion
+from cacheblend_rag_app import DocumentError, read_documents, sample_corpus
+from cacheblend_rag_app.sample_questions import QUESTIONS, CorpusQuestion
 
 from .conftest import DOCUMENTS
 
@@ -58,6 +57,9 @@ def test_sample_corpus_is_a_few_dozen_short_documents():
 
 
 def test_demo_questions_are_answerable_from_their_documents():
+    from cacheblend_rag.cli.demo import RAG_QUESTIONS
+
+    assert len(QUESTIONS) == RAG_QUESTIONS  # the bound of `cacheblend demo --questions`
     names = {d.name: d.text for d in read_documents(sample_corpus())}
     assert any(len(q.documents) == 2 for q in QUESTIONS) and any(len(q.documents) == 1 for q in QUESTIONS)
     for q in QUESTIONS:

@@ -8,17 +8,11 @@ import re
 import time
 
 import pytest
+from cacheblend_rag_app import KVBudgetError, RagIndex, read_documents
+from cacheblend_rag_app.index import kv_bytes_per_token
+from cacheblend_rag_app.sections import MAX_SECTION_CHARS, regex_sentences, sentences, split_nodes, split_sections
 from typer.testing import CliRunner
 
-from cacheblend_rag.app import KVBudgetError, RagIndex, read_documents
-from cacheblend_rag.app.index import (
-    MAX_SECTION_CHARS,
-    kv_bytes_per_token,
-    regex_sentences,
-    sentences,
-    split_nodes,
-    split_sections,
-)
 from cacheblend_rag.cli import app
 
 WORDS = re.findall(
@@ -96,7 +90,7 @@ def test_nltk_failing_on_a_section_falls_back_to_regex_sentences(engine, monkeyp
 
 
 def _document(name: str, text: str):
-    from cacheblend_rag.app import SourceDocument
+    from cacheblend_rag_app import SourceDocument
 
     return SourceDocument(f"/docs/{name}", name, text)
 

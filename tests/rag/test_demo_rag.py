@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 
+from cacheblend_rag_app.sample_questions import QUESTIONS, summarize
 from typer.testing import CliRunner
 
-from cacheblend_rag.app.demo import QUESTIONS, summarize
 from cacheblend_rag.cli import app
 
 runner = CliRunner()
@@ -133,12 +134,12 @@ def test_summary_counts_agreement_and_speedup():
 
 
 def test_demo_without_llama_index_skips_the_rag_part_and_says_what_to_install(tiny_dir, tmp_path, monkeypatch):
-    import cacheblend_rag.app.index
+    import cacheblend_rag_app
 
     def missing():
         raise ImportError("the RAG commands need llama_index.core, part of the LlamaIndex integration: pip install x")
 
-    monkeypatch.setattr(cacheblend_rag.app.index, "require_llama_index", missing)
+    monkeypatch.setattr(cacheblend_rag_app, "require_llama_index", missing)
     out = " ".join(
         demo(
             "--model",
@@ -156,3 +157,15 @@ def test_demo_without_llama_index_skips_the_rag_part_and_says_what_to_install(ti
     assert "RAG part skipped: the RAG commands need llama_index.core" in out and "pip install x" in out
     assert "Strategies on multi-chunk questions" in out and "Median TTFT" not in out
     assert set(json.loads((tmp_path / "demo.json").read_text())) == {"rows"}
+
+
+def test_without_the_rag_app_the_demo_skips_its_part_and_ingest_says_what_to_install(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cacheblend_rag_app", None)  # import cacheblend_rag_app raises ImportError
+    install = "pip install -e integrations/llama-index-cacheblend -e app (from the repository root)"
+    out = demo("--model", tiny_dir, "--dtype", "float32", "--cache-dir", tmp_path, "--max-new-tokens", 1)
+    out = " ".join(out.split())
+    assert f"RAG part skipped: the RAG commands need the RAG app (missing cacheblend_rag_app): {install}" in out
+    assert "Strategies on multi-chunk questions" in out
+    for command in (["ingest", str(tmp_path)], ["ask", "How tall?"]):
+        result = runner.invoke(app, [*command, "--cache-dir", str(tmp_path)])
+        assert result.exit_code == 2 and install in " ".join(result.output.split()), result.output
