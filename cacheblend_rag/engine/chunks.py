@@ -8,7 +8,6 @@ one of them is another key, never a wrong entry. Concurrent misses on one chunk 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -36,7 +35,7 @@ def build_store(
         return spec
     if spec is None:
         tiers = [MemoryTier(memory_bytes), DiskTier(cache_dir / "kv", fingerprint)]
-    elif isinstance(spec, (str, bytes, os.PathLike)):
+    elif isinstance(spec, (str, bytes)):
         raise TypeError("store must be a list of tier URLs or tiers, e.g. store=['memory://?max_bytes=2GB']")
     else:
         tiers = [tier_from_url(t, fingerprint) if isinstance(t, str) else t for t in spec]
