@@ -45,12 +45,14 @@ def analyse(engine, example, ratio: float) -> list[dict]:
     for layer in range(1, dev.shape[0]):
         d = dev[layer]
         top = torch.topk(d, k)
-        rows.append({
-            "layer": layer,
-            "rel_dev": (d.sum() / norm[layer].sum()).sqrt().item(),
-            "top_share": (top.values.sum() / d.sum()).item(),
-            "overlap_l1": len(first & set(top.indices.tolist())) / k,
-        })  # fmt: skip
+        rows.append(
+            {
+                "layer": layer,
+                "rel_dev": (d.sum() / norm[layer].sum()).sqrt().item(),
+                "top_share": (top.values.sum() / d.sum()).item(),
+                "overlap_l1": len(first & set(top.indices.tolist())) / k,
+            }
+        )
     return rows
 
 
@@ -66,8 +68,9 @@ def main() -> None:
     engine = CacheBlendEngine.from_pretrained(args.model, dtype=args.dtype, store=["memory://?max_bytes=8GB"])
     per_example = [analyse(engine, ex, args.ratio) for ex in load_examples(args.data, args.n)]
     layers = len(per_example[0])
-    summary = [{key: statistics.fmean(ex[i][key] for ex in per_example) for key in per_example[0][i]}
-               for i in range(layers)]  # fmt: skip
+    summary = [
+        {key: statistics.fmean(ex[i][key] for ex in per_example) for key in per_example[0][i]} for i in range(layers)
+    ]
     print(f"KV deviation of reused chunks, {args.n} examples, top {args.ratio:.0%} of cached tokens")
     print(f"{'layer':>5} {'rel. V deviation':>17} {'top share':>10} {'overlap w/ layer 1':>19}")
     for row in summary:

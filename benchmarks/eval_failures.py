@@ -27,25 +27,35 @@ def failures(result: dict, label: str, baseline: str = "full_reuse") -> dict:
         mine, base = rows[(ex, label)], rows.get((ex, baseline))
         if mine["answer_em_vs_full"] >= 1.0:
             continue
-        out.append({
-            "example": ex, "question": mine["question"], "gold": mine["gold"],
-            "reference_answer": mine["reference_answer"], "answer": mine["answer"],
-            "rouge_l_vs_full": mine["rouge_l_vs_full"], "top1": mine["top1_agreement"], "kl": mine["kl"],
-            "gold_f1": mine["gold_f1"], "reference_gold_f1": rows[(ex, "full_recompute")]["gold_f1"],
-            "baseline_answer": base["answer"] if base else None,
-            "baseline_matches_full": bool(base and base["answer_em_vs_full"] >= 1.0),
-            "baseline_top1": base["top1_agreement"] if base else None,
-        })  # fmt: skip
+        out.append(
+            {
+                "example": ex,
+                "question": mine["question"],
+                "gold": mine["gold"],
+                "reference_answer": mine["reference_answer"],
+                "answer": mine["answer"],
+                "rouge_l_vs_full": mine["rouge_l_vs_full"],
+                "top1": mine["top1_agreement"],
+                "kl": mine["kl"],
+                "gold_f1": mine["gold_f1"],
+                "reference_gold_f1": rows[(ex, "full_recompute")]["gold_f1"],
+                "baseline_answer": base["answer"] if base else None,
+                "baseline_matches_full": bool(base and base["answer_em_vs_full"] >= 1.0),
+                "baseline_top1": base["top1_agreement"] if base else None,
+            }
+        )
     same = [r for r in result["examples"] if r["config"] == label and r["answer_em_vs_full"] >= 1.0]
     summary = {
-        "config": label, "examples": len(examples), "mismatches": len(out),
+        "config": label,
+        "examples": len(examples),
+        "mismatches": len(out),
         "paraphrases": sum(f["rouge_l_vs_full"] >= 0.5 for f in out),
         "gold_f1_changed": sum(abs(f["gold_f1"] - f["reference_gold_f1"]) > 1e-9 for f in out),
         "reference_had_gold_f1_0": sum(f["reference_gold_f1"] == 0 for f in out),
         "baseline_was_right": sum(f["baseline_matches_full"] for f in out),
         "median_top1_mismatched": statistics.median(f["top1"] for f in out) if out else None,
         "median_top1_matched": statistics.median(r["top1_agreement"] for r in same) if same else None,
-    }  # fmt: skip
+    }
     return {"summary": summary, "failures": out}
 
 
@@ -60,8 +70,10 @@ def main() -> None:
     for f in report["failures"]:
         print(f"#{f['example']}: {f['question']}  gold={f['gold']}")
         print(f"   full:       {f['reference_answer']!r}  (gold F1 {f['reference_gold_f1']:.2f})")
-        print(f"   {args.config}: {f['answer']!r}  (Rouge-L {f['rouge_l_vs_full']:.2f}, top-1 {f['top1']:.2f}, "
-              f"KL {f['kl']:.3f}, gold F1 {f['gold_f1']:.2f})")  # fmt: skip
+        print(
+            f"   {args.config}: {f['answer']!r}  (Rouge-L {f['rouge_l_vs_full']:.2f}, top-1 {f['top1']:.2f}, "
+            f"KL {f['kl']:.3f}, gold F1 {f['gold_f1']:.2f})"
+        )
         print(f"   {args.baseline}: {f['baseline_answer']!r}  (top-1 {f['baseline_top1']:.2f})")
     print(json.dumps(report["summary"], indent=1))
     if args.json:

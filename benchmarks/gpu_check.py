@@ -56,8 +56,7 @@ FAILED: list[str] = []
 def add(section: str, name: str, shape: str = "", **fields) -> dict:
     row = {"section": section, "name": name, "shape": shape, **fields}
     ROWS.append(row)
-    print(f"  {section:9s} {name:34s} {shape:26s} " + " ".join(f"{k}={_fmt(v)}" for k, v in fields.items()),
-          flush=True)  # fmt: skip
+    print(f"  {section:9s} {name:34s} {shape:26s} " + " ".join(f"{k}={_fmt(v)}" for k, v in fields.items()), flush=True)
     return row
 
 
@@ -136,14 +135,24 @@ def llama3_rope(head_dim: int, n_heads: int) -> rotary.RopeTable:
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = LlamaConfig(hidden_size=head_dim * n_heads, num_attention_heads=n_heads, rope_parameters=ROPE_LLAMA3,
-                         max_position_embeddings=131072)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=head_dim * n_heads,
+        num_attention_heads=n_heads,
+        rope_parameters=ROPE_LLAMA3,
+        max_position_embeddings=131072,
+    )
     module = LlamaRotaryEmbedding(config)
     return rotary.RopeTable(module.inv_freq, module.attention_scaling)
 
 
-ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+ROPE_LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def selection(n: int, ratio: float, tail: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -172,8 +181,15 @@ def kernel_section(args, device, dtype, timer: Timer, n: int) -> None:
     out = keys.clone()
     rotary.apply_rope(out, positions, rope, out=out, backend="triton")
     shape = f"[{hkv},{n},{d}]"
-    check("check", "rotary (in place)", shape, rel_err(out, ref32), 1e-2, bitwise_vs_torch=torch.equal(out, ref),
-          torch_rel_err=rel_err(ref, ref32))  # fmt: skip
+    check(
+        "check",
+        "rotary (in place)",
+        shape,
+        rel_err(out, ref32),
+        1e-2,
+        bitwise_vs_torch=torch.equal(out, ref),
+        torch_rel_err=rel_err(ref, ref32),
+    )
     for heads, label in ((hkv, "keys"), (hq, "queries")):
         x = randn(heads, n, d)
         y = torch.empty_like(x)
@@ -181,9 +197,18 @@ def kernel_section(args, device, dtype, timer: Timer, n: int) -> None:
         t_tri = timer(lambda x=x: rotary.apply_rope_triton(x, positions, rope, x, n - 1))
         t_ref = timer(lambda x=x: rotary.apply_rope_torch(x, positions, rope, x))
         t_copy = timer(lambda x=x, y=y: y.copy_(x))
-        add("time", f"rotary in place, {label}", f"[{heads},{n},{d}]", triton_ms=t_tri, torch_ms=t_ref,
-            speedup=t_ref / t_tri, triton_GBps=nbytes / t_tri / 1e6, copy_GBps=nbytes / t_copy / 1e6,
-            of_copy_bw=t_copy / t_tri, target_met=t_copy / t_tri >= 0.8)  # fmt: skip
+        add(
+            "time",
+            f"rotary in place, {label}",
+            f"[{heads},{n},{d}]",
+            triton_ms=t_tri,
+            torch_ms=t_ref,
+            speedup=t_ref / t_tri,
+            triton_GBps=nbytes / t_tri / 1e6,
+            copy_GBps=nbytes / t_copy / 1e6,
+            of_copy_bw=t_copy / t_tri,
+            target_met=t_copy / t_tri >= 0.8,
+        )
 
     # deviation at the check layer: every row computed, most from the cache
     fresh = randn(n, hkv, d).transpose(0, 1)  # as project_kv returns it
@@ -199,22 +224,32 @@ def kernel_section(args, device, dtype, timer: Timer, n: int) -> None:
     check("check", "deviation (rows= gather fused)", f"[{hkv},{rows.numel()},{d}]", rel_err(dev_rows, ref_rows), 1e-5)
     t_tri = timer(lambda: deviation.kv_deviation_triton(fresh, stored, from_cache))
     t_ref = timer(lambda: deviation.kv_deviation_torch(fresh, stored, from_cache))
-    add("time", "deviation", f"[{hkv},{n},{d}]", triton_ms=t_tri, torch_ms=t_ref, speedup=t_ref / t_tri,
-        triton_GBps=2 * fresh.numel() * fresh.element_size() / t_tri / 1e6)  # fmt: skip
+    add(
+        "time",
+        "deviation",
+        f"[{hkv},{n},{d}]",
+        triton_ms=t_tri,
+        torch_ms=t_ref,
+        speedup=t_ref / t_tri,
+        triton_GBps=2 * fresh.numel() * fresh.element_size() / t_tri / 1e6,
+    )
 
     # selected attention: 15% of the cached rows plus a 64-token question, against the whole fused cache
     kv = randn(2, hkv, n + 64, d)
     k, v = kv[0, :, :n], kv[1, :, :n]
     k_full, v_full = k.float().repeat_interleave(hq // hkv, 0), v.float().repeat_interleave(hq // hkv, 0)
-    for label, q_pos in (("selected 15%", selection(n, args.ratio, min(64, n // 8), gen, device)),
-                         ("all queries (full causal)", positions)):  # fmt: skip
+    for label, q_pos in (
+        ("selected 15%", selection(n, args.ratio, min(64, n // 8), gen, device)),
+        ("all queries (full causal)", positions),
+    ):
         m = q_pos.numel()
         q = randn(m, hq, d).transpose(0, 1)  # as project_q returns it
         got = attention.selected_attention(q, q_pos, k, v, scale, backend="triton")
         if m == n:  # compare 1024 random rows: a float32 reference of all N rows could take the O(N^2) math path
             rows = torch.randperm(n, generator=gen)[:1024].sort().values.to(device)
-            ref16 = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
-                                                   enable_gqa=True)[0][:, rows]  # fmt: skip
+            ref16 = F.scaled_dot_product_attention(
+                q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=True
+            )[0][:, rows]
             got, q_ref, pos_ref = got[:, rows], q[:, rows], rows
         else:
             ref16 = attention.selected_attention_torch(q, q_pos, k, v, scale)
@@ -225,23 +260,35 @@ def kernel_section(args, device, dtype, timer: Timer, n: int) -> None:
         del ref32
         t_tri = timer(lambda q=q, q_pos=q_pos: attention.selected_attention_triton(q, q_pos, k, v, scale))
         if m == n:
-            t_ref = timer(lambda q=q: F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
-                                                                     scale=scale, enable_gqa=True))  # fmt: skip
+            t_ref = timer(
+                lambda q=q: F.scaled_dot_product_attention(
+                    q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=True
+                )
+            )
             full_causal = t_ref
             add("time", f"attention, {label}", shape, triton_ms=t_tri, sdpa_causal_ms=t_ref, speedup=t_ref / t_tri)
         else:
             t_ref = timer(lambda q=q, q_pos=q_pos: attention.selected_attention_torch(q, q_pos, k, v, scale))
             selected = (t_tri, t_ref, shape, q, q_pos)
     t_tri, t_ref, shape, q, q_pos = selected
-    add("time", "attention, selected 15%", shape, triton_ms=t_tri, torch_masked_sdpa_ms=t_ref,
-        speedup=t_ref / t_tri, full_causal_sdpa_ms=full_causal, vs_full_causal=full_causal / t_tri,
-        target_met=full_causal / t_tri >= 4.0)  # fmt: skip
+    add(
+        "time",
+        "attention, selected 15%",
+        shape,
+        triton_ms=t_tri,
+        torch_masked_sdpa_ms=t_ref,
+        speedup=t_ref / t_tri,
+        full_causal_sdpa_ms=full_causal,
+        vs_full_causal=full_causal / t_tri,
+        target_met=full_causal / t_tri >= 4.0,
+    )
     if args.sweep and n == max(args.lengths):
         for cfg in SWEEP:
             label = "attention 15% " + ",".join(f"{key}={val}" for key, val in cfg.items())
             try:
-                t = timer(lambda cfg=cfg, k=k, v=v: attention.selected_attention_triton(q, q_pos, k, v, scale, **cfg),
-                          reps=10)  # fmt: skip
+                t = timer(
+                    lambda cfg=cfg, k=k, v=v: attention.selected_attention_triton(q, q_pos, k, v, scale, **cfg), reps=10
+                )
                 add("sweep", label, shape, triton_ms=t, vs_full_causal=full_causal / t)
             except Exception as exc:  # a config may not fit in shared memory: record it, keep going
                 add("sweep", label, shape, error=f"{type(exc).__name__}: {str(exc)[:120]}")
@@ -272,11 +319,21 @@ def word_tokenizer(vocab: int):
 def random_llama(args, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.q_heads,
-                         num_key_value_heads=args.kv_heads, head_dim=args.head_dim, rope_parameters=ROPE_LLAMA3,
-                         max_position_embeddings=131072, tie_word_embeddings=False, bos_token_id=0,
-                         eos_token_id=1, attn_implementation="sdpa")  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.q_heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        rope_parameters=ROPE_LLAMA3,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        attn_implementation="sdpa",
+    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -299,18 +356,28 @@ def prefill_section(args, device, dtype) -> None:
         return " ".join(f"w{i}" for i in torch.randint(3, 49_000, (count,), generator=gen).tolist())
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine = CacheBlendEngine(model, tokenizer, store=["memory://?max_bytes=200GB"], store_dtype=dtype,
-                                  cache_dir=tmp, config=BlendConfig(backend="triton"))  # fmt: skip
-        add("prefill", "model built", f"{args.layers} layers", seconds=time.perf_counter() - t0,
-            params_B=sum(p.numel() for p in model.parameters()) / 1e9)  # fmt: skip
+        engine = CacheBlendEngine(
+            model,
+            tokenizer,
+            store=["memory://?max_bytes=200GB"],
+            store_dtype=dtype,
+            cache_dir=tmp,
+            config=BlendConfig(backend="triton"),
+        )
+        add(
+            "prefill",
+            "model built",
+            f"{args.layers} layers",
+            seconds=time.perf_counter() - t0,
+            params_B=sum(p.numel() for p in model.parameters()) / 1e9,
+        )
         for n in args.prefill_lengths:
             room = n - args.prefix_tokens - args.question_tokens
             chunks = [words(args.chunk_tokens) for _ in range(max(1, room // args.chunk_tokens))]
             t = time.perf_counter()
             handles = engine.precompute(chunks)
             sync(device)
-            add("prefill", "precompute chunks", f"{len(chunks)}x{args.chunk_tokens}",
-                seconds=time.perf_counter() - t)  # fmt: skip
+            add("prefill", "precompute chunks", f"{len(chunks)}x{args.chunk_tokens}", seconds=time.perf_counter() - t)
             segments = [words(args.prefix_tokens) + " ", *handles, " " + words(args.question_tokens)]
             with torch.inference_mode():
                 time_prefills(args, device, model, engine, segments)
@@ -335,17 +402,24 @@ def time_prefills(args, device, model, engine, segments) -> None:
     hf_ms = wall_ms(hf_full, device, args.prefill_reps)
     add("prefill", "HF forward (SDPA), full", shape, ms=hf_ms)
     results = {}
-    for label, strategy, backend in (("full_recompute triton", "full_recompute", "triton"),
-                                     ("cacheblend 15% triton", "cacheblend", "triton"),
-                                     ("cacheblend 15% torch", "cacheblend", "torch")):  # fmt: skip
+    for label, strategy, backend in (
+        ("full_recompute triton", "full_recompute", "triton"),
+        ("cacheblend 15% triton", "cacheblend", "triton"),
+        ("cacheblend 15% torch", "cacheblend", "torch"),
+    ):
         if backend == "torch" and ids.shape[1] > 8192 and device.type == "cuda":
             continue  # the masked-SDPA reference is slow at 16k; the 8k row shows the kernels' share
         results[label] = ms = wall_ms(prepare(strategy, backend), device, args.prefill_reps)
         add("prefill", label, shape, ms=ms, speedup_vs_hf_full=hf_ms / ms)
     stats = prepare("cacheblend", "triton")().stats
-    add("prefill", "cacheblend rows per layer", shape, recomputed=stats.recomputed_tokens,
+    add(
+        "prefill",
+        "cacheblend rows per layer",
+        shape,
+        recomputed=stats.recomputed_tokens,
         first_layers=str(stats.layer_rows[:3]),
-        blend_vs_engine_full=results["full_recompute triton"] / results["cacheblend 15% triton"])  # fmt: skip
+        blend_vs_engine_full=results["full_recompute triton"] / results["cacheblend 15% triton"],
+    )
 
 
 def sync(device) -> None:
@@ -538,11 +612,17 @@ def main(argv=None) -> int:
         return 2
     import triton
 
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
-           "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-           "smoke": args.smoke, "layers": args.layers, "lengths": args.lengths,
-           "prefill_lengths": args.prefill_lengths,
-           "note": "smoke: interpreter timings mean nothing" if args.smoke else "CUDA run"}  # fmt: skip
+    env = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "smoke": args.smoke,
+        "layers": args.layers,
+        "lengths": args.lengths,
+        "prefill_lengths": args.prefill_lengths,
+        "note": "smoke: interpreter timings mean nothing" if args.smoke else "CUDA run",
+    }
     print(json.dumps(env), flush=True)
     timer = Timer(device, args.reps, args.warmup)
     sections = [(f"kernels N={n}", lambda n=n: kernel_section(args, device, dtype, timer, n)) for n in args.lengths]

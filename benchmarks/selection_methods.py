@@ -123,15 +123,23 @@ def study(engine, example, args, rng) -> dict:
     plans["cacheblend[attention]"] = replace(base, selection="attention")
     if args.methods:
         plans = {k: v for k, v in plans.items() if k in args.methods or k == "full_reuse"}
-    out = {"prompt_tokens": n, "cached_tokens": int(rows.numel()), "answer_tokens": len(targets),
-           "full_prefill_s": full_s, "probe_s": probe_s, "methods": {}}  # fmt: skip
+    out = {
+        "prompt_tokens": n,
+        "cached_tokens": int(rows.numel()),
+        "answer_tokens": len(targets),
+        "full_prefill_s": full_s,
+        "probe_s": probe_s,
+        "methods": {},
+    }
     for name, plan in plans.items():
         lp, elapsed = score(engine, plan, targets)
         kl = (ref.exp() * (ref - lp)).sum(-1)
         out["methods"][name] = {
-            "kl": float(kl.mean()), "kl_first": float(kl[0]), "prefill_s": elapsed,
+            "kl": float(kl.mean()),
+            "kl_first": float(kl[0]),
+            "prefill_s": elapsed,
             "top1": float((lp.argmax(-1) == ref.argmax(-1)).float().mean()),
-        }  # fmt: skip
+        }
     return out
 
 
@@ -160,8 +168,11 @@ def main() -> None:
         results.append(r)
         best = sorted(r["methods"].items(), key=lambda kv: kv[1]["kl"])[:4]
         reuse_kl = r["methods"]["full_reuse"]["kl"]
-        print(f"example {args.skip + i}: {r['prompt_tokens']} tokens, full_reuse KL {reuse_kl:.3f}; "
-              + ", ".join(f"{k} {v['kl']:.3f}" for k, v in best), flush=True)  # fmt: skip
+        print(
+            f"example {args.skip + i}: {r['prompt_tokens']} tokens, full_reuse KL {reuse_kl:.3f}; "
+            + ", ".join(f"{k} {v['kl']:.3f}" for k, v in best),
+            flush=True,
+        )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "examples": results}))
     print(f"\n{len(results)} examples, ratio {args.ratio}: means (answer KL, first-token KL, top-1, prefill s)")

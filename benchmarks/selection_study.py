@@ -175,8 +175,9 @@ def main() -> None:
     parser.add_argument("--out", default="results/selection_study.json")
     args = parser.parse_args()
     args.oracle_layers = [int(x) for x in args.oracle_layers.split(",")]
-    args.configs = {k.replace("@r", f"@{args.ratio:g}"): BlendConfig(recompute_ratio=args.ratio, **v)
-                    for k, v in CONFIGS.items()}  # fmt: skip
+    args.configs = {
+        k.replace("@r", f"@{args.ratio:g}"): BlendConfig(recompute_ratio=args.ratio, **v) for k, v in CONFIGS.items()
+    }
     torch.manual_seed(0)
     rng = torch.Generator().manual_seed(0)
     engine = CacheBlendEngine.from_pretrained(
@@ -187,8 +188,10 @@ def main() -> None:
     for i, example in enumerate(examples):
         r = study_example(engine, example, args, rng)
         results.append(r)
-        print(f"example {i}: {r['prompt_tokens']} tokens; " + ", ".join(f"{k} {v:.3f}" for k, v in r["kl"].items()),
-              flush=True)  # fmt: skip
+        print(
+            f"example {i}: {r['prompt_tokens']} tokens; " + ", ".join(f"{k} {v:.3f}" for k, v in r["kl"].items()),
+            flush=True,
+        )
     n_layers = len(results[0]["layers"])
     print("\nlayer | top-15% share | rel dev | overlap w/ L1 top | dev by chunk offset 0 / 1-3 / 4-15 / 16+ (x mean)")
     for layer in range(n_layers):

@@ -69,22 +69,47 @@ def prompt_for(question: str, chunks: list[str], k: int) -> list[dict]:
     """The k paragraphs sharing the most words with the question (a lexical retriever), in a chat prompt."""
     top = sorted(chunks, key=lambda c: -len(words(c) & words(question)))[:k]
     context = "\n\n".join(top)
-    return [{"role": "system", "content": "Answer the question from the context, in a few words."},
-            {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"}]  # fmt: skip
+    return [
+        {"role": "system", "content": "Answer the question from the context, in a few words."},
+        {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"},
+    ]
 
 
 class Replica:
     def __init__(self, name: str, model: str, stores: list[str], workdir: Path, args) -> None:
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", "from cacheblend_rag.cli import main; main()", "serve", "--model", model,
-               "--port", str(self.port), "--served-model-name", "model", "--max-active", str(args.max_active),
-               "--max-queue", str(args.max_queue), "--device", args.device, "--dtype", args.dtype,
-               "--log-level", "warning"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-c",
+            "from cacheblend_rag.cli import main; main()",
+            "serve",
+            "--model",
+            model,
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            "model",
+            "--max-active",
+            str(args.max_active),
+            "--max-queue",
+            str(args.max_queue),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--log-level",
+            "warning",
+        ]
         for store in stores:
             cmd += ["--store", store]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE",
-               "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.threads),
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         self.log = (workdir / f"replica-{name}.log").open("w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -117,9 +142,25 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
     if binary is None:
         raise SystemExit("redis-server is not installed (apt-get install -y redis-server), or pass --redis URL")
     port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--maxmemory-policy", "allkeys-lru", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory-policy",
+            "allkeys-lru",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     import redis
 
@@ -135,8 +176,13 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
 
 def stream_chat(url: str, messages: list[dict], max_tokens: int, on_first=None, timeout: float = 300) -> dict:
     """One streamed chat completion: status, TTFT, usage, whether it ended with [DONE], the error if any."""
-    body = {"model": "model", "messages": messages, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": "model",
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     out: dict = {"status": None, "ttft": None, "usage": None, "done": False, "error": None}
     sent = time.perf_counter()
     try:
@@ -240,20 +286,30 @@ def summarize(label: str, results: list[dict]) -> dict:
     ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
     prompt = sum(r["usage"]["prompt_tokens"] for r in ok if r["usage"])
     cached = sum(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in ok if r["usage"])
-    return {"what": label, "requests": len(results), "ok": len(ok), "clean_429": len(clean_429),
-            "errors": len(results) - len(ok) - len(clean_429),
-            "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
-            "reuse": cached / prompt if prompt else 0.0}  # fmt: skip
+    return {
+        "what": label,
+        "requests": len(results),
+        "ok": len(ok),
+        "clean_429": len(clean_429),
+        "errors": len(results) - len(ok) - len(clean_429),
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "reuse": cached / prompt if prompt else 0.0,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| what | requests | 200 | clean 429 | errors | TTFT p50 | TTFT p99 | reused / prompt tokens |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| what | requests | 200 | clean 429 | errors | TTFT p50 | TTFT p99 | reused / prompt tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         p50 = f"{r['ttft_p50_s']:.2f} s" if r["ttft_p50_s"] is not None else "-"
         p99 = f"{r['ttft_p99_s']:.2f} s" if r["ttft_p99_s"] is not None else "-"
-        lines.append(f"| {r['what']} | {r['requests']} | {r['ok']} | {r['clean_429']} | {r['errors']} | {p50} | {p99} "
-                     f"| {r['reuse']:.0%} |")  # fmt: skip
+        lines.append(
+            f"| {r['what']} | {r['requests']} | {r['ok']} | {r['clean_429']} | {r['errors']} | {p50} | {p99} "
+            f"| {r['reuse']:.0%} |"
+        )
     return "\n".join(lines)
 
 
@@ -295,8 +351,11 @@ def main() -> None:
         chunks = paragraphs()
         t = time.perf_counter()
         registered = httpx.post(f"{a.url}/v1/chunks", json={"texts": chunks}, timeout=1800).json()
-        print(f"registered {len(chunks)} chunks through replica A ({registered['computed']} computed) in "
-              f"{time.perf_counter() - t:.1f}s", flush=True)  # fmt: skip
+        print(
+            f"registered {len(chunks)} chunks through replica A ({registered['computed']} computed) in "
+            f"{time.perf_counter() - t:.1f}s",
+            flush=True,
+        )
 
         t = time.perf_counter()
         load = load_phase(replicas, chunks, args)
@@ -305,20 +364,35 @@ def main() -> None:
         rows = [summarize(f"load, replica {r.name}", [x for x in load if x["replica"] == r.name]) for r in replicas]
         rows.append(summarize("load, both", load))
         killed = kill_phase(a, b, chunks, args)
-        rows += [summarize("kill: streams on A", killed["A"]), summarize("kill: streams on B (killed)", killed["B"]),
-                 summarize("kill: A afterwards", killed["A after"])]  # fmt: skip
-        print(f"\nload phase: {len(load)} requests in {load_s:.0f}s ({args.clients} clients x {args.requests} "
-              f"requests, max_tokens {args.max_tokens}, {args.k} chunks per prompt)\n")  # fmt: skip
+        rows += [
+            summarize("kill: streams on A", killed["A"]),
+            summarize("kill: streams on B (killed)", killed["B"]),
+            summarize("kill: A afterwards", killed["A after"]),
+        ]
+        print(
+            f"\nload phase: {len(load)} requests in {load_s:.0f}s ({args.clients} clients x {args.requests} "
+            f"requests, max_tokens {args.max_tokens}, {args.k} chunks per prompt)\n"
+        )
         print(table(rows))
         for line in b_metrics.splitlines():
-            if line.startswith(("cacheblend_store_hits_total", "cacheblend_engine_precomputed_chunks_total",
-                                "cacheblend_shared_registry_received_total")):  # fmt: skip
+            if line.startswith(
+                (
+                    "cacheblend_store_hits_total",
+                    "cacheblend_engine_precomputed_chunks_total",
+                    "cacheblend_shared_registry_received_total",
+                )
+            ):
                 print("replica B:", line)
         b_errors = {r["error"] for r in killed["B"]}
         print(f"\nreplica B's clients after SIGKILL: {sorted(e or 'no error' for e in b_errors)}")
         if args.json:
-            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows,
-                                             "load": load, "kill": killed}, indent=2, default=str))  # fmt: skip
+            args.json.write_text(
+                json.dumps(
+                    {"args": vars(args) | {"json": str(args.json)}, "rows": rows, "load": load, "kill": killed},
+                    indent=2,
+                    default=str,
+                )
+            )
     finally:
         for replica in replicas:
             replica.stop()

@@ -117,8 +117,10 @@ def _wikimqa_examples(folder: Path) -> list[Example]:
             chunks = [item[str(i)] for i in range(count)]
             query = item["query"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"{file}: not a wikimqa sample ({type(exc).__name__}: {exc}); it needs 'chunk_num', "
-                            "chunks '0'..'n-1' and 'query'") from None  # fmt: skip
+            raise DataError(
+                f"{file}: not a wikimqa sample ({type(exc).__name__}: {exc}); it needs 'chunk_num', "
+                "chunks '0'..'n-1' and 'query'"
+            ) from None
         if not all(isinstance(c, str) and c.strip() for c in chunks) or not isinstance(query, str):
             raise DataError(f"{file}: chunks and 'query' must be non-empty strings")
         question = query.rsplit("Question:", 1)[-1].removesuffix("Answer:").strip()

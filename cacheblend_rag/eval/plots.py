@@ -47,8 +47,12 @@ def _eval_plots(result: dict, out_dir: Path, prefix: str) -> list[Path]:
     refs = {s["strategy"]: s for s in summary if s["strategy"] in ("full_reuse", "full_recompute")}
     if not series:
         raise ValueError("the eval results hold no cacheblend ratios to plot against")
-    panels = [("top1_agreement", "top-1 agreement with full recompute"), ("kl", "KL(full || strategy)"),
-              ("gold_f1", "gold F1"), ("answer_em_vs_full", "answer exact match with full recompute")]  # fmt: skip
+    panels = [
+        ("top1_agreement", "top-1 agreement with full recompute"),
+        ("kl", "KL(full || strategy)"),
+        ("gold_f1", "gold F1"),
+        ("answer_em_vs_full", "answer exact match with full recompute"),
+    ]
     panels = [(key, title) for key, title in panels if all(s[key] is not None for s in summary)]  # no gold: no F1
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels):
@@ -56,8 +60,9 @@ def _eval_plots(result: dict, out_dir: Path, prefix: str) -> list[Path]:
             ax.plot([s["recompute_ratio"] for s in blend], [s[key] for s in blend], "o-", label=label)
         for name, style in (("full_recompute", "--"), ("full_reuse", ":")):
             if name in refs:
-                ax.axhline(refs[name][key], linestyle=style, color="gray" if name == "full_reuse" else "black",
-                           label=name)  # fmt: skip
+                ax.axhline(
+                    refs[name][key], linestyle=style, color="gray" if name == "full_reuse" else "black", label=name
+                )
         ax.set_xlabel("recompute ratio")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)

@@ -116,25 +116,36 @@ def evaluate(
         for item in configs:
             run = ref if item.label == REFERENCE else _run(engine, segments, item.config, max_new_tokens, ref.tokens)
             kl = kl_divergence(ref.forced, run.forced)
-            rows.append({
-                "example": index, "config": item.label, "strategy": item.config.strategy,
-                "recompute_ratio": run.stats["recompute_ratio"] if item.config.strategy == "cacheblend" else None,
-                "fidelity_target": item.config.fidelity_target if item.config.strategy == "cacheblend" else None,
-                "selection": item.config.selection if item.config.strategy == "cacheblend" else None,
-                "question": example.question, "gold": example.answers, "answer": run.answer,
-                "reference_answer": ref.answer,
-                "gold_f1": best_over(f1_score, run.answer, example.answers) if example.answers else None,
-                "gold_em": best_over(exact_match, run.answer, example.answers) if example.answers else None,
-                "answer_em_vs_full": exact_match(run.answer, ref.answer),
-                "rouge_l_vs_full": rouge_l(run.answer, ref.answer),
-                "top1_agreement": top1_agreement(ref.forced, run.forced),
-                "kl": kl.mean().item(), "kl_max": kl.max().item(),
-                "ttft_s": run.ttft_s, "prompt_tokens": run.stats["prompt_tokens"],
-                "reused_tokens": run.stats["reused_tokens"], "recomputed_tokens": run.stats["recomputed_tokens"],
-            })  # fmt: skip
-    return {"config": run_info(engine, n=len(examples), max_new_tokens=max_new_tokens,
-                               configs=[c.label for c in configs]),
-            "examples": rows, "summary": summarize(rows, [c.label for c in configs])}  # fmt: skip
+            rows.append(
+                {
+                    "example": index,
+                    "config": item.label,
+                    "strategy": item.config.strategy,
+                    "recompute_ratio": run.stats["recompute_ratio"] if item.config.strategy == "cacheblend" else None,
+                    "fidelity_target": item.config.fidelity_target if item.config.strategy == "cacheblend" else None,
+                    "selection": item.config.selection if item.config.strategy == "cacheblend" else None,
+                    "question": example.question,
+                    "gold": example.answers,
+                    "answer": run.answer,
+                    "reference_answer": ref.answer,
+                    "gold_f1": best_over(f1_score, run.answer, example.answers) if example.answers else None,
+                    "gold_em": best_over(exact_match, run.answer, example.answers) if example.answers else None,
+                    "answer_em_vs_full": exact_match(run.answer, ref.answer),
+                    "rouge_l_vs_full": rouge_l(run.answer, ref.answer),
+                    "top1_agreement": top1_agreement(ref.forced, run.forced),
+                    "kl": kl.mean().item(),
+                    "kl_max": kl.max().item(),
+                    "ttft_s": run.ttft_s,
+                    "prompt_tokens": run.stats["prompt_tokens"],
+                    "reused_tokens": run.stats["reused_tokens"],
+                    "recomputed_tokens": run.stats["recomputed_tokens"],
+                }
+            )
+    return {
+        "config": run_info(engine, n=len(examples), max_new_tokens=max_new_tokens, configs=[c.label for c in configs]),
+        "examples": rows,
+        "summary": summarize(rows, [c.label for c in configs]),
+    }
 
 
 def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
@@ -145,16 +156,24 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
         if not mine:
             continue
         median_ttft = statistics.median(r["ttft_s"] for r in mine)
-        out.append({
-            "config": label, "strategy": mine[0]["strategy"],
-            "recompute_ratio": _mean(r["recompute_ratio"] for r in mine),
-            "fidelity_target": mine[0].get("fidelity_target"),
-            "selection": mine[0].get("selection"), "n": len(mine),
-            **{key: _mean(r[key] for r in mine)
-               for key in ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement", "kl")},
-            "median_ttft_s": median_ttft, "speedup": ref_ttft / median_ttft,
-            "recomputed_fraction": sum(r["recomputed_tokens"] for r in mine) / sum(r["prompt_tokens"] for r in mine),
-        })  # fmt: skip
+        out.append(
+            {
+                "config": label,
+                "strategy": mine[0]["strategy"],
+                "recompute_ratio": _mean(r["recompute_ratio"] for r in mine),
+                "fidelity_target": mine[0].get("fidelity_target"),
+                "selection": mine[0].get("selection"),
+                "n": len(mine),
+                **{
+                    key: _mean(r[key] for r in mine)
+                    for key in ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement", "kl")
+                },
+                "median_ttft_s": median_ttft,
+                "speedup": ref_ttft / median_ttft,
+                "recomputed_fraction": sum(r["recomputed_tokens"] for r in mine)
+                / sum(r["prompt_tokens"] for r in mine),
+            }
+        )
     return out
 
 

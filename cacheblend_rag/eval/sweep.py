@@ -49,14 +49,19 @@ def sweep(
                 bar.update()
         return statistics.median(values)
 
-    chunks = [{"chunks": k, "strategy": s, "median_ttft_s": median(s, k, ratio)} for k in chunk_counts
-              for s in strategies]  # fmt: skip
+    chunks = [
+        {"chunks": k, "strategy": s, "median_ttft_s": median(s, k, ratio)} for k in chunk_counts for s in strategies
+    ]
     by_ratio = [{"ratio": r, "strategy": "cacheblend", "median_ttft_s": median("cacheblend", 10**6, r)} for r in ratios]
     tiers = _tier_sweep(engine, strategies, ratio, tier_dir, median)
     if bar is not None:
         bar.close()
-    return {"config": run_info(engine, n=len(examples), ratio=ratio, repeats=repeats),
-            "ttft_vs_chunks": chunks, "ttft_vs_ratio": by_ratio, "ttft_by_tier": tiers}  # fmt: skip
+    return {
+        "config": run_info(engine, n=len(examples), ratio=ratio, repeats=repeats),
+        "ttft_vs_chunks": chunks,
+        "ttft_vs_ratio": by_ratio,
+        "ttft_by_tier": tiers,
+    }
 
 
 def _tier_sweep(engine, strategies, ratio, tier_dir, median) -> list[dict]:

@@ -32,8 +32,17 @@ from ..store.entry import CRC32, EntryReader, read_or_miss
 from .datasets import Example
 from .ttft import _warm_up, run_info, strategy_config
 
-VARIANTS = ("memory", "disk", "disk-sync", "disk-cold", "disk-cold-sync", "disk-slow", "disk-slow-sync", "redis",
-            "redis-sync")  # fmt: skip
+VARIANTS = (
+    "memory",
+    "disk",
+    "disk-sync",
+    "disk-cold",
+    "disk-cold-sync",
+    "disk-slow",
+    "disk-slow-sync",
+    "redis",
+    "redis-sync",
+)
 
 
 class ThrottledTier:
@@ -187,10 +196,17 @@ def bench_tiers(
             engine.store = base
             if bar is not None:
                 bar.close()
-    config = run_info(engine, n=len(examples), ratio=ratio, repeats=repeats, slow_mbps=slow_mbps, crc32=CRC32,
-                      median_kv_mb_per_example=statistics.median(kv_bytes) / 1e6, store_dtype=str(base.dtype),
-                      page_cache="disk-cold drops the chunk files' pages with posix_fadvise(DONTNEED) before each "
-                      "request")  # fmt: skip
+    config = run_info(
+        engine,
+        n=len(examples),
+        ratio=ratio,
+        repeats=repeats,
+        slow_mbps=slow_mbps,
+        crc32=CRC32,
+        median_kv_mb_per_example=statistics.median(kv_bytes) / 1e6,
+        store_dtype=str(base.dtype),
+        page_cache="disk-cold drops the chunk files' pages with posix_fadvise(DONTNEED) before each request",
+    )
     return {"config": config, "rows": rows, "summary": summarize_tiers(rows, tiers, strategies)}
 
 
@@ -200,9 +216,18 @@ def _timed(engine, variant: Variant, keys, segments, strategy: str, ratio: float
     engine.store = variant.store
     result = engine.generate(segments, max_new_tokens=1, config=strategy_config(strategy, ratio))
     s = result.stats
-    return {"example": index, "repeat": rep, "tier": variant.name, "strategy": strategy, "ttft_s": result.ttft_s,
-            "load_s": s.load_s, "prefill_s": s.prefill_s, "prompt_tokens": s.prompt_tokens,
-            "cache_hits": s.cache_hits, "cache_misses": s.cache_misses}  # fmt: skip
+    return {
+        "example": index,
+        "repeat": rep,
+        "tier": variant.name,
+        "strategy": strategy,
+        "ttft_s": result.ttft_s,
+        "load_s": s.load_s,
+        "prefill_s": s.prefill_s,
+        "prompt_tokens": s.prompt_tokens,
+        "cache_hits": s.cache_hits,
+        "cache_misses": s.cache_misses,
+    }
 
 
 def summarize_tiers(rows: list[dict], tiers: Sequence[str], strategies: Sequence[str]) -> list[dict]:
@@ -219,12 +244,18 @@ def summarize_tiers(rows: list[dict], tiers: Sequence[str], strategies: Sequence
             mine = medians[tier]
             runs = [x for rs in per[tier].values() for x in rs]
             entry = {
-                "tier": tier, "strategy": strategy, "median_ttft_s": statistics.median(mine.values()),
+                "tier": tier,
+                "strategy": strategy,
+                "median_ttft_s": statistics.median(mine.values()),
                 "median_load_s": statistics.median(x["load_s"] for x in runs),
-                "spread": statistics.median((max(x["ttft_s"] for x in rs) - min(x["ttft_s"] for x in rs)) /
-                                            statistics.median(x["ttft_s"] for x in rs) for rs in per[tier].values()),
-                "misses": sum(x["cache_misses"] for x in runs), "requests": len(runs),
-            }  # fmt: skip
+                "spread": statistics.median(
+                    (max(x["ttft_s"] for x in rs) - min(x["ttft_s"] for x in rs))
+                    / statistics.median(x["ttft_s"] for x in rs)
+                    for rs in per[tier].values()
+                ),
+                "misses": sum(x["cache_misses"] for x in runs),
+                "requests": len(runs),
+            }
             if "memory" in medians:
                 entry["vs_memory"] = statistics.median(mine[e] / medians["memory"][e] for e in mine)
             out.append(entry)
@@ -244,19 +275,24 @@ def bench_compression(
     from .. import CacheBlendEngine
     from .runner import EvalConfig, evaluate
 
-    configs = [EvalConfig("full_recompute", strategy_config("full_recompute", ratio)),
-               EvalConfig(f"cacheblend@{ratio:g}", strategy_config("cacheblend", ratio)),
-               EvalConfig("full_reuse", strategy_config("full_reuse", ratio))]  # fmt: skip
+    configs = [
+        EvalConfig("full_recompute", strategy_config("full_recompute", ratio)),
+        EvalConfig(f"cacheblend@{ratio:g}", strategy_config("cacheblend", ratio)),
+        EvalConfig("full_reuse", strategy_config("full_reuse", ratio)),
+    ]
     results, sizes, errors = {}, {}, {}
     for dtype in dtypes:
         with tempfile.TemporaryDirectory(prefix="cacheblend-codec-") as tmp:
-            twin = CacheBlendEngine(engine.model, engine.tokenizer, store_dtype=dtype,
-                                    store=["memory://?max_bytes=16GB", f"file://{tmp}"])  # fmt: skip
+            twin = CacheBlendEngine(
+                engine.model, engine.tokenizer, store_dtype=dtype, store=["memory://?max_bytes=16GB", f"file://{tmp}"]
+            )
             twin.name = engine.name
             results[dtype] = evaluate(twin, examples, configs, max_new_tokens=max_new_tokens, progress=progress)
             handles = {h.key: h for e in examples for h in twin.precompute(e.passages, register=False)}
-            sizes[dtype] = {"bytes": twin.store.tiers[1].usage()["bytes"],
-                            "tokens": sum(h.n_tokens for h in handles.values())}  # fmt: skip
+            sizes[dtype] = {
+                "bytes": twin.store.tiers[1].usage()["bytes"],
+                "tokens": sum(h.n_tokens for h in handles.values()),
+            }
         if dtype == "int8":
             errors = _codec_error(twin, list(handles.values())[:10])
     summary = []
@@ -264,12 +300,24 @@ def bench_compression(
         for s in result["summary"]:
             if s["config"] == "full_recompute":
                 continue
-            summary.append({"store_dtype": dtype, "config": s["config"], "top1_agreement": s["top1_agreement"],
-                            "kl": s["kl"], "answer_em_vs_full": s["answer_em_vs_full"], "gold_f1": s["gold_f1"],
-                            "bytes_per_token": sizes[dtype]["bytes"] / sizes[dtype]["tokens"]})  # fmt: skip
-    return {"config": run_info(engine, n=len(examples), ratio=ratio, max_new_tokens=max_new_tokens),
-            "summary": summary, "sizes": sizes, "int8_error": errors,
-            "examples": {d: r["examples"] for d, r in results.items()}}  # fmt: skip
+            summary.append(
+                {
+                    "store_dtype": dtype,
+                    "config": s["config"],
+                    "top1_agreement": s["top1_agreement"],
+                    "kl": s["kl"],
+                    "answer_em_vs_full": s["answer_em_vs_full"],
+                    "gold_f1": s["gold_f1"],
+                    "bytes_per_token": sizes[dtype]["bytes"] / sizes[dtype]["tokens"],
+                }
+            )
+    return {
+        "config": run_info(engine, n=len(examples), ratio=ratio, max_new_tokens=max_new_tokens),
+        "summary": summary,
+        "sizes": sizes,
+        "int8_error": errors,
+        "examples": {d: r["examples"] for d, r in results.items()},
+    }
 
 
 def _codec_error(engine, handles) -> dict:

@@ -41,14 +41,25 @@ def bench_ttft(
                 if best is None or result.ttft_s < best.ttft_s:
                     best = result
             s = best.stats
-            rows.append({
-                "example": index, "strategy": strategy, "ttft_s": best.ttft_s, "load_s": s.load_s,
-                "prefill_s": s.prefill_s, "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
-                "reused_tokens": s.reused_tokens, "recomputed_tokens": s.recomputed_tokens,
-                "prefill_flops": s.prefill_flops,
-            })  # fmt: skip
-    return {"config": run_info(engine, ratio=ratio, repeats=repeats, n=len(examples)), "rows": rows,
-            "summary": summarize(rows, strategies)}  # fmt: skip
+            rows.append(
+                {
+                    "example": index,
+                    "strategy": strategy,
+                    "ttft_s": best.ttft_s,
+                    "load_s": s.load_s,
+                    "prefill_s": s.prefill_s,
+                    "prompt_tokens": s.prompt_tokens,
+                    "cached_tokens": s.cached_tokens,
+                    "reused_tokens": s.reused_tokens,
+                    "recomputed_tokens": s.recomputed_tokens,
+                    "prefill_flops": s.prefill_flops,
+                }
+            )
+    return {
+        "config": run_info(engine, ratio=ratio, repeats=repeats, n=len(examples)),
+        "rows": rows,
+        "summary": summarize(rows, strategies),
+    }
 
 
 def _warm_up(engine, strategies: Sequence[str], ratio: float) -> None:
@@ -71,8 +82,11 @@ def summarize(rows: list[dict], strategies: Sequence[str]) -> list[dict]:
             "median_prompt_tokens": statistics.median(r["prompt_tokens"] for r in mine),
             "recomputed_fraction": sum(r["recomputed_tokens"] for r in mine) / sum(r["prompt_tokens"] for r in mine),
         }
-        base = [(by[(e, "full_recompute")], by[(e, strategy)]) for e in examples
-                if (e, "full_recompute") in by and (e, strategy) in by]  # fmt: skip
+        base = [
+            (by[(e, "full_recompute")], by[(e, strategy)])
+            for e in examples
+            if (e, "full_recompute") in by and (e, strategy) in by
+        ]
         if base:
             full_median = statistics.median(f["ttft_s"] for f, _ in base)
             entry["speedup"] = full_median / entry["median_ttft_s"]
