@@ -38,22 +38,27 @@ FIRST_SCORED_LAYER = 0.5  # score the layers from this fraction of the depth on
 
 class TailAttention:
     """Observer for a probe pass: per cached row, the share of the probe rows' attention to cached rows it gets,
-    summed over the layers from ``first_layer`` on. from_cache: [N] bool."""
+    summed over the layers from ``first_layer`` on.
 
-    def __init__(self, from_cache: torch.Tensor, probe_start: int, scale: float, first_layer: int = 0) -> None:
+    from_cache: [N] bool; probes: [P] indices, into the rows the probe pass computes, of the probe rows (found
+    once per request, so the layer loop never waits for the device to count them).
+    """
+
+    def __init__(self, from_cache: torch.Tensor, probes: torch.Tensor, scale: float, first_layer: int = 0) -> None:
         self.from_cache = from_cache
-        self.probe_start = probe_start
+        self.probes = probes
         self.scale = scale
         self.first_layer = first_layer
         self.scores = torch.zeros(from_cache.shape[0], dtype=torch.float32, device=from_cache.device)
 
     def __call__(self, layer: int, q: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> None:
-        """q: [Hq, M, D] rotated queries of ``rows``: [M]; keys: [Hkv, N, D] rotated."""
-        probes = (rows >= self.probe_start).nonzero().squeeze(1)[-MAX_PROBES:]
-        if layer < self.first_layer or probes.numel() == 0:
+        """q: [Hq, M, D] rotated queries of ``rows``: [M]; keys: [Hkv, N, D] rotated. At the last layer only the
+        last row is computed: it is the probe then."""
+        if layer < self.first_layer:
             return
+        probes = self.probes if rows.shape[0] > 1 else torch.zeros(1, dtype=torch.long, device=rows.device)
         mass = torch.zeros_like(self.scores)
-        for i in range(0, probes.numel(), PROBE_BLOCK):
+        for i in range(0, probes.shape[0], PROBE_BLOCK):
             block = probes[i : i + PROBE_BLOCK]
             mass += attention_mass(q[:, block], rows[block], keys, self.scale)
         mass = mass * self.from_cache
@@ -76,8 +81,12 @@ def select_by_query(
     for span in plan.spans:
         from_cache[span.start : span.end] = True
     forced = plan.forced if plan.forced is not None else ~from_cache
-    tail = TailAttention(from_cache, probe_start(plan), fwd.scale, first_layer=int(FIRST_SCORED_LAYER * fwd.n_layers))
-    probe = replace(plan, initial=forced.nonzero().squeeze(1), checks={}, observe=tail, capture=None)
+    initial = forced.nonzero().squeeze(1)  # the rows the probe pass computes
+    probes = (initial >= probe_start(plan)).nonzero().squeeze(1)[-MAX_PROBES:]
+    if probes.numel() == 0:  # nothing uncached after the first chunk: the last row probes
+        probes = torch.tensor([initial.shape[0] - 1], device=initial.device)
+    tail = TailAttention(from_cache, probes, fwd.scale, first_layer=int(FIRST_SCORED_LAYER * fwd.n_layers))
+    probe = replace(plan, initial=initial, checks={}, observe=tail, capture=None)
     flops = prefill(fwd, probe, cache, backend=backend).flops
     candidates = (from_cache & ~forced).nonzero().squeeze(1)
     n_forced_cached = int((forced & from_cache).sum())

@@ -56,7 +56,7 @@ def test_tail_attention_scores_what_the_probes_read():
     keys[0, 4, 0] = 3.0  # row 4 is what every probe reads
     from_cache = torch.zeros(n, dtype=torch.bool)
     from_cache[2:8] = True
-    tail = TailAttention(from_cache, probe_start=2, scale=1.0)
+    tail = TailAttention(from_cache, probes=torch.tensor([1, 2]), scale=1.0)
     tail(0, q, torch.tensor([0, 9, 11]), keys)  # row 0 is before the first chunk: not a probe
     assert int(tail.scores.argmax()) == 4
     assert tail.scores[~from_cache].abs().sum() == 0
