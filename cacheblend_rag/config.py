@@ -51,7 +51,7 @@ class BlendConfig:
     check_layers: tuple[int, ...] = (1,)
     check_ratios: tuple[float, ...] | None = None
     deviation: str = "v"
-    selection: str = "deviation"
+    selection: str = "query"
     recompute_chunk_head: int = 0
     backend: str = "auto"
     fidelity_target: float | None = None

@@ -31,7 +31,10 @@ from .common import (
 def bench_ttft_cmd(
     data: Path | None = DATA,
     n: int = typer.Option(10, min=1, help="Number of examples."),
-    strategies: str = typer.Option("full_recompute,prefix_cache,full_reuse,cacheblend", help="Comma separated."),
+    strategies: str = typer.Option(
+        "full_recompute,prefix_cache,full_reuse,cacheblend[query],cacheblend[deviation]",
+        help="Comma separated; cacheblend[selection] names a token selection.",
+    ),
     ratio: float = typer.Option(0.15, help="cacheblend recompute ratio."),
     repeats: int = typer.Option(1, min=1, help="Time each request this many times, keep the best."),
     model: str = MODEL,

@@ -8,9 +8,12 @@ ProphetKV (Wang et al., 2026), selection runs in two passes over the same stored
 
 1. a probe pass, as ``full_reuse`` runs it (stored KV for every chunk, only the uncached rows computed), in
    which the probe rows (the uncached rows after the first chunk: the question and the template around it)
-   measure, at every layer, the share of their attention each cached token receives;
+   measure, at each layer of the model's second half, the share of their attention to cached tokens that
+   each cached token receives (early layers attend by position and to attention sinks; deeper ones by
+   meaning, and those are what the answer reads: on Qwen2.5-0.5B, summing the second half chose better than
+   summing all layers or taking each token's maximum, see docs/BENCHMARKS.md);
 2. the prefill proper, which recomputes through every layer the cached tokens with the largest share summed
-   over layers (plus every uncached row and any forced chunk heads).
+   over those layers (plus every uncached row and any forced chunk heads).
 
 The probe pass costs about what ``full_reuse`` costs (a few percent of a full prefill); in exchange, no layer
 runs for every token. With ``fidelity_target`` the number of tokens is chosen per request: the fewest whose
@@ -30,25 +33,32 @@ from .selection import Budget, attention_mass
 
 PROBE_BLOCK = 64  # probe rows per attention-mass block (bounds the [heads, probes, N] scores)
 MAX_PROBES = 512  # the last probe rows are enough to know what the question reads
+FIRST_SCORED_LAYER = 0.5  # score the layers from this fraction of the depth on
 
 
 class TailAttention:
     """Observer for a probe pass: per cached row, the share of the probe rows' attention to cached rows it gets,
-    summed over layers. from_cache: [N] bool."""
+    summed over the layers from ``first_layer`` on.
 
-    def __init__(self, from_cache: torch.Tensor, probe_start: int, scale: float) -> None:
+    from_cache: [N] bool; probes: [P] indices, into the rows the probe pass computes, of the probe rows (found
+    once per request, so the layer loop never waits for the device to count them).
+    """
+
+    def __init__(self, from_cache: torch.Tensor, probes: torch.Tensor, scale: float, first_layer: int = 0) -> None:
         self.from_cache = from_cache
-        self.probe_start = probe_start
+        self.probes = probes
         self.scale = scale
+        self.first_layer = first_layer
         self.scores = torch.zeros(from_cache.shape[0], dtype=torch.float32, device=from_cache.device)
 
     def __call__(self, layer: int, q: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> None:
-        """q: [Hq, M, D] rotated queries of ``rows``: [M]; keys: [Hkv, N, D] rotated."""
-        probes = (rows >= self.probe_start).nonzero().squeeze(1)[-MAX_PROBES:]
-        if probes.numel() == 0:
+        """q: [Hq, M, D] rotated queries of ``rows``: [M]; keys: [Hkv, N, D] rotated. At the last layer only the
+        last row is computed: it is the probe then."""
+        if layer < self.first_layer:
             return
+        probes = self.probes if rows.shape[0] > 1 else torch.zeros(1, dtype=torch.long, device=rows.device)
         mass = torch.zeros_like(self.scores)
-        for i in range(0, probes.numel(), PROBE_BLOCK):
+        for i in range(0, probes.shape[0], PROBE_BLOCK):
             block = probes[i : i + PROBE_BLOCK]
             mass += attention_mass(q[:, block], rows[block], keys, self.scale)
         mass = mass * self.from_cache
@@ -71,8 +81,12 @@ def select_by_query(
     for span in plan.spans:
         from_cache[span.start : span.end] = True
     forced = plan.forced if plan.forced is not None else ~from_cache
-    tail = TailAttention(from_cache, probe_start(plan), fwd.scale)
-    probe = replace(plan, initial=forced.nonzero().squeeze(1), checks={}, observe=tail, capture=None)
+    initial = forced.nonzero().squeeze(1)  # the rows the probe pass computes
+    probes = (initial >= probe_start(plan)).nonzero().squeeze(1)[-MAX_PROBES:]
+    if probes.numel() == 0:  # nothing uncached after the first chunk: the last row probes
+        probes = torch.tensor([initial.shape[0] - 1], device=initial.device)
+    tail = TailAttention(from_cache, probes, fwd.scale, first_layer=int(FIRST_SCORED_LAYER * fwd.n_layers))
+    probe = replace(plan, initial=initial, checks={}, observe=tail, capture=None)
     flops = prefill(fwd, probe, cache).flops
     candidates = (from_cache & ~forced).nonzero().squeeze(1)
     n_forced_cached = int((forced & from_cache).sum())

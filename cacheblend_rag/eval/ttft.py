@@ -12,7 +12,11 @@ from ..config import BlendConfig
 from .datasets import Example
 
 
-def strategy_config(strategy: str, ratio: float, **kw) -> BlendConfig:
+def strategy_config(name: str, ratio: float, **kw) -> BlendConfig:
+    """The BlendConfig of a strategy name, which may name a cacheblend selection: ``cacheblend[deviation]``."""
+    strategy, _, selection = name.partition("[")
+    if selection:
+        kw["selection"] = selection.removesuffix("]")
     return BlendConfig(strategy=strategy, recompute_ratio=ratio, **kw)
 
 

@@ -40,7 +40,7 @@ def test_query_selection_counts_and_stats(make_engine):
     assert set(req.stats.layer_rows) == {req.stats.recomputed_tokens}
     assert req.stats.recompute_ratio == pytest.approx(round(0.2 * cached) / cached)
     assert 0 < req.stats.probe_s <= req.stats.prefill_s
-    dev = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.2))
+    dev = engine.prepare(segments, config=config("cacheblend", selection="deviation", recompute_ratio=0.2))
     assert not torch.equal(req.logits, dev.logits)
     heads = engine.prepare(
         segments, config=config("cacheblend", selection="query", recompute_ratio=0.2, recompute_chunk_head=3)
@@ -57,7 +57,7 @@ def test_tail_attention_scores_what_the_probes_read():
     keys[0, 4, 0] = 3.0  # row 4 is what every probe reads
     from_cache = torch.zeros(n, dtype=torch.bool)
     from_cache[2:8] = True
-    tail = TailAttention(from_cache, probe_start=2, scale=1.0)
+    tail = TailAttention(from_cache, probes=torch.tensor([1, 2]), scale=1.0)
     tail(0, q, torch.tensor([0, 9, 11]), keys)  # row 0 is before the first chunk: not a probe
     assert int(tail.scores.argmax()) == 4
     assert tail.scores[~from_cache].abs().sum() == 0
@@ -95,7 +95,7 @@ def test_fidelity_target_validation():
     with pytest.raises(ValueError, match=r"fidelity_target must be a number in \(0, 1\]"):
         BlendConfig(fidelity_target=0)
     with pytest.raises(ValueError, match="needs one check layer"):
-        BlendConfig(fidelity_target=0.9, check_layers=(1, 2))
+        BlendConfig(selection="deviation", fidelity_target=0.9, check_layers=(1, 2))
     with pytest.raises(ValueError, match=r"min_ratio .* must not exceed max_ratio"):
         BlendConfig(min_ratio=0.6, max_ratio=0.5)
     with pytest.raises(ValueError, match="max_ratio must be a number"):

@@ -32,8 +32,8 @@ def test_gradual_filtering_and_k_deviation_at_ratio_one_equal_full_recompute(mak
     segments = ["Read.\n", *engine.precompute(PASSAGES), QUESTION]
     full = engine.prepare(segments, config=config("full_recompute")).logits
     for cfg in (
-        config("cacheblend", recompute_ratio=1.0, check_layers=(1, 2, 3)),
-        config("cacheblend", recompute_ratio=1.0, deviation="k"),
+        config("cacheblend", selection="deviation", recompute_ratio=1.0, check_layers=(1, 2, 3)),
+        config("cacheblend", selection="deviation", recompute_ratio=1.0, deviation="k"),
     ):
         assert_close(engine.prepare(segments, config=cfg).logits, full, atol=1e-5, rtol=1e-5)
 
@@ -87,16 +87,20 @@ def test_selection_counts(make_engine):
     handles = engine.precompute(PASSAGES)
     segments = ["Read.\n", *handles, QUESTION]
     cached = sum(h.n_tokens for h in handles)
-    req = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.15))
+    req = engine.prepare(segments, config=config("cacheblend", selection="deviation", recompute_ratio=0.15))
     uncached = req.stats.prompt_tokens - cached
     assert req.stats.cached_tokens == cached
     assert req.stats.recomputed_tokens == round(0.15 * cached) + uncached
     assert req.stats.layer_rows[:2] == [req.stats.prompt_tokens, req.stats.recomputed_tokens]
     reuse = engine.prepare(segments, config=config("full_reuse"))
     assert reuse.stats.recomputed_tokens == uncached and reuse.stats.reused_tokens == cached
-    heads = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.15, recompute_chunk_head=2))
+    heads = engine.prepare(
+        segments, config=config("cacheblend", selection="deviation", recompute_ratio=0.15, recompute_chunk_head=2)
+    )
     assert heads.stats.recomputed_tokens == round(0.15 * cached) + uncached
-    gradual = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.1, check_layers=(1, 2)))
+    gradual = engine.prepare(
+        segments, config=config("cacheblend", selection="deviation", recompute_ratio=0.1, check_layers=(1, 2))
+    )
     assert gradual.stats.layer_rows[1] == round(0.2 * cached) + uncached
     assert gradual.stats.layer_rows[2] == round(0.1 * cached) + uncached
 

@@ -72,10 +72,20 @@ def test_bench_ttft_json(tiny_dir, data_file, tmp_path):
     )
     assert "speedup" in out
     result = json.loads((tmp_path / "ttft.json").read_text())
-    assert {s["strategy"] for s in result["summary"]} == {"full_recompute", "prefix_cache", "full_reuse", "cacheblend"}
-    assert len(result["rows"]) == 8
+    assert [s["strategy"] for s in result["summary"]] == [
+        "full_recompute",
+        "prefix_cache",
+        "full_reuse",
+        "cacheblend[query]",
+        "cacheblend[deviation]",
+    ]
+    assert len(result["rows"]) == 10
+    deviation = [r for r in result["rows"] if r["strategy"] == "cacheblend[deviation]"]
+    assert all(r["recomputed_tokens"] < r["prompt_tokens"] for r in deviation)
     for s in result["summary"]:
-        assert s["median_ttft_s"] > 0 and s["flop_speedup"] >= 1.0 and 0 < s["recomputed_fraction"] <= 1
+        assert s["median_ttft_s"] > 0 and s["flop_speedup"] > 0 and 0 < s["recomputed_fraction"] <= 1
+    # these prompts are mostly uncached text, which the query selection's probe pass computes twice
+    assert next(s for s in result["summary"] if s["strategy"] == "full_reuse")["flop_speedup"] > 1.0
     full = next(s for s in result["summary"] if s["strategy"] == "full_recompute")
     assert full["speedup"] == pytest.approx(1.0) and full["recomputed_fraction"] == 1.0
 
