@@ -175,7 +175,14 @@ def eval_cmd(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"], chunk_prefix=chunk_prefix)
-    result = evaluate(engine, examples, configs, max_new_tokens=max_new_tokens, progress=True)
+    result = evaluate(
+        engine,
+        examples,
+        configs,
+        max_new_tokens=max_new_tokens,
+        progress=True,
+        on_example=lambda r: write_json(out, r, quiet=True),
+    )
     print_eval_table(result)
     write_json(out, result)
 

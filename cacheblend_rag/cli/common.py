@@ -89,12 +89,13 @@ def load_engine(model: str, device: str, dtype: str, cache_dir: Path | None, **k
     return engine
 
 
-def write_json(path: Path | None, payload: dict) -> None:
+def write_json(path: Path | None, payload: dict, quiet: bool = False) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
-    console.print(f"wrote {path}")
+    if not quiet:
+        console.print(f"wrote {path}")
 
 
 def items(text: str) -> list[str]:

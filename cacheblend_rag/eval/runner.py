@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,9 +102,19 @@ def evaluate(
     configs: Sequence[EvalConfig],
     max_new_tokens: int = 32,
     progress: bool = False,
+    on_example: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Run every configuration on every example; returns per-example rows and a summary per configuration."""
+    """Run every configuration on every example; returns per-example rows and a summary per configuration.
+
+    ``on_example`` receives the result so far after each example (the CLI writes it to disk, so a long
+    run that is interrupted keeps what it measured)."""
     rows = []
+    labels = [c.label for c in configs]
+
+    def result(done: int) -> dict:
+        info = run_info(engine, n=done, max_new_tokens=max_new_tokens, configs=labels)
+        return {"config": info, "examples": rows, "summary": summarize(rows, labels)}
+
     items = list(enumerate(examples))
     if progress:
         from tqdm.auto import tqdm
@@ -141,11 +151,9 @@ def evaluate(
                     "recomputed_tokens": run.stats["recomputed_tokens"],
                 }
             )
-    return {
-        "config": run_info(engine, n=len(examples), max_new_tokens=max_new_tokens, configs=[c.label for c in configs]),
-        "examples": rows,
-        "summary": summarize(rows, [c.label for c in configs]),
-    }
+        if on_example is not None and index + 1 < len(examples):
+            on_example({**result(index + 1), "partial": True})
+    return result(len(examples))
 
 
 def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
