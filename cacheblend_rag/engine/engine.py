@@ -8,6 +8,7 @@ decoding (``request.py``).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,8 @@ from .sampling import Sampler, SamplingParams
 from .segments import Block
 from .stats import EngineMetrics, RequestStats
 
+logger = logging.getLogger(__name__)
+
 
 class CacheBlendEngine:
     """Generates from prompts whose chunks reuse precomputed KV caches.
@@ -45,6 +48,8 @@ class CacheBlendEngine:
     config: the default BlendConfig of ``generate``.
     registry_size, registry_min_tokens: how many chunk texts ``generate(prompt=...)`` looks for, and the fewest
         tokens a text needs to be looked for (shorter ones are not worth reusing; see engine/registry.py).
+    cuda_graphs: on CUDA, decode each request through a CUDA graph of one step (captured after the prefill,
+        replayed per token; engine/decode.py). If a capture fails, the engine logs it once and decodes eagerly.
     """
 
     name = "custom"
@@ -62,9 +67,11 @@ class CacheBlendEngine:
         config: BlendConfig | None = None,
         registry_size: int = 50_000,
         registry_min_tokens: int = MIN_TOKENS,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.cuda_graphs = cuda_graphs
         self.forward = fwd = ModelForward(model)
         self.device, self.dtype = fwd.device, fwd.dtype
         self.default_config = config or BlendConfig()
@@ -206,7 +213,16 @@ class CacheBlendEngine:
         request = self.prepare(segments, prompt=prompt, config=config, extra_capacity=sampling.max_new_tokens)
         room = max(self.context_window - request.stats.prompt_tokens, 1)
         max_new = min(sampling.max_new_tokens, room)
-        return GenerationStream(request, Sampler(sampling), streamer, max_new, self.eos_token_ids, self._metrics.record)
+        return GenerationStream(
+            request,
+            Sampler(sampling),
+            streamer,
+            max_new,
+            self.eos_token_ids,
+            self._metrics.record,
+            graphs=self.cuda_graphs,
+            on_graph_failure=self._graph_failed,
+        )
 
     def generate(
         self,
@@ -242,6 +258,12 @@ class CacheBlendEngine:
         if config.strategy == "cacheblend" and too_deep:
             raise ValueError(f"check_layers {too_deep} do not exist: the model has {self.forward.n_layers} layers")
         return config
+
+    def _graph_failed(self, exc: BaseException) -> None:
+        """A CUDA graph capture failed: say so once and decode eagerly from now on."""
+        if self.cuda_graphs:
+            self.cuda_graphs = False
+            logger.warning("CUDA graph capture failed (%s: %s); decoding eagerly from now on", type(exc).__name__, exc)
 
     def _new_cache(self, capacity: int) -> KVCache:
         return KVCache.for_model(self.forward, capacity)
