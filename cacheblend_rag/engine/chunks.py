@@ -26,15 +26,24 @@ StoreSpec = KVStore | Sequence[object] | None
 
 
 def build_store(
-    spec: StoreSpec, fingerprint: str, cache_dir: Path, memory_bytes: int, dtype: torch.dtype, expect
+    spec: StoreSpec,
+    fingerprint: str,
+    cache_dir: Path,
+    memory_bytes: int,
+    dtype: torch.dtype,
+    expect,
+    device: torch.device | None = None,
 ) -> KVStore:
     """A KVStore from ``spec``: a KVStore (kept; its ``expect`` filled in), a list of tiers or tier URLs, or None
-    (a memory tier of ``memory_bytes`` in front of a disk tier under ``cache_dir/kv``)."""
+    (a memory tier of ``memory_bytes`` in front of a disk tier under ``cache_dir/kv``; for a model on CUDA, a
+    device tier (a share of the free GPU memory) in front of a pinned host tier of ``memory_bytes`` and the disk)."""
     if isinstance(spec, KVStore):
         spec.expect = spec.expect or expect
         return spec
     if spec is None:
         tiers = [MemoryTier(memory_bytes), DiskTier(cache_dir / "kv", fingerprint)]
+        if device is not None and device.type == "cuda":
+            tiers = [MemoryTier(None, device=device), MemoryTier(memory_bytes, pin=True), tiers[1]]
     elif isinstance(spec, (str, bytes)):
         raise TypeError("store must be a list of tier URLs or tiers, e.g. store=['memory://?max_bytes=2GB']")
     else:

@@ -38,7 +38,8 @@ class CacheBlendEngine:
     """Generates from prompts whose chunks reuse precomputed KV caches.
 
     model, tokenizer: a Hugging Face Llama / Mistral / Qwen2 causal LM and its tokenizer.
-    store: None (memory tier of ``memory_bytes`` in front of a disk tier under ``cache_dir/kv``), a
+    store: None (memory tier of ``memory_bytes`` in front of a disk tier under ``cache_dir/kv``; on CUDA a
+        device tier and a pinned host tier of ``memory_bytes`` in front of the disk: docs/GPU.md), a
         KVStore, or a list of tiers / tier URLs (``memory://?max_bytes=2GB``, ``file:///path``,
         ``redis://host:6379/0``), fastest first.
     store_dtype: dtype of stored KV; "auto": the compute dtype when it is 16-bit (no conversion when a chunk
@@ -86,7 +87,9 @@ class CacheBlendEngine:
         if store_dtype == "auto":
             store_dtype = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
         expect = (fwd.n_layers, fwd.n_kv_heads, fwd.head_dim)
-        self.store = build_store(store, self.fingerprint, self.cache_dir, memory_bytes, store_dtype, expect)
+        self.store = build_store(
+            store, self.fingerprint, self.cache_dir, memory_bytes, store_dtype, expect, device=self.device
+        )
         self.registry = ChunkRegistry(registry_size, registry_min_tokens)
         self._metrics = EngineMetrics()
         self.chunks = ChunkSource(

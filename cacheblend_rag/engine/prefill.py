@@ -3,8 +3,9 @@
 A plan says which prompt rows have stored KV (``spans``), which rows are computed from layer 0
 (``initial``: all for full_recompute and cacheblend, the uncached rows for full_reuse and prefix_cache)
 and at which layers cacheblend narrows the computed rows (``checks``). Before the loop, the stored pre-RoPE
-K and V of every block that is already in memory are copied into the fused cache for all layers at once
-(blocks arriving layer by layer, from disk, Redis or the pinned host tier, are copied as each layer arrives).
+K and V of the cached blocks are queued into the fused cache (``transfer.StoredKV``: all layers at once from
+the device tier, layer by layer on a side CUDA stream from the pinned host tier, as each layer arrives from
+disk or Redis).
 At each layer:
 
 1. Q/K/V are computed for the selected rows; at a check layer the deviation of their fresh K or V from
@@ -35,6 +36,7 @@ from ..store.chunk import ChunkKV
 from .kv_cache import KVCache
 from .selection import Budget, attention_mass, choose, deviation_scores, probe_span
 from .stale_shift import shift_stale_rows, span_index
+from .transfer import StoredKV
 
 
 @dataclass
@@ -156,21 +158,10 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
     captured_k: list[torch.Tensor] = []
     captured_v: list[torch.Tensor] = []
     cache.length = n
-    lazy: list[CachedSpan] = []
-    if not plan.cache_ready:
-        # blocks already in memory: every layer in one copy each; blocks still arriving: layer by layer below
-        for span in plan.spans:
-            if isinstance(span.kv, ChunkKV):
-                cache.k[:, :, span.start : span.end].copy_(span.kv.k, non_blocking=True)
-                cache.v[:, :, span.start : span.end].copy_(span.kv.v, non_blocking=True)
-            else:
-                lazy.append(span)
+    stored = StoredKV(plan.spans if not plan.cache_ready else [], cache)  # transfer.py: where each block comes from
     for layer in range(fwd.n_layers):
         keys, values = cache.layer(layer, n)  # [Hkv, N, D] views of the fused cache
-        for span in lazy:
-            k_stored, v_stored = span.kv.layer(layer)  # [Hkv, T, D], k before RoPE
-            keys[:, span.start : span.end].copy_(k_stored, non_blocking=True)
-            values[:, span.start : span.end].copy_(v_stored, non_blocking=True)
+        stored.layer(layer)
         x = fwd.attn_input(layer, h)  # [M, hidden] normalised
         k_new, v_new = fwd.project_kv(layer, x)  # [Hkv, M, D] each, k before RoPE
         if plan.cache_ready:
