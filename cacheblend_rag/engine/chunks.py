@@ -18,6 +18,7 @@ import torch
 from ..model.forward import ModelForward
 from ..store import ChunkHandle, ChunkKV, DiskTier, KVStore, MemoryTier, chain_key, tier_from_url
 from ..store.pipeline import LazyChunk
+from .batch_compute import batches, compute_batch, default_batch_tokens
 from .kv_cache import KVCache
 from .prefill import PrefillPlan, prefill
 from .stats import EngineMetrics, RequestStats
@@ -55,7 +56,9 @@ class ChunkSource:
     """Handles, precomputation and the KV of a request's chunks.
 
     forward: computes missing chunks (on the kernels of ``backend``); tokenize: text -> token ids; metrics: the
-    engine's counters; context_window: the model's, which a chunk and the prefix must fit in.
+    engine's counters; context_window: the model's, which a chunk and the prefix must fit in. batch_tokens: rows
+    per precompute forward (several chunks each, ``batch_compute.py``); 0 computes one chunk per forward. Default:
+    ``default_batch_tokens`` (batched on CUDA, one by one elsewhere).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class ChunkSource:
         *,
         context_window: int,
         backend: str = "auto",
+        batch_tokens: int | None = None,
     ) -> None:
         self.forward = forward
         self.store = store
@@ -79,6 +83,7 @@ class ChunkSource:
         self.metrics = metrics
         self.context_window = context_window
         self.backend = backend
+        self.batch_tokens = default_batch_tokens(forward.device) if batch_tokens is None else batch_tokens
         self._computing: dict[str, Future] = {}  # chunk key -> its computation in progress (one per key)
         self._computing_lock = threading.Lock()
 
@@ -129,6 +134,9 @@ class ChunkSource:
                 )
         todo = {h.key: h for h in handles if not self.store.contains(h.key)}
         self.metrics.add(precompute_cache_hits=len(handles) - len(todo))
+        if self.batch_tokens > 0:
+            self._precompute_batched(list(todo.values()), progress)
+            return handles
         items = todo.values()
         if progress and todo:
             from tqdm.auto import tqdm
@@ -138,6 +146,27 @@ class ChunkSource:
             self.store.put(handle.key, self.compute(handle.token_ids))
             self.metrics.add(precomputed_chunks=1)
         return handles
+
+    def _precompute_batched(self, handles: list[ChunkHandle], progress: bool) -> None:
+        """Compute ``handles`` several per forward (``batch_compute.py``), ``batch_tokens`` rows at most each."""
+        fwd = self.forward.with_backend(self.backend)
+        p = len(self.prefix_ids)
+        groups = batches([p + h.n_tokens for h in handles], self.batch_tokens)
+        bar = None
+        if progress and handles:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(handles), desc="precompute KV", unit="chunk")
+        for group in groups:
+            with torch.inference_mode():
+                kvs = compute_batch(fwd, self.prefix_ids, [handles[i].token_ids for i in group])
+            for i, kv in zip(group, kvs):
+                self.store.put(handles[i].key, kv)
+            self.metrics.add(precomputed_chunks=len(group))
+            if bar is not None:
+                bar.update(len(group))
+        if bar is not None:
+            bar.close()
 
     def compute(self, token_ids: Sequence[int]) -> ChunkKV:
         """KV of ``prefix_ids + token_ids`` computed alone, prefix rows dropped, keys before RoPE."""
