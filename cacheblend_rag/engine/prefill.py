@@ -222,9 +222,7 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
     )
 
 
-def check_budget(
-    plan: PrefillPlan, layer: int, n_cached: int, n_forced_cached: int, scores, forced, sel_cached
-) -> int:
+def check_budget(plan: PrefillPlan, layer: int, n_cached: int, n_forced_cached: int, scores, forced, sel_cached) -> int:
     """Cached rows a check layer keeps (forced ones included): its ratio of the ``n_cached`` cached rows (a host
     count), or at the last check layer of a plan with a fidelity target, the rows whose scores reach it (that one
     reads the scores back: the only host read in the loop of a cacheblend plan). scores, forced, sel_cached: [M]

@@ -58,7 +58,9 @@ def mask_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(mask.to(torch.uint8), descending=True, stable=True).indices[:count]
 
 
-def choose(scores: torch.Tensor, forced: torch.Tensor, sel_cached: torch.Tensor, extra: int, n_forced: int) -> torch.Tensor:
+def choose(
+    scores: torch.Tensor, forced: torch.Tensor, sel_cached: torch.Tensor, extra: int, n_forced: int
+) -> torch.Tensor:
     """Rows to keep: the ``n_forced`` forced rows plus the ``extra`` highest-scoring cached rows that are not forced
     (the caller makes sure there are that many). scores, forced, sel_cached: [M] -> sorted indices [n_forced +
     extra]. Counts come from the plan on the host; nothing is read from the device."""

@@ -204,10 +204,16 @@ def decode_attention(
     Nothing is read on the host, so a CUDA graph can capture the call.
     """
     check(q.dim() == 3 and q.shape[1] == 1, f"q must be [heads, 1, head_dim], got {tuple(q.shape)}")
-    check(k.dim() == 3 and k.shape == v.shape, f"k and v must be one [Hkv, N, D] shape: {tuple(k.shape)}, {tuple(v.shape)}")
+    check(
+        k.dim() == 3 and k.shape == v.shape,
+        f"k and v must be one [Hkv, N, D] shape: {tuple(k.shape)}, {tuple(v.shape)}",
+    )
     check(q.shape[0] % k.shape[0] == 0, f"query heads {q.shape[0]} not a multiple of KV heads {k.shape[0]}")
     check(q.shape[-1] == k.shape[-1], f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}")
-    check(pos.shape == (1,) and pos.dtype == torch.int64, f"pos must be a [1] int64 tensor, got {pos.dtype} {tuple(pos.shape)}")
+    check(
+        pos.shape == (1,) and pos.dtype == torch.int64,
+        f"pos must be a [1] int64 tensor, got {pos.dtype} {tuple(pos.shape)}",
+    )
     check(q.device == k.device == v.device == pos.device, "q, pos, k, v must be on one device")
     check(length is None or 0 < length <= k.shape[1], f"length must lie in [1, {k.shape[1]}], got {length}")
     if resolve_backend(backend, q.device) == "triton":

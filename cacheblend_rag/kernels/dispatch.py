@@ -47,9 +47,7 @@ class Kernels:
 
     def attention(self, q, q_pos, k, v, scale: float) -> torch.Tensor:
         """q: [Hq, M, D] rotated at q_pos: [M], each in [0, N); k, v: [Hkv, N, D], key j at position j -> [Hq, M, D]."""
-        return selected_attention(
-            q, q_pos, k, v, scale, backend=self.backend, trusted=True, host_reads=self.reads_host
-        )
+        return selected_attention(q, q_pos, k, v, scale, backend=self.backend, trusted=True, host_reads=self.reads_host)
 
     def decode_attention(self, q, pos, k, v, scale: float, *, length: int | None = None) -> torch.Tensor:
         """q: [Hq, 1, D] rotated at pos: [1] (device); k, v: [Hkv, N, D] -> [Hq, 1, D] over keys 0..pos."""

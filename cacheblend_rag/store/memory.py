@@ -44,7 +44,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"memory tier device={device} needs CUDA, which this torch does not see (torch.cuda.is_available() is "
-            "False); drop device= (host memory) or use device=cpu, or run where a CUDA GPU and a CUDA build of torch are"
+            "False); drop device= (host memory) or use device=cpu, or run where a CUDA GPU and a CUDA torch are"
         )
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())

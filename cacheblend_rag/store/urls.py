@@ -86,7 +86,9 @@ def tier_from_url(url: str, model_fingerprint: str):
     if parsed.scheme in ("memory", "gpu"):
         unknown = set(query) - {"max_bytes", "device", "pin"}
         if unknown:
-            raise ValueError(f"unknown memory tier option(s) {sorted(unknown)} in {redact_url(url)!r}; use max_bytes, device, pin")
+            raise ValueError(
+                f"unknown memory tier option(s) {sorted(unknown)} in {redact_url(url)!r}; use max_bytes, device, pin"
+            )
         device = query.get("device", "cuda" if parsed.scheme == "gpu" else None)
         size = query.get("max_bytes")
         max_bytes = parse_bytes(size) if size is not None else None if device not in (None, "cpu") else 2 << 30
@@ -105,6 +107,7 @@ def tier_from_url(url: str, model_fingerprint: str):
 
         return RedisClusterTier.from_url(url, model_fingerprint)
     raise ValueError(
-        f"unknown store URL scheme in {redact_url(url)!r}; use memory://?max_bytes=... (device=cuda, pin=1), gpu://, file:///path, "
+        f"unknown store URL scheme in {redact_url(url)!r}; use memory://?max_bytes=... (device=cuda, pin=1), "
+        "gpu://, file:///path, "
         "redis://host:port/db or redis+cluster://host:port,host:port"
     )
