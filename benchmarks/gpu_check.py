@@ -384,7 +384,8 @@ def prefill_section(args, device, dtype) -> None:
             sync(device)
             seconds = time.perf_counter() - t
             rate = sum(h.n_tokens for h in handles) / seconds
-            add("prefill", "precompute chunks", f"{len(chunks)}x{args.chunk_tokens}", seconds=seconds, tokens_per_s=rate)
+            shape = f"{len(chunks)}x{args.chunk_tokens}"
+            add("prefill", "precompute chunks", shape, seconds=seconds, tokens_per_s=rate)
             segments = [words(args.prefix_tokens) + " ", *handles, " " + words(args.question_tokens)]
             with torch.inference_mode():
                 hf_ms, n_tokens = time_prefills(args, device, model, engine, segments)

@@ -324,8 +324,11 @@ def test_engine_blended_prefill_triton_equals_torch(tokenizer, tmp_path, arch):
     assert got.token_ids == expected.token_ids
 
 
+DECODE_SHAPES = [(4, 2, 32, 70, 0), (6, 2, 24, 70, 41), (8, 1, 16, 300, 299), (3, 3, 8, 33, 17)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hq,hkv,d,n,pos", [(4, 2, 32, 70, 0), (6, 2, 24, 70, 41), (8, 1, 16, 300, 299), (3, 3, 8, 33, 17)])
+@pytest.mark.parametrize("hq,hkv,d,n,pos", DECODE_SHAPES)
 def test_decode_attention_equals_reference(dtype, hq, hkv, d, n, pos):
     """One decoding query over keys 0..pos (rows after pos hold garbage that must not count), split over keys."""
     from cacheblend_rag.kernels.decode import decode_attention, decode_attention_torch
