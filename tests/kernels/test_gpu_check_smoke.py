@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+SMOKE_ARGS = ("--smoke", "--no-sweep", "--profile")
 
 
 @pytest.mark.slow
@@ -19,8 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_check_smoke_runs_and_every_check_passes(tmp_path):
     out = tmp_path / "smoke.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--no-sweep", "--profile"]
-        + ["--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), *SMOKE_ARGS, "--out", str(out)],
         cwd=tmp_path,
         env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True,
