@@ -24,6 +24,7 @@ device copy of the same bytes).
 
     python benchmarks/gpu_check.py --out gpu_check.json          # CUDA
     python benchmarks/gpu_check.py --smoke --out smoke.json       # CPU, interpreter, tiny shapes
+    python benchmarks/gpu_check.py --profile --out gpu_check.json  # plus wall vs GPU-busy, syncs, H2D per request
 """
 
 from __future__ import annotations
@@ -356,10 +357,14 @@ def prefill_section(args, device, dtype) -> None:
         return " ".join(f"w{i}" for i in torch.randint(3, 49_000, (count,), generator=gen).tolist())
 
     with tempfile.TemporaryDirectory() as tmp:
+        if device.type == "cuda":  # the device tier first, the pinned host tier under it (docs/GPU.md)
+            store = ["memory://?device=cuda&max_bytes=40GB", "memory://?pin=1&max_bytes=100GB"]
+        else:
+            store = ["memory://?max_bytes=8GB"]
         engine = CacheBlendEngine(
             model,
             tokenizer,
-            store=["memory://?max_bytes=200GB"],
+            store=store,
             store_dtype=dtype,
             cache_dir=tmp,
             config=BlendConfig(backend="triton"),
@@ -377,10 +382,21 @@ def prefill_section(args, device, dtype) -> None:
             t = time.perf_counter()
             handles = engine.precompute(chunks)
             sync(device)
-            add("prefill", "precompute chunks", f"{len(chunks)}x{args.chunk_tokens}", seconds=time.perf_counter() - t)
+            seconds = time.perf_counter() - t
+            rate = sum(h.n_tokens for h in handles) / seconds
+            shape = f"{len(chunks)}x{args.chunk_tokens}"
+            add("prefill", "precompute chunks", shape, seconds=seconds, tokens_per_s=rate)
             segments = [words(args.prefix_tokens) + " ", *handles, " " + words(args.question_tokens)]
             with torch.inference_mode():
-                time_prefills(args, device, model, engine, segments)
+                hf_ms, n_tokens = time_prefills(args, device, model, engine, segments)
+            hf_rate = n_tokens / (hf_ms / 1e3)
+            add("prefill", "precompute vs HF full", f"N={n_tokens}", ratio=rate / hf_rate, target=">= 0.5")
+            time_decode(args, device, model, engine, segments)
+            if args.profile:
+                from gpu_profile import profile_section
+
+                with torch.inference_mode():
+                    profile_section(add, engine, segments, device, args.ratio)
 
 
 def time_prefills(args, device, model, engine, segments) -> None:
@@ -419,6 +435,43 @@ def time_prefills(args, device, model, engine, segments) -> None:
         recomputed=stats.recomputed_tokens,
         first_layers=str(stats.layer_rows[:3]),
         blend_vs_engine_full=results["full_recompute triton"] / results["cacheblend 15% triton"],
+        blend_vs_hf_full=hf_ms / results["cacheblend 15% triton"],
+        target_vs_hf=">= 3",
+    )
+    return hf_ms, ids.shape[1]
+
+
+def time_decode(args, device, model, engine, segments, new: int = 64) -> None:
+    """Per-token decoding: the engine (CUDA graph on CUDA) against Hugging Face's generate with a static cache."""
+    from cacheblend_rag import BlendConfig
+
+    cfg = BlendConfig(strategy="cacheblend", backend="triton", recompute_ratio=args.ratio)
+    new = min(new, 8) if args.smoke else new
+    engine.generate(segments, config=cfg, max_new_tokens=new)  # warm-up (and graph capture)
+    stats = engine.generate(segments, config=cfg, max_new_tokens=new).stats
+    engine_ms = 1e3 * stats.decode_s / max(stats.new_tokens - 1, 1)
+    prompt = engine.tokenize(segments[0]) + [i for h in segments[1:-1] for i in h.token_ids]
+    ids = torch.tensor(prompt + engine.tokenize(segments[-1]), device=device)[None]
+    hf = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=1)
+    if device.type == "cuda":
+        hf["cache_implementation"] = "static"
+
+    def generate(n):
+        return lambda: model.generate(ids, **{**hf, "max_new_tokens": n, "min_new_tokens": n})
+
+    with torch.inference_mode():
+        full = wall_ms(generate(new), device, 1)
+        first = wall_ms(generate(1), device, 1)
+    hf_ms = (full - first) / (new - 1)
+    add(
+        "decode",
+        "ms per token, engine vs HF generate",
+        f"N={ids.shape[1]}",
+        engine_ms=engine_ms,
+        hf_ms=hf_ms,
+        graph_steps=stats.graph_steps,
+        engine_vs_hf=hf_ms / engine_ms,
+        target=">= 1",
     )
 
 
@@ -582,6 +635,11 @@ def parse(argv=None):
     p.add_argument("--prefill-reps", type=int, default=3)
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the attention block-size sweep")
     p.add_argument("--no-prefill", dest="prefill", action="store_false", help="skip the model prefill timings")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="per strategy and store tier: wall vs GPU-busy time, host syncs, host-to-device copies (gpu_profile.py)",
+    )
     args = p.parse_args(argv)
     args.q_heads, args.kv_heads, args.head_dim = 32, 8, 128
     args.hidden, args.intermediate, args.vocab = 4096, 14336, 128256

@@ -18,6 +18,7 @@ import torch
 from ..model.forward import ModelForward
 from ..store import ChunkHandle, ChunkKV, DiskTier, KVStore, MemoryTier, chain_key, tier_from_url
 from ..store.pipeline import LazyChunk
+from .batch_compute import batches, compute_batch, default_batch_tokens
 from .kv_cache import KVCache
 from .prefill import PrefillPlan, prefill
 from .stats import EngineMetrics, RequestStats
@@ -26,15 +27,24 @@ StoreSpec = KVStore | Sequence[object] | None
 
 
 def build_store(
-    spec: StoreSpec, fingerprint: str, cache_dir: Path, memory_bytes: int, dtype: torch.dtype, expect
+    spec: StoreSpec,
+    fingerprint: str,
+    cache_dir: Path,
+    memory_bytes: int,
+    dtype: torch.dtype,
+    expect,
+    device: torch.device | None = None,
 ) -> KVStore:
     """A KVStore from ``spec``: a KVStore (kept; its ``expect`` filled in), a list of tiers or tier URLs, or None
-    (a memory tier of ``memory_bytes`` in front of a disk tier under ``cache_dir/kv``)."""
+    (a memory tier of ``memory_bytes`` in front of a disk tier under ``cache_dir/kv``; for a model on CUDA, a
+    device tier (a share of the free GPU memory) in front of a pinned host tier of ``memory_bytes`` and the disk)."""
     if isinstance(spec, KVStore):
         spec.expect = spec.expect or expect
         return spec
     if spec is None:
         tiers = [MemoryTier(memory_bytes), DiskTier(cache_dir / "kv", fingerprint)]
+        if device is not None and device.type == "cuda":
+            tiers = [MemoryTier(None, device=device), MemoryTier(memory_bytes, pin=True), tiers[1]]
     elif isinstance(spec, (str, bytes)):
         raise TypeError("store must be a list of tier URLs or tiers, e.g. store=['memory://?max_bytes=2GB']")
     else:
@@ -46,7 +56,9 @@ class ChunkSource:
     """Handles, precomputation and the KV of a request's chunks.
 
     forward: computes missing chunks (on the kernels of ``backend``); tokenize: text -> token ids; metrics: the
-    engine's counters; context_window: the model's, which a chunk and the prefix must fit in.
+    engine's counters; context_window: the model's, which a chunk and the prefix must fit in. batch_tokens: rows
+    per precompute forward (several chunks each, ``batch_compute.py``); 0 computes one chunk per forward. Default:
+    ``default_batch_tokens`` (batched on CUDA, one by one elsewhere).
     """
 
     def __init__(
@@ -60,6 +72,7 @@ class ChunkSource:
         *,
         context_window: int,
         backend: str = "auto",
+        batch_tokens: int | None = None,
     ) -> None:
         self.forward = forward
         self.store = store
@@ -70,6 +83,7 @@ class ChunkSource:
         self.metrics = metrics
         self.context_window = context_window
         self.backend = backend
+        self.batch_tokens = default_batch_tokens(forward.device) if batch_tokens is None else batch_tokens
         self._computing: dict[str, Future] = {}  # chunk key -> its computation in progress (one per key)
         self._computing_lock = threading.Lock()
 
@@ -120,6 +134,9 @@ class ChunkSource:
                 )
         todo = {h.key: h for h in handles if not self.store.contains(h.key)}
         self.metrics.add(precompute_cache_hits=len(handles) - len(todo))
+        if self.batch_tokens > 0:
+            self._precompute_batched(list(todo.values()), progress)
+            return handles
         items = todo.values()
         if progress and todo:
             from tqdm.auto import tqdm
@@ -129,6 +146,27 @@ class ChunkSource:
             self.store.put(handle.key, self.compute(handle.token_ids))
             self.metrics.add(precomputed_chunks=1)
         return handles
+
+    def _precompute_batched(self, handles: list[ChunkHandle], progress: bool) -> None:
+        """Compute ``handles`` several per forward (``batch_compute.py``), ``batch_tokens`` rows at most each."""
+        fwd = self.forward.with_backend(self.backend)
+        p = len(self.prefix_ids)
+        groups = batches([p + h.n_tokens for h in handles], self.batch_tokens)
+        bar = None
+        if progress and handles:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(handles), desc="precompute KV", unit="chunk")
+        for group in groups:
+            with torch.inference_mode():
+                kvs = compute_batch(fwd, self.prefix_ids, [handles[i].token_ids for i in group])
+            for i, kv in zip(group, kvs):
+                self.store.put(handles[i].key, kv)
+            self.metrics.add(precomputed_chunks=len(group))
+            if bar is not None:
+                bar.update(len(group))
+        if bar is not None:
+            bar.close()
 
     def compute(self, token_ids: Sequence[int]) -> ChunkKV:
         """KV of ``prefix_ids + token_ids`` computed alone, prefix rows dropped, keys before RoPE."""

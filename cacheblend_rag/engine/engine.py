@@ -8,6 +8,7 @@ decoding (``request.py``).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -30,12 +31,15 @@ from .sampling import Sampler, SamplingParams
 from .segments import Block
 from .stats import EngineMetrics, RequestStats
 
+logger = logging.getLogger(__name__)
+
 
 class CacheBlendEngine:
     """Generates from prompts whose chunks reuse precomputed KV caches.
 
     model, tokenizer: a Hugging Face Llama / Mistral / Qwen2 causal LM and its tokenizer.
-    store: None (memory tier of ``memory_bytes`` in front of a disk tier under ``cache_dir/kv``), a
+    store: None (memory tier of ``memory_bytes`` in front of a disk tier under ``cache_dir/kv``; on CUDA a
+        device tier and a pinned host tier of ``memory_bytes`` in front of the disk: docs/GPU.md), a
         KVStore, or a list of tiers / tier URLs (``memory://?max_bytes=2GB``, ``file:///path``,
         ``redis://host:6379/0``), fastest first.
     store_dtype: dtype of stored KV; "auto": the compute dtype when it is 16-bit (no conversion when a chunk
@@ -45,6 +49,8 @@ class CacheBlendEngine:
     config: the default BlendConfig of ``generate``.
     registry_size, registry_min_tokens: how many chunk texts ``generate(prompt=...)`` looks for, and the fewest
         tokens a text needs to be looked for (shorter ones are not worth reusing; see engine/registry.py).
+    cuda_graphs: on CUDA, decode each request through a CUDA graph of one step (captured after the prefill,
+        replayed per token; engine/decode.py). If a capture fails, the engine logs it once and decodes eagerly.
     """
 
     name = "custom"
@@ -62,9 +68,11 @@ class CacheBlendEngine:
         config: BlendConfig | None = None,
         registry_size: int = 50_000,
         registry_min_tokens: int = MIN_TOKENS,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.cuda_graphs = cuda_graphs
         self.forward = fwd = ModelForward(model)
         self.device, self.dtype = fwd.device, fwd.dtype
         self.default_config = config or BlendConfig()
@@ -79,7 +87,9 @@ class CacheBlendEngine:
         if store_dtype == "auto":
             store_dtype = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
         expect = (fwd.n_layers, fwd.n_kv_heads, fwd.head_dim)
-        self.store = build_store(store, self.fingerprint, self.cache_dir, memory_bytes, store_dtype, expect)
+        self.store = build_store(
+            store, self.fingerprint, self.cache_dir, memory_bytes, store_dtype, expect, device=self.device
+        )
         self.registry = ChunkRegistry(registry_size, registry_min_tokens)
         self._metrics = EngineMetrics()
         self.chunks = ChunkSource(
@@ -206,7 +216,16 @@ class CacheBlendEngine:
         request = self.prepare(segments, prompt=prompt, config=config, extra_capacity=sampling.max_new_tokens)
         room = max(self.context_window - request.stats.prompt_tokens, 1)
         max_new = min(sampling.max_new_tokens, room)
-        return GenerationStream(request, Sampler(sampling), streamer, max_new, self.eos_token_ids, self._metrics.record)
+        return GenerationStream(
+            request,
+            Sampler(sampling),
+            streamer,
+            max_new,
+            self.eos_token_ids,
+            self._metrics.record,
+            graphs=self.cuda_graphs,
+            on_graph_failure=self._graph_failed,
+        )
 
     def generate(
         self,
@@ -242,6 +261,12 @@ class CacheBlendEngine:
         if config.strategy == "cacheblend" and too_deep:
             raise ValueError(f"check_layers {too_deep} do not exist: the model has {self.forward.n_layers} layers")
         return config
+
+    def _graph_failed(self, exc: BaseException) -> None:
+        """A CUDA graph capture failed: say so once and decode eagerly from now on."""
+        if self.cuda_graphs:
+            self.cuda_graphs = False
+            logger.warning("CUDA graph capture failed (%s: %s); decoding eagerly from now on", type(exc).__name__, exc)
 
     def _new_cache(self, capacity: int) -> KVCache:
         return KVCache.for_model(self.forward, capacity)

@@ -15,6 +15,7 @@ from .prefill import CachedSpan, PrefillPlan
 from .segments import Block
 from .selection import Budget
 from .stats import RequestStats
+from .transfer import upload
 
 
 @dataclass
@@ -35,7 +36,9 @@ def plan_request(
     blocks: list[Block], config: BlendConfig, chunks: ChunkSource, stats: RequestStats
 ) -> tuple[PrefillPlan, PrefixBlocks | None]:
     """The plan of a request (and, for prefix_cache, the blocks to store after its prefill)."""
-    ids = torch.tensor([t for b in blocks for t in b.token_ids], dtype=torch.long, device=chunks.device)  # [N]
+    device = chunks.device
+    host_ids = torch.tensor([t for b in blocks for t in b.token_ids], dtype=torch.long)  # [N]
+    ids = upload(host_ids, device)
     n = ids.shape[0]
     if config.strategy == "full_recompute":
         return PrefillPlan(ids=ids), None
@@ -47,18 +50,25 @@ def plan_request(
     kvs = chunks.fetch([b.handle for b in cached], stats)
     spans = [CachedSpan(block.start, kv) for block, kv in zip(cached, kvs)]
     stats.load_s = time.perf_counter() - t
-    forced = torch.ones(n, dtype=torch.bool, device=ids.device)  # [N]: the rows a check layer must keep
+    # built on the host, so the counts the layer loop needs are known without reading the device
+    forced = torch.ones(n, dtype=torch.bool)  # [N]: the rows a check layer must keep
+    from_cache = torch.zeros(n, dtype=torch.bool)
     for span in spans:
         forced[span.start + config.recompute_chunk_head : span.end] = False
+        from_cache[span.start : span.end] = True
     forced[n - 1] = True
+    counts = (int(forced.sum()), int((forced & from_cache).sum()))
+    forced_rows = upload(forced.nonzero().squeeze(1), device)  # [F] sorted
+    forced = upload(forced, device)
     stats.cached_tokens = sum(s.kv.n_tokens for s in spans)
     if config.strategy == "full_reuse":
-        return PrefillPlan(ids=ids, spans=spans, initial=forced.nonzero().squeeze(1), forced=forced), None
+        return PrefillPlan(ids=ids, spans=spans, initial=forced_rows, forced=forced, n_forced=counts), None
     checks = dict(zip(config.check_layers, config.ratios))
     return PrefillPlan(
         ids=ids,
         spans=spans,
         forced=forced,
+        n_forced=counts,
         checks=checks,
         deviation=config.deviation,
         selection=config.selection,
@@ -87,7 +97,7 @@ def prefix_plan(
     reused = spans[-1].end if spans else 0
     stats.cached_tokens = reused
     n = ids.shape[0]
-    initial = torch.arange(reused, n, device=ids.device)
+    initial = torch.arange(reused, n, device=ids.device)  # made on the device: no copy
     todo = [(key, b.start, b.end) for key, b in zip(keys[len(spans) :], blocks[len(spans) :])]
     capture = (reused, todo[-1][2]) if todo else None
     plan = PrefillPlan(ids=ids, spans=spans, initial=initial, capture=capture)

@@ -2,14 +2,25 @@
 
 A plan says which prompt rows have stored KV (``spans``), which rows are computed from layer 0
 (``initial``: all for full_recompute and cacheblend, the uncached rows for full_reuse and prefix_cache)
-and at which layers cacheblend narrows the computed rows (``checks``). At each layer:
+and at which layers cacheblend narrows the computed rows (``checks``). Before the loop, the stored pre-RoPE
+K and V of the cached blocks are queued into the fused cache (``transfer.StoredKV``: all layers at once from
+the device tier, layer by layer on a side CUDA stream from the pinned host tier, as each layer arrives from
+disk or Redis).
+At each layer:
 
-1. the stored pre-RoPE K and V of the cached rows are copied into the fused cache;
-2. Q/K/V are computed for the selected rows; at a check layer the deviation of their fresh K or V from
+1. Q/K/V are computed for the selected rows; at a check layer the deviation of their fresh K or V from
    the stored one picks the rows to keep (top ratio x cached rows, plus every forced row);
-3. the selected rows' K/V overwrite theirs (at a check layer every computed row is written), all keys
+2. the selected rows' K/V overwrite theirs (at a check layer every computed row is written), all keys
    are rotated to their absolute positions;
-4. attention runs for the kept rows over all keys with an exact causal mask by position, then the MLP.
+3. attention runs for the kept rows over all keys with an exact causal mask by position, then the MLP.
+
+**No host synchronisation in the loop.** Every count the loop needs (rows computed, rows kept at a check
+layer, probe rows) comes from the plan on the host; index tensors are built from host data by the planner,
+so the kernels are told to trust them instead of reading them back (``Kernels``), and kept rows are found
+with a sort of known size instead of ``nonzero``. On a GPU the host therefore queues the whole prefill without
+waiting; the only reads are after the loop (the FLOP count). Two documented exceptions: a fidelity target
+with a deviation selection (how many rows to keep depends on the scores: one read at the last check layer)
+and the experimental ``shift_stale``. ``tests/engine/test_no_sync.py`` holds the loop to this.
 """
 
 from __future__ import annotations
@@ -23,8 +34,9 @@ from ..kernels import scatter_rows
 from ..model.forward import ModelForward
 from ..store.chunk import ChunkKV
 from .kv_cache import KVCache
-from .selection import Budget, attention_mass, choose, deviation_scores, probe_rows
+from .selection import Budget, attention_mass, choose, deviation_scores, probe_span
 from .stale_shift import shift_stale_rows, span_index
+from .transfer import StoredKV
 
 
 @dataclass
@@ -44,7 +56,8 @@ class PrefillPlan:
     ids: torch.Tensor  # [N] token ids
     spans: list[CachedSpan] = field(default_factory=list)
     initial: torch.Tensor | None = None  # [M0] sorted rows computed from layer 0; None = all rows
-    forced: torch.Tensor | None = None  # [N] bool: rows a check layer must keep
+    forced: torch.Tensor | None = None  # [N] bool: rows a check layer must keep (every uncached row among them)
+    n_forced: tuple[int, int] | None = None  # (forced rows, forced rows that are cached): the planner's host counts
     checks: dict[int, float] = field(default_factory=dict)  # layer -> ratio of cached rows kept
     deviation: str = "v"
     selection: str = "deviation"  # "deviation" or "attention" (deviation x attention from the prompt's tail)
@@ -56,14 +69,46 @@ class PrefillPlan:
     shift_stale: bool = False  # move stale cached rows by their chunk's mean fresh - stored change (stale_shift.py)
     observe: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None  # (layer, q, rows, keys)
 
+    @property
+    def n(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def n_cached(self) -> int:
+        return sum(span.kv.n_tokens for span in self.spans)
+
+    def forced_counts(self, from_cache: torch.Tensor) -> tuple[int, int]:
+        """(forced rows, forced rows that are cached): the planner's host counts, or (for a hand-made plan without
+        them) counted on the device, once, before the loop."""
+        if self.n_forced is not None:
+            return self.n_forced
+        if self.forced is None:
+            return self.n - self.n_cached, 0
+        return int(self.forced.sum()), int((self.forced & from_cache).sum())
+
+    def check_spans(self) -> None:
+        """Host-side validation of the spans, once per request: inside the prompt, in order, not overlapping."""
+        end = 0
+        for span in self.spans:
+            if span.start < end or span.end > self.n or span.kv.n_tokens <= 0:
+                raise ValueError(f"cached spans must be ordered, non-empty and inside the {self.n} prompt rows")
+            end = span.end
+
 
 @dataclass
 class PrefillResult:
     logits: torch.Tensor | None  # [vocab] float32 at the last prompt position
     rows: torch.Tensor  # [M] rows computed through the last layer
     layer_rows: list[int]
-    flops: float
+    matmul_flops: float  # FLOPs of the projections, MLP and logits (known on the host)
+    attention_work: torch.Tensor | float  # sum over layers and computed rows of (position + 1), on the device
+    attention_flops_per_key: float  # FLOPs per (query row, visible key) pair
     captured: ChunkKV | None
+
+    @property
+    def flops(self) -> float:
+        """All FLOPs of the prefill (reads the attention work back from the device: call after the prefill)."""
+        return self.matmul_flops + self.attention_flops_per_key * float(self.attention_work)
 
 
 def layer_flops(fwd: ModelForward) -> tuple[float, float, float]:
@@ -71,6 +116,14 @@ def layer_flops(fwd: ModelForward) -> tuple[float, float, float]:
     hidden, inner, kv = fwd.hidden_size, fwd.n_heads * fwd.head_dim, fwd.n_kv_heads * fwd.head_dim
     intermediate = fwd.config.intermediate_size
     return 2.0 * hidden * 2 * kv, 2.0 * hidden * inner, 2.0 * (inner * hidden + 3 * hidden * intermediate)
+
+
+def cached_rows_mask(n: int, spans: list[CachedSpan], device: torch.device) -> torch.Tensor:
+    """[N] bool: the rows whose KV comes from the store (fills on the device, nothing read back)."""
+    from_cache = torch.zeros(n, dtype=torch.bool, device=device)
+    for span in spans:
+        from_cache[span.start : span.end] = True
+    return from_cache
 
 
 def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResult:
@@ -82,11 +135,17 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
     ids = plan.ids  # [N]
     n = ids.shape[0]
     device = ids.device
+    bound = n - 1  # every position the loop rotates to lies in [0, n - 1]
+    plan.check_spans()
+    if plan.cache_ready and (plan.checks or plan.capture or plan.shift_stale):
+        raise ValueError("a plan on a ready cache computes a fixed set of rows: no checks, capture or shift")
+    if plan.checks and plan.initial is not None:
+        raise ValueError("a plan with check layers computes every row up to its first check (initial=None)")
     positions = torch.arange(n, device=device)  # [N]: row j is at position j
-    from_cache = torch.zeros(n, dtype=torch.bool, device=device)  # [N]
-    for span in plan.spans:
-        from_cache[span.start : span.end] = True
-    n_cached = int(from_cache.sum())
+    from_cache = cached_rows_mask(n, plan.spans, device)  # [N]
+    n_cached = plan.n_cached
+    n_forced, n_forced_cached = plan.forced_counts(from_cache)
+    n_candidates = n_cached - n_forced_cached  # cached rows a check layer may keep or drop, all computed until then
     last_cached_end = max((span.end for span in plan.spans), default=0)
     forced = plan.forced if plan.forced is not None else ~from_cache  # [N] bool
     sel = positions if plan.initial is None else plan.initial  # [M] sorted rows computed at this layer
@@ -94,23 +153,19 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
     h = fwd.embed(ids[sel])  # [M, hidden]: the residual stream of the computed rows
     kv_flops, q_flops, rest_flops = layer_flops(fwd)
     flops = 0.0
+    work = torch.zeros((), dtype=torch.int64, device=device)  # sum of (position + 1) over attention rows
     layer_rows: list[int] = []
     captured_k: list[torch.Tensor] = []
     captured_v: list[torch.Tensor] = []
-    if plan.cache_ready and (plan.checks or plan.capture or plan.shift_stale):
-        raise ValueError("a plan on a ready cache computes a fixed set of rows: no checks, capture or shift")
     cache.length = n
+    stored = StoredKV(plan.spans if not plan.cache_ready else [], cache)  # transfer.py: where each block comes from
     for layer in range(fwd.n_layers):
         keys, values = cache.layer(layer, n)  # [Hkv, N, D] views of the fused cache
-        if not plan.cache_ready:
-            for span in plan.spans:
-                k_stored, v_stored = span.kv.layer(layer)  # [Hkv, T, D], k before RoPE
-                keys[:, span.start : span.end].copy_(k_stored)
-                values[:, span.start : span.end].copy_(v_stored)
+        stored.layer(layer)
         x = fwd.attn_input(layer, h)  # [M, hidden] normalised
         k_new, v_new = fwd.project_kv(layer, x)  # [Hkv, M, D] each, k before RoPE
         if plan.cache_ready:
-            k_new = fwd.rotate(k_new, sel)  # the cache's keys are rotated already: rotate the new ones alike
+            k_new = fwd.rotate(k_new, sel, bound=bound)  # the cache's keys are rotated already: rotate the new ones
         flops += kv_flops * sel.shape[0]
         check = layer in plan.checks
         if check:
@@ -128,39 +183,51 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
             layer_rows.append(0)
             break
         if not plan.cache_ready:
-            fwd.rotate(keys, positions, out=keys)  # every key to its absolute position, in place
+            fwd.rotate(keys, positions, out=keys, bound=bound)  # every key to its absolute position, in place
         if check:
             if plan.selection == "attention":
-                probes = probe_rows(sel, sel_cached, last_cached_end)  # [P] indices into sel
-                q_probe = fwd.project_q(layer, x[probes], sel[probes])  # [Hq, P, D]
-                scores = scores * attention_mass(q_probe, sel[probes], keys, fwd.scale)[sel]
+                a, b = probe_span(sel.shape[0], n, last_cached_end)  # [P] = sel[a:b], found on the host
+                q_probe = fwd.project_q(layer, x[a:b], sel[a:b], bound)  # [Hq, P, D]
+                scores = scores * attention_mass(q_probe, sel[a:b], keys, fwd.scale)[sel]
             sel_forced = forced[sel]
-            budget = check_budget(plan, layer, n_cached, scores, sel_forced, sel_cached)
-            keep = choose(scores, sel_forced, sel_cached, budget)  # [K] indices into sel
+            keep_cached = check_budget(plan, layer, n_cached, n_forced_cached, scores, sel_forced, sel_cached)
+            extra = max(0, min(keep_cached - n_forced_cached, n_candidates))
+            keep = choose(scores, sel_forced, sel_cached, extra, n_forced)  # [K] indices into sel
+            n_candidates = extra
             x, h, sel = x[keep], h[keep], sel[keep]  # M := K
         layer_rows.append(sel.shape[0])
         rows = sel
         if layer == fwd.n_layers - 1:  # past the last K/V, only the last position's output (its logits) is used
             x, h, rows = x[-1:], h[-1:], sel[-1:]
-        q = fwd.project_q(layer, x, rows)  # [Hq, M, D] rotated
+        q = fwd.project_q(layer, x, rows, bound)  # [Hq, M, D] rotated
         if plan.observe is not None:
             plan.observe(layer, q, rows, keys)
         attn = fwd.attend(q, rows, keys, values)  # [Hq, M, D]
         h = fwd.finish_layer(layer, h, attn)  # [M, hidden]
-        flops += (q_flops + rest_flops) * rows.shape[0] + 4.0 * fwd.n_heads * fwd.head_dim * float((rows + 1).sum())
+        flops += (q_flops + rest_flops) * rows.shape[0]
+        work = work + rows.sum() + rows.shape[0]
     logits = None
     if plan.need_logits:
         logits = fwd.logits(h[-1:])[0]
         flops += 2.0 * fwd.hidden_size * fwd.vocab_size
     captured = ChunkKV(torch.stack(captured_k), torch.stack(captured_v)) if plan.capture is not None else None
-    return PrefillResult(logits=logits, rows=sel, layer_rows=layer_rows, flops=flops, captured=captured)
+    return PrefillResult(
+        logits=logits,
+        rows=sel,
+        layer_rows=layer_rows,
+        matmul_flops=flops,
+        attention_work=work,
+        attention_flops_per_key=4.0 * fwd.n_heads * fwd.head_dim,
+        captured=captured,
+    )
 
 
-def check_budget(plan: PrefillPlan, layer: int, n_cached: int, scores, forced, sel_cached) -> int:
-    """Cached rows a check layer keeps (forced ones included): its ratio of the ``n_cached`` cached rows, or at the
-    last check layer of a plan with a fidelity target, the rows whose scores reach it. scores, forced, sel_cached:
-    [M] over the rows computed at this layer."""
+def check_budget(plan: PrefillPlan, layer: int, n_cached: int, n_forced_cached: int, scores, forced, sel_cached) -> int:
+    """Cached rows a check layer keeps (forced ones included): its ratio of the ``n_cached`` cached rows (a host
+    count), or at the last check layer of a plan with a fidelity target, the rows whose scores reach it (that one
+    reads the scores back: the only host read in the loop of a cacheblend plan). scores, forced, sel_cached: [M]
+    over the rows computed at this layer."""
     if plan.budget is None or plan.budget.target is None or layer != max(plan.checks):
         return round(plan.checks[layer] * n_cached)
     candidates = sel_cached & ~forced
-    return plan.budget.rows(scores[candidates], n_cached, int((sel_cached & forced).sum()))
+    return plan.budget.rows(scores[candidates], n_cached, n_forced_cached)

@@ -28,8 +28,8 @@ import torch
 
 from ..model.forward import ModelForward
 from .kv_cache import KVCache
-from .prefill import PrefillPlan, prefill
-from .selection import Budget, attention_mass
+from .prefill import PrefillPlan, PrefillResult, cached_rows_mask, prefill
+from .selection import Budget, attention_mass, choose, mask_rows
 
 PROBE_BLOCK = 64  # probe rows per attention-mass block (bounds the [heads, probes, N] scores)
 MAX_PROBES = 512  # the last probe rows are enough to know what the question reads
@@ -72,29 +72,41 @@ def probe_start(plan: PrefillPlan) -> int:
 
 def select_by_query(
     fwd: ModelForward, plan: PrefillPlan, cache: KVCache, budget: Budget
-) -> tuple[PrefillPlan, torch.Tensor, float]:
+) -> tuple[PrefillPlan, torch.Tensor, PrefillResult]:
     """Run the probe pass of ``plan`` (a cacheblend plan: spans and forced rows) into ``cache`` and return the
     plan that recomputes the forced rows plus the chosen cached rows through every layer, the scores [N] and the
-    probe pass's FLOPs."""
+    probe pass's result (its FLOPs).
+
+    Row counts come from the plan on the host, so nothing is read from the device between the passes either;
+    only a fidelity target (how many rows reach it depends on the scores) reads the scores back, once."""
     n = plan.ids.shape[0]
-    from_cache = torch.zeros(n, dtype=torch.bool, device=plan.ids.device)
-    for span in plan.spans:
-        from_cache[span.start : span.end] = True
+    device = plan.ids.device
+    from_cache = cached_rows_mask(n, plan.spans, device)
+    n_cached = plan.n_cached
     forced = plan.forced if plan.forced is not None else ~from_cache
-    initial = forced.nonzero().squeeze(1)  # the rows the probe pass computes
-    probes = (initial >= probe_start(plan)).nonzero().squeeze(1)[-MAX_PROBES:]
-    if probes.numel() == 0:  # nothing uncached after the first chunk: the last row probes
-        probes = torch.tensor([initial.shape[0] - 1], device=initial.device)
+    n_forced, n_forced_cached = plan.forced_counts(from_cache)
+    initial = mask_rows(forced, n_forced)  # the rows the probe pass computes, sorted
+    # probe rows, as indices into ``initial``: the computed rows from the first chunk on. Every row before it is
+    # uncached, hence computed, so they are the computed rows after the first probe_start ones.
+    count = min(n_forced - probe_start(plan), MAX_PROBES)
+    if count > 0:
+        probes = torch.arange(n_forced - count, n_forced, device=device)
+    else:  # nothing uncached after the first chunk: the last row probes
+        probes = torch.arange(n_forced - 1, n_forced, device=device)
     tail = TailAttention(from_cache, probes, fwd.scale, first_layer=int(FIRST_SCORED_LAYER * fwd.n_layers))
     probe = replace(plan, initial=initial, checks={}, observe=tail, capture=None)
-    flops = prefill(fwd, probe, cache).flops
-    candidates = (from_cache & ~forced).nonzero().squeeze(1)
-    n_forced_cached = int((forced & from_cache).sum())
-    k = budget.rows(tail.scores[candidates], int(from_cache.sum()), n_forced_cached) - n_forced_cached
-    k = max(0, min(k, candidates.numel()))
-    keep = forced.clone()
-    if k > 0:
-        keep[candidates[tail.scores[candidates].topk(k).indices]] = True
+    probe_result = prefill(fwd, probe, cache)
+    candidates = from_cache & ~forced  # [N] bool
+    n_candidates = n_cached - n_forced_cached
+    if budget.target is None:
+        keep_cached = round(budget.ratio * n_cached)
+    else:
+        keep_cached = budget.rows(tail.scores[candidates], n_cached, n_forced_cached)
+    k = max(0, min(keep_cached - n_forced_cached, n_candidates))
+    keep = choose(tail.scores, forced, candidates, k, n_forced)  # [n_forced + k] sorted rows
     # the probe pass left every chunk's K/V rotated in the cache: the prefill proper writes only its own rows
-    chosen = replace(plan, initial=keep.nonzero().squeeze(1), forced=keep, checks={}, cache_ready=True)
-    return chosen, tail.scores, flops
+    mask = forced.clone().index_fill_(0, keep, True)
+    chosen = replace(
+        plan, initial=keep, forced=mask, n_forced=(n_forced + k, n_forced_cached + k), checks={}, cache_ready=True
+    )
+    return chosen, tail.scores, probe_result

@@ -10,7 +10,7 @@ import torch
 
 from ..config import BlendConfig
 from ..model.forward import ModelForward
-from .decode import TextStreamer, decode_step
+from .decode import GRAPH_MIN_TOKENS, Decoder, TextStreamer
 from .kv_cache import KVCache
 from .prefill import PrefillPlan, PrefillResult, prefill
 from .query_selection import select_by_query
@@ -47,14 +47,17 @@ def run_prefill(
 ) -> PrefillResult:
     """Run ``plan`` into ``cache`` (after the probe pass of the query selection) and note it in ``stats``."""
     t = time.perf_counter()
+    probe = None
     with torch.inference_mode():
         if config.strategy == "cacheblend" and config.selection == "query" and plan.spans:
-            plan, _, probe_flops = select_by_query(fwd, plan, cache, Budget.of(config))
-            stats.probe_s = time.perf_counter() - t
-            stats.prefill_flops += probe_flops
+            plan, _, probe = select_by_query(fwd, plan, cache, Budget.of(config))
+            stats.probe_s = time.perf_counter() - t  # on a GPU: the time to queue it (nothing waits in between)
         result = prefill(fwd, plan, cache)
+        # the first reads from the device since the plan was made: on a GPU, prefill_s includes the work queued
+        stats.note_prefill(result, plan.spans, blend=config.strategy == "cacheblend")
+        if probe is not None:
+            stats.prefill_flops += probe.flops
     stats.prefill_s = time.perf_counter() - t
-    stats.note_prefill(result, plan.spans, blend=config.strategy == "cacheblend")
     return result
 
 
@@ -62,7 +65,8 @@ class GenerationStream:
     """Iterate for text pieces as they are produced; ``result`` holds the GenerationResult afterwards.
 
     request: the prefilled request, decoded with its own forward; eos_ids: tokens that end it;
-    on_finish(stats, abandoned): called once, when it ends or is closed early.
+    on_finish(stats, abandoned): called once, when it ends or is closed early. graphs: decode through a CUDA graph
+    on CUDA (``engine/decode.py``: Decoder); on_graph_failure(exc): called if capturing one fails.
     """
 
     def __init__(
@@ -73,6 +77,8 @@ class GenerationStream:
         max_new_tokens: int,
         eos_ids: frozenset[int],
         on_finish: Callable[[RequestStats, bool], None],
+        graphs: bool = False,
+        on_graph_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._request = request
         self._sampler = sampler
@@ -80,6 +86,9 @@ class GenerationStream:
         self._max_new = max_new_tokens
         self._eos = eos_ids
         self._on_finish = on_finish
+        self._graphs = graphs
+        self._decoder: Decoder | None = None
+        self._on_graph_failure = on_graph_failure
         self._result: GenerationResult | None = None
         self._pieces = self._run()
 
@@ -116,6 +125,7 @@ class GenerationStream:
         finally:
             stats.new_tokens = len(tokens)
             stats.decode_s = time.perf_counter() - decode_start
+            stats.graph_steps = self._decoder.graph_steps if self._decoder is not None else 0
             self._request = None  # type: ignore[assignment]  # frees the KV cache
             if not completed:
                 self._on_finish(stats, True)  # closed or failed before the end
@@ -132,6 +142,8 @@ class GenerationStream:
     def _decode(self, req: PreparedRequest, tokens: list[int]) -> Iterator[str]:
         """Yield text pieces while sampling into ``tokens``; return the finish reason."""
         logits = req.logits
+        graphs = self._graphs and self._max_new - 1 >= GRAPH_MIN_TOKENS
+        decoder = self._decoder = Decoder(req.fwd, req.cache, graphs=graphs, on_graph_failure=self._on_graph_failure)
         for i in range(self._max_new):
             token = self._sampler(logits)
             if i == 0:
@@ -147,5 +159,5 @@ class GenerationStream:
             if i + 1 == self._max_new:
                 break
             with torch.inference_mode():
-                logits = decode_step(req.fwd, req.cache, token)
+                logits = decoder(token)
         return "length"

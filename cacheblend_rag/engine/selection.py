@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import Kernels, select_top
+from ..kernels import Kernels
 
 MAX_PROBES = 256  # tail rows whose attention is measured (bounds the [heads, probes, N] scores)
 
@@ -43,23 +43,32 @@ def attention_mass(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, sca
     return torch.softmax(scores, dim=-1).sum(dim=(0, 1, 2))
 
 
-def probe_rows(sel: torch.Tensor, sel_cached: torch.Tensor, last_cached_end: int) -> torch.Tensor:
-    """Indices into ``sel`` of the uncached rows after the last cached chunk (at most MAX_PROBES, the last ones);
-    the last row if there are none. sel: [M]; sel_cached: [M] bool."""
-    tail = (~sel_cached & (sel >= last_cached_end)).nonzero().squeeze(1)
-    if tail.numel() == 0:
-        return torch.tensor([sel.shape[0] - 1], device=sel.device)
-    return tail[-MAX_PROBES:]
+def probe_span(m: int, n: int, last_cached_end: int) -> tuple[int, int]:
+    """Where, among the ``m`` sorted rows computed at a check layer, the probe rows are: the uncached rows after the
+    last cached chunk (at most MAX_PROBES, the last ones), or the last row if there are none. Those rows are always
+    computed (they are forced), so they are the last ``n - last_cached_end`` of the sorted rows: (start, end)
+    indices into them, found on the host."""
+    tail = min(n - last_cached_end, MAX_PROBES)
+    return (m - tail, m) if tail > 0 else (m - 1, m)
 
 
-def choose(scores: torch.Tensor, forced: torch.Tensor, sel_cached: torch.Tensor, budget: int) -> torch.Tensor:
-    """Rows to keep: every forced row plus the ``budget`` highest-scoring cached rows (budget counts the forced
-    cached rows too). scores, forced, sel_cached: [M] -> sorted indices [K]."""
+def mask_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Sorted indices of the True entries of ``mask`` ([M] bool), of which the caller knows there are ``count``:
+    like ``mask.nonzero()`` but sized on the host, so the device is never waited for. -> [count] int64."""
+    return torch.sort(mask.to(torch.uint8), descending=True, stable=True).indices[:count]
+
+
+def choose(
+    scores: torch.Tensor, forced: torch.Tensor, sel_cached: torch.Tensor, extra: int, n_forced: int
+) -> torch.Tensor:
+    """Rows to keep: the ``n_forced`` forced rows plus the ``extra`` highest-scoring cached rows that are not forced
+    (the caller makes sure there are that many). scores, forced, sel_cached: [M] -> sorted indices [n_forced +
+    extra]. Counts come from the plan on the host; nothing is read from the device."""
     keep = forced.clone()
-    scores = scores.masked_fill(keep | ~sel_cached, float("-inf"))
-    extra = budget - int((keep & sel_cached).sum())
-    keep[select_top(scores, extra)] = True
-    return keep.nonzero().squeeze(1)
+    if extra > 0:
+        scores = scores.masked_fill(forced | ~sel_cached, float("-inf"))
+        keep.index_fill_(0, scores.topk(extra, sorted=False).indices, True)
+    return mask_rows(keep, n_forced + extra)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ class RequestStats:
     layer_rows: rows computed at each layer. prefill_flops: multiply-adds x 2 of the prefill.
     recompute_ratio: for cacheblend, the share of the cached tokens recomputed through the last layer (forced
     chunk heads included); with a fidelity target, the ratio the request chose. probe_s: the query-aware
-    selection's probe pass (part of prefill_s).
+    selection's probe pass (part of prefill_s). graph_steps: decoding steps replayed from a CUDA graph.
     """
 
     strategy: str
@@ -34,15 +34,17 @@ class RequestStats:
     ttft_s: float = 0.0
     decode_s: float = 0.0
     prefill_flops: float = 0.0
+    graph_steps: int = 0
     layer_rows: list[int] = field(default_factory=list, repr=False)
 
     def note_prefill(self, result, spans, blend: bool) -> None:
         """Fold in a prefill's outcome (a PrefillResult over the cached ``spans``): the rows it recomputed, their
-        FLOPs and, for cacheblend (``blend``), the share of the cached rows among them."""
+        FLOPs (read back from the device: one sync, after the prefill) and, for cacheblend (``blend``), the share of
+        the cached rows among them (from counts: a cacheblend prefill computes every uncached row)."""
         rows = result.rows  # [M] rows computed through the last layer
         if blend and self.cached_tokens:
-            cached_rows = sum(int(((rows >= s.start) & (rows < s.end)).sum()) for s in spans)
-            self.recompute_ratio = cached_rows / self.cached_tokens
+            uncached = self.prompt_tokens - sum(s.kv.n_tokens for s in spans)
+            self.recompute_ratio = (int(rows.shape[0]) - uncached) / self.cached_tokens
         self.recomputed_tokens = int(rows.shape[0])
         self.reused_tokens = self.prompt_tokens - self.recomputed_tokens
         self.layer_rows = result.layer_rows

@@ -4,6 +4,10 @@ The engine binds a ``Kernels`` to its model forward per request (``ModelForward.
 prefill and the decoder call ``fwd.rotate`` / ``fwd.attend`` / ``fwd.kernels.deviation`` without passing a
 backend name along. The checked wrappers (``apply_rope``, ``selected_attention``, ``kv_deviation``) still take
 ``backend=`` for direct callers such as the tests; given the resolved name they only validate it.
+
+The engine's calls read no tensor values on the host: the positions and rows it passes are built from the
+request's plan on the host and checked there once per request, so these methods tell the wrappers to trust them
+(``trusted=True``, ``bound=``) instead of reading them back (a device sync per call on CUDA).
 """
 
 from __future__ import annotations
@@ -14,30 +18,41 @@ import torch
 
 from .attention import selected_attention
 from .backend import resolve_backend
+from .decode import decode_attention
 from .deviation import kv_deviation
 from .rotary import RopeTable, apply_rope
 
 
 @dataclass(frozen=True)
 class Kernels:
-    """The blending kernels on one backend: ``"torch"`` (the references) or ``"triton"``."""
+    """The blending kernels on one backend: ``"torch"`` (the references) or ``"triton"``.
+
+    reads_host: the kernels may read index tensors on the host (the CPU fast paths of ``selected_attention``
+    do; free on CPU, a sync on a GPU). ``Kernels.on`` sets it for CPU devices only; False makes CPU tensors take
+    the code path a GPU takes (the tests that prove the layer loop never syncs use that).
+    """
 
     backend: str
+    reads_host: bool = True
 
     @classmethod
     def on(cls, backend: str, device: torch.device) -> Kernels:
         """Resolve ``backend`` (``auto``, ``torch`` or ``triton``) for tensors on ``device``; raises with the fix
         when Triton cannot run there."""
-        return cls(resolve_backend(backend, device))
+        return cls(resolve_backend(backend, device), reads_host=device.type == "cpu")
 
-    def rope(self, x: torch.Tensor, positions: torch.Tensor, table: RopeTable, *, out=None) -> torch.Tensor:
-        """x: [H, T, D] before RoPE; positions: [T] -> rotated [H, T, D] (into ``out`` if given)."""
-        return apply_rope(x, positions, table, out=out, backend=self.backend)
+    def rope(self, x: torch.Tensor, positions: torch.Tensor, table: RopeTable, *, out=None, bound: int) -> torch.Tensor:
+        """x: [H, T, D] before RoPE; positions: [T], each in [0, bound] -> rotated [H, T, D] (into ``out`` if given)."""
+        return apply_rope(x, positions, table, out=out, backend=self.backend, bound=bound)
 
     def attention(self, q, q_pos, k, v, scale: float) -> torch.Tensor:
-        """q: [Hq, M, D] rotated at q_pos: [M]; k, v: [Hkv, N, D], key j at position j -> [Hq, M, D]."""
-        return selected_attention(q, q_pos, k, v, scale, backend=self.backend)
+        """q: [Hq, M, D] rotated at q_pos: [M], each in [0, N); k, v: [Hkv, N, D], key j at position j -> [Hq, M, D]."""
+        return selected_attention(q, q_pos, k, v, scale, backend=self.backend, trusted=True, host_reads=self.reads_host)
+
+    def decode_attention(self, q, pos, k, v, scale: float, *, length: int | None = None) -> torch.Tensor:
+        """q: [Hq, 1, D] rotated at pos: [1] (device); k, v: [Hkv, N, D] -> [Hq, 1, D] over keys 0..pos."""
+        return decode_attention(q, pos, k, v, scale, length=length, backend=self.backend)
 
     def deviation(self, fresh, cached, from_cache, *, rows=None) -> torch.Tensor:
         """fresh: [H, M, D]; cached: [H, M, D] or [H, N, D] with ``rows``: [M]; from_cache: [M] -> [M] float32."""
-        return kv_deviation(fresh, cached, from_cache, rows=rows, backend=self.backend)
+        return kv_deviation(fresh, cached, from_cache, rows=rows, backend=self.backend, trusted=True)

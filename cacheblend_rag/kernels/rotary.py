@@ -18,7 +18,8 @@ The result is bitwise equal to the reference under the interpreter (tested) and 
 the same construction (``benchmarks/gpu_check.py`` reports it; not yet run on a GPU).
 
 Limits: head_dim must be even (any even size; a power of two is fastest); positions must be >= 0
-(the wrapper checks, which costs one device sync for ``aminmax``); ``out`` must be ``x`` itself or a
+(the wrapper checks, which costs one device sync for ``aminmax``, unless the caller passes ``bound``: the
+engine does, its positions come from the request's plan); ``out`` must be ``x`` itself or a
 tensor that does not overlap it. The table costs 2 x head_dim/2 reads per token, shared by the heads
 through L2 (the heads of one token block are neighbours in the launch grid).
 """
@@ -62,9 +63,15 @@ class RopeTable:
                     self._tables[key] = table
         return table
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [T, D] in ``dtype`` for positions: [T] (int64)."""
-        need = int(positions.max()) + 1 if positions.numel() else 1
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype, bound: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [T, D] in ``dtype`` for positions: [T] (int64). ``bound``: a known upper bound on the positions
+        (no device read); without it the maximum is read (a device sync on CUDA)."""
+        if bound is not None:
+            need = bound + 1
+        else:
+            need = int(positions.max()) + 1 if positions.numel() else 1
         cos, sin = self.tables(need, dtype, positions.device)
         return cos[positions], sin[positions]
 
@@ -78,15 +85,20 @@ class RopeTable:
 
 
 def apply_rope_torch(
-    x: torch.Tensor, positions: torch.Tensor, rope: RopeTable, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    rope: RopeTable,
+    out: torch.Tensor | None = None,
+    bound: int | None = None,
 ) -> torch.Tensor:
-    """Reference. x: [H, T, D]; positions: [T] -> [H, T, D] (into ``out`` if given; it may be x).
+    """Reference. x: [H, T, D]; positions: [T] -> [H, T, D] (into ``out`` if given; it may be x). ``bound``: an
+    upper bound on the positions, if known (saves reading their maximum).
 
     Written on the two halves: ``x1*cos - x2*sin`` and ``x2*cos + x1*sin`` are the same IEEE operations as
     Hugging Face's ``x*cos + rotate_half(x)*sin`` (its cos/sin repeat across the halves), so results are
     bitwise equal, without the concatenations.
     """
-    cos, sin = rope.cos_sin(positions, x.dtype)
+    cos, sin = rope.cos_sin(positions, x.dtype, bound)
     half = x.shape[-1] // 2
     cos, sin = cos[:, :half], sin[:, :half]
     x1, x2 = x[..., :half], x[..., half:]
@@ -179,11 +191,14 @@ def apply_rope(
     *,
     out: torch.Tensor | None = None,
     backend: str = "auto",
+    bound: int | None = None,
 ) -> torch.Tensor:
     """Rotate pre-RoPE vectors to absolute ``positions``.
 
     x: [H, T, D] (any strides); positions: [T] int64 on x's device; out: None (new tensor), or a
     [H, T, D] tensor to write into (``out=x`` rotates in place). Returns the rotated tensor.
+    bound: None (the positions are read and checked to be >= 0: one device sync), or an int the caller
+    guarantees every position lies in [0, bound] (nothing is read: the engine's layer loop passes it).
     """
     check(x.dim() == 3, f"x must be [heads, tokens, head_dim], got shape {tuple(x.shape)}")
     check(x.shape[-1] == rope.head_dim, f"x's head_dim {x.shape[-1]} != RoPE head_dim {rope.head_dim}")
@@ -195,7 +210,10 @@ def apply_rope(
     check(positions.dtype in (torch.int32, torch.int64), f"positions must be integers, got {positions.dtype}")
     check(positions.device == x.device, f"positions on {positions.device} but x on {x.device}")
     max_position = 0
-    if positions.numel():
+    if bound is not None:
+        check(bound >= 0, f"bound must be >= 0, got {bound}")
+        max_position = bound
+    elif positions.numel():
         low, high = (int(v) for v in torch.aminmax(positions))
         check(low >= 0, f"positions must be >= 0, got a minimum of {low}")
         max_position = high
@@ -209,4 +227,4 @@ def apply_rope(
         target = out if out is not None else torch.empty_like(x)
         apply_rope_triton(x, positions, rope, target, max_position)
         return target
-    return apply_rope_torch(x, positions, rope, out)
+    return apply_rope_torch(x, positions, rope, out, max_position)

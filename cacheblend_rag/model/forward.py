@@ -126,23 +126,27 @@ class ModelForward:
         v = attn.v_proj(x).view(m, self.n_kv_heads, self.head_dim).transpose(0, 1)
         return k, v
 
-    def project_q(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [M, hidden] normalised; positions: [M] -> q: [Hq, M, D] rotated to its positions."""
+    def project_q(self, layer: int, x: torch.Tensor, positions: torch.Tensor, bound: int) -> torch.Tensor:
+        """x: [M, hidden] normalised; positions: [M], each in [0, bound] -> q: [Hq, M, D] rotated to its positions."""
         m = x.shape[0]
         q = self.layers[layer].self_attn.q_proj(x).view(m, self.n_heads, self.head_dim).transpose(0, 1)
-        return self.rotate(q, positions)
+        return self.rotate(q, positions, bound=bound)
 
     def qkv(
-        self, layer: int, h: torch.Tensor, positions: torch.Tensor
+        self, layer: int, h: torch.Tensor, positions: torch.Tensor, bound: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h: [M, hidden]; positions: [M] -> q: [Hq, M, D] rotated, k: [Hkv, M, D] before RoPE, v: [Hkv, M, D]."""
+        """h: [M, hidden]; positions: [M] in [0, bound] -> q: [Hq, M, D] rotated, k: [Hkv, M, D] before RoPE,
+        v: [Hkv, M, D]."""
         x = self.attn_input(layer, h)
         k, v = self.project_kv(layer, x)
-        return self.project_q(layer, x, positions), k, v
+        return self.project_q(layer, x, positions, bound), k, v
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [H, T, D] before RoPE; positions: [T] -> x rotated to its positions (into ``out`` if given)."""
-        return self.kernels.rope(x, positions, self.rope, out=out)
+    def rotate(
+        self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None, *, bound: int
+    ) -> torch.Tensor:
+        """x: [H, T, D] before RoPE; positions: [T], each in [0, bound] (the caller's guarantee: nothing is read
+        back) -> x rotated to its positions (into ``out`` if given)."""
+        return self.kernels.rope(x, positions, self.rope, out=out, bound=bound)
 
     def attend(self, q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """q: [Hq, M, D] rotated at q_pos: [M]; keys, values: [Hkv, N, D] (key j at position j) -> [Hq, M, D],

@@ -149,20 +149,43 @@ class KVStore:
         tier.delete(key)
 
     def put(self, key: str, kv: ChunkKV) -> ChunkKV:
-        """Store ``kv`` (cast to the store dtype) in every tier; returns the stored form."""
-        stored = self.encode(kv)
+        """Store ``kv`` (cast to the store dtype) in every tier; returns the stored form (on the device when a device
+        tier on ``kv``'s device holds it, so a request that computed a missing block uses it without a copy).
+
+        A device tier on the device ``kv`` was computed on gets the cast tensors as they are; every other tier gets
+        one host copy (made once, and only if some tier needs it)."""
+        cast = self._cast(kv)
+        host: ChunkKV | None = None
+        on_device = False
         for tier in self.tiers:
-            tier.put(key, stored)
-        return stored
+            device = getattr(tier, "device", None)
+            if device is not None and cast.k.device == device and cast.packed is None:
+                tier.put(key, cast)
+                on_device = True
+                continue
+            if host is None:
+                host = self._host(cast)
+            tier.put(key, host)
+        return cast if on_device or host is None else host
 
     def encode(self, kv: ChunkKV) -> ChunkKV:
-        """``kv`` as every tier will serve it: [L, Hkv, T, D] on the CPU in the store dtype (decoded int8)."""
+        """``kv`` as the host tiers serve it: [L, Hkv, T, D] on the CPU in the store dtype (decoded int8)."""
+        return self._host(self._cast(kv))
+
+    def _cast(self, kv: ChunkKV) -> ChunkKV:
+        """``kv`` in the store dtype, where it is (int8: quantized and decoded on the CPU, its packed form kept)."""
         if self.dtype == torch.int8:
             return encode_int8(ChunkKV(kv.k.detach().cpu(), kv.v.detach().cpu()))
         stored = kv.to(self.dtype)
         if self.dtype == torch.float16 and not (torch.isfinite(stored.k).all() and torch.isfinite(stored.v).all()):
             stored = kv.to(torch.bfloat16)
-        return ChunkKV(stored.k.detach().cpu().contiguous(), stored.v.detach().cpu().contiguous())
+        return ChunkKV(stored.k.detach().contiguous(), stored.v.detach().contiguous())
+
+    @staticmethod
+    def _host(kv: ChunkKV) -> ChunkKV:
+        if kv.k.device.type == "cpu":
+            return kv
+        return ChunkKV(kv.k.cpu(), kv.v.cpu())
 
     def delete(self, key: str) -> None:
         for tier in self.tiers:

@@ -1,4 +1,5 @@
-"""Build store tiers from URLs: ``memory://?max_bytes=2GB``, ``file:///var/cache/cb``, ``redis://host:6379/0``."""
+"""Build store tiers from URLs: ``memory://?max_bytes=2GB`` (``&pin=1``: pinned host memory; ``&device=cuda``
+or ``gpu://``: the device tier), ``file:///var/cache/cb``, ``redis://host:6379/0``."""
 
 from __future__ import annotations
 
@@ -70,12 +71,28 @@ def redact_secrets(value):
     return value
 
 
+def _flag(text: str, url: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"pin must be 1 or 0 in {redact_url(url)!r}, got {text!r}")
+
+
 def tier_from_url(url: str, model_fingerprint: str):
     """One tier from its URL."""
     parsed = urlparse(url)
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-    if parsed.scheme == "memory":
-        return MemoryTier(parse_bytes(query.get("max_bytes", "2GiB")))
+    if parsed.scheme in ("memory", "gpu"):
+        unknown = set(query) - {"max_bytes", "device", "pin"}
+        if unknown:
+            raise ValueError(
+                f"unknown memory tier option(s) {sorted(unknown)} in {redact_url(url)!r}; use max_bytes, device, pin"
+            )
+        device = query.get("device", "cuda" if parsed.scheme == "gpu" else None)
+        size = query.get("max_bytes")
+        max_bytes = parse_bytes(size) if size is not None else None if device not in (None, "cpu") else 2 << 30
+        return MemoryTier(max_bytes, device=device, pin=_flag(query.get("pin", "0"), url))
     if parsed.scheme == "file":
         path = unquote(parsed.netloc + parsed.path)
         if not path:
@@ -90,6 +107,7 @@ def tier_from_url(url: str, model_fingerprint: str):
 
         return RedisClusterTier.from_url(url, model_fingerprint)
     raise ValueError(
-        f"unknown store URL scheme in {redact_url(url)!r}; use memory://?max_bytes=..., file:///path, "
+        f"unknown store URL scheme in {redact_url(url)!r}; use memory://?max_bytes=... (device=cuda, pin=1), "
+        "gpu://, file:///path, "
         "redis://host:port/db or redis+cluster://host:port,host:port"
     )

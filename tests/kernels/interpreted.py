@@ -322,3 +322,27 @@ def test_engine_blended_prefill_triton_equals_torch(tokenizer, tmp_path, arch):
     got = triton_engine.generate(segments, max_new_tokens=4, config=blend.replace(backend="triton"))
     expected = torch_engine.generate(segments, max_new_tokens=4, config=blend.replace(backend="torch"))
     assert got.token_ids == expected.token_ids
+
+
+DECODE_SHAPES = [(4, 2, 32, 70, 0), (6, 2, 24, 70, 41), (8, 1, 16, 300, 299), (3, 3, 8, 33, 17)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d,n,pos", DECODE_SHAPES)
+def test_decode_attention_equals_reference(dtype, hq, hkv, d, n, pos):
+    """One decoding query over keys 0..pos (rows after pos hold garbage that must not count), split over keys."""
+    from cacheblend_rag.kernels.decode import decode_attention, decode_attention_torch
+
+    gen = torch.Generator().manual_seed(pos + n)
+    q = torch.randn(hq, 1, d, generator=gen).to(dtype)
+    k = torch.randn(hkv, n, d, generator=gen).to(dtype)
+    v = torch.randn(hkv, n, d, generator=gen).to(dtype)
+    k[:, pos + 1 :] = 1e4  # never read
+    p = torch.tensor([pos])
+    ref = decode_attention_torch(q.float(), p, k.float(), v.float(), d**-0.5)
+    out = decode_attention(q, p, k, v, d**-0.5, backend="triton")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.shape == (hq, 1, d) and out.dtype == dtype
+    assert_close(out.float(), ref, atol=tol, rtol=tol)
+    masked = decode_attention_torch(q, p, k, v, d**-0.5)  # the torch path with the mask equals the one with length
+    assert_close(masked, decode_attention_torch(q, p, k, v, d**-0.5, length=pos + 1), atol=tol, rtol=tol)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+SMOKE_ARGS = ("--smoke", "--no-sweep", "--profile")
 
 
 @pytest.mark.slow
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_check_smoke_runs_and_every_check_passes(tmp_path):
     out = tmp_path / "smoke.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--no-sweep", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), *SMOKE_ARGS, "--out", str(out)],
         cwd=tmp_path,
         env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True,
@@ -39,3 +40,8 @@ def test_gpu_check_smoke_runs_and_every_check_passes(tmp_path):
     assert {"full_recompute triton", "cacheblend 15% triton", "cacheblend 15% torch"} <= set(prefill)
     rows = prefill["cacheblend rows per layer"]
     assert 0 < rows["recomputed"] < int(rows["shape"].removeprefix("N="))  # some rows reused, some recomputed
+    assert {"precompute vs HF full"} <= set(prefill)
+    assert any(row["section"] == "decode" for row in report["rows"])
+    profile = {row["name"]: row for row in report["rows"] if row["section"] == "profile"}
+    assert {"full_recompute [store]", "full_reuse [store]", "cacheblend [store]"} <= set(profile)
+    assert all(row["wall_ms"] > 0 and row["h2d_MB"] == 0 for row in profile.values())  # CPU: nothing crosses PCIe
