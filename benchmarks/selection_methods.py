@@ -3,7 +3,7 @@
 Every method runs as a prefill plan on the same stored chunk KV; quality is measured against full recompute
 by teacher forcing its greedy answer (mean KL over the answer tokens, top-1 agreement) and by the first
 token's KL. Methods recompute a fixed set of cached rows at every layer ("fixed"), or are the engine's own
-cacheblend (layers 0..1 for every row, then the selected ones). ``+shift`` adds stale_shift's correction.
+cacheblend (layers 0..1 for every row, then the selected ones).
 
     python benchmarks/selection_methods.py --model qwen2.5-coder-0.5b --data ../shared/data/musique_dev.json --n 8
 """
@@ -117,9 +117,7 @@ def study(engine, example, args, rng) -> dict:
     plans: dict[str, PrefillPlan] = {"full_reuse": fixed(torch.zeros(0, dtype=torch.long))}
     for name, chosen in sets.items():
         plans[f"fixed:{name}"] = fixed(chosen)
-        plans[f"fixed:{name}+shift"] = fixed(chosen, shift_stale=True)
     plans["cacheblend"] = base
-    plans["cacheblend+shift"] = replace(base, shift_stale=True)
     plans["cacheblend[attention]"] = replace(base, selection="attention")
     if args.methods:
         plans = {k: v for k, v in plans.items() if k in args.methods or k == "full_reuse"}

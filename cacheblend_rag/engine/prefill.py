@@ -18,9 +18,9 @@ At each layer:
 layer, probe rows) comes from the plan on the host; index tensors are built from host data by the planner,
 so the kernels are told to trust them instead of reading them back (``Kernels``), and kept rows are found
 with a sort of known size instead of ``nonzero``. On a GPU the host therefore queues the whole prefill without
-waiting; the only reads are after the loop (the FLOP count). Two documented exceptions: a fidelity target
-with a deviation selection (how many rows to keep depends on the scores: one read at the last check layer)
-and the experimental ``shift_stale``. ``tests/engine/test_no_sync.py`` holds the loop to this.
+waiting; the only reads are after the loop (the FLOP count). One documented exception: a fidelity target
+with a deviation selection (how many rows to keep depends on the scores: one read at the last check layer).
+``tests/engine/test_no_sync.py`` holds the loop to this.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from ..model.forward import ModelForward
 from ..store.chunk import ChunkKV
 from .kv_cache import KVCache
 from .selection import Budget, attention_mass, choose, deviation_scores, probe_span
-from .stale_shift import shift_stale_rows, span_index
 from .transfer import StoredKV
 
 
@@ -66,7 +65,6 @@ class PrefillPlan:
     budget: Budget | None = None  # with a fidelity target: how many rows the last check layer keeps
     cache_ready: bool = False  # the cache already holds every span's rotated K/V (a probe pass wrote it): only
     # the computed rows are rotated and written
-    shift_stale: bool = False  # move stale cached rows by their chunk's mean fresh - stored change (stale_shift.py)
     observe: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None  # (layer, q, rows, keys)
 
     @property
@@ -137,8 +135,8 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
     device = ids.device
     bound = n - 1  # every position the loop rotates to lies in [0, n - 1]
     plan.check_spans()
-    if plan.cache_ready and (plan.checks or plan.capture or plan.shift_stale):
-        raise ValueError("a plan on a ready cache computes a fixed set of rows: no checks, capture or shift")
+    if plan.cache_ready and (plan.checks or plan.capture):
+        raise ValueError("a plan on a ready cache computes a fixed set of rows: no checks or capture")
     if plan.checks and plan.initial is not None:
         raise ValueError("a plan with check layers computes every row up to its first check (initial=None)")
     positions = torch.arange(n, device=device)  # [N]: row j is at position j
@@ -149,7 +147,6 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
     last_cached_end = max((span.end for span in plan.spans), default=0)
     forced = plan.forced if plan.forced is not None else ~from_cache  # [N] bool
     sel = positions if plan.initial is None else plan.initial  # [M] sorted rows computed at this layer
-    span_of_row, n_spans = span_index(n, plan.spans, device) if plan.shift_stale else (None, 0)
     h = fwd.embed(ids[sel])  # [M, hidden]: the residual stream of the computed rows
     kv_flops, q_flops, rest_flops = layer_flops(fwd)
     flops = 0.0
@@ -171,8 +168,6 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
         if check:
             sel_cached = from_cache[sel]  # [M] bool
             scores = deviation_scores(plan.deviation, sel, k_new, v_new, keys, values, sel_cached, fwd.kernels)  # [M]
-        if span_of_row is not None and sel.shape[0] < n:
-            shift_stale_rows(keys, values, sel, k_new, v_new, span_of_row, n_spans)
         scatter_rows(keys, sel, k_new)
         scatter_rows(values, sel, v_new)
         if plan.capture is not None:
