@@ -96,8 +96,11 @@ def study(engine, example, args, rng) -> dict:
         initial[extra] = True
         return PrefillPlan(ids=ids, spans=spans, initial=initial.nonzero().squeeze(1), forced=initial, **kw)
 
-    def top(s: torch.Tensor) -> torch.Tensor:
-        return rows[s[rows].topk(budget).indices]
+    def top(s: torch.Tensor, among: torch.Tensor = rows, k: int = budget) -> torch.Tensor:
+        return among[s[among].topk(min(k, among.numel())).indices]
+
+    heads = rows[offset[rows] < 4]  # EPIC: each chunk's first 4 tokens
+    rest = rows[offset[rows] >= 4]
 
     probe = MassProbe(engine, spans[0].start, n)
     probe_plan = fixed(torch.zeros(0, dtype=torch.long), observe=probe)
@@ -113,6 +116,7 @@ def study(engine, example, args, rng) -> dict:
         "query_sum": top(norm.sum(0)),
         "query_max": top(norm.max(0).values),
         "query_deep": top(norm[norm.shape[0] // 2 :].sum(0)),
+        "query_deep+heads": torch.cat([heads, top(norm[norm.shape[0] // 2 :].sum(0), rest, budget - heads.numel())]),
     }
     plans: dict[str, PrefillPlan] = {"full_reuse": fixed(torch.zeros(0, dtype=torch.long))}
     for name, chosen in sets.items():
