@@ -94,7 +94,9 @@ class Decoder:
         if pos >= cache.capacity:
             return
         try:
-            fwd.rope.tables(cache.capacity, cache.k.dtype, device)  # built here, on the main stream, not in the graph
+            # built here, on the main stream, not in the graph; and held: the graph reads these tensors at every
+            # replay, and a longer request growing the shared table would otherwise free them under it
+            self._rope_tables = fwd.rope.tables(cache.capacity, cache.k.dtype, device)
             # rows past the prompt are never read (attention stops at pos), but keep them finite all the same
             cache.k[:, :, pos:].zero_()
             cache.v[:, :, pos:].zero_()

@@ -127,6 +127,7 @@ class GenerationStream:
             stats.decode_s = time.perf_counter() - decode_start
             stats.graph_steps = self._decoder.graph_steps if self._decoder is not None else 0
             self._request = None  # type: ignore[assignment]  # frees the KV cache
+            self._decoder = None  # it holds the cache too (and on CUDA its graph's memory pool)
             if not completed:
                 self._on_finish(stats, True)  # closed or failed before the end
         self._result = GenerationResult(

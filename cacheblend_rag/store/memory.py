@@ -8,7 +8,9 @@ entries live in GPU memory, so a hit copies nothing across PCIe. URLs: ``memory:
 ``memory://?pin=1&max_bytes=64GB``, ``memory://?device=cuda&max_bytes=40GB`` (no ``max_bytes``: a share of the
 device's free memory, ``default_device_bytes``).
 
-Every tier keeps to its own byte budget by evicting the least recently used entries. The store writes every
+Every tier keeps to its own byte budget by evicting the least recently used entries. A pinned tier counts an
+entry at what page-locked memory it takes (torch rounds each pinned block up to a power of two); torch keeps
+the blocks of evicted entries cached for reuse by later ones rather than unpinning them. The store writes every
 entry to every tier and promotes a read from a slower tier into the faster ones (``kvstore.py``), so an entry
 evicted from the device tier is still in the host tiers below it, and comes back to the device on its next use.
 """
@@ -31,6 +33,12 @@ def default_device_bytes(device: torch.device) -> int:
     model is loaded, the engine's store is built after it), leaving the rest to prefill workspaces."""
     free, _ = torch.cuda.mem_get_info(device)
     return int(free * DEVICE_SHARE)
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """Page-locked bytes ``torch.Tensor.pin_memory`` takes for ``nbytes``: its caching host allocator rounds each
+    block up to a power of two (``CachingHostAllocator.h``, at torch's default ``pinned_max_round_threshold``)."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device | None:
@@ -94,7 +102,7 @@ class MemoryTier:
             return kv
 
     def put(self, key: str, kv: ChunkKV) -> None:
-        size = kv.nbytes if kv.packed is None else ChunkKV(kv.k, kv.v).nbytes
+        size = self._footprint(kv)
         if size > self.max_bytes:  # checked before any copy to the device
             self.delete(key)
             return
@@ -102,14 +110,20 @@ class MemoryTier:
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self._bytes -= old.nbytes
+                self._bytes -= self._footprint(old)
             while self._items and self._bytes + size > self.max_bytes:
                 _, evicted = self._items.popitem(last=False)
-                self._bytes -= evicted.nbytes
+                self._bytes -= self._footprint(evicted)
                 self.stats.add(evictions=1)
             self._items[key] = kv
             self._bytes += size
             self.stats.add(writes=1, bytes_written=size)
+
+    def _footprint(self, kv: ChunkKV) -> int:
+        """The bytes ``kv`` takes in this tier (its decoded form): in pinned memory, what torch's caching host
+        allocator takes for it, which rounds every block up to a power of two (up to twice the tensor's bytes)."""
+        sizes = (kv.k.numel() * kv.k.element_size(), kv.v.numel() * kv.v.element_size())
+        return sum(pinned_bytes(n) for n in sizes) if self.pin else sum(sizes)
 
     def _placed(self, kv: ChunkKV) -> ChunkKV:
         """``kv`` as this tier holds it: decoded (the int8 form is only for tiers that serialize), on the device,
@@ -127,7 +141,7 @@ class MemoryTier:
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self._bytes -= old.nbytes
+                self._bytes -= self._footprint(old)
 
     def clear(self) -> None:
         with self._lock:

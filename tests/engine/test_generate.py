@@ -166,3 +166,22 @@ def test_sampling_params_and_keywords_are_one_set_of_options(engine):
         engine.generate(["hi"], max_tokens=3)
     with pytest.raises(TypeError, match="sampling must be a SamplingParams, got dict"):
         engine.generate(["hi"], sampling={"max_new_tokens": 3})
+
+
+def test_a_finished_stream_lets_go_of_its_kv_cache(engine):
+    """The stream object may outlive its generation (a server keeps it for its result): the request's KV cache
+    (and on CUDA the decode graph's memory pool) must be freed when decoding ends, not when the stream is."""
+    import gc
+    import weakref
+
+    handles = engine.precompute(PASSAGES)
+    for close_early in (False, True):
+        stream = engine.stream(["Read.\n", *handles, "\nSay something."], max_new_tokens=12)
+        cache = weakref.ref(stream._request.cache.k)
+        if close_early:
+            next(stream)
+            stream.close()
+        else:
+            assert stream.result.token_ids
+        gc.collect()
+        assert cache() is None, "the finished stream still holds its KV cache"

@@ -12,6 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from cacheblend_rag.store import ChunkKV, DiskTier, KVStore, MemoryTier, tier_from_url
+from cacheblend_rag.store.memory import pinned_bytes
 from tests.conftest import PASSAGES, config
 
 FP = "f" * 64
@@ -74,6 +75,19 @@ def test_promotion_into_the_device_tier_keeps_every_budget(tmp_path):
             break
         time.sleep(0.01)
     assert dev.contains("k2") and host.contains("k2") and dev.nbytes <= 2 * one
+
+
+def test_a_pinned_tier_budgets_the_page_locked_memory_it_takes():
+    """torch's caching host allocator rounds each pinned block up to a power of two: a pinned tier counts that."""
+    assert [pinned_bytes(n) for n in (0, 1, 480, 4096, 4097)] == [0, 1, 512, 4096, 8192]
+    tier = MemoryTier(2900)
+    tier.pin = True  # what MemoryTier(pin=True) is where CUDA is; a CPU-only torch cannot pin, so
+    tier._placed = lambda kv: kv  # the entries stay as they are (the budget logic is what is tested)
+    for i in range(3):
+        tier.put(f"k{i}", random_kv(tokens=5, seed=i))  # 480 bytes per tensor: 512 once pinned
+    assert len(tier) == 2 and tier.nbytes == 2048 and tier.stats.evictions == 1  # 3 x 960 would have "fit"
+    tier.delete("k2")
+    assert tier.nbytes == 1024
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA: the device tier and pinned memory are CUDA's")
