@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -93,7 +94,9 @@ def write_json(path: Path | None, payload: dict, quiet: bool = False) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)  # a run killed mid-write leaves the previous file whole
     if not quiet:
         console.print(f"wrote {path}")
 

@@ -222,3 +222,19 @@ def test_eval_unknown_selection_is_a_clear_error(data_file):
     result = runner.invoke(app, ["eval", "--data", str(data_file), "--n", "1", "--selections", "deviation,bogus"])
     assert result.exit_code == 2
     assert "selection must be one of" in " ".join(result.output.split())
+
+
+def test_eval_reports_partial_results_after_each_example(tiny_dir, data_file, tmp_path):
+    """A long eval hands its result so far to ``on_example`` after every example but the last."""
+    from cacheblend_rag import CacheBlendEngine
+    from cacheblend_rag.eval.datasets import load_examples
+    from cacheblend_rag.eval.runner import eval_configs, evaluate
+
+    engine = CacheBlendEngine.from_pretrained(tiny_dir, dtype="float32", cache_dir=tmp_path, store=["memory://"])
+    examples = load_examples(data_file, 2)
+    configs = eval_configs(["full_recompute", "full_reuse"], [], [], [])
+    seen = []
+    result = evaluate(engine, examples, configs, max_new_tokens=2, on_example=seen.append)
+    assert len(seen) == 1 and seen[0]["partial"] is True and seen[0]["config"]["n"] == 1
+    assert [r["example"] for r in seen[0]["examples"]] == [0, 0]
+    assert "partial" not in result and result["config"]["n"] == 2 and len(result["examples"]) == 4
