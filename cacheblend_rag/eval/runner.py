@@ -113,7 +113,7 @@ def evaluate(
 
     def result(done: int) -> dict:
         info = run_info(engine, n=done, max_new_tokens=max_new_tokens, configs=labels)
-        return {"config": info, "examples": rows, "summary": summarize(rows, labels)}
+        return {"config": info, "examples": list(rows), "summary": summarize(rows, labels)}
 
     items = list(enumerate(examples))
     if progress:
