@@ -9,7 +9,7 @@ PACKAGES := $(wildcard integrations/*/pyproject.toml) app/pyproject.toml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint bench install clean qwen qwen-1.5b
+.PHONY: demo demo-qwen test lint bench install clean qwen qwen-1.5b
 
 $(STAMP): pyproject.toml $(PACKAGES)
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/cacheblend demo
+
+# the same demo on Qwen2.5-Coder-0.5B, a model that can answer the questions (docs/BENCHMARKS.md, section 1.7)
+demo-qwen: qwen
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/cacheblend demo --model qwen2.5-coder-0.5b
 
 # OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep instead of spinning when they wait, so a busy 2-core machine
 # (CI, a neighbour's job) does not slow the many small decode steps tenfold.

@@ -56,7 +56,7 @@ def bench_ttft_cmd(
         table.add_column(col, justify="right")
     for s in result["summary"]:
         table.add_row(
-            s["strategy"],
+            escape(s["strategy"]),  # cacheblend[query] is not rich markup
             f"{s['median_ttft_s']:.3f}",
             f"{s.get('speedup', float('nan')):.2f}x",
             f"{s.get('median_example_speedup', float('nan')):.2f}x",
@@ -97,7 +97,7 @@ def bench_sweep_cmd(
     table = Table(title="Median TTFT (s) vs number of chunks")
     table.add_column("chunks", justify="right")
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right")
     for k in counts:
         cells = {r["strategy"]: r["median_ttft_s"] for r in result["ttft_vs_chunks"] if r["chunks"] == k}
         table.add_row(str(k), *(f"{cells[name]:.3f}" for name in names))
@@ -112,7 +112,7 @@ def bench_sweep_cmd(
     for col in ("tier", "strategy", "TTFT s"):
         table.add_column(col, justify="right")
     for r in result["ttft_by_tier"]:
-        table.add_row(r["tier"], r["strategy"], f"{r['median_ttft_s']:.3f}")
+        table.add_row(r["tier"], escape(r["strategy"]), f"{r['median_ttft_s']:.3f}")
     console.print(table)
     write_json(out, result)
 

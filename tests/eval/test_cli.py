@@ -70,7 +70,7 @@ def test_bench_ttft_json(tiny_dir, data_file, tmp_path):
     out = invoke(
         "bench", "ttft", "--data", data_file, "--n", 2, *common(tiny_dir, tmp_path), "--out", tmp_path / "ttft.json"
     )
-    assert "speedup" in out
+    assert "speedup" in out and "cacheblend[query]" in out and "cacheblend[deviation]" in out  # names printed
     result = json.loads((tmp_path / "ttft.json").read_text())
     assert [s["strategy"] for s in result["summary"]] == [
         "full_recompute",
