@@ -57,6 +57,16 @@ class PromptFormat:
             return self.tokenize(header)
         return list(self.bos_ids) or self.tokenize("\n")
 
+    def boundary(self, merged: int, last: int) -> list[int] | None:
+        """Ids of the whitespace token ``merged`` holds after the text of token ``last``, if it is that text
+        followed by whitespace only (a chunk's last token merged with the newlines after it:
+        engine/registry.py), else None."""
+        whole, head = self.tokenizer.decode([merged]), self.tokenizer.decode([last])
+        rest = whole[len(head) :]
+        if merged == last or not head or not whole.startswith(head) or not rest or not rest.isspace():
+            return None
+        return self.tokenize(rest)
+
     def chat_segments(self, segments: Sequence[str | ChunkHandle] | str, system: str | None = None) -> list:
         """Wrap segments in the model's chat template as one user message, chunk texts unchanged."""
         if not self.has_chat_template:
@@ -99,7 +109,7 @@ class PromptFormat:
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-            runs = registry.split(self.tokenize(prompt))  # token runs and the handles found among them
+            runs = registry.split(self.tokenize(prompt), self.boundary)  # token runs and the chunks found
         else:
             runs = merge_text(segments)
         blocks = []

@@ -11,6 +11,14 @@ before it merges with its first token (after ``"Context: "`` a chunk starting ``
 ``" The"``; put chunks on their own line, e.g. ``"Context:\\n"``, as framework templates do). There it is
 simply computed: slower, never different.
 
+One exception, at a chunk's end only: byte-level BPE tokenizers (Qwen, GPT-2 style) merge punctuation with
+the newlines after it, so a chunk ending ``"."`` followed by ``"\n\n"`` in the prompt ends in one token
+``".\n\n"`` there. If the prompt's token at the chunk's last position decodes to the chunk's last token
+followed by whitespace only, ``split(..., boundary=...)`` splits it at the chunk's edge (the chunk's own last
+token, then the whitespace tokenized alone): the tokens explicit segments would give, since segments are
+tokenized one by one. Only whitespace is split off this way, never text (``"..."`` after a chunk ending
+``"."`` is not a match).
+
 Texts of fewer than ``min_tokens`` tokens (``MIN_TOKENS``, 8, by default) are not registered: reusing them
 saves less than loading them costs, and short token runs recur in unrelated text. They can still be passed
 as explicit segments (``engine.generate([..., handle, ...])``).
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..store.chunk import ChunkHandle
 
@@ -77,9 +85,15 @@ class ChunkRegistry:
         with self._lock:
             return self._by_text.get(text)
 
-    def split(self, token_ids: Sequence[int]) -> list[list[int] | ChunkHandle]:
+    def split(
+        self, token_ids: Sequence[int], boundary: Callable[[int, int], list[int] | None] | None = None
+    ) -> list[list[int] | ChunkHandle]:
         """Split a prompt's token ids into runs to compute (lists of ids) and the handles of registered chunks
-        whose token ids appear in it (leftmost, longest match first; matches never overlap)."""
+        whose token ids appear in it (leftmost, longest match first; matches never overlap).
+
+        ``boundary(prompt_token, chunk_last_token)``: the ids of the text ``prompt_token`` holds after
+        ``chunk_last_token`` when it starts with it, else None; lets a chunk match whose last token merged with
+        the text after it (module docstring)."""
         ids = list(token_ids)
         out: list[list[int] | ChunkHandle] = []
         n, a = len(ids), self.anchor
@@ -87,11 +101,17 @@ class ChunkRegistry:
         with self._lock:
             get = self._by_anchor.get
             while i + a <= n:
-                bucket = get(tuple(ids[i : i + a]))
-                best = None
-                for cand in bucket or ():
-                    if (best is None or len(cand) > len(best)) and tuple(ids[i : i + len(cand)]) == cand:
-                        best = cand
+                best, rest = None, None
+                for cand in get(tuple(ids[i : i + a])) or ():
+                    if best is not None and len(cand) <= len(best):
+                        continue
+                    end = i + len(cand)
+                    if tuple(ids[i:end]) == cand:
+                        best, rest = cand, None
+                    elif boundary is not None and end <= n and tuple(ids[i : end - 1]) == cand[:-1]:
+                        tail = boundary(ids[end - 1], cand[-1])
+                        if tail is not None:
+                            best, rest = cand, tail
                 if best is None:
                     i += 1
                     continue
@@ -99,6 +119,9 @@ class ChunkRegistry:
                     out.append(ids[start:i])
                 out.append(self._by_ids[best])
                 i = start = i + len(best)
+                if rest is not None:  # the merged token becomes the chunk's last token, then the rest
+                    ids[i - 1 : i] = [best[-1], *rest]
+                    n = len(ids)
         if start < n:
             out.append(ids[start:])
         return out

@@ -126,3 +126,43 @@ def test_register_skips_short_texts_too(engine):
     handles = engine.precompute(["a", "start", PASSAGES[0]], register=False)
     engine.register(handles)
     assert len(engine.registry) == 1 and engine.registry.lookup(PASSAGES[0]) == handles[2]
+
+
+def test_a_chunk_whose_last_token_merged_with_the_newlines_after_it_is_split_at_its_edge():
+    """Byte-level BPE (Qwen) tokenizes a chunk's final "." and the "\\n\\n" after it as one token: the registry
+    splits that token at the chunk's edge when the rest is whitespace, and only then."""
+    from cacheblend_rag import ChunkHandle
+
+    text = {1: "a", 2: "b", 3: ".", 4: ".\n\n", 5: "\n\n", 6: "...", 7: "q"}
+    by_text = {v: k for k, v in text.items()}
+
+    def boundary(merged, last):  # as PromptFormat.boundary does with a tokenizer
+        whole, head = text[merged], text[last]
+        rest = whole[len(head) :]
+        ok = merged != last and whole.startswith(head) and rest and rest.isspace()
+        return [by_text[rest]] if ok else None
+
+    chunk = ChunkHandle("k", "ab.", (1, 2, 1, 2, 3), "fp")
+    registry = ChunkRegistry(min_tokens=2)
+    registry.register(chunk)
+    assert registry.split([7, 1, 2, 1, 2, 4, 7], boundary) == [[7], chunk, [5, 7]]
+    assert registry.split([7, 1, 2, 1, 2, 4, 7]) == [[7, 1, 2, 1, 2, 4, 7]]  # no boundary function: no match
+    assert registry.split([7, 1, 2, 1, 2, 6, 7], boundary) == [[7, 1, 2, 1, 2, 6, 7]]  # "..." is text, not a match
+    assert registry.split([1, 2, 1, 2, 3, 5], boundary) == [chunk, [5]]  # an exact match is unchanged
+
+
+@pytest.mark.real_model
+def test_qwen_prompt_with_a_chunk_before_a_blank_line_reuses_it():
+    from cacheblend_rag.model.packaged import SPLIT_MODELS, ModelNotFoundError
+
+    try:
+        SPLIT_MODELS["qwen2.5-coder-0.5b"].part_paths()
+    except ModelNotFoundError:
+        pytest.skip("Qwen2.5-Coder-0.5B's wheels are not installed (make qwen)")
+    engine = CacheBlendEngine.from_pretrained("qwen2.5-coder-0.5b", store=["memory://"])
+    chunk = "The Greyhook Lighthouse stands on the point. It is 31 metres tall."
+    (handle,) = engine.precompute([chunk])
+    prompt = engine.format_chat([{"role": "user", "content": f"Context:\n\n{chunk}\n\nHow tall is the lighthouse?"}])
+    assert not contains_run(handle.token_ids, engine.tokenize(prompt))  # "." and "\n\n" are one token here
+    result = engine.generate(prompt=prompt, max_new_tokens=16)
+    assert result.stats.cached_tokens == handle.n_tokens and "31" in result.text
