@@ -37,7 +37,8 @@ MAX_ANCHOR = 8
 
 
 class ChunkRegistry:
-    """LRU-bounded map of chunk texts to handles, searched by token ids."""
+    """Map of chunk texts to handles, searched by token ids, bounded to ``max_entries``: past it the least
+    recently used text is evicted (a registration, a lookup or a match in ``split`` is a use)."""
 
     def __init__(self, max_entries: int = 50_000, min_tokens: int = MIN_TOKENS) -> None:
         if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
@@ -81,9 +82,17 @@ class ChunkRegistry:
             if not bucket:
                 del self._by_anchor[ids[: self.anchor]]
 
+    def __contains__(self, text: object) -> bool:
+        """Whether ``text`` is registered (not a use: the eviction order stays as it is)."""
+        return text in self._by_text
+
     def lookup(self, text: str) -> ChunkHandle | None:
+        """The handle of a registered text, or None. A lookup is a use: the text becomes the most recently used."""
         with self._lock:
-            return self._by_text.get(text)
+            handle = self._by_text.get(text)
+            if handle is not None:
+                self._by_text.move_to_end(text)
+            return handle
 
     def split(
         self, token_ids: Sequence[int], boundary: Callable[[int, int], list[int] | None] | None = None
@@ -117,7 +126,9 @@ class ChunkRegistry:
                     continue
                 if i > start:
                     out.append(ids[start:i])
-                out.append(self._by_ids[best])
+                handle = self._by_ids[best]
+                self._by_text.move_to_end(handle.text)  # a match is a use: evicted last
+                out.append(handle)
                 i = start = i + len(best)
                 if rest is not None:  # the merged token becomes the chunk's last token, then the rest
                     ids[i - 1 : i] = [best[-1], *rest]

@@ -8,39 +8,97 @@ their next request.
 Layout: one Redis stream per model at ``<prefix>registry:<model fingerprint>`` beside the KV entries (the
 prefix of the engine's Redis tier), one entry per registered text (field ``t``). ``register`` adds the text
 locally and appends it to the stream; ``split`` first reads the entries appended since the engine last
-looked (one XREAD, usually empty) into the local registry. Only texts travel: each engine builds the handle
-from the text with its own tokenizer, so an entry can never make it reuse a wrong KV; at worst the key is
-missing from the store and the chunk is computed.
+looked (one round trip, usually empty) into the local registry. Only texts travel: each engine builds the
+handle from the text with its own tokenizer, so an entry can never make it reuse a wrong KV; at worst the key
+is missing from the store and the chunk is computed. A registry of one *scope* (``scope="..."``) uses its own
+stream, ``<prefix>registry:<model fingerprint>:<scope>``, and sees no other scope's texts.
 
-Availability: when Redis cannot be reached, registering and splitting go on with the local registry (the
-same backoff as the KV tier, ``health.py``); texts registered meanwhile are appended once Redis answers
-again. An engine that cannot read the stream treats the chunks it has not seen as plain text and computes
-them: slower, never wrong.
+Untrusted input: whoever can write the Redis database can append anything to the stream, so every entry is
+checked before it is used, and a bad one is skipped and counted (``stats()["rejected"]``), never failing a
+start or a request: an entry without a ``t`` field, a text that is not UTF-8, empty, longer than
+``max_text_bytes`` (by default ``BYTES_PER_TOKEN`` bytes per token of the context window: such a text could
+never fit in a prompt), longer than the context window once tokenized, or too short to register. Sizes are
+checked inside Redis (a Lua script reads the stream): a text over the byte bound is never sent, decoded or
+tokenized, and one read sends at most about ``read_bytes`` of texts.
 
-Growth: the stream is capped near the registry's ``max_entries`` (``XADD MAXLEN ~``) and expires with the
-tier's ttl once no engine registers or reads (engines that read refresh it at most every ``touch_every``
-seconds), as the KV entries do.
+Availability: when Redis cannot be reached, or refuses the registry's calls (e.g. WRONGTYPE: something else is
+stored under the stream's key), ``available`` is False and registering and splitting go on with the local
+registry (the same backoff as the KV tier, ``health.py``); texts registered meanwhile are appended once Redis
+answers again. An engine that cannot read the stream treats the chunks it has not seen as plain text and
+computes them: slower, never wrong.
+
+Lost data: when Redis loses the stream (FLUSHALL, a restart without persistence, expiry), an engine that finds
+it gone or empty, on a read or when its own append recreates it, republishes the texts it holds (at most
+``max_entries``, once per loss: the stream is not empty afterwards, so no other engine republishes them
+again). Their KV is gone too and is computed on first use.
+
+Growth and eviction: the stream is capped near the registry's ``max_entries`` (``XADD MAXLEN ~``) and expires
+with the tier's ttl once no engine registers or reads (engines that read refresh it at most every
+``touch_every`` seconds), as the KV entries do. Each engine's registry evicts its least recently used text
+(``registry.py``); so that a flood of registrations does not push texts still in use out of the stream (and
+out of the engines that start later), a text that a prompt matches is appended again once
+``max_entries // 2`` entries have been appended after its last appearance.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 from ..store.chunk import ChunkHandle
 from ..store.health import Backoff
-from .registry import ChunkRegistry
+from .registry import MIN_TOKENS, ChunkRegistry
 
 logger = logging.getLogger(__name__)
+
+BYTES_PER_TOKEN = 16  # the byte bound on a text read from the stream, per token of the context window
+MAX_TEXT_BYTES = 1 << 20  # the byte bound when no context window is given
+SCOPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+# Read up to ARGV[2] entries after ARGV[1] (inclusive), sending each entry's text (its first field "t") only if
+# it is at most ARGV[3] bytes (else its length, an integer; no such field: nil), and stopping once ARGV[4] bytes
+# of text are collected. Reply: {stream length, last entry id or "", more (1: read again), id, text, id, ...}.
+_READ = """
+local length = redis.call('XLEN', KEYS[1])
+if length == 0 then return {0, '', 0} end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1][1]
+local count, limit, budget = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', count)
+local out, used, more = {length, last, 0}, 0, 0
+if #entries == count then more = 1 end
+for i, entry in ipairs(entries) do
+  local text, fields = false, entry[2]
+  for j = 1, #fields - 1, 2 do
+    if fields[j] == 't' then
+      text = fields[j + 1]
+      break
+    end
+  end
+  if text and #text > limit then text = #text end
+  if type(text) == 'string' then used = used + #text end
+  out[#out + 1] = entry[1]
+  out[#out + 1] = text
+  if used >= budget and i < #entries then
+    more = 1
+    break
+  end
+end
+return out
+"""
 
 
 class SharedChunkRegistry(ChunkRegistry):
     """A ChunkRegistry whose registrations are shared through a Redis (or Redis Cluster) tier's server.
 
     tier: the engine's RedisTier; make_handle: text -> ChunkHandle (the engine's ``handle``); batch: entries
-    read per round trip.
+    read or appended per round trip; min_tokens: as ChunkRegistry's; context_window: the engine's (texts of
+    more tokens are neither registered from the stream nor appended to it); max_text_bytes: the longest text
+    read (default ``BYTES_PER_TOKEN`` x context_window); read_bytes: about the most text one read sends;
+    scope: None for the model's stream, else a name (letters, digits, ``_.-``) whose stream no other scope sees.
     """
 
     def __init__(
@@ -51,91 +109,218 @@ class SharedChunkRegistry(ChunkRegistry):
         max_entries: int = 50_000,
         batch: int = 1000,
         touch_every: float = 60.0,
+        *,
+        min_tokens: int = MIN_TOKENS,
+        context_window: int | None = None,
+        max_text_bytes: int | None = None,
+        read_bytes: int = 8 << 20,
+        scope: str | None = None,
     ) -> None:
         from redis.exceptions import ClusterError, ConnectionError, RedisClusterException, TimeoutError
 
-        super().__init__(max_entries)
+        super().__init__(max_entries, min_tokens)
+        if scope is not None and not (isinstance(scope, str) and SCOPE.fullmatch(scope)):
+            raise ValueError(f"a registry scope is 1-64 letters, digits, '_', '.' or '-'; got {scope!r}")
         self.tier = tier
-        self.key = f"{tier.prefix}registry:{fingerprint}"
+        self.scope = scope
+        self.key = f"{tier.prefix}registry:{fingerprint}" + (f":{scope}" if scope is not None else "")
         self.batch = batch
         self.touch_every = touch_every
+        self.context_window = context_window
+        if max_text_bytes is None:
+            max_text_bytes = BYTES_PER_TOKEN * context_window if context_window else MAX_TEXT_BYTES
+        self.max_text_bytes = max_text_bytes
+        self.read_bytes = read_bytes
         self._touched = -float("inf")
         self._make_handle = make_handle
         self._down = (ConnectionError, TimeoutError, ClusterError, RedisClusterException)
         base = tier.health
         self.health = Backoff(f"{tier.where} (shared chunk registry)", base.base, base.cap, base.warn_every)
-        self._cursor = "0-0"
+        self._read_script = tier.client.register_script(_READ)
+        self._cursor = (0, 0)  # the id of the last stream entry read
         self._unpublished: dict[str, None] = {}  # texts registered here that are not in the stream yet
+        self._seq = 0  # stream entries read so far
+        self._seen: dict[str, int] = {}  # text -> self._seq when it last appeared in the stream
         self._sync_lock = threading.Lock()
-        self._counts = {"published": 0, "received": 0, "errors": 0}
+        self._counts = {"published": 0, "received": 0, "errors": 0, "rejected": 0, "republished": 0, "refreshed": 0}
         self._warned_response = False
+        self._rejected_since_warning = 0
+        self._last_reject_warning = -float("inf")
+
+    @property
+    def available(self) -> bool:
+        """False while the registry's last call to Redis failed or was refused (it is backing off)."""
+        return not self.health.down
 
     # ---- the registry's interface -----------------------------------------------------------------
-    def register(self, handle: ChunkHandle) -> None:
+    def register(self, handle: ChunkHandle) -> bool:
         """Register ``handle`` here and append its text to the shared stream (if it is new here)."""
-        new = bool(handle.text) and self.lookup(handle.text) is None
-        super().register(handle)
-        if new:
+        new = handle.text not in self
+        registered = super().register(handle)
+        if registered and new and self._shareable(handle):
             with self._sync_lock:
                 self._unpublished[handle.text] = None
                 self._publish()
+        return registered
 
-    def split(self, prompt: str, *args, **kwargs):
-        """Like ChunkRegistry.split, after reading the texts other engines registered since the last look."""
+    def split(self, token_ids, *args, **kwargs):
+        """Like ChunkRegistry.split, after reading the texts other engines registered since the last look. A
+        chunk found whose last appearance in the stream is ``max_entries // 2`` entries old is appended again
+        (at the next sync), so that texts in use stay in the stream through a flood of registrations."""
         self.sync()
-        return super().split(prompt, *args, **kwargs)
+        out = super().split(token_ids, *args, **kwargs)
+        stale = self.max_entries // 2
+        with self._sync_lock:
+            for part in out:
+                if isinstance(part, ChunkHandle) and self._seq - self._seen.get(part.text, self._seq) > stale:
+                    self._seen[part.text] = self._seq
+                    self._unpublished[part.text] = None
+                    self._counts["refreshed"] += 1
+        return out
 
     # ---- sharing ----------------------------------------------------------------------------------
     def sync(self) -> int:
-        """Publish what is pending and read the texts appended by others; returns how many were read."""
+        """Publish what is pending and read the texts appended by others; returns how many were registered."""
         with self._sync_lock:
             self._publish()
-            return self._receive()
+            received = self._receive()
+            if self._unpublished:  # found the stream lost while reading: republish now
+                self._publish()
+            return received
 
     def stats(self) -> dict[str, int]:
-        """published / received entries, failed round trips, texts waiting to be published."""
+        """Counters: texts published, received (registered from the stream), rejected (bad entries skipped),
+        republished (after Redis lost the stream), refreshed (appended again while in use), failed round trips
+        (errors); and the texts waiting to be published (unpublished)."""
         with self._sync_lock:
             return {**self._counts, "unpublished": len(self._unpublished)}
 
+    def _shareable(self, handle: ChunkHandle) -> bool:
+        """Whether other engines would accept ``handle``'s text from the stream."""
+        too_long = self.context_window is not None and handle.n_tokens > self.context_window
+        return not too_long and len(handle.text.encode()) <= self.max_text_bytes
+
     def _publish(self) -> None:
-        if not self._unpublished or not self.health.allow():
-            return
-        texts = list(self._unpublished)
-        ttl = self.tier.ttl
-
-        def append():
-            pipe = self.tier.client.pipeline(transaction=False)
+        while self._unpublished and self.health.allow():
+            texts = list(self._unpublished)[: self.batch]
+            replies = self._round_trip(partial(self._append, texts))
+            if replies is None:
+                return
             for text in texts:
-                pipe.xadd(self.key, {"t": text.encode()}, maxlen=self.max_entries, approximate=True)
-            if ttl:
-                pipe.expire(self.key, ttl)
-            return pipe.execute()
+                del self._unpublished[text]
+            self._counts["published"] += len(texts)
+            if not replies[0]:  # the stream was gone: Redis lost it (or it expired); our append recreated it
+                self._lost(published=texts)
 
-        if self._round_trip(append) is None:
-            return
+    def _append(self, texts: list[str]) -> list:
+        """One round trip: whether the stream exists, then ``texts`` appended (and the stream's expiry set)."""
+        pipe = self.tier.client.pipeline(transaction=False)
+        pipe.exists(self.key)
         for text in texts:
-            del self._unpublished[text]
-        self._counts["published"] += len(texts)
+            pipe.xadd(self.key, {"t": text.encode()}, maxlen=self.max_entries, approximate=True)
+        if self.tier.ttl:
+            pipe.expire(self.key, self.tier.ttl)
+        return pipe.execute()
 
     def _receive(self) -> int:
         received = 0
-        while self.health.allow():
-            reply = self._round_trip(lambda: self.tier.client.xread({self.key: self._cursor}, count=self.batch))
-            entries = _entries(reply, self.key)
-            for entry_id, fields in entries:
-                self._cursor = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                text = fields.get(b"t", fields.get("t"))
-                if text is None:
-                    continue
-                text = text.decode() if isinstance(text, bytes) else str(text)
-                if self.lookup(text) is None:
-                    super().register(self._make_handle(text))
-                    received += 1
-            if len(entries) < self.batch:
+        budget = 2 * self.max_entries + self.batch  # the stream holds about max_entries: a sync ends
+        while budget > 0 and self.health.allow():
+            start = _after(self._cursor)
+            if start is None:  # the cursor is the largest id a stream can hold: nothing can follow it
+                break
+            args = [start, min(self.batch, budget), self.max_text_bytes, self.read_bytes]
+            reply = self._round_trip(partial(self._read_script, keys=[self.key], args=args))
+            if reply is None:
+                break
+            try:
+                length, last, more = int(reply[0]), _entry_id(reply[1]) if reply[1] else None, bool(reply[2])
+                items = [(_entry_id(reply[i]), reply[i + 1]) for i in range(3, len(reply) - 1, 2)]
+            except (TypeError, ValueError, IndexError) as exc:  # not the script's reply: stop reading
+                self._reject(f"an unreadable reply ({exc})")
+                break
+            if length == 0 or (last is not None and last < self._cursor):  # gone, emptied or recreated
+                self._lost()
+                if length == 0:
+                    break
+                continue
+            for entry_id, raw in items:
+                self._cursor = max(self._cursor, entry_id)
+                self._seq += 1
+                received += self._accept(entry_id, raw)
+            budget -= len(items)
+            if not more or not items:
                 break
         self._counts["received"] += received
+        if len(self._seen) > 2 * self.max_entries:
+            self._seen = {t: s for t, s in self._seen.items() if t in self}
         self._touch()
         return received
+
+    def _accept(self, entry_id: tuple[int, int], raw) -> int:
+        """Register one entry's text (1), or skip a known text (0) or a bad entry (0, counted and logged)."""
+        where = f"entry {entry_id[0]}-{entry_id[1]}"
+        if raw is None:
+            return self._reject(f"{where} has no text field 't'")
+        if isinstance(raw, int) or len(raw) > self.max_text_bytes:
+            size = raw if isinstance(raw, int) else len(raw)
+            return self._reject(f"{where} holds {size} bytes, over the bound of {self.max_text_bytes}")
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError as exc:
+            return self._reject(f"{where} is not UTF-8 ({exc})")
+        if not text:
+            return self._reject(f"{where} holds an empty text")
+        self._seen[text] = self._seq
+        if self.lookup(text) is not None:  # known here: a use, so the text is evicted later
+            return 0
+        try:
+            handle = self._make_handle(text)
+        except Exception as exc:
+            return self._reject(f"{where} cannot be tokenized ({type(exc).__name__}: {exc})")
+        if self.context_window is not None and handle.n_tokens > self.context_window:
+            return self._reject(f"{where} is {handle.n_tokens} tokens, over the context window")
+        if not super().register(handle):
+            return self._reject(f"{where} is {handle.n_tokens} tokens, under min_tokens={self.min_tokens}")
+        return 1
+
+    def _reject(self, why: str) -> int:
+        self._counts["rejected"] += 1
+        self._rejected_since_warning += 1
+        now = time.monotonic()
+        if now - self._last_reject_warning >= self.health.warn_every:
+            logger.warning(
+                "shared chunk registry %s on %s: skipped a bad entry (%s) [%d skipped since the last warning; "
+                "this warning repeats at most every %gs]",
+                self.key,
+                self.tier.where,
+                why,
+                self._rejected_since_warning,
+                self.health.warn_every,
+            )
+            self._last_reject_warning = now
+            self._rejected_since_warning = 0
+        return 0
+
+    def _lost(self, published: list[str] = ()) -> None:
+        """The stream is gone, empty, or not the one read so far: read it from its start again, and republish
+        the texts held here that it may have lost (not those just ``published``)."""
+        self._cursor = (0, 0)
+        just = set(published)
+        with self._lock:
+            held = [h for h in self._by_text.values() if h.text not in just and h.text not in self._unpublished]
+        held = [h for h in held if self._shareable(h)]
+        for handle in held:  # least recently used first: readers' registries keep the same order
+            self._unpublished[handle.text] = None
+        self._counts["republished"] += len(held)
+        if held:
+            logger.warning(
+                "shared chunk registry %s on %s was lost (Redis flushed, restarted without persistence, or "
+                "expired): republishing the %d chunk texts this engine holds; their KV is computed on first use",
+                self.key,
+                self.tier.where,
+                len(held),
+            )
 
     def _touch(self) -> None:
         """Refresh the stream's expiry while engines use it (at most every ``touch_every`` seconds)."""
@@ -146,7 +331,7 @@ class SharedChunkRegistry(ChunkRegistry):
             self._touched = now
 
     def _round_trip(self, fn):
-        """Run one Redis call; None if Redis cannot be reached (then back off) or refuses it (logged once)."""
+        """Run one Redis call; None if Redis cannot be reached or refuses it (then back off: not available)."""
         from redis.exceptions import ResponseError
 
         try:
@@ -160,26 +345,36 @@ class SharedChunkRegistry(ChunkRegistry):
             if not self._warned_response:
                 self._warned_response = True
                 logger.warning(
-                    "%s refused the shared chunk registry's call on %s (%s); this engine keeps its own registry",
+                    "%s refused the shared chunk registry's call on %s (%s); this engine keeps its own registry "
+                    "until it succeeds (delete or rename what is stored under that key)",
                     self.tier.where,
                     self.key,
                     exc,
                 )
+            self.health.failure(exc)
             return None
         self.health.success()
         return out
 
 
-def _entries(reply, key: str) -> list:
-    """[(entry id, fields)] from an XREAD reply (RESP2: [[key, entries]]; RESP3: {key: [entries]})."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return list(next(iter(reply.values()), []) or [])
-    for name, entries in reply:
-        if (name.decode() if isinstance(name, bytes) else name) == key:
-            return list(entries or [])
-    return []
+def _entry_id(raw) -> tuple[int, int]:
+    """A stream entry id (``b"1700000000000-3"``) as (milliseconds, sequence)."""
+    text = raw.decode("ascii") if isinstance(raw, bytes) else str(raw)
+    ms, sep, seq = text.partition("-")
+    if not sep:
+        raise ValueError(f"not a stream entry id: {text[:40]!r}")
+    return int(ms), int(seq)
+
+
+_MAX_ID_PART = 2**64 - 1
+
+
+def _after(entry_id: tuple[int, int]) -> str | None:
+    """The smallest stream id after ``entry_id`` (XRANGE's start is inclusive), or None if there is none."""
+    ms, seq = entry_id
+    if seq < _MAX_ID_PART:
+        return f"{ms}-{seq + 1}"
+    return f"{ms + 1}-0" if ms < _MAX_ID_PART else None
 
 
 def redis_tier_of(engine):
@@ -189,14 +384,34 @@ def redis_tier_of(engine):
     return next((t for t in engine.store.tiers if isinstance(t, RedisTier)), None)
 
 
+def shared_registry_for(engine, tier=None, scope: str | None = None) -> SharedChunkRegistry | None:
+    """A shared registry for ``engine`` through its Redis tier (or ``tier``), filled with the texts already in
+    its stream (``scope``: see SharedChunkRegistry); None when the engine has no Redis tier. It does not become
+    ``engine.registry`` (``share_registry`` does that): a server may hold one per scope."""
+    tier = tier or redis_tier_of(engine)
+    if tier is None:
+        return None
+    base = engine.registry
+    shared = SharedChunkRegistry(
+        tier,
+        engine.fingerprint,
+        engine.handle,
+        base.max_entries,
+        min_tokens=base.min_tokens,
+        context_window=engine.context_window,
+        scope=scope,
+    )
+    shared.sync()
+    return shared
+
+
 def share_registry(engine, tier=None) -> SharedChunkRegistry | None:
     """Share ``engine``'s chunk registry through its Redis tier (or ``tier``); returns the shared registry,
     or None when the engine has no Redis tier. Call it right after making the engine, before registering
     chunks: it reads what other engines registered so far and replaces ``engine.registry``."""
     if isinstance(engine.registry, SharedChunkRegistry):
         return engine.registry
-    tier = tier or redis_tier_of(engine)
-    if tier is None:
+    if tier is None and redis_tier_of(engine) is None:
         logger.info("the engine has no Redis tier: its chunk registry stays its own")
         return None
     if len(engine.registry):
@@ -204,13 +419,13 @@ def share_registry(engine, tier=None) -> SharedChunkRegistry | None:
             f"share_registry(engine) must come before chunks are registered (this engine has "
             f"{len(engine.registry)}); call it right after making the engine"
         )
-    shared = SharedChunkRegistry(tier, engine.fingerprint, engine.handle, engine.registry.max_entries)
-    received = shared.sync()
+    shared = shared_registry_for(engine, tier)
     logger.info(
-        "shared chunk registry at %s on %s: %d chunk texts registered by other engines",
+        "shared chunk registry at %s on %s: %d chunk texts registered by other engines (%d bad entries skipped)",
         shared.key,
-        tier.where,
-        received,
+        shared.tier.where,
+        len(shared),
+        shared.stats()["rejected"],
     )
     engine.registry = shared
     return shared

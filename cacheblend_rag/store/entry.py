@@ -80,6 +80,11 @@ class EntryMeta:
         layers, heads, tokens, dim = self.shape
         return 2 * layers * heads * tokens * dim * self.dtype.itemsize
 
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of every stored tensor (the int8 form and its scales with the int8 codec)."""
+        return self.n_layers * sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.specs().values())
+
     def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Per-layer tensors: short name -> (shape, dtype)."""
         _, heads, tokens, dim = self.shape
@@ -270,6 +275,9 @@ class EntryBuffers:
 def read_entry(reader: EntryReader) -> ChunkKV:
     """Every layer of an opened entry (the reader is closed afterwards)."""
     try:
+        prefetch = getattr(reader, "prefetch", None)  # a tier that can send the whole entry in one round trip
+        if prefetch is not None:
+            prefetch()
         buffers = EntryBuffers(reader.meta)
         for layer in range(reader.meta.n_layers):
             buffers.read(reader, layer)

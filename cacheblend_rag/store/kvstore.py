@@ -9,7 +9,7 @@ from functools import partial
 import torch
 
 from .chunk import ChunkKV
-from .entry import encode_int8
+from .entry import encode_int8, read_or_miss
 from .pipeline import LazyChunk, start_loader
 from .tier import Tier
 
@@ -61,15 +61,28 @@ class KVStore:
         """The whole block (read before returning), promoted to the faster tiers; None on a miss. With
         ``n_tokens``, an entry of another token count is a miss (and deleted)."""
         for i, tier in enumerate(self.tiers):
-            kv = tier.get(key)
-            if kv is None:
-                continue
-            if not self._fits(tuple(kv.k.shape), n_tokens):
-                self._reject(tier, key, tuple(kv.k.shape), n_tokens)
-                continue
-            self._promote(i, key, kv)
-            return kv
+            kv = self._read_whole(tier, key, n_tokens)
+            if kv is not None:
+                self._promote(i, key, kv)
+                return kv
         return None
+
+    def _read_whole(self, tier: Tier, key: str, n_tokens: int | None) -> ChunkKV | None:
+        opener = getattr(tier, "open", None)
+        if opener is None:
+            kv = tier.get(key)
+            if kv is not None and not self._fits(tuple(kv.k.shape), n_tokens):
+                self._reject(tier, key, tuple(kv.k.shape), n_tokens)
+                return None
+            return kv
+        reader = opener(key)  # a tier that serializes: its geometry is checked before a buffer of that shape exists
+        if reader is None:
+            return None
+        if not self._fits(reader.meta.shape, n_tokens):
+            reader.close()
+            self._reject(tier, key, reader.meta.shape, n_tokens)
+            return None
+        return read_or_miss(reader)
 
     def fetch(
         self,

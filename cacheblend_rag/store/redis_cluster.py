@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, unquote, urlparse
 
 from .entry import TierUnavailable
 from .health import Backoff
+from .redact import redact_url
 from .redis_tier import OPTIONS, RedisTier, _RedisReader
 
 SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -33,7 +34,9 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict, dict]:
     """``redis+cluster://...`` -> (startup nodes, our options, redis-py connection options)."""
     parsed = urlparse(url)
     if parsed.scheme not in SCHEMES:
-        raise ValueError(f"a Redis Cluster URL starts with redis+cluster:// or rediss+cluster://, got {url!r}")
+        raise ValueError(
+            f"a Redis Cluster URL starts with redis+cluster:// or rediss+cluster://, got {redact_url(url)!r}"
+        )
     userinfo, _, hosts = parsed.netloc.rpartition("@")
     nodes = []
     for item in hosts.split(","):
@@ -42,17 +45,19 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict, dict]:
             host, port = item.strip(), "6379"
         host = host.strip("[]")
         if not host or not port.isdigit():
-            raise ValueError(f"bad node {item!r} in Redis Cluster URL {redact(url)}; list nodes as host:port,host:port")
+            raise ValueError(
+                f"bad node {item!r} in Redis Cluster URL {redact_url(url)}; list nodes as host:port,host:port"
+            )
         nodes.append((host, int(port)))
     if parsed.path not in ("", "/", "/0"):
-        raise ValueError(f"Redis Cluster has only database 0; drop {parsed.path!r} from {redact(url)}")
+        raise ValueError(f"Redis Cluster has only database 0; drop {parsed.path!r} from {redact_url(url)}")
     ours, theirs = {}, {}
     for name, value in parse_qsl(parsed.query, keep_blank_values=True):
         if name in OPTIONS:
             try:
                 ours[name] = OPTIONS[name](value)
             except ValueError as exc:
-                raise ValueError(f"bad {name}={value!r} in store URL {redact(url)}: {exc}") from None
+                raise ValueError(f"bad {name}={value!r} in store URL {redact_url(url)}: {exc}") from None
         else:
             theirs[name] = value
     if userinfo:
@@ -64,15 +69,6 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict, dict]:
     if parsed.scheme == "rediss+cluster":
         theirs["ssl"] = True
     return nodes, ours, theirs
-
-
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, hosts = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{hosts}"
 
 
 class _LazyScript:
@@ -215,7 +211,7 @@ class RedisClusterTier(RedisTier):
             (SSLConnection if connection.get("ssl") else Connection)(**per_connection)  # checks; connects later
         except (TypeError, ValueError) as exc:
             raise ValueError(
-                f"bad Redis Cluster store URL {redact(url)}: {exc}; options of ours are "
+                f"bad Redis Cluster store URL {redact_url(url)}: {exc}; options of ours are "
                 f"{', '.join(OPTIONS)}, the rest go to redis-py"
             ) from None
         return cls(nodes, model_fingerprint, connection, **ours)

@@ -47,8 +47,8 @@ from .entry import (
     tensor_bytes,
 )
 from .health import Backoff
+from .redact import redact_url
 from .tier import TierStats
-from .urls import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +68,40 @@ return 1
 _DELETE_IF = """
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return 0 end
-if t ~= 'hash' or (redis.call('HGET', KEYS[1], 'meta') or '') == ARGV[1] then
+if t ~= 'hash' or redis.call('HSTRLEN', KEYS[1], 'meta') > tonumber(ARGV[2])
+   or (redis.call('HGET', KEYS[1], 'meta') or '') == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end
 return 0
 """
+
+# What ``open`` needs, judged inside Redis so that nothing of unexpected size is sent: the metadata if it is at
+# most ARGV[2] bytes, and the number and total bytes of the other fields (compared with what the metadata
+# says); the ttl (ARGV[1]) is refreshed only for an entry that passes. Replies: nil (no entry), {"type", t},
+# {"nometa"}, {"meta", bytes} (too large), {"ok", meta, fields, bytes}.
+_OPEN = """
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'none' then return false end
+if t ~= 'hash' then return {'type', t} end
+if redis.call('HEXISTS', KEYS[1], 'meta') == 0 then return {'nometa'} end
+local size = redis.call('HSTRLEN', KEYS[1], 'meta')
+if size > tonumber(ARGV[2]) then return {'meta', size} end
+local count, total = 0, 0
+for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if name ~= 'meta' then
+    count = count + 1
+    total = total + redis.call('HSTRLEN', KEYS[1], name)
+  end
+end
+local ttl = tonumber(ARGV[1])
+if ttl > 0 then redis.pcall('EXPIRE', KEYS[1], ttl) end
+return {'ok', redis.call('HGET', KEYS[1], 'meta'), count, total}
+"""
+
+# The largest entry metadata read (bytes): a real one is ~25 bytes per tensor (a CRC each; 4 tensors per layer
+# with int8), under 20 kB for 200 layers; anything larger is not ours, and is neither fetched nor parsed.
+MAX_META_BYTES = 256 << 10
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -147,6 +175,7 @@ class RedisTier:
         self._response_error = ResponseError
         self._put_script = client.register_script(_PUT)
         self._delete_script = client.register_script(_DELETE_IF)
+        self._open_script = client.register_script(_OPEN)
         self._last_write_warning = -float("inf")
         self._checked_policy = False
 
@@ -223,55 +252,54 @@ class RedisTier:
             return False
 
     def open(self, key: str) -> _RedisReader | None:
-        """A per-layer reader of ``key``'s entry (metadata validated; the ttl refreshed), or None on a miss."""
-        rkey = self.entry_key(key)
-
-        def fetch_meta():
-            pipe = self.client.pipeline(transaction=False)
-            pipe.hget(rkey, "meta")
-            if self.touch and self.ttl:
-                pipe.expire(rkey, self.ttl)
-            return pipe.execute(raise_on_error=False)[0]
-
+        """A per-layer reader of ``key``'s entry, or None on a miss. Checked before anything large is sent: the
+        metadata's size, then its content, then that the tensor fields are the ones it names, of the total
+        size its shape and codec give (one round trip; the ttl is refreshed for an entry that passes)."""
+        ttl = self.ttl if self.touch else 0
         try:
-            raw = self._call(fetch_meta)
+            reply = self._call(self._open_script, keys=[self.entry_key(key)], args=[ttl, MAX_META_BYTES])
         except TierUnavailable:
             self.stats.add(misses=1)
             return None
-        return self._reader(key, raw, None)
-
-    def get(self, key: str) -> ChunkKV | None:
-        try:
-            fields = self._call(self.client.hgetall, self.entry_key(key))
-        except TierUnavailable:
+        except self._response_error as exc:  # refused (e.g. a script error): a miss, the entry left alone
+            self.stats.add(misses=1, errors=1)
+            logger.info("%s refused to open entry %s (%s); treating it as a miss", self.where, key[:12], exc)
+            return None
+        if reply is None:
             self.stats.add(misses=1)
             return None
-        except self._response_error as exc:  # e.g. WRONGTYPE: something else was written under the key
-            self._unusable(key, None, exc)
-            return None
-        return read_or_miss(self._reader(key, fields.get(b"meta"), fields))
-
-    def _reader(self, key: str, raw, fields: dict | None) -> _RedisReader | None:
-        if raw is None:
-            if fields:  # a hash without metadata: not ours to trust
-                self._unusable(key, None, CorruptEntry("the hash has no meta field"))
-            else:
-                self.stats.add(misses=1)
-            return None
+        raw = None
         try:
-            if isinstance(raw, Exception):
-                raise CorruptEntry(str(raw))
+            verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+            if verdict == "type":
+                raise CorruptEntry(f"a {reply[1].decode(errors='replace')}, not a hash")
+            if verdict == "nometa":
+                raise CorruptEntry("the hash has no meta field")
+            if verdict == "meta":
+                raise CorruptEntry(f"its metadata is {reply[1]} bytes, over {MAX_META_BYTES}")
+            raw, count, total = reply[1], int(reply[2]), int(reply[3])
             meta = EntryMeta.parse(json.loads(raw), key, self.model_fingerprint)
+            if count != len(meta.names()) or total != meta.stored_bytes:
+                raise CorruptEntry(
+                    f"it holds {count} tensor fields of {total} bytes in all; its metadata calls for "
+                    f"{len(meta.names())} of {meta.stored_bytes}"
+                )
         except Exception as exc:
             self._unusable(key, raw if isinstance(raw, bytes) else None, exc)
             return None
-        return _RedisReader(self, key, meta, raw, fields)
+        return _RedisReader(self, key, meta, raw, None)
+
+    def get(self, key: str) -> ChunkKV | None:
+        """The whole entry (checked like ``open``, then fetched in one round trip), or None on a miss."""
+        return read_or_miss(self.open(key))
 
     def _unusable(self, key: str, raw_meta: bytes | None, exc: BaseException) -> None:
         """Delete a bad entry (unless it changed since ``raw_meta`` was read); log; count a miss."""
         self.stats.add(misses=1)
         try:
-            deleted = self._call(self._delete_script, keys=[self.entry_key(key)], args=[raw_meta or b""])
+            deleted = self._call(
+                self._delete_script, keys=[self.entry_key(key)], args=[raw_meta or b"", MAX_META_BYTES]
+            )
         except (TierUnavailable, self._response_error):
             deleted = None
         if deleted == 0:  # what was judged is gone already: expired, evicted, replaced or deleted by a peer
@@ -369,6 +397,17 @@ class _RedisReader(LayerReaderBase):
     def __init__(self, tier: RedisTier, key: str, meta: EntryMeta, raw_meta: bytes, fields: dict | None) -> None:
         self.tier, self.key, self.meta, self.raw_meta, self.fields = tier, key, meta, raw_meta, fields
         self.batcher = tier if fields is None else None
+
+    def prefetch(self) -> None:
+        """Fetch every tensor field in one round trip (for a whole-entry read; ``open`` checked their sizes). A
+        failure here leaves the reader as it was: the layers are then read one by one, and fail there."""
+        names = self.meta.names()
+        try:
+            values = self.tier._call(self.tier.client.hmget, self.tier.entry_key(self.key), names)
+        except Exception:
+            return
+        self.fields = {name.encode(): value for name, value in zip(names, values)}
+        self.batcher = None
 
     def read_layer(self, layer: int, out: dict[str, torch.Tensor]) -> None:
         # out: short name -> contiguous tensor of the spec's shape and dtype, filled in place

@@ -116,8 +116,8 @@ def test_registry_prefers_the_longest_match_and_forgets_evicted_texts():
     assert registry.register(short) and registry.register(long)
     assert not registry.register(handle([9]))
     assert registry.split([1, 5, 6, 7, 8, 5, 6, 9]) == [[1], long, short, [9]]
-    registry.register(handle([7, 7]))  # evicts ``short``
-    assert registry.split([5, 6, 7, 7]) == [[5, 6], registry.lookup("text [7, 7]")]
+    registry.register(handle([7, 7]))  # evicts ``long``: the split used it before ``short`` (least recently used)
+    assert registry.split([5, 6, 7, 8, 7, 7]) == [short, [7, 8], registry.lookup("text [7, 7]")]
     with pytest.raises(ValueError, match="min_tokens must be an int >= 1"):
         ChunkRegistry(min_tokens=0)
 

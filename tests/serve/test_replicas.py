@@ -68,3 +68,27 @@ def test_replicas_with_redis_down_are_slower_never_wrong(tokenizer, tmp_path, pr
     assert answer_a["cacheblend"]["cache_hits"] == 3  # a still reuses from its memory tier
     assert {t["tier"]: t["available"] for t in health_a["store"]} == {"memory": True, "redis": False}
     assert health_a["shared_registry"]["unpublished"] == 3 and not health_b["shared_registry"]["available"]
+
+
+def test_a_tampered_registry_stops_no_replica_and_fails_no_request(tokenizer, tmp_path, redis_url):
+    """Issue 18: a non-UTF-8 entry in the registry stream failed a running replica's request with a 400 and
+    stopped every replica started afterwards; a 100 kB one was decoded and tokenized by both; /health said
+    available: true while Redis answered WRONGTYPE."""
+    a, b = replicas(tokenizer, tmp_path, redis_url)
+    client, key = a.registry.tier.client, a.registry.key
+    with serving(a) as replica_a, serving(b) as replica_b:
+        client.xadd(key, {"t": b"\xff\xfe"})
+        client.xadd(key, {"t": b"x" * (a.registry.max_text_bytes + 1)})
+        registered = httpx.post(f"{replica_a.url}/v1/chunks", json={"texts": PASSAGES}, timeout=120)
+        assert registered.status_code == 200, registered.text
+        answer_b = ask(replica_b)  # b reads the bad entries, then the good ones
+        late = tiny_engine(tokenizer, tmp_path / "late", store=["memory://?max_bytes=1GB", redis_url], seed=11)
+        assert len(share_registry(late)) == 3  # a replica started afterwards starts, with the good texts
+        health_b = httpx.get(f"{replica_b.url}/health", timeout=30).json()
+        client.delete(key)
+        client.set(key, b"not a stream")
+        refused_b = ask(replica_b)  # answered from b's own registry
+        refused_health_b = httpx.get(f"{replica_b.url}/health", timeout=30).json()
+    assert answer_b["cacheblend"]["cache_hits"] == 3 and refused_b["cacheblend"]["cache_hits"] == 3
+    assert health_b["shared_registry"]["available"] and health_b["shared_registry"]["rejected"] == 2
+    assert not refused_health_b["shared_registry"]["available"]

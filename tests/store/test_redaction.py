@@ -65,3 +65,27 @@ def test_repr_logs_and_metrics_never_show_the_password(make_engine, caplog):
     assert "unavailable" in caplog.text
     shown = [caplog.text, repr(engine), repr(engine.store.tiers[1]), str(engine.metrics())]
     assert not [s for s in shown if SECRET in s]
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        (f"redis+cluster://h:1?password={SECRET}&ttl=bad", "bad ttl='bad'"),
+        (f"redis+cluster://:{SECRET}@h:1,h:x?ttl=1h", "bad node"),
+        (f"rediss+cluster://u:{SECRET}@h:1/3", "only database 0"),
+        (f"redis+cluster://h:1?token={SECRET}&socket_timeout=x", "bad Redis Cluster store URL"),
+    ],
+)
+def test_cluster_url_errors_never_echo_the_password(url, message):
+    """redis_cluster.py had a redaction of its own that missed query options (issue 18)."""
+    with pytest.raises(ValueError, match=message) as info:
+        tier_from_url(url, FP)
+    assert SECRET not in str(info.value) and "***" in str(info.value)
+
+
+def test_a_cluster_url_given_to_the_wrong_parser_is_redacted_too():
+    from cacheblend_rag.store.redis_cluster import parse_cluster_url
+
+    with pytest.raises(ValueError, match="redis\\+cluster://") as info:
+        parse_cluster_url(f"redis://:{SECRET}@h:1")
+    assert SECRET not in str(info.value)

@@ -306,3 +306,44 @@ def test_full_redis_refuses_writes_and_requests_still_succeed(make_engine, priva
         make_engine("llama", seed=13, store=[private_redis.url + "?ttl=0"]).precompute([PASSAGES[1]])
     # a write may still be refused while Redis is over its limit; what must go is the policy warning
     assert "has maxmemory-policy" not in caplog.text
+
+
+# ---- issue 18, item 12: sizes are checked before anything is fetched or decoded --------------------------------
+def _huge_meta(client, rkey):
+    client.hset(rkey, "meta", b"{" + b" " * 10_000_000 + b"}")
+
+
+def _huge_field(client, rkey):
+    client.hset(rkey, "k.1", bytes(10_000_000))
+
+
+def _absurd_shape(client, rkey):
+    meta = json.loads(client.hget(rkey, "meta"))
+    shape = json.loads(meta["shape"])
+    meta["shape"] = json.dumps([shape[0], shape[1], 10**12, shape[3]])
+    client.hset(rkey, "meta", json.dumps(meta))
+
+
+OVERSIZED = {"meta of 10 MB": _huge_meta, "field of 10 MB": _huge_field, "shape of 10**12 tokens": _absurd_shape}
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["layer by layer", "whole entry"])
+@pytest.mark.parametrize("damage", list(OVERSIZED))
+def test_an_oversized_entry_is_refused_before_its_bytes_are_sent(make_engine, private_redis, damage, whole):
+    """The entry's metadata is fetched only if it is small, and its fields only if their sizes add up to what the
+    metadata says; else it is unusable (deleted, counted, recomputed) and the big value never leaves Redis."""
+    engine = make_engine("llama", seed=6, store=[private_redis.url])
+    tier = engine.store.tiers[0]
+    handles = engine.precompute(PASSAGES)
+    clean = engine.generate(segments(handles), max_new_tokens=4, config=config("cacheblend"))
+    client = private_redis_client(private_redis)
+    OVERSIZED[damage](client, tier.entry_key(handles[1].key))
+    sent = client.info("stats")["total_net_output_bytes"]
+    if whole:  # KVStore.get: the whole-entry read of chunk_kv and prefix_cache
+        kv, hit = engine.chunk_kv(handles[1])
+        assert not hit and kv.n_tokens == handles[1].n_tokens
+    else:
+        again = engine.generate(segments(handles), max_new_tokens=4, config=config("cacheblend"))
+        assert again.token_ids == clean.token_ids and again.stats.cache_misses == 1
+    assert client.info("stats")["total_net_output_bytes"] - sent < 2_000_000
+    assert tier.stats.corrupt == 1 and tier.get(handles[1].key).n_tokens == handles[1].n_tokens  # rewritten

@@ -8,7 +8,12 @@ import time
 
 import pytest
 
-from cacheblend_rag.engine.shared_registry import SharedChunkRegistry, share_registry
+from cacheblend_rag.engine.shared_registry import (
+    BYTES_PER_TOKEN,
+    SharedChunkRegistry,
+    share_registry,
+    shared_registry_for,
+)
 from tests.conftest import PASSAGES, config
 
 QUESTION = "\nQuestion: which river flows through Brazil?"
@@ -90,7 +95,7 @@ def test_a_foreign_value_at_the_stream_key_is_logged_once(make_engine, redis_url
         result = engine.generate(prompt=chat_prompt(engine), max_new_tokens=4, config=config("cacheblend"))
     assert result.stats.cache_hits == 3  # the local registry works
     assert sum("refused the shared chunk registry" in r.getMessage() for r in caplog.records) == 1
-    assert shared.stats()["errors"] >= 2
+    assert shared.stats()["errors"] >= 1 and not shared.available  # refused calls back off like failed ones
 
 
 def test_share_registry_needs_an_empty_registry_and_a_redis_tier(make_engine, redis_url):
@@ -111,3 +116,241 @@ def test_engines_that_read_the_stream_keep_it_from_expiring(make_engine, redis_u
     shared.touch_every = 0
     shared.sync()
     assert client.ttl(shared.key) > 3500  # a reading engine refreshed it
+
+
+# ---- issue 18: what is read from the stream is untrusted -------------------------------------------------------
+def stream_key(engine) -> str:
+    tier = engine.store.tiers[1]
+    return f"{tier.prefix}registry:{engine.fingerprint}"
+
+
+def _not_utf8(engine):
+    return {"t": b"\xff\xfe"}
+
+
+def _no_text_field(engine):
+    return {"x": PASSAGES[0].encode()}
+
+
+def _empty_text(engine):
+    return {"t": b""}
+
+
+def _too_short(engine):
+    return {"t": b"Hi there"}  # under registry.min_tokens
+
+
+def _over_the_byte_bound(engine):
+    return {"t": b"A" * (engine.registry.max_text_bytes + 1)}
+
+
+def _over_the_context_window(engine):  # few enough bytes, too many tokens for any prompt
+    return {"t": (" 7" * (engine.context_window + 10)).encode()}
+
+
+BAD_ENTRIES = {
+    "not UTF-8": _not_utf8,
+    "no text field": _no_text_field,
+    "empty text": _empty_text,
+    "too short to register": _too_short,
+    "over the byte bound": _over_the_byte_bound,
+    "over the context window": _over_the_context_window,
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_ENTRIES))
+def test_a_bad_entry_neither_stops_a_start_nor_fails_a_request(make_engine, redis_url, bad):
+    """printf '\\xff\\xfe' | redis-cli -x xadd <key> '*' t stopped every replica started afterwards (exit 2) and
+    failed one request of a running one with a 400: a bad entry is skipped and counted, the good ones around it
+    are registered."""
+    store = ["memory://?max_bytes=1GB", redis_url]
+    writer, running = make_engine(seed=7, store=store), make_engine(seed=7, store=store)
+    share_registry(writer)
+    share_registry(running)
+    client = writer.store.tiers[1].client
+    writer.precompute(PASSAGES[:1])
+    client.xadd(stream_key(writer), BAD_ENTRIES[bad](running))  # the running replica has not read it yet
+    writer.precompute(PASSAGES[1:])
+    result = running.generate(prompt=chat_prompt(running), max_new_tokens=4, config=config("cacheblend"))
+    assert result.stats.cache_hits == 3 and running.registry.stats()["rejected"] == 1
+
+    late = make_engine(seed=7, store=store)
+    shared = share_registry(late)  # raised UnicodeDecodeError for the first case: the CLI exited with 2
+    assert len(late.registry) == 3 and shared.stats()["received"] == 3 and shared.stats()["rejected"] == 1
+    result = late.generate(prompt=chat_prompt(late), max_new_tokens=4, config=config("cacheblend"))
+    assert result.stats.cache_hits == 3
+
+
+def test_a_huge_entry_is_never_sent_decoded_or_tokenized(make_engine, private_redis):
+    """A 10.8 MB text in the stream stalled a request 22 s and took both replicas to ~2.2 GB RSS: an entry
+    over the byte bound is refused inside Redis, so its bytes never reach the engine."""
+    import redis
+
+    store = ["memory://?max_bytes=1GB", private_redis.url]
+    engine = make_engine(seed=7, store=store)
+    client = redis.Redis.from_url(private_redis.url)
+    huge = (" ".join(PASSAGES) + "\n").encode() * 35_000  # 10.8 MB of good UTF-8 text
+    assert len(huge) > 10_000_000
+    client.xadd(stream_key(engine), {"t": huge})
+    client.xadd(stream_key(engine), {"t": PASSAGES[0].encode()})
+    tokenized = []
+
+    def make_handle(text):
+        tokenized.append(len(text))
+        return engine.handle(text)
+
+    sent = client.info("stats")["total_net_output_bytes"]
+    shared = SharedChunkRegistry(
+        engine.store.tiers[1], engine.fingerprint, make_handle, max_text_bytes=64 << 10, context_window=2048
+    )
+    assert shared.sync() == 1 and shared.stats()["rejected"] == 1 and tokenized == [len(PASSAGES[0])]
+    assert client.info("stats")["total_net_output_bytes"] - sent < 100_000  # not the 10.8 MB
+
+
+def test_the_byte_bound_follows_the_context_window(make_engine, redis_url):
+    engine = make_engine(seed=7, store=["memory://?max_bytes=1GB", redis_url])
+    shared = share_registry(engine)
+    assert shared.max_text_bytes == BYTES_PER_TOKEN * engine.context_window
+    long_text = "word " * (shared.max_text_bytes // 5 + 1)
+    assert len(long_text.encode()) > shared.max_text_bytes
+    shared.register(engine.handle(long_text))  # kept here, but not offered to engines that would refuse it
+    assert shared.stats()["published"] == 0 and shared.stats()["unpublished"] == 0
+
+
+def test_a_refused_call_makes_the_registry_unavailable_until_it_succeeds(make_engine, redis_url):
+    """/health said available: true while Redis answered WRONGTYPE to every registry call."""
+    engine = make_engine(seed=7, store=["memory://?max_bytes=1GB", redis_url + "&backoff=0.05&backoff_max=0.1"])
+    client = engine.store.tiers[1].client
+    client.set(stream_key(engine), b"not a stream")
+    shared = share_registry(engine)
+    assert not shared.available and shared.health.down
+    engine.precompute(PASSAGES)
+    assert shared.stats()["unpublished"] == 3
+    client.delete(stream_key(engine))
+    for _ in range(100):
+        shared.sync()
+        if shared.available:
+            break
+        time.sleep(0.05)
+    assert shared.available and not shared.health.down and shared.stats()["unpublished"] == 0
+
+
+# ---- issue 18, item 9: Redis lost its data -----------------------------------------------------------------------
+def test_a_replica_republishes_its_texts_once_redis_lost_them(make_engine, private_redis):
+    """After FLUSHALL (or a restart without persistence) new replicas found no texts: 0% reuse. A replica that
+    finds the stream gone while it holds texts republishes them, once, and the others do not."""
+    import redis
+
+    url = private_redis.url + "?backoff=0.05&backoff_max=0.2"
+    store = ["memory://?max_bytes=1GB", url]
+    a, b = make_engine(seed=7, store=store), make_engine(seed=7, store=store)
+    share_registry(a)
+    share_registry(b)
+    a.precompute(PASSAGES)
+    assert b.registry.sync() == 3
+    client = redis.Redis.from_url(private_redis.url)
+    client.flushall()
+
+    a.registry.sync()  # finds the stream gone: republishes the three texts it holds
+    b.registry.sync()  # finds them there: nothing to do
+    a.registry.sync()
+    b.registry.sync()
+    assert client.xlen(stream_key(a)) == 3
+    assert a.registry.stats()["republished"] == 3 and b.registry.stats()["republished"] == 0
+
+    c = make_engine(seed=7, store=store)
+    share_registry(c)
+    assert len(c.registry) == 3
+    result = c.generate(prompt=chat_prompt(c), max_new_tokens=4, config=config("cacheblend"))
+    assert result.stats.cache_misses == 3  # the KV was lost too: computed once, on first use
+    again = c.generate(prompt=chat_prompt(c), max_new_tokens=4, config=config("cacheblend"))
+    assert again.stats.cache_hits == 3
+
+
+def test_a_replica_that_registers_first_after_the_loss_republishes_too(make_engine, private_redis):
+    import redis
+
+    store = ["memory://?max_bytes=1GB", private_redis.url]
+    a = make_engine(seed=7, store=store)
+    share_registry(a)
+    a.precompute(PASSAGES[:2])
+    client = redis.Redis.from_url(private_redis.url)
+    private_redis.stop()
+    private_redis.start()  # no persistence: empty
+    a.precompute(PASSAGES[2:])  # its XADD recreates the stream: the first two texts come back with it
+    assert client.xlen(stream_key(a)) == 3 and a.registry.stats()["republished"] == 2
+    late = make_engine(seed=7, store=store)
+    share_registry(late)
+    assert len(late.registry) == 3
+
+
+# ---- a flood of registrations evicts the least recently used texts --------------------------------------------
+def test_a_flood_evicts_least_recently_used_not_oldest_registered():
+    from cacheblend_rag import ChunkHandle
+    from cacheblend_rag.engine.registry import ChunkRegistry
+
+    def handle(n):
+        ids = [100 + n] * 2 + [n, n]
+        return ChunkHandle(f"k{n}", f"text {n}", tuple(ids), "fp")
+
+    registry = ChunkRegistry(max_entries=3, min_tokens=2)
+    for n in range(3):
+        registry.register(handle(n))
+    assert registry.split([9, *handle(0).token_ids, 9])[1] == handle(0)  # a match is a use
+    registry.register(handle(3))  # evicts 1, the least recently used, not 0, the oldest
+    assert "text 0" in registry and "text 1" not in registry
+    assert registry.lookup("text 2") == handle(2)  # a lookup is a use
+    registry.register(handle(4))  # evicts 0
+    assert [t for t in ("text 0", "text 2", "text 3", "text 4") if t in registry] == ["text 2", "text 3", "text 4"]
+
+
+def test_texts_in_use_stay_in_the_shared_stream_through_a_flood(make_engine, redis_url):
+    """The stream keeps the last ~max_entries texts and a new replica keeps the last max_entries it reads: a text
+    still in use is appended again (at most once per max_entries / 2 entries), so a flood does not push it out."""
+    store = ["memory://?max_bytes=1GB", redis_url]
+    user = make_engine(seed=7, store=store, registry_size=6)
+    flooder = make_engine(seed=7, store=store, registry_size=6)
+    share_registry(user)
+    share_registry(flooder)
+    user.precompute(PASSAGES)
+    flood = [f"Flood text number {i} says nothing of interest to anyone at all." for i in range(8)]
+    flooder.precompute(flood[:3])
+    prompt = user.format_chat([{"role": "user", "content": "Read.\n" + PASSAGES[0] + QUESTION}])
+    assert user.generate(prompt=prompt, max_new_tokens=2, config=config("cacheblend")).stats.cache_hits == 1
+    user.registry.sync()  # publishes the text in use again
+    flooder.precompute(flood[3:])
+    late = make_engine(seed=7, store=store, registry_size=6)
+    share_registry(late)
+    assert PASSAGES[0] in late.registry  # the oldest registration, still in use
+    assert PASSAGES[1] not in late.registry  # not used since: evicted
+
+
+# ---- design ahead: one stream per scope ---------------------------------------------------------------------------
+def test_scopes_do_not_see_each_others_texts(make_engine, redis_url):
+    store = ["memory://?max_bytes=1GB", redis_url]
+    engine, other = make_engine(seed=7, store=store), make_engine(seed=7, store=store)
+    default = shared_registry_for(engine)
+    assert default.key == stream_key(engine)  # the default stream is where it always was
+    alice, bob = shared_registry_for(engine, scope="alice"), shared_registry_for(engine, scope="bob")
+    assert alice.key == f"{stream_key(engine)}:alice" and bob.key == f"{stream_key(engine)}:bob"
+    alice.register(engine.handle(PASSAGES[0]))
+    bob.register(engine.handle(PASSAGES[1]))
+    assert bob.sync() == 0 and default.sync() == 0 and PASSAGES[0] not in bob and PASSAGES[0] not in default
+    alice_elsewhere = shared_registry_for(other, scope="alice")
+    assert PASSAGES[0] in alice_elsewhere and PASSAGES[1] not in alice_elsewhere
+    with pytest.raises(ValueError, match="scope"):
+        shared_registry_for(engine, scope="a b:c")
+
+
+def test_entries_with_extreme_ids_and_extra_fields(make_engine, redis_url):
+    """Entries appended with explicit ids (the largest sequence number of a millisecond), several fields, or a
+    text field that is not the first: the reader keeps its place in the stream and reads the text."""
+    store = ["memory://?max_bytes=1GB", redis_url]
+    engine = make_engine(seed=7, store=store)
+    client = engine.store.tiers[1].client
+    client.xadd(stream_key(engine), {"t": PASSAGES[1].encode(), "t2": b"ignored"}, id="4-0")
+    client.xadd(stream_key(engine), {"x": b"\xff", "t": PASSAGES[0].encode()}, id=f"5-{2**64 - 1}")
+    shared = share_registry(engine)
+    assert len(shared) == 2 and shared.stats()["rejected"] == 0 and shared.available
+    client.xadd(stream_key(engine), {"t": PASSAGES[2].encode()})
+    assert shared.sync() == 1 and len(shared) == 3 and shared.available  # read on from id 6-0
