@@ -262,11 +262,13 @@ class SharedChunkRegistry(ChunkRegistry):
         where = f"entry {entry_id[0]}-{entry_id[1]}"
         if raw is None:
             return self._reject(f"{where} has no text field 't'")
-        if isinstance(raw, int) or len(raw) > self.max_text_bytes:
+        if isinstance(raw, int) or (isinstance(raw, bytes) and len(raw) > self.max_text_bytes):
             size = raw if isinstance(raw, int) else len(raw)
             return self._reject(f"{where} holds {size} bytes, over the bound of {self.max_text_bytes}")
+        if not isinstance(raw, bytes):
+            return self._reject(f"{where} came back as {type(raw).__name__}, not bytes")
         try:
-            text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             return self._reject(f"{where} is not UTF-8 ({exc})")
         if not text:

@@ -7,10 +7,13 @@ of one block is one ``HMGET``. A write is one Lua script (atomic in Redis): it c
 its expiry, or, if a valid-looking entry is already there (blocks are content-addressed), only refreshes
 its expiry. Readers never see half an entry.
 
-Validation: the metadata when an entry is opened, each tensor's size and CRC when its layer is read. A
-value that fails (truncated, garbage, wrong type, another model's, another key's) is logged, deleted (only
-if its metadata is still the one that was read, so a fresh entry written meanwhile survives) and treated
-as a miss; the caller recomputes. A field missing mid-read (the entry expired or was evicted) is a miss.
+Validation: when an entry is opened, one Lua script judges its sizes inside Redis before anything is sent
+(metadata over ``MAX_META_BYTES`` is never fetched; the tensor fields must be the ones the metadata names, of
+the total size its shape and codec give), then the metadata is parsed and checked; each tensor's size and CRC
+are checked when its layer is read. A value that fails (truncated, oversized, garbage, wrong type, another
+model's, another key's) is logged, deleted (only if its metadata is still the one that was read, or is
+oversized, so a fresh entry written meanwhile survives) and treated as a miss; the caller recomputes. A field
+missing mid-read (the entry expired or was evicted) is a miss.
 
 Expiry: ``ttl`` seconds after the last write or read (reads refresh it unless ``touch=0``); ``ttl=0``
 never expires. Under memory pressure Redis' own ``maxmemory-policy`` decides: use ``allkeys-lru`` (or
