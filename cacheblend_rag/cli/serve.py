@@ -1,13 +1,16 @@
-"""``cacheblend serve``: the OpenAI-compatible server (needs the ``serve`` extra)."""
+"""``cacheblend serve``: the OpenAI-compatible server (needs the ``serve`` extra). Its options and their
+defaults are described in docs/SERVE.md."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 
 from ..config import STRATEGIES
+from ..serve.access import Access, parse_keys
 from .common import CACHE_DIR, DEVICE, DTYPE, MODEL, app, console, load_engine
 
 
@@ -36,7 +39,56 @@ def serve(
     ratio: float = typer.Option(0.15, min=0.0, max=1.0, help="Default cacheblend recompute ratio."),
     max_active: int = typer.Option(4, min=1, help="Requests decoded by turns (each prefill runs alone)."),
     max_queue: int = typer.Option(32, min=0, help="Requests that may wait beyond those; then 429 + Retry-After."),
-    max_tokens: int = typer.Option(256, min=1, help="Answer length when a request sets no max_tokens."),
+    max_tokens: int = typer.Option(
+        256, min=1, help="The most tokens one answer may have: a request asking for more is clamped (and told so)."
+    ),
+    default_max_tokens: int | None = typer.Option(
+        None, min=1, help="Answer length when a request sets no max_tokens (default: --max-tokens)."
+    ),
+    api_key: list[str] = typer.Option(
+        [],
+        "--api-key",
+        help="A key clients must send as 'Authorization: Bearer KEY' (every endpoint but /health); repeat for "
+        "several. Default: the CACHEBLEND_API_KEY environment variable (keys separated by commas); none: no key.",
+        show_default=False,
+    ),
+    admin_key: str | None = typer.Option(
+        None,
+        envvar="CACHEBLEND_ADMIN_KEY",
+        help="The key that may register chunks under --registry-scope admin and read /metrics.",
+        show_default=False,
+    ),
+    registry_scope: str | None = typer.Option(
+        None,
+        help="Who may register chunks (POST /v1/chunks): 'open' (every client; each prompt is matched against "
+        "every registered text) or 'admin' (the admin key only). Default: admin when a key is set, else open.",
+    ),
+    reuse_stats: str = typer.Option(
+        "private",
+        help="Who sees reuse figures (usage.cached_tokens, the cacheblend field, already_stored): 'private' "
+        "(callers that may register) or 'public' (every caller).",
+    ),
+    max_prompt_bytes: int | None = typer.Option(
+        None, min=1, help="Longest prompt in UTF-8 bytes, refused (413) before tokenizing. Default: context x 32."
+    ),
+    max_body_bytes: int | None = typer.Option(
+        None, min=1, help="Largest request body (413). Default: the larger of 16 MiB and twice --max-prompt-bytes."
+    ),
+    max_chunk_texts: int = typer.Option(256, min=1, help="Texts per POST /v1/chunks (413 past it)."),
+    max_chunk_tokens: int = typer.Option(65536, min=1, help="Chunk tokens per POST /v1/chunks (413 past it)."),
+    chunk_quota_texts: int = typer.Option(
+        10000, min=0, help="Distinct chunks one key may register (429 past it; the admin key is exempt; 0: no quota)."
+    ),
+    chunk_quota_tokens: int = typer.Option(
+        2000000, min=0, help="Chunk tokens one key may register (429 past it; the admin key is exempt; 0: no quota)."
+    ),
+    header_timeout: float = typer.Option(10.0, min=0.001, help="Seconds a client has to send a request's headers."),
+    body_timeout: float = typer.Option(30.0, min=0.001, help="Seconds a client has to send a request's body."),
+    keep_alive_timeout: int = typer.Option(5, min=1, help="Seconds an idle connection stays open."),
+    max_connections: int = typer.Option(256, min=1, help="Connections open at once (more get 503 and are closed)."),
+    shutdown_grace: float = typer.Option(
+        10.0, min=0.001, help="On SIGTERM: seconds running requests get to finish (waiting ones get 503 at once)."
+    ),
     share_registry: bool = typer.Option(
         True,
         "--share-registry/--no-share-registry",
@@ -48,11 +100,15 @@ def serve(
     from ..config import BlendConfig
     from ..serve import require_serve
 
+    api_keys = list(api_key) or parse_keys(os.environ.get("CACHEBLEND_API_KEY"))
     try:
         require_serve()
         config = BlendConfig(strategy=strategy, recompute_ratio=ratio)
+        warnings = Access(api_keys, admin_key, registry_scope, reuse_stats).warnings(host)
     except (ImportError, ValueError) as exc:
         raise _fail(str(exc)) from None
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     try:
         engine = load_engine(model, device, dtype, cache_dir, store=list(store) or None, config=config)
     except (ImportError, ValueError, TypeError) as exc:
@@ -74,9 +130,11 @@ def serve(
             console.print(f"chunk registry shared at {shared.key[:40]}... on {shared.tier.where}", highlight=False)
     from ..serve import serve as run
 
+    keys = f"{len(api_keys)} API key(s)" if api_keys else "no API key"
     console.print(
         f"serving {served_model_name or model} on http://{host}:{port}/v1 (one prefill at a time, "
-        f"{max_active} decoding by turns, {max_queue} may wait)",
+        f"{max_active} decoding by turns, {max_queue} may wait; {keys}, registry scope "
+        f"{registry_scope or ('admin' if api_keys or admin_key else 'open')})",
         highlight=False,
     )
     run(
@@ -84,8 +142,24 @@ def serve(
         host,
         port,
         log_level=log_level,
+        header_timeout=header_timeout,
+        keep_alive_timeout=keep_alive_timeout,
+        max_connections=max_connections,
+        api_keys=api_keys,
+        admin_key=admin_key,
+        registry_scope=registry_scope,
+        reuse_stats=reuse_stats,
         model_name=served_model_name or model,
         max_active=max_active,
         max_queue=max_queue,
-        default_max_tokens=max_tokens,
+        max_tokens=max_tokens,
+        default_max_tokens=default_max_tokens,
+        max_prompt_bytes=max_prompt_bytes,
+        max_body_bytes=max_body_bytes,
+        max_chunk_texts=max_chunk_texts,
+        max_chunk_tokens=max_chunk_tokens,
+        chunk_quota_texts=chunk_quota_texts,
+        chunk_quota_tokens=chunk_quota_tokens,
+        body_timeout=body_timeout,
+        shutdown_grace=shutdown_grace,
     )
