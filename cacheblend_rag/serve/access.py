@@ -146,10 +146,10 @@ class Access:
     def check_register(self, caller: Caller) -> None:
         """Raise Forbidden unless ``caller`` may register chunks (POST /v1/chunks)."""
         if self.scope is RegistryScope.ADMIN and not caller.admin:
-            fix = "send the admin key" if self._admin is not None else "start the server with --admin-key"
+            fix = "send that key" if self._admin is not None else "start the server with one"
             raise Forbidden(
-                f"registering chunks needs the admin key under --registry-scope admin; {fix}, or start the "
-                "server with --registry-scope open to let every client register"
+                f"registering chunks needs the admin key (--admin-key) under --registry-scope admin; {fix}, or "
+                "start the server with --registry-scope open to let every client register"
             )
 
     def check_operator(self, caller: Caller) -> None:

@@ -101,7 +101,7 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     except ClientDisconnect:
         raise ClientGone() from None
     try:
-        data = json.loads(raw, parse_constant=_no_constants)
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not UTF-8 text; send JSON encoded in UTF-8") from None
     except json.JSONDecodeError as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -28,36 +28,43 @@ except ImportError:  # not on POSIX: no descriptor limit to fit
     resource = None
 
 logger = logging.getLogger(__name__)
-RESERVED_FDS = 128  # descriptors kept for the model's files, the store, Redis, logs
+RESERVED_FDS = 64  # descriptors kept for the model's files, the store, Redis, logs
 
 
 @dataclass(frozen=True)
 class ServerLimits:
     """header_timeout: seconds from a connection's first byte (or from its opening) to the end of a request's
     headers; keep_alive_timeout: seconds an idle connection stays open between requests; max_connections:
-    connections open at once (more are answered 503 and closed)."""
+    connections open at once (more are answered 503 and closed); backlog: connections the kernel queues for
+    accepting, and the most accepted at once (asyncio accepts up to that many per turn of its loop, before any
+    of them is refused, so they need descriptors too)."""
 
     header_timeout: float = 10.0
     keep_alive_timeout: int = 5
     max_connections: int = 256
+    backlog: int = 128
 
     def __post_init__(self) -> None:
         if not self.header_timeout > 0 or not self.keep_alive_timeout > 0:
             raise ValueError("header_timeout and keep_alive_timeout must be > 0 seconds")
-        if (
-            isinstance(self.max_connections, bool)
-            or not isinstance(self.max_connections, int)
-            or self.max_connections < 1
-        ):
-            raise ValueError(f"max_connections must be an int >= 1, got {self.max_connections!r}")
+        for name in ("max_connections", "backlog"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+    @property
+    def descriptors(self) -> int:
+        """File descriptors these limits may need at once: the connections held, two turns of accepted ones
+        (refused ones close a turn later), and the process's own (RESERVED_FDS)."""
+        return self.max_connections + 2 * self.backlog + RESERVED_FDS
 
     def fitted(self) -> tuple[ServerLimits, str | None]:
-        """These limits with max_connections lowered to what the process's descriptor limit allows (the soft
-        limit raised to the hard one first, if that helps); and a warning when it had to be lowered."""
+        """These limits within the process's descriptor limit (the soft limit raised toward the hard one first):
+        if it is still short, the backlog and max_connections are lowered, with a warning saying so."""
         if resource is None:
             return self, None
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        need = self.max_connections + RESERVED_FDS
+        need = self.descriptors
         if soft != resource.RLIM_INFINITY and soft < need:
             target = need if hard == resource.RLIM_INFINITY else min(need, hard)
             try:
@@ -67,11 +74,13 @@ class ServerLimits:
                 pass
         if soft == resource.RLIM_INFINITY or soft >= need:
             return self, None
-        allowed = max(1, soft - RESERVED_FDS)
-        fitted = ServerLimits(self.header_timeout, self.keep_alive_timeout, allowed)
+        room = max(3, soft - RESERVED_FDS)
+        backlog = max(1, min(self.backlog, room // 4))
+        fitted = replace(self, max_connections=max(1, room - 2 * backlog), backlog=backlog)
         return fitted, (
             f"--max-connections {self.max_connections} needs about {need} file descriptors but this process may "
-            f"open {soft} (ulimit -n): serving at most {allowed} connections; raise ulimit -n for more"
+            f"open {soft} (ulimit -n): serving at most {fitted.max_connections} connections (backlog "
+            f"{fitted.backlog}); raise ulimit -n for more"
         )
 
 
@@ -159,16 +168,17 @@ class GuardedH11Protocol(H11Protocol):
 
 class RateLimit(logging.Filter):
     """Lets at most ``burst`` records with the same logger, level and message template through per ``window``
-    seconds; when a window ends with records dropped, the next record that passes says how many."""
+    seconds; when a window ends with records dropped, the next record that passes says how many. ``clock``:
+    seconds, monotonic."""
 
-    def __init__(self, burst: int = 10, window: float = 60.0) -> None:
+    def __init__(self, burst: int = 10, window: float = 60.0, clock=time.monotonic) -> None:
         super().__init__()
-        self.burst, self.window = burst, window
+        self.burst, self.window, self.clock = burst, window, clock
         self._seen: dict[tuple, list] = {}  # key -> [window start, passed, dropped]
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, record.levelno, str(record.msg))
-        now = time.monotonic()
+        now = self.clock()
         entry = self._seen.get(key)
         if entry is None or now - entry[0] >= self.window:
             dropped = entry[2] if entry is not None else 0

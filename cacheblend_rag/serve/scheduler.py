@@ -176,12 +176,13 @@ class Scheduler:
         for ticket in waiting:
             ticket.post("error", closed)
         deadline = time.monotonic() + grace
-        while self._running() and time.monotonic() < deadline:
+        while self.running() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for ticket in self._running():
+        for ticket in self.running():
             ticket.abort(SchedulerClosed("the server is shutting down and this request ran past its grace period"))
 
-    def _running(self) -> list[Ticket]:
+    def running(self) -> list[Ticket]:
+        """The jobs admitted (starting or decoding) and not done."""
         with self._cond:
             return [t for t in (*self._starting, *(t for t, _ in self._active)) if not t.done]
 

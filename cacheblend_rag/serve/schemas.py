@@ -51,7 +51,7 @@ def blend_config(base: BlendConfig, options: dict[str, Any] | None, device=None)
 
 
 def _refuse(name: str, value: Any, what: str) -> None:
-    if value is not None and value is not False:
+    if value is not None:
         raise BadRequest(f"{name} is not supported: {what}; leave {name} out", name)
 
 

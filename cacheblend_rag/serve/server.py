@@ -23,7 +23,13 @@ class Config(uvicorn.Config):
     """uvicorn's Config carrying the ServerLimits its protocol reads."""
 
     def __init__(self, app, *, limits: ServerLimits, **kwargs) -> None:
-        super().__init__(app, http=GuardedH11Protocol, timeout_keep_alive=limits.keep_alive_timeout, **kwargs)
+        super().__init__(
+            app,
+            http=GuardedH11Protocol,
+            timeout_keep_alive=limits.keep_alive_timeout,
+            backlog=limits.backlog,
+            **kwargs,
+        )
         self.limits = limits
 
 
