@@ -114,3 +114,17 @@ def test_serve_warns_about_an_open_server_on_a_public_address(tmp_path):
         [sys.executable, *args, "--api-key", "k"], cwd=REPO, env=process_env(), capture_output=True, text=True
     )
     assert "reachable from other machines" not in keyed.stdout + keyed.stderr
+
+
+def test_every_serve_option_that_limits_or_secures_is_documented():
+    """docs/SERVE.md's security model names each option that sets a key, a scope or a limit."""
+    from typer.main import get_command
+
+    from cacheblend_rag.cli import app
+
+    command = get_command(app).commands["serve"]
+    options = {opt for param in command.params for opt in getattr(param, "opts", ()) if opt.startswith("--")}
+    docs = (REPO / "docs" / "SERVE.md").read_text()
+    wanted = {o for o in options if any(w in o for w in ("key", "scope", "reuse", "max-", "quota", "timeout", "grace"))}
+    assert len(wanted) >= 18 and not sorted(o for o in wanted if f"`{o}`" not in docs and f"`{o} " not in docs)
+    assert "CACHEBLEND_API_KEY" in docs and "CACHEBLEND_ADMIN_KEY" in docs and "## Security model" in docs
