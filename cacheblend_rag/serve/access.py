@@ -100,13 +100,11 @@ class Access:
         self._admin = _digest(admin_key) if admin_key is not None else None
         if registry_scope is None:
             registry_scope = RegistryScope.ADMIN if self.keyed else RegistryScope.OPEN
-        try:
-            self.scope = RegistryScope(registry_scope)
-            self.reuse_stats = ReuseStats(reuse_stats)
-        except ValueError as exc:
-            raise ValueError(
-                f"{exc}; the registry scopes are open, admin and the reuse stats private, public"
-            ) from None
+        if registry_scope not in {s.value for s in RegistryScope} | set(RegistryScope):
+            raise ValueError(f"registry scope {registry_scope!r}: use open or admin")
+        if reuse_stats not in {s.value for s in ReuseStats} | set(ReuseStats):
+            raise ValueError(f"reuse stats {reuse_stats!r}: use private or public")
+        self.scope, self.reuse_stats = RegistryScope(registry_scope), ReuseStats(reuse_stats)
 
     @property
     def keyed(self) -> bool:

@@ -98,16 +98,10 @@ async def prepare(state: ServerState, body, endpoint: Endpoint) -> Prepared:
     render = endpoint.prompt(state.engine, body)
     size = body.prompt_bytes()
     if size > options.max_prompt_bytes:
-        raise ApiError(
-            413,
-            f"the prompt has {size} bytes; this server takes prompts of at most {options.max_prompt_bytes} bytes "
-            f"(--max-prompt-bytes; by default the context window of {state.engine.context_window} tokens x "
-            f"{BYTES_PER_TOKEN}); shorten the prompt",
-            code="prompt_too_large",
-            param=endpoint.param,
-        )
+        raise prompt_too_large(size, options.max_prompt_bytes, state.engine.context_window, endpoint.param)
     state.scheduler.check_room()  # a full queue is refused before any tokenizing
-    prompt = await state.off_thread(partial(checked_prompt, state.engine, render, endpoint.param))
+    check = partial(checked_prompt, state.engine, render, endpoint.param, options.max_prompt_bytes)
+    prompt = await state.off_thread(check)
     prepared = Prepared(prompt, config, sampling)
     if asked is not None:
         prepared.notes["max_tokens"] = {"requested": asked, "allowed": options.max_tokens}
@@ -115,12 +109,26 @@ async def prepare(state: ServerState, body, endpoint: Endpoint) -> Prepared:
     return prepared
 
 
-def checked_prompt(engine, render: Callable[[], str], param: str) -> str:
-    """The rendered prompt, if its tokens fit the context window (runs off the engine's thread).
+def prompt_too_large(size: int, limit: int, context_window: int, param: str) -> ApiError:
+    return ApiError(
+        413,
+        f"the prompt has {size} bytes; this server takes prompts of at most {limit} bytes (--max-prompt-bytes; "
+        f"by default the context window of {context_window} tokens x {BYTES_PER_TOKEN}); shorten the prompt",
+        code="prompt_too_large",
+        param=param,
+    )
+
+
+def checked_prompt(engine, render: Callable[[], str], param: str, max_bytes: int) -> str:
+    """The rendered prompt, if its bytes (the chat template's included) and then its tokens fit (runs off the
+    engine's thread).
 
     The engine tokenizes it again on its thread (it takes a prompt string); the count here is the same
     tokenization, so only prompts the engine would refuse are refused here."""
     prompt = render()
+    size = len(prompt.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:  # e.g. many short messages: each adds the template's header
+        raise prompt_too_large(size, max_bytes, engine.context_window, param)
     ids = engine.tokenize(prompt)
     bos = list(engine.bos_ids)
     n = len(ids) + (len(bos) if bos and ids[: len(bos)] != bos else 0)

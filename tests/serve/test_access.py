@@ -119,8 +119,10 @@ def test_keys_resolve_in_constant_time_to_stable_callers():
             access.caller(header)
     assert Access(admin_key="adm").caller("Bearer whatever").id == "anonymous"
     assert Access().scope.value == "open" and Access(["k"]).scope.value == "admin" and Access(admin_key="a").keyed
-    with pytest.raises(ValueError, match="registry scopes"):
+    with pytest.raises(ValueError, match="registry scope 'everyone': use open or admin"):
         Access(registry_scope="everyone")
+    with pytest.raises(ValueError, match="use private or public"):
+        Access(reuse_stats="all")
     with pytest.raises(ValueError, match="non-empty"):
         Access([" padded "])
     warnings = " ".join(Access(registry_scope="admin").warnings("0.0.0.0"))

@@ -46,6 +46,10 @@ def test_prompts_are_refused_by_bytes_then_by_tokens_off_the_engine_thread(engin
         assert not any(n > limit for _, n in calls)  # never tokenized
         chat_huge = httpx.post(f"{live.url}/v1/chat/completions", json=chat("é" * (limit // 2 + 1)), timeout=60)
         assert chat_huge.status_code == 413 and chat_huge.json()["error"]["param"] == "messages"
+        many = [{"role": "user", "content": "."}] * 4000  # a few bytes of text, many template headers
+        templated = httpx.post(f"{live.url}/v1/chat/completions", json=chat(many), timeout=60)
+        assert templated.status_code == 413 and templated.json()["error"]["code"] == "prompt_too_large"
+        assert not any(n > limit for _, n in calls)
 
         over = "Lorem ipsum dolor sit amet. " * 400  # within the bytes, past the context window
         long = httpx.post(url, json={"model": MODEL, "prompt": over}, timeout=60)
