@@ -1,13 +1,16 @@
-"""``cacheblend serve``: the OpenAI-compatible server (needs the ``serve`` extra)."""
+"""``cacheblend serve``: the OpenAI-compatible server (needs the ``serve`` extra). Its options and their
+defaults are described in docs/SERVE.md."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 
 from ..config import STRATEGIES
+from ..serve.access import Access, parse_keys
 from .common import CACHE_DIR, DEVICE, DTYPE, MODEL, app, console, load_engine
 
 
@@ -16,43 +19,162 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+HOST = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; then set --api-key).")
+PORT = typer.Option(8000, min=1, max=65535, help="Port to listen on.")
+STORE = typer.Option(
+    [],
+    "--store",
+    help="A KV store tier URL, fastest first; repeat for several, e.g. --store "
+    "'memory://?max_bytes=4GB' --store redis://cache:6379/0 (or redis+cluster://h1:7000,h2:7000). "
+    "Default: memory, then disk under --cache-dir.",
+)
+SERVED_NAME = typer.Option(None, help="The model id clients send (default: --model).")
+STRATEGY = typer.Option("cacheblend", help=f"Default strategy: {', '.join(STRATEGIES)}.")
+RATIO = typer.Option(0.15, min=0.0, max=1.0, help="Default cacheblend recompute ratio.")
+SHARE = typer.Option(
+    True,
+    "--share-registry/--no-share-registry",
+    help="Share the registry of chunk texts through the first Redis tier (replicas reuse each other's chunks).",
+)
+LOG_LEVEL = typer.Option("info", help="uvicorn's log level.")
+# who may call, register and see reuse (docs/SERVE.md, the security model)
+API_KEY = typer.Option(
+    [],
+    "--api-key",
+    help="A key clients must send as 'Authorization: Bearer KEY' (every endpoint but /health); repeat for "
+    "several. Default: the CACHEBLEND_API_KEY environment variable (keys separated by commas); none: no key.",
+    show_default=False,
+)
+ADMIN_KEY = typer.Option(
+    None,
+    envvar="CACHEBLEND_ADMIN_KEY",
+    help="The key that may register chunks under --registry-scope admin and read /metrics.",
+    show_default=False,
+)
+SCOPE = typer.Option(
+    None,
+    help="Who may register chunks (POST /v1/chunks): 'open' (every client; each prompt is matched against "
+    "every registered text) or 'admin' (the admin key only). Default: admin when a key is set, else open.",
+)
+REUSE_STATS = typer.Option(
+    "private",
+    help="Who sees reuse figures (usage.cached_tokens, the cacheblend field, already_stored): 'private' "
+    "(callers that may register) or 'public' (every caller).",
+)
+# limits (ServerOptions and ServerLimits fields of the same names)
+MAX_ACTIVE = typer.Option(4, min=1, help="Requests decoded by turns (each prefill runs alone).")
+MAX_QUEUE = typer.Option(32, min=0, help="Requests that may wait beyond those; then 429 + Retry-After.")
+MAX_TOKENS = typer.Option(
+    256, min=1, help="The most tokens one answer may have: a request asking for more is clamped (and told so)."
+)
+DEFAULT_MAX_TOKENS = typer.Option(
+    None, min=1, help="A request's max_tokens when it sends none (default: --max-tokens)."
+)
+MAX_PROMPT_BYTES = typer.Option(
+    None, min=1, help="Longest prompt in UTF-8 bytes, refused (413) before tokenizing. Default: context x 32."
+)
+MAX_BODY_BYTES = typer.Option(
+    None, min=1, help="Largest request body (413). Default: the larger of 16 MiB and twice --max-prompt-bytes."
+)
+MAX_CHUNK_TEXTS = typer.Option(256, min=1, help="Texts per POST /v1/chunks (413 past it).")
+MAX_CHUNK_TOKENS = typer.Option(65536, min=1, help="Chunk tokens per POST /v1/chunks (413 past it).")
+QUOTA_TEXTS = typer.Option(
+    10000, min=0, help="Distinct chunks one key may register (429 past it; the admin key is exempt; 0: no quota)."
+)
+QUOTA_TOKENS = typer.Option(
+    2000000, min=0, help="Chunk tokens one key may register (429 past it; the admin key is exempt; 0: no quota)."
+)
+HEADER_TIMEOUT = typer.Option(10.0, min=0.001, help="Seconds a client has to send a request's headers.")
+BODY_TIMEOUT = typer.Option(30.0, min=0.001, help="Seconds a client has to send a request's body.")
+KEEP_ALIVE = typer.Option(5, min=1, help="Seconds an idle connection stays open.")
+MAX_CONNECTIONS = typer.Option(256, min=1, help="Connections open at once (more get 503 and are closed).")
+GRACE = typer.Option(
+    10.0, min=0.001, help="On SIGTERM: seconds running requests get to finish (waiting ones get 503 at once)."
+)
+
+
 @app.command()
 def serve(
     model: str = MODEL,
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
-    store: list[str] = typer.Option(
-        [],
-        "--store",
-        help="A KV store tier URL, fastest first; repeat for several, e.g. --store "
-        "'memory://?max_bytes=4GB' --store redis://cache:6379/0 (or redis+cluster://h1:7000,h2:7000). "
-        "Default: memory, then disk under --cache-dir.",
-    ),
-    served_model_name: str | None = typer.Option(None, help="The model id clients send (default: --model)."),
+    host: str = HOST,
+    port: int = PORT,
+    store: list[str] = STORE,
+    served_model_name: str | None = SERVED_NAME,
     device: str = DEVICE,
     dtype: str = DTYPE,
     cache_dir: Path | None = CACHE_DIR,
-    strategy: str = typer.Option("cacheblend", help=f"Default strategy: {', '.join(STRATEGIES)}."),
-    ratio: float = typer.Option(0.15, min=0.0, max=1.0, help="Default cacheblend recompute ratio."),
-    max_active: int = typer.Option(4, min=1, help="Requests decoded by turns (each prefill runs alone)."),
-    max_queue: int = typer.Option(32, min=0, help="Requests that may wait beyond those; then 429 + Retry-After."),
-    max_tokens: int = typer.Option(256, min=1, help="Answer length when a request sets no max_tokens."),
-    share_registry: bool = typer.Option(
-        True,
-        "--share-registry/--no-share-registry",
-        help="Share the registry of chunk texts through the first Redis tier (replicas reuse each other's chunks).",
-    ),
-    log_level: str = typer.Option("info", help="uvicorn's log level."),
+    strategy: str = STRATEGY,
+    ratio: float = RATIO,
+    share_registry: bool = SHARE,
+    log_level: str = LOG_LEVEL,
+    api_key: list[str] = API_KEY,
+    admin_key: str | None = ADMIN_KEY,
+    registry_scope: str | None = SCOPE,
+    reuse_stats: str = REUSE_STATS,
+    max_active: int = MAX_ACTIVE,
+    max_queue: int = MAX_QUEUE,
+    max_tokens: int = MAX_TOKENS,
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    max_prompt_bytes: int | None = MAX_PROMPT_BYTES,
+    max_body_bytes: int | None = MAX_BODY_BYTES,
+    max_chunk_texts: int = MAX_CHUNK_TEXTS,
+    max_chunk_tokens: int = MAX_CHUNK_TOKENS,
+    chunk_quota_texts: int = QUOTA_TEXTS,
+    chunk_quota_tokens: int = QUOTA_TOKENS,
+    header_timeout: float = HEADER_TIMEOUT,
+    body_timeout: float = BODY_TIMEOUT,
+    keep_alive_timeout: int = KEEP_ALIVE,
+    max_connections: int = MAX_CONNECTIONS,
+    shutdown_grace: float = GRACE,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/chunks)."""
     from ..config import BlendConfig
     from ..serve import require_serve
 
+    access = dict(
+        api_keys=list(api_key) or parse_keys(os.environ.get("CACHEBLEND_API_KEY")),
+        admin_key=admin_key,
+        registry_scope=registry_scope,
+        reuse_stats=reuse_stats,
+    )
     try:
         require_serve()
         config = BlendConfig(strategy=strategy, recompute_ratio=ratio)
+        rules = Access(**access)
     except (ImportError, ValueError) as exc:
         raise _fail(str(exc)) from None
+    for warning in rules.warnings(host):
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+    engine = _engine(model, device, dtype, cache_dir, store, config, share_registry)
+    from ..serve import serve as run
+
+    keys = f"{len(access['api_keys'])} API key(s)" if access["api_keys"] else "no API key"
+    console.print(
+        f"serving {served_model_name or model} on http://{host}:{port}/v1 (one prefill at a time, "
+        f"{max_active} decoding by turns, {max_queue} may wait; {keys}, registry scope {rules.scope.value})",
+        highlight=False,
+    )
+    limits = dict(header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout, max_connections=max_connections)
+    options = dict(
+        model_name=served_model_name or model,
+        max_active=max_active,
+        max_queue=max_queue,
+        max_tokens=max_tokens,
+        default_max_tokens=default_max_tokens,
+        max_prompt_bytes=max_prompt_bytes,
+        max_body_bytes=max_body_bytes,
+        max_chunk_texts=max_chunk_texts,
+        max_chunk_tokens=max_chunk_tokens,
+        chunk_quota_texts=chunk_quota_texts,
+        chunk_quota_tokens=chunk_quota_tokens,
+        body_timeout=body_timeout,
+        shutdown_grace=shutdown_grace,
+    )
+    run(engine, host, port, log_level=log_level, **limits, **access, **options)
+
+
+def _engine(model, device, dtype, cache_dir, store, config, share_registry: bool):
+    """The engine to serve (its registry shared through Redis if asked), or Exit(2) naming what is wrong."""
     try:
         engine = load_engine(model, device, dtype, cache_dir, store=list(store) or None, config=config)
     except (ImportError, ValueError, TypeError) as exc:
@@ -72,20 +194,4 @@ def serve(
         shared = share(engine)
         if shared is not None:
             console.print(f"chunk registry shared at {shared.key[:40]}... on {shared.tier.where}", highlight=False)
-    from ..serve import serve as run
-
-    console.print(
-        f"serving {served_model_name or model} on http://{host}:{port}/v1 (one prefill at a time, "
-        f"{max_active} decoding by turns, {max_queue} may wait)",
-        highlight=False,
-    )
-    run(
-        engine,
-        host,
-        port,
-        log_level=log_level,
-        model_name=served_model_name or model,
-        max_active=max_active,
-        max_queue=max_queue,
-        default_max_tokens=max_tokens,
-    )
+    return engine

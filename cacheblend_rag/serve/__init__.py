@@ -32,12 +32,25 @@ def create_app(engine, **options):
     return _create_app(engine, **options)
 
 
-def serve(engine, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", **options) -> None:
-    """Run the server in this process until it is stopped (Ctrl-C / SIGTERM)."""
+def serve(
+    engine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    log_level: str = "info",
+    header_timeout: float = 10.0,
+    keep_alive_timeout: int = 5,
+    max_connections: int = 256,
+    **options,
+) -> None:
+    """Run the server in this process until it is stopped (Ctrl-C / SIGTERM). ``options``: those of
+    ``create_app``; the connection limits: ``cacheblend_rag.serve.protocol.ServerLimits``."""
     require_serve()
-    import uvicorn
+    from .protocol import ServerLimits
+    from .server import build_server
 
-    uvicorn.run(create_app(engine, **options), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    limits = ServerLimits(header_timeout, keep_alive_timeout, max_connections)
+    build_server(create_app(engine, **options), host, port, limits=limits, log_level=log_level).run()
 
 
 __all__ = ["create_app", "require_serve", "serve"]

@@ -1,4 +1,10 @@
-"""OpenAI response shapes: chat and text completions, their stream chunks, usage, errors, server-sent events."""
+"""OpenAI response shapes: chat and text completions, their stream chunks, usage, errors, server-sent events.
+
+What a response says about reuse depends on who asks (``access.py``): with ``reveal`` the usage carries
+``prompt_tokens_details.cached_tokens`` and the ``cacheblend`` field the strategy's figures; without it both
+are left out (``"reuse": "hidden"``), since they tell whether a text in the prompt was registered. ``notes``
+are added to the ``cacheblend`` field either way (e.g. a clamped max_tokens).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,22 @@ import uuid
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
-def usage(stats) -> dict:
+def usage(stats, reveal: bool = True) -> dict:
     """OpenAI usage; ``prompt_tokens_details.cached_tokens``: the prompt tokens whose KV was reused."""
-    return {
+    out = {
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.new_tokens,
         "total_tokens": stats.prompt_tokens + stats.new_tokens,
-        "prompt_tokens_details": {"cached_tokens": stats.reused_tokens},
     }
+    if reveal:
+        out["prompt_tokens_details"] = {"cached_tokens": stats.reused_tokens}
+    return out
 
 
-def blend_report(stats) -> dict:
+def blend_report(stats, reveal: bool = True, notes: dict | None = None) -> dict:
     """What the engine reused and recomputed for one request (the ``cacheblend`` field of a response)."""
+    if not reveal:
+        return {"strategy": stats.strategy, "reuse": "hidden", **(notes or {})}
     return {
         "strategy": stats.strategy,
         "recompute_ratio": stats.recompute_ratio,
@@ -31,6 +41,7 @@ def blend_report(stats) -> dict:
         "cache_misses": stats.cache_misses,
         "prefill_s": round(stats.prefill_s, 6),
         "ttft_s": round(stats.ttft_s, 6),
+        **(notes or {}),
     }
 
 
@@ -46,31 +57,34 @@ def sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-class ChatFormat:
-    """``chat.completion`` and ``chat.completion.chunk`` objects of one request."""
+class _Format:
+    prefix = ""
 
-    def __init__(self, model: str) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+    def __init__(self, model: str, reveal: bool = True, notes: dict | None = None) -> None:
+        self.id = f"{self.prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
+        self.reveal, self.notes = reveal, notes
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, result) -> dict:
+    def _accounts(self, result) -> dict:
         return {
-            **self._base("chat.completion"),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "logprobs": None,
-                    "finish_reason": FINISH[result.finish_reason],
-                }
-            ],
-            "usage": usage(result.stats),
-            "cacheblend": blend_report(result.stats),
+            "usage": usage(result.stats, self.reveal),
+            "cacheblend": blend_report(result.stats, self.reveal, self.notes),
         }
+
+
+class ChatFormat(_Format):
+    """``chat.completion`` and ``chat.completion.chunk`` objects of one request."""
+
+    prefix = "chatcmpl-"
+
+    def full(self, result) -> dict:
+        message = {"role": "assistant", "content": result.text}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": FINISH[result.finish_reason]}
+        return {**self._base("chat.completion"), "choices": [choice], **self._accounts(result)}
 
     def first_chunk(self) -> dict:
         return self.chunk({"role": "assistant", "content": ""})
@@ -85,46 +99,27 @@ class ChatFormat:
         return self.chunk({}, FINISH[result.finish_reason])
 
     def usage_chunk(self, result) -> dict:
-        return {
-            **self._base("chat.completion.chunk"),
-            "choices": [],
-            "usage": usage(result.stats),
-            "cacheblend": blend_report(result.stats),
-        }
+        return {**self._base("chat.completion.chunk"), "choices": [], **self._accounts(result)}
 
 
-class CompletionFormat:
+class CompletionFormat(_Format):
     """``text_completion`` objects of one request (streamed chunks have the same shape)."""
 
-    def __init__(self, model: str) -> None:
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = model
-
-    def _base(self) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
+    prefix = "cmpl-"
 
     def full(self, result) -> dict:
-        return {
-            **self._base(),
-            "choices": [
-                {"index": 0, "text": result.text, "logprobs": None, "finish_reason": FINISH[result.finish_reason]}
-            ],
-            "usage": usage(result.stats),
-            "cacheblend": blend_report(result.stats),
-        }
+        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": FINISH[result.finish_reason]}
+        return {**self._base("text_completion"), "choices": [choice], **self._accounts(result)}
 
     def first_chunk(self) -> dict | None:
         return None
 
     def chunk(self, text: str, finish_reason: str | None = None) -> dict:
-        return {
-            **self._base(),
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        }
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._base("text_completion"), "choices": [choice]}
 
     def last_chunk(self, result) -> dict:
         return self.chunk("", FINISH[result.finish_reason])
 
     def usage_chunk(self, result) -> dict:
-        return {**self._base(), "choices": [], "usage": usage(result.stats), "cacheblend": blend_report(result.stats)}
+        return {**self._base("text_completion"), "choices": [], **self._accounts(result)}

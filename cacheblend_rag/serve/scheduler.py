@@ -8,6 +8,10 @@ in a FIFO of at most ``max_queue``; past that ``submit`` raises QueueFull and th
 Retry-After. A request whose client went away is cancelled: dropped from the queue, or its decoding stopped
 at its next turn. The worker also runs ``on_idle`` when it has had nothing to do for ``idle_every`` seconds.
 
+Stopping (``drain``): new jobs are refused and waiting ones fail at once with SchedulerClosed; running ones get
+a grace period to finish, then fail with SchedulerClosed too (their events are posted from the event loop, so
+they end on time even while the worker is inside a long step, which then stops at its next turn).
+
 Nothing here knows about HTTP or the engine: a job is ``start()``, run on the worker thread, returning an
 iterator (decoded piece by piece, by turns) or any other value (the job's result).
 """
@@ -27,11 +31,16 @@ logger = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    """The queue is full; ``retry_after``: seconds after which a retry is likely to be admitted."""
+    """The queue is full: ``running`` jobs admitted or about to be (at most ``max_active``), ``waiting`` beyond
+    them (``max_queue``); ``retry_after``: seconds after which a retry is likely to be admitted."""
 
-    def __init__(self, waiting: int, retry_after: int) -> None:
-        super().__init__(f"the server is busy: {waiting} requests are waiting for the engine; retry in {retry_after}s")
-        self.waiting, self.retry_after = waiting, retry_after
+    def __init__(self, running: int, waiting: int, max_active: int, max_queue: int, retry_after: int) -> None:
+        super().__init__(
+            f"the server is busy: {running} running (max_active {max_active}), {waiting} waiting (max_queue "
+            f"{max_queue}); retry in {retry_after}s"
+        )
+        self.running, self.waiting, self.retry_after = running, waiting, retry_after
+        self.max_active, self.max_queue = max_active, max_queue
 
 
 class SchedulerClosed(Exception):
@@ -54,6 +63,7 @@ class Ticket:
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
+        self._lock = threading.Lock()
         self.done = False
 
     @property
@@ -70,13 +80,21 @@ class Ticket:
         return await self._events.get()
 
     def post(self, kind: str, value: object = None) -> None:
-        """Called on the worker thread: hand one event to the event loop."""
-        if kind == "piece" and self.first_piece_at is None:
-            self.first_piece_at = time.monotonic()
-        if kind in ("end", "error", "cancelled"):
-            self.done = True
+        """Hand one event to the event loop (from any thread); nothing after the job's last event."""
+        with self._lock:
+            if self.done:
+                return
+            if kind == "piece" and self.first_piece_at is None:
+                self.first_piece_at = time.monotonic()
+            if kind in ("end", "error", "cancelled"):
+                self.done = True
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
             self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+
+    def abort(self, exc: BaseException) -> None:
+        """End the job now with ``exc`` as its error event; the worker stops it at its next turn."""
+        self._cancelled.set()
+        self.post("error", exc)
 
 
 class Scheduler:
@@ -95,9 +113,10 @@ class Scheduler:
         self.on_idle, self.idle_every = on_idle, idle_every
         self._waiting: deque[Ticket] = deque()
         self._active: list[tuple[Ticket, Iterator]] = []
-        self._starting = 0  # admitted, start() running
+        self._starting: list[Ticket] = []  # admitted, start() running
         self._cond = threading.Condition()
-        self._closed = False
+        self._closed = False  # new jobs are refused
+        self._stop = False  # the worker exits
         self._service_s = 1.0  # moving average of a job's time from admission to its end
         self._thread: threading.Thread | None = None
 
@@ -113,14 +132,24 @@ class Scheduler:
         """Queue a job (raises QueueFull or SchedulerClosed). Call from a coroutine: events go to its loop."""
         ticket = Ticket(self, start, asyncio.get_running_loop())
         with self._cond:
-            if self._closed:
-                raise SchedulerClosed("the server is shutting down")
-            free = self.max_active - self.active  # jobs that will be admitted at once do not queue
-            if len(self._waiting) + 1 - free > self.max_queue:
-                raise QueueFull(len(self._waiting), self.retry_after())
+            self._check_room()
             self._waiting.append(ticket)
             self._cond.notify()
         return ticket
+
+    def check_room(self) -> None:
+        """Raise QueueFull or SchedulerClosed if a job submitted now would be refused (a hint: nothing is held)."""
+        with self._cond:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if self._closed:
+            raise SchedulerClosed("the server is shutting down; retry on another replica")
+        free = max(0, self.max_active - self.active)  # jobs that will be admitted at once do not queue
+        about_to_start = min(free, len(self._waiting))
+        queued = len(self._waiting) - about_to_start
+        if queued + 1 > self.max_queue and about_to_start == free:
+            raise QueueFull(self.active + about_to_start, queued, self.max_active, self.max_queue, self.retry_after())
 
     @property
     def waiting(self) -> int:
@@ -129,17 +158,38 @@ class Scheduler:
     @property
     def active(self) -> int:
         """Jobs admitted: starting (their prefill) or decoding by turns."""
-        return len(self._active) + self._starting
+        return len(self._active) + len(self._starting)
 
     def retry_after(self) -> int:
         """Seconds until a request sent now is likely to find room in the queue (1 to 60)."""
         per_slot = self._service_s / self.max_active
         return max(1, min(60, math.ceil(per_slot * (len(self._waiting) + 1))))
 
+    async def drain(self, grace: float) -> None:
+        """Refuse new jobs and fail the waiting ones now; give the running ones ``grace`` seconds to finish,
+        then fail them. Returns once no job is running (or right after failing them)."""
+        closed = SchedulerClosed("the server is shutting down; retry on another replica")
+        with self._cond:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), deque()
+            self._cond.notify()
+        for ticket in waiting:
+            ticket.post("error", closed)
+        deadline = time.monotonic() + grace
+        while self.running() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for ticket in self.running():
+            ticket.abort(SchedulerClosed("the server is shutting down and this request ran past its grace period"))
+
+    def running(self) -> list[Ticket]:
+        """The jobs admitted (starting or decoding) and not done."""
+        with self._cond:
+            return [t for t in (*self._starting, *(t for t, _ in self._active)) if not t.done]
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker: waiting jobs get SchedulerClosed, running ones are closed."""
         with self._cond:
-            self._closed = True
+            self._closed = self._stop = True
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -156,14 +206,14 @@ class Scheduler:
         while True:
             admit = None
             with self._cond:
-                while not self._closed and not self._waiting and not self._active:
+                while not self._stop and not self._waiting and not self._active:
                     if not self._cond.wait(timeout=self.idle_every) and self.on_idle is not None:
                         break
-                if self._closed:
+                if self._stop:
                     break
                 if self._waiting and self.active < self.max_active:
                     admit = self._waiting.popleft()
-                    self._starting += 1
+                    self._starting.append(admit)
                 idle = not admit and not self._active
             if idle:
                 self._idle()
@@ -186,11 +236,11 @@ class Scheduler:
             value = ticket.start()
         except Exception as exc:
             with self._cond:
-                self._starting -= 1
+                self._starting.remove(ticket)
             self._finish(ticket, "error", exc)
             return
         with self._cond:  # counted as active before the event loop hears of it
-            self._starting -= 1
+            self._starting.remove(ticket)
             if isinstance(value, Iterator):
                 self._active.append((ticket, value))
         ticket.post("started", value)

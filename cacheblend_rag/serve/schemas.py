@@ -1,7 +1,10 @@
 """Request bodies of the OpenAI-compatible API (pydantic), and what they become for the engine.
 
-Fields the engine cannot honour are refused with a 400 that names them (n > 1, tools, logprobs, penalties,
-echo, suffix, best_of), never silently ignored; fields that change nothing (user, metadata, ...) are ignored.
+Fields the engine cannot honour are refused with a 400 that names them (n > 1, tools, tool_choice,
+function_call, parallel_tool_calls, logprobs, top_logprobs, penalties, echo, suffix, best_of), never silently
+ignored; fields that change nothing (user, metadata, ...) are ignored. A temperature or top_p below
+``GREEDY_BELOW`` is greedy decoding (as vLLM does): such a distribution is the top token, and dividing the
+logits by it would overflow.
 Blend options travel in the extra body field ``cacheblend``: any BlendConfig field, e.g. ``{"strategy":
 "cacheblend", "recompute_ratio": 0.15}``: ``ChatOpenAI(extra_body={"cacheblend": {...}})`` in LangChain,
 ``OpenAILike(additional_kwargs={"extra_body": {"cacheblend": {...}}})`` in LlamaIndex.
@@ -15,26 +18,41 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import BlendConfig
 from ..engine.sampling import SamplingParams
+from ..kernels.backend import resolve_backend
+
+GREEDY_BELOW = 1e-5
 
 
 class BadRequest(ValueError):
-    """A request the server refuses (400); ``param``: the field at fault."""
+    """A request the server refuses (400); ``param``: the field at fault; ``code``: OpenAI's error code."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
-def blend_config(base: BlendConfig, options: dict[str, Any] | None) -> BlendConfig:
+def blend_config(base: BlendConfig, options: dict[str, Any] | None, device=None) -> BlendConfig:
     """``base`` with the request's ``cacheblend`` options applied: any BlendConfig field (strategy,
-    recompute_ratio, check_layers, selection, ...); an unknown field or a bad value is a 400 naming it."""
-    if not options:
-        return base
-    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    try:
-        return base.replace(**changes)
-    except (TypeError, ValueError) as exc:
-        raise BadRequest(f"cacheblend: {exc}", "cacheblend") from None
+    recompute_ratio, check_layers, selection, ...); an unknown field or a bad value is a 400 naming it, and so is
+    a kernel backend this server's ``device`` cannot run."""
+    config = base
+    if options:
+        changes = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+        try:
+            config = base.replace(**changes)
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"cacheblend: {exc}", "cacheblend") from None
+    if device is not None:
+        try:
+            resolve_backend(config.backend, device)
+        except (RuntimeError, ValueError) as exc:
+            raise BadRequest(f"cacheblend.backend: {exc}", "cacheblend.backend") from None
+    return config
+
+
+def _refuse(name: str, value: Any, what: str) -> None:
+    if value is not None:
+        raise BadRequest(f"{name} is not supported: {what}; leave {name} out", name)
 
 
 class StreamOptions(BaseModel):
@@ -61,11 +79,13 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
+    top_logprobs: Any = None
     cacheblend: dict[str, Any] | None = None
 
-    def sampling(self, default_max_tokens: int, max_tokens: int | None = None) -> SamplingParams:
-        """The request's SamplingParams (greedy when temperature is absent or 0); ``max_tokens`` overrides the
-        body's. A value the engine refuses is a 400 naming it."""
+    def sampling(self, default_max_tokens: int, cap: int) -> tuple[SamplingParams, int | None]:
+        """The request's SamplingParams (greedy when temperature is absent or 0) and, if it asked for more than
+        ``cap`` tokens, what it asked for (its max_tokens is then ``cap``). A value the engine refuses is a 400
+        naming it."""
         if self.n not in (None, 1):
             raise BadRequest(f"n={self.n}: this server returns one choice per request; send n=1 or leave it out", "n")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -75,19 +95,30 @@ class _Sampling(BaseModel):
             raise BadRequest("logit_bias is not supported; leave it out", "logit_bias")
         if self.logprobs not in (None, False, 0):
             raise BadRequest("logprobs are not supported; leave logprobs out", "logprobs")
+        _refuse("top_logprobs", self.top_logprobs, "this server returns no log probabilities")
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if stop is not None and len(stop) > 4:
             raise BadRequest(f"stop has {len(stop)} sequences; send at most 4", "stop")
+        asked = self.asked_max_tokens()
+        clamped = asked if asked is not None and asked > cap else None
+        temperature = self.temperature or 0.0
+        top_p = 1.0 if self.top_p is None else self.top_p
+        if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW:  # the top token: greedy, without overflow
+            temperature, top_p = 0.0, 1.0
         try:
-            return SamplingParams(
-                max_new_tokens=max_tokens or self.max_tokens or default_max_tokens,
-                temperature=self.temperature or 0.0,
-                top_p=1.0 if self.top_p is None else self.top_p,
+            params = SamplingParams(
+                max_new_tokens=min(asked, cap) if asked is not None else default_max_tokens,
+                temperature=temperature,
+                top_p=top_p,
                 seed=self.seed,
                 stop=stop or None,
             )
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        return params, clamped
+
+    def asked_max_tokens(self) -> int | None:
+        return self.max_tokens
 
     @property
     def include_usage(self) -> bool:
@@ -132,19 +163,32 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    tool_choice: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
     response_format: dict[str, Any] | None = None
 
     def engine_messages(self) -> list[dict]:
         if self.tools or self.functions:
             raise BadRequest("tools / functions are not supported by this server; leave them out", "tools")
+        for name in ("tool_choice", "function_call", "parallel_tool_calls"):
+            _refuse(name, getattr(self, name), "this server does not run tools")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise BadRequest(
                 f"response_format {self.response_format.get('type')!r} is not supported; only text", "response_format"
             )
         return [m.as_engine_message(i) for i, m in enumerate(self.messages)]
 
-    def sampling(self, default_max_tokens: int, max_tokens: int | None = None) -> SamplingParams:
-        return super().sampling(default_max_tokens, max_tokens or self.max_completion_tokens)
+    def asked_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def prompt_bytes(self) -> int:
+        """UTF-8 bytes of the messages' text (what the prompt is made of, the template aside)."""
+        total = 0
+        for m in self.messages:
+            parts = [m.content] if isinstance(m.content, str) else [p.text or "" for p in m.content or ()]
+            total += sum(len(p.encode("utf-8", "surrogatepass")) for p in parts)
+        return total
 
 
 class CompletionRequest(_Sampling):
@@ -166,11 +210,24 @@ class CompletionRequest(_Sampling):
             return self.prompt[0]
         return self.prompt
 
+    def prompt_bytes(self) -> int:
+        prompts = self.prompt if isinstance(self.prompt, list) else [self.prompt]
+        return sum(len(p.encode("utf-8", "surrogatepass")) for p in prompts)
+
 
 class ChunksRequest(BaseModel):
     """POST /v1/chunks: texts to precompute and register (the chunks later prompts will contain verbatim)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[str] = Field(min_length=1, max_length=1000)
+    texts: list[str] = Field(min_length=1)
     model: str | None = None
+
+    def check(self) -> None:
+        """Raise BadRequest for an empty text."""
+        for i, text in enumerate(self.texts):
+            if not text.strip():
+                raise BadRequest(f"texts[{i}] is empty; drop empty texts", f"texts[{i}]")
+
+    def text_bytes(self) -> int:
+        return sum(len(t.encode("utf-8", "surrogatepass")) for t in self.texts)

@@ -1,4 +1,5 @@
-"""Servers for the serve tests: uvicorn on a free loopback port in a thread, over engines built here.
+"""Servers for the serve tests: the server ``cacheblend serve`` runs (uvicorn with the connection limits, the
+shutdown that tells the app first) on a free loopback port in a thread, over engines built here.
 
 The Redis fixtures of the store tests (a shared Redis with a per-test key prefix, a private redis-server a
 test may stop) are used here too.
@@ -7,6 +8,9 @@ test may stop) are used here too.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,23 +23,25 @@ pytest.importorskip("fastapi", reason="the server tests need the serve extra: pi
 pytest.importorskip("prometheus_client", reason="the server tests need the serve extra: pip install -e '.[serve]'")
 
 import httpx
-import uvicorn
 
 from cacheblend_rag import CacheBlendEngine
 from cacheblend_rag.serve import create_app
+from cacheblend_rag.serve.protocol import ServerLimits
+from cacheblend_rag.serve.server import build_server
 from tests.conftest import tiny_model
 from tests.store.conftest import free_port, private_redis, redis_base_url, redis_url  # noqa: F401
+from tests.store.helpers import REPO
 
 MODEL = "tiny-random-llama"
 
 
 class LiveServer:
-    """uvicorn serving ``app`` on a free loopback port, in a thread of this process."""
+    """The server serving ``app`` on a free loopback port, in a thread of this process."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, limits: ServerLimits | None = None) -> None:
         self.app = app
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = build_server(app, "127.0.0.1", self.port, limits=limits, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
     @property
@@ -57,8 +63,9 @@ class LiveServer:
 
 
 @contextmanager
-def serving(engine, **options) -> Iterator[LiveServer]:
-    server = LiveServer(create_app(engine, model_name=options.pop("model_name", MODEL), **options)).start()
+def serving(engine, limits: ServerLimits | None = None, **options) -> Iterator[LiveServer]:
+    app = create_app(engine, model_name=options.pop("model_name", MODEL), **options)
+    server = LiveServer(app, limits).start()
     try:
         yield server
     finally:
@@ -125,6 +132,14 @@ class PacedEngine(CacheBlendEngine):
     def stream(self, *args, **kwargs):
         return _Paced(super().stream(*args, **kwargs), self)
 
+    def precompute(self, texts, *args, **kwargs):
+        """Each call (one step of a /v1/chunks job) waits for a permit too."""
+        if self.paced:
+            if not self.permits.acquire(timeout=120):
+                raise RuntimeError("the test gave no permit to precompute on")
+            self.taken += 1
+        return super().precompute(texts, *args, **kwargs)
+
 
 class _Paced:
     def __init__(self, inner, engine: PacedEngine) -> None:
@@ -154,3 +169,49 @@ def wait_until(check, what: str, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tokenizer, tmp_path_factory):
+    """A tiny random Llama (fp32) with the SmolLM2 tokenizer, saved as a model folder a server process loads."""
+    folder = tmp_path_factory.mktemp("served-model") / "tiny-llama"
+    tiny_model("llama", seed=5).to(torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def process_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def start_process(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """A server process (``python args...``) run from the repository with ``env`` added to the environment, its
+    output (stdout and stderr) in one pipe."""
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        env={**process_env(), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def wait_for_health(proc: subprocess.Popen, url: str, timeout: float = 180) -> dict:
+    """/health of a server process once it answers (fails with its output if it exits first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            return httpx.get(f"{url}/health", timeout=5).json()
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the server did not answer /health in time"
+            time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)

@@ -4,6 +4,8 @@ metrics, and clean JSON errors after which the server goes on."""
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 import torch
@@ -130,6 +132,11 @@ def test_blend_options_per_request(server, engine):
         (chat("hi", temperature=3), 400, "temperature"),
         (chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
         (chat("hi", logprobs=True), 400, "logprobs"),
+        (chat("hi", top_logprobs=2), 400, "top_logprobs is not supported"),
+        (chat("hi", tool_choice="auto"), 400, "tool_choice is not supported"),
+        (chat("hi", function_call="auto"), 400, "function_call is not supported"),
+        (chat("hi", parallel_tool_calls=False), 400, "parallel_tool_calls is not supported"),
+        (chat("hi", cacheblend={"backend": "triton"}), 400, "backend='torch'"),
         (chat("hi", stop=["a", "b", "c", "d", "e"]), 400, "at most 4"),
         (chat("hi", stop=[""]), 400, "stop must be"),
         (chat("hi", seed=2**70), 400, "seed must be an int"),
@@ -139,24 +146,60 @@ def test_blend_options_per_request(server, engine):
     ],
 )
 def test_bad_requests_get_clear_json_errors(server, body, status, says):
+    if "backend='torch'" in says and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton's interpreter runs the kernels on CPU here")
     response = post(server, "/v1/chat/completions", body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert says in error["message"] and error["type"] == "invalid_request_error"
+    named = [k for k in ("top_logprobs", "tool_choice", "function_call", "parallel_tool_calls") if k in body]
+    assert error["param"] == (named[0] if named else error["param"])
 
 
-def test_malformed_json_and_empty_chunk_texts(server):
-    response = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        content=b"{not json",
-        timeout=30,
-        headers={"content-type": "application/json"},
-    )
-    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b'{"model": "x", not json', "the request body is not valid JSON: Expecting property name"),
+        (b"[1, 2]", "the request body must be a JSON object, got a JSON list"),
+        (b'{"model": "x", "temperature": NaN}', "NaN is not JSON"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"[" * 100_000, "not valid JSON"),
+    ],
+)
+def test_malformed_bodies_get_a_message_not_a_position(server, content, says):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/chunks"):
+        response = httpx.post(f"{server.url}{path}", content=content, timeout=30)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert says in error["message"] and error["type"] == "invalid_request_error" and error["param"] is None
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(server):
+    for response in (
+        httpx.get(f"{server.url}/v1/nothing-here", timeout=30),
+        httpx.post(f"{server.url}/v1/embeddings", json={}, timeout=30),
+        httpx.get(f"{server.url}/v1/chat/completions", timeout=30),
+        httpx.delete(f"{server.url}/v1/models", timeout=30),
+    ):
+        assert response.status_code in (404, 405) and set(response.json()) == {"error"}, response.text
+        assert response.json()["error"]["code"] in ("not_found", "method_not_allowed")
+    assert "GET" in httpx.get(f"{server.url}/v1/chat/completions").json()["error"]["message"]
+
+
+def test_empty_chunk_texts(server):
     empty = post(server, "/v1/chunks", {"texts": ["fine", "  "]})
     assert empty.status_code == 400 and "texts[1]" in empty.json()["error"]["message"]
-    too_many = post(server, "/v1/chunks", {"texts": ["x"] * 1001})
-    assert too_many.status_code == 400
+    assert empty.json()["error"]["param"] == "texts[1]"
+    none = post(server, "/v1/chunks", {"texts": []})
+    assert none.status_code == 400 and none.json()["error"]["param"] == "texts"
+
+
+def test_tiny_temperatures_and_top_p_are_greedy(server):
+    greedy = post(server, "/v1/chat/completions", chat(CONTEXT, max_tokens=6)).json()["choices"]
+    for options in ({"temperature": 1e-40}, {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 5e-6, "seed": 3}):
+        response = post(server, "/v1/chat/completions", chat(CONTEXT, max_tokens=6, **options))
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"] == greedy
 
 
 def test_models_health_and_metrics(server, engine):

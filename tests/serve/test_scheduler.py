@@ -159,3 +159,35 @@ def test_bad_limits_are_refused():
         Scheduler(max_active=0)
     with pytest.raises(ValueError, match="max_queue"):
         Scheduler(max_queue=-1)
+
+
+def test_drain_fails_the_queue_at_once_and_running_jobs_after_the_grace():
+    gate, finish, log = threading.Event(), threading.Event(), []
+
+    def quick_job():  # decodes until told to finish
+        while not finish.is_set():
+            yield "tick"
+
+    async def main():
+        scheduler = Scheduler(max_active=2, max_queue=2).start()
+        gate.set()  # the endless job decodes on and on
+        quick = scheduler.submit(quick_job)
+        endless = scheduler.submit(lambda: gated(gate, log))
+        assert (await endless.next_event())[0] == "started" and await endless.next_event() == ("piece", "first")
+        waiting = [scheduler.submit(lambda: pieces("w", 1)) for _ in range(2)]  # no free slot: they wait
+        drained = asyncio.create_task(scheduler.drain(grace=0.5))
+        early = [await drain(t) for t in waiting]  # failed at once, without a turn
+        with pytest.raises(SchedulerClosed):
+            scheduler.submit(lambda: pieces("late", 1))
+        finish.set()  # the quick job ends within the grace period
+        await drained
+        finished = (await drain(quick))[-1]
+        running = (await drain(endless))[-1]
+        await asyncio.to_thread(scheduler.close)
+        return early, finished, running
+
+    early, finished, running = asyncio.run(main())
+    assert all(len(e) == 1 and e[0][0] == "error" and isinstance(e[0][1], SchedulerClosed) for e in early)
+    assert finished == ("end", None)  # finished within the grace period
+    assert running[0] == "error" and "grace period" in str(running[1])
+    assert log == ["closed"]  # the worker closed the job it was told to stop

@@ -1,0 +1,186 @@
+"""Who a request comes from and what it may do: API keys, the admin key, the registry scope, what reuse a
+caller may see. No HTTP here: ``Access.caller`` takes the ``Authorization`` header's value.
+
+Keys are compared in constant time (sha256 digests, every key compared). A request resolves to a ``Caller``:
+``anonymous`` (no keys configured, or /health), one API key (``key-<digest prefix>``: a stable name for quotas
+and logs that does not reveal the key) or the admin. The registry scope says who may register chunks
+(``POST /v1/chunks``) and whose prompts a registered text is matched in:
+
+- ``open``: anyone allowed to call the server registers; every prompt is matched against every registered
+  text (one registry for all callers);
+- ``admin``: only the admin key registers; every caller's prompts are matched against what the admin
+  registered.
+
+A per-key scope (each key's registrations matched only in its own prompts) needs the engine to take a
+registry scope per request; it would resolve here, from ``Caller.id``, and be passed where the server calls
+the engine (``completions.py``, ``chunks.py``). It does not exist yet, so the option offers ``open`` and
+``admin`` only.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class RegistryScope(str, enum.Enum):
+    OPEN = "open"
+    ADMIN = "admin"
+
+
+class ReuseStats(str, enum.Enum):
+    """Who sees a response's reuse figures (``usage.prompt_tokens_details.cached_tokens``, the ``cacheblend``
+    field's hits and tokens) and ``/v1/chunks``' ``computed`` / ``already_stored``: ``private``: only callers
+    allowed to register (everyone in the open scope, the admin in the admin scope); ``public``: everyone."""
+
+    PRIVATE = "private"
+    PUBLIC = "public"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request. ``id``: ``anonymous``, ``admin`` or ``key-<12 hex digits of the key's sha256>``."""
+
+    id: str
+    admin: bool = False
+
+
+ANONYMOUS = Caller("anonymous")
+ADMIN = Caller("admin", admin=True)
+
+
+class Unauthorized(Exception):
+    """A request without a valid key where one is needed (401)."""
+
+
+class Forbidden(Exception):
+    """A valid key that may not do this (403); the message names the option that allows it."""
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def parse_keys(value: str | None) -> list[str]:
+    """Keys from an environment variable's value: one key, or several separated by commas."""
+    return [k.strip() for k in (value or "").split(",") if k.strip()]
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Access:
+    """api_keys: keys any client may use (none: no key is needed); admin_key: the key that may register
+    chunks in the admin scope and read /metrics; registry_scope: ``open`` or ``admin`` (default: ``admin``
+    when any key is set, else ``open``); reuse_stats: ``private`` (default) or ``public`` (ReuseStats)."""
+
+    def __init__(
+        self,
+        api_keys: Iterable[str] = (),
+        admin_key: str | None = None,
+        registry_scope: str | RegistryScope | None = None,
+        reuse_stats: str | ReuseStats = ReuseStats.PRIVATE,
+    ) -> None:
+        keys = [api_keys] if isinstance(api_keys, str) else list(api_keys)
+        for key in [*keys, *([admin_key] if admin_key is not None else [])]:
+            if not isinstance(key, str) or not key.strip() or key != key.strip():
+                raise ValueError("an API key must be a non-empty string without surrounding whitespace")
+        self._keys = {_digest(k): Caller(f"key-{hashlib.sha256(k.encode()).hexdigest()[:12]}") for k in keys}
+        self._admin = _digest(admin_key) if admin_key is not None else None
+        if registry_scope is None:
+            registry_scope = RegistryScope.ADMIN if self.keyed else RegistryScope.OPEN
+        if registry_scope not in {s.value for s in RegistryScope} | set(RegistryScope):
+            raise ValueError(f"registry scope {registry_scope!r}: use open or admin")
+        if reuse_stats not in {s.value for s in ReuseStats} | set(ReuseStats):
+            raise ValueError(f"reuse stats {reuse_stats!r}: use private or public")
+        self.scope, self.reuse_stats = RegistryScope(registry_scope), ReuseStats(reuse_stats)
+
+    @property
+    def keyed(self) -> bool:
+        """Whether any key (API or admin) is configured."""
+        return bool(self._keys) or self._admin is not None
+
+    @property
+    def needs_key(self) -> bool:
+        """Whether every endpoint but /health needs a key (API keys are configured)."""
+        return bool(self._keys)
+
+    def caller(self, authorization: str | None) -> Caller:
+        """The caller a request's ``Authorization`` header names; raises Unauthorized if API keys are set and it
+        names none of them. Without API keys a missing or unknown key is the anonymous caller (stock clients
+        send a placeholder such as ``Bearer unused``); the admin key is recognised either way."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        found = None
+        if token:
+            given = _digest(token)
+            for digest, caller in self._keys.items():  # every key compared: no early exit on a match
+                if hmac.compare_digest(digest, given):
+                    found = caller
+            if self._admin is not None and hmac.compare_digest(self._admin, given):
+                found = ADMIN
+        if found is not None:
+            return found
+        if self.needs_key:
+            raise Unauthorized(
+                "a valid API key is needed: send the header 'Authorization: Bearer <key>' with one of the keys "
+                "given to --api-key (or CACHEBLEND_API_KEY)"
+                if token
+                else "this server needs an API key: send the header 'Authorization: Bearer <key>'"
+            )
+        return ANONYMOUS
+
+    def check_register(self, caller: Caller) -> None:
+        """Raise Forbidden unless ``caller`` may register chunks (POST /v1/chunks)."""
+        if self.scope is RegistryScope.ADMIN and not caller.admin:
+            fix = "send that key" if self._admin is not None else "start the server with one"
+            raise Forbidden(
+                f"registering chunks needs the admin key (--admin-key) under --registry-scope admin; {fix}, or "
+                "start the server with --registry-scope open to let every client register"
+            )
+
+    def check_operator(self, caller: Caller) -> None:
+        """Raise Forbidden unless ``caller`` may read the operator's endpoints (/metrics): the admin when an
+        admin key is set, else any caller that got this far."""
+        if self._admin is not None and not caller.admin:
+            raise Forbidden("/metrics needs the admin key (--admin-key)")
+
+    def sees_reuse(self, caller: Caller) -> bool:
+        """Whether ``caller`` is shown reuse figures (ReuseStats)."""
+        if self.reuse_stats is ReuseStats.PUBLIC or self.scope is RegistryScope.OPEN:
+            return True
+        return caller.admin
+
+    def warnings(self, host: str) -> list[str]:
+        """What an operator starting a server on ``host`` with these settings should hear about."""
+        out = []
+        if not self.needs_key and not is_loopback(host):
+            out.append(
+                f"--host {host} is reachable from other machines and no --api-key is set: anyone who can reach "
+                "it can use the model"
+                + (" and register chunks" if self.scope is RegistryScope.OPEN else "")
+                + "; pass --api-key (or set CACHEBLEND_API_KEY)"
+            )
+        if self.keyed and self.scope is RegistryScope.OPEN:
+            out.append(
+                "--registry-scope open: every client may register chunks that are reused in every other "
+                "client's prompts (and learn what others registered); --registry-scope admin limits "
+                "registration to the admin key"
+            )
+        if self.scope is RegistryScope.ADMIN and self._admin is None:
+            out.append(
+                "--registry-scope admin without --admin-key: no client can register chunks (POST /v1/chunks "
+                "answers 403); pass --admin-key to register through the server"
+            )
+        return out

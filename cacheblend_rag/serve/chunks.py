@@ -1,0 +1,153 @@
+"""``POST /v1/chunks``: precompute and register chunk texts.
+
+Who may register is the registry scope's decision (``access.py``). A request is checked before any model work:
+its number of texts (``max_chunk_texts``), their bytes, then their tokens, counted off the engine's thread
+(``max_chunk_tokens``): 413 naming the option; then the caller's quota (``quota.py``): 429. The texts are
+computed a few at a time, one step per scheduler turn (``ChunkJob``), so decoding requests keep their turns
+and a client that leaves stops the job between steps (what was computed before stays stored and registered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .completions import watch
+from .errors import ApiError, ClientGone, api_error, client_closed, parse_body
+from .options import BYTES_PER_TOKEN
+from .quota import QuotaExceeded
+from .schemas import ChunksRequest
+from .state import ServerState, caller_of, server_state
+
+STEP_TOKENS = 4096  # chunk tokens computed per scheduler turn (at least one text)
+
+
+class ChunkJob:
+    """An iterator the scheduler steps: each ``next`` precomputes the next group of texts through the engine's
+    public ``precompute`` (registering them) and returns how many texts are done."""
+
+    def __init__(self, engine, texts: list[str], sizes: list[int], step_tokens: int = STEP_TOKENS) -> None:
+        self.engine = engine
+        self.handles: list = []
+        self.computed = 0
+        self._groups: deque[list[str]] = deque()
+        group, tokens = [], 0
+        for text, n in zip(texts, sizes):
+            if group and tokens + n > step_tokens:
+                self._groups.append(group)
+                group, tokens = [], 0
+            group.append(text)
+            tokens += n
+        if group:
+            self._groups.append(group)
+
+    def __iter__(self) -> ChunkJob:
+        return self
+
+    def __next__(self) -> int:
+        if not self._groups:
+            raise StopIteration
+        texts = self._groups.popleft()
+        before = self.engine.metrics()["precomputed_chunks"]
+        self.handles += self.engine.precompute(texts)
+        self.computed += self.engine.metrics()["precomputed_chunks"] - before
+        return len(self.handles)
+
+    def close(self) -> None:
+        self._groups.clear()
+
+
+async def register_chunks(request: Request) -> Response:
+    state, caller = server_state(request), caller_of(request)
+    try:
+        state.access.check_register(caller)
+        body = await parse_body(request, ChunksRequest)
+        handles = await checked_handles(state, body)
+        charged = state.quota.charge(caller, handles)
+    except ClientGone:
+        return client_closed().response()
+    except QuotaExceeded as exc:
+        return ApiError(429, str(exc), "insufficient_quota", "insufficient_quota").response()
+    except Exception as exc:
+        return api_error(exc).response()
+    job = ChunkJob(state.engine, body.texts, [h.n_tokens for h in handles])
+    # A per-key registry scope (access.py) would register under the caller's scope here.
+    outcome = await run_job(request, state, job)
+    if outcome is not None:
+        done = {h.key for h in job.handles}
+        state.quota.refund(caller, [k for k in charged if k not in done])
+        return outcome
+    data = [{"object": "chunk", "index": i, "key": h.key, "n_tokens": h.n_tokens} for i, h in enumerate(job.handles)]
+    answer = {"object": "list", "model": state.name, "data": data}
+    if state.access.sees_reuse(caller):
+        answer["computed"] = job.computed
+        answer["already_stored"] = len({h.key for h in job.handles}) - job.computed
+    return JSONResponse(answer)
+
+
+async def checked_handles(state: ServerState, body: ChunksRequest) -> list:
+    """The texts' handles (tokenized off the engine's thread), once every limit is checked."""
+    state.check_model(body.model)
+    body.check()
+    options, engine = state.options, state.engine
+    if len(body.texts) > options.max_chunk_texts:
+        raise ApiError(
+            413,
+            f"{len(body.texts)} texts in one request; this server takes at most {options.max_chunk_texts} "
+            "(--max-chunk-texts): send them in several requests",
+            code="too_many_texts",
+            param="texts",
+        )
+    limit = options.max_chunk_tokens
+    size = body.text_bytes()
+    if size > limit * BYTES_PER_TOKEN:
+        raise _too_many_tokens(f"{size} bytes of text, more than {limit} tokens can hold", limit)
+    state.scheduler.check_room()
+    handles = await state.off_thread(lambda: [engine.handle(t) for t in body.texts])
+    tokens = sum(h.n_tokens for h in handles)
+    if tokens > limit:
+        raise _too_many_tokens(f"{tokens} tokens", limit)
+    room = engine.context_window - len(engine.chunk_prefix_ids)
+    for i, h in enumerate(handles):
+        if h.n_tokens > room:
+            raise ApiError(
+                400,
+                f"texts[{i}] has {h.n_tokens} tokens, more than a chunk can have in the model's context window "
+                f"({room} of {engine.context_window}); split it into smaller chunks",
+                param=f"texts[{i}]",
+            )
+    return handles
+
+
+def _too_many_tokens(what: str, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the texts have {what}; this server takes at most {limit} chunk tokens per request "
+        "(--max-chunk-tokens): send them in several requests",
+        code="too_many_tokens",
+        param="texts",
+    )
+
+
+async def run_job(request: Request, state: ServerState, job: ChunkJob) -> Response | None:
+    """Run ``job`` on the scheduler until it ends; None when it finished, else the error response."""
+    try:
+        ticket = state.scheduler.submit(lambda: job)
+    except Exception as exc:  # QueueFull, SchedulerClosed
+        return api_error(exc).response()
+    watcher = asyncio.create_task(watch(request, ticket))
+    try:
+        while True:
+            kind, value = await ticket.next_event()
+            if kind == "end":
+                return None
+            if kind == "error":
+                return api_error(value).response()
+            if kind == "cancelled":
+                return client_closed().response()
+    finally:
+        watcher.cancel()
+        ticket.cancel()
