@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+# A temperature or top_p below this is greedy decoding (as vLLM does): such a distribution is the top token, and
+# dividing the logits by so small a temperature would overflow to inf (then softmax gives NaN).
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -69,12 +73,14 @@ def normalize_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 class Sampler:
-    """Picks tokens as ``params`` says: greedy when temperature == 0, else temperature + nucleus (top_p)
-    sampling, seeded if ``params.seed`` is set (one generator per request)."""
+    """Picks tokens as ``params`` says: greedy when temperature == 0 (or temperature or top_p is below
+    ``GREEDY_BELOW``), else temperature + nucleus (top_p) sampling, seeded if ``params.seed`` is set (one generator
+    per request)."""
 
     def __init__(self, params: SamplingParams) -> None:
-        self.temperature = float(params.temperature)
-        self.top_p = float(params.top_p)
+        greedy = params.temperature < GREEDY_BELOW or params.top_p < GREEDY_BELOW
+        self.temperature = 0.0 if greedy else float(params.temperature)
+        self.top_p = 1.0 if greedy else float(params.top_p)
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
     def __call__(self, logits: torch.Tensor) -> int:

@@ -17,10 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import BlendConfig
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import GREEDY_BELOW, SamplingParams
 from ..kernels.backend import resolve_backend
-
-GREEDY_BELOW = 1e-5
 
 
 class BadRequest(ValueError):

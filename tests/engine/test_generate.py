@@ -3,9 +3,11 @@
 import threading
 
 import pytest
+import torch
 
 from cacheblend_rag import BlendConfig, GenerationResult, SamplingParams
 from cacheblend_rag.engine.decode import TextStreamer
+from cacheblend_rag.engine.sampling import Sampler
 from tests.conftest import PASSAGES, config
 
 
@@ -185,3 +187,12 @@ def test_a_finished_stream_lets_go_of_its_kv_cache(engine):
             assert stream.result.token_ids
         gc.collect()
         assert cache() is None, "the finished stream still holds its KV cache"
+
+
+@pytest.mark.parametrize("options", [{"temperature": 1e-40}, {"temperature": 0.7, "top_p": 1e-300}])
+def test_a_vanishing_temperature_or_nucleus_is_greedy(options):
+    """Dividing logits by a temperature of 1e-40 overflows to inf and softmax then gives NaN; such a distribution is
+    its top token, so the sampler decodes greedily instead of failing."""
+    logits = torch.tensor([30.0, -5.0, 29.0, 1.0])
+    sampler = Sampler(SamplingParams(seed=0, **options))
+    assert [sampler(logits) for _ in range(5)] == [0] * 5
