@@ -7,7 +7,7 @@ linear / YaRN) scaling lives entirely in ``inv_freq`` and ``attention_scaling``,
 Reference (``apply_rope_torch``): Hugging Face's arithmetic exactly: cos/sin computed in float32, scaled,
 cast to the tensor's dtype, then ``x1*cos - x2*sin`` and ``x2*cos + x1*sin`` in that dtype.
 
-Triton kernel (``_rope_kernel``): one program rotates BLOCK_T tokens of one head, in place or into
+Triton kernel (``rope_kernel``): one program rotates BLOCK_T tokens of one head, in place or into
 another tensor, any strides. It does not evaluate cos/sin itself: it gathers them from the same
 ``RopeTable`` rows the reference uses (float32 table computed by torch, cast to x's dtype), because
 ``tl.cos`` on large angles (position x inv_freq reaches 10^4 radians) is not the function torch computes.
@@ -114,7 +114,7 @@ def apply_rope_torch(
 if HAVE_TRITON:
 
     @triton.jit
-    def _rope_kernel(
+    def rope_kernel(
         x_ptr,
         out_ptr,
         pos_ptr,
@@ -166,7 +166,7 @@ if HAVE_TRITON:
         block_t = 32
         half = dim // 2
         grid = (heads, triton.cdiv(tokens, block_t))
-        _rope_kernel[grid](
+        rope_kernel[grid](
             x,
             out,
             positions,
