@@ -1,4 +1,4 @@
-"""What the documentation must say (issue 10, case 13)."""
+"""What the documentation must say: the store's integrity guarantees and their limits."""
 
 from pathlib import Path
 
