@@ -31,7 +31,7 @@ Limits: the causal skip pays only when queries are sorted by position (the engin
 unsorted input is correct but each block reads up to its largest position). No split over keys, so a
 single decoding query runs Hkv programs over all N keys (fine for prefill, slower than SDPA for long
 decodes). head_dim up to 256. Block sizes are fixed per head_dim and dtype, chosen by compiling for sm_90
-without a GPU (no register spills at the defaults); ``benchmarks/gpu_check.py`` sweeps alternatives.
+without a GPU (no register spills at the defaults); ``benchmarks/kernel_check.py`` sweeps alternatives.
 """
 
 from __future__ import annotations

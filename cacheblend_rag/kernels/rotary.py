@@ -15,7 +15,8 @@ Every product and sum is rounded to x's dtype as torch does (16-bit products are
 "compute in float32, round" is the same IEEE operation; bfloat16 is rounded on the bits by
 ``backend.round_to`` because the interpreter's casts truncate), and the launch disables FMA contraction.
 The result is bitwise equal to the reference under the interpreter (tested) and should be on CUDA by
-the same construction (``benchmarks/gpu_check.py`` reports it; not yet run on a GPU).
+the same construction (``benchmarks/kernel_check.py`` reports it as ``bitwise_vs_torch``; the one H200 run's value
+was not recorded).
 
 Limits: head_dim must be even (any even size; a power of two is fastest); positions must be >= 0
 (the wrapper checks, which costs one device sync for ``aminmax``, unless the caller passes ``bound``: the
