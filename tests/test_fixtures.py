@@ -41,7 +41,7 @@ def test_shared_fixtures_and_passages_are_defined_only_in_the_plugin():
 
 def test_importing_the_library_imports_neither_pytest_nor_the_plugin():
     script = (
-        "import sys, pkgutil, importlib, cacheblend_rag\n"
+        "import sys, cacheblend_rag\n"
         "from cacheblend_rag import CacheBlendEngine, KVStore\n"
         "print('pytest' in sys.modules, 'cacheblend_rag.testing' in sys.modules)"
     )
