@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from cacheblend_rag import CacheBlendEngine
+from cacheblend_rag.engine.kv_cache import KVCache
 from cacheblend_rag.engine.prefill import PrefillPlan, prefill
 from cacheblend_rag.eval.datasets import load_examples
 
@@ -29,7 +30,11 @@ def analyse(engine, example, ratio: float) -> list[dict]:
     ids = torch.tensor([t for b in blocks for t in b.token_ids], device=engine.device)
     n = ids.shape[0]
     with torch.inference_mode():
-        exact = prefill(engine.forward, PrefillPlan(ids=ids, capture=(0, n), need_logits=False), engine._new_cache(n))
+        exact = prefill(
+            engine.forward,
+            PrefillPlan(ids=ids, capture=(0, n), need_logits=False),
+            KVCache.for_model(engine.forward, n),
+        )
     full_v = exact.captured.v.float()  # [L, H, N, D]
     alone_v = full_v.clone()
     cached = torch.zeros(n, dtype=torch.bool)

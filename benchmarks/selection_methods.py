@@ -21,6 +21,7 @@ import torch
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
 from cacheblend_rag.engine.decode import decode_step
+from cacheblend_rag.engine.kv_cache import KVCache
 from cacheblend_rag.engine.planner import plan_request
 from cacheblend_rag.engine.prefill import PrefillPlan, prefill
 from cacheblend_rag.engine.selection import attention_mass
@@ -45,7 +46,7 @@ class MassProbe:
 def score(engine, plan: PrefillPlan, targets: list[int]) -> tuple[torch.Tensor, float]:
     """Log-probs [T, V] along ``targets`` after the prefill of ``plan``, and the prefill time."""
     n = plan.ids.shape[0]
-    cache = engine._new_cache(n + len(targets) + 1)
+    cache = KVCache.for_model(engine.forward, n + len(targets) + 1)
     with torch.inference_mode():
         t = time.perf_counter()
         result = prefill(engine.forward, plan, cache)
@@ -58,7 +59,7 @@ def score(engine, plan: PrefillPlan, targets: list[int]) -> tuple[torch.Tensor, 
 
 def greedy(engine, plan: PrefillPlan, max_new: int) -> list[int]:
     n = plan.ids.shape[0]
-    cache = engine._new_cache(n + max_new + 1)
+    cache = KVCache.for_model(engine.forward, n + max_new + 1)
     out = []
     with torch.inference_mode():
         logits = prefill(engine.forward, plan, cache).logits
@@ -106,7 +107,7 @@ def study(engine, example, args, rng) -> dict:
     probe_plan = fixed(torch.zeros(0, dtype=torch.long), observe=probe)
     t = time.perf_counter()
     with torch.inference_mode():
-        prefill(engine.forward, probe_plan, engine._new_cache(n))
+        prefill(engine.forward, probe_plan, KVCache.for_model(engine.forward, n))
     probe_s = time.perf_counter() - t
     mass = probe.mass
     norm = mass / mass[:, rows].sum(1, keepdim=True).clamp_min(1e-12)  # share of each layer's chunk mass

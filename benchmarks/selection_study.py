@@ -17,6 +17,7 @@ import time
 import torch
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
+from cacheblend_rag.engine.kv_cache import KVCache
 from cacheblend_rag.engine.planner import plan_request
 from cacheblend_rag.engine.prefill import CachedSpan, PrefillPlan, prefill
 from cacheblend_rag.engine.selection import attention_mass
@@ -46,7 +47,7 @@ class MassProbe:
 
 
 def run_plan(engine, plan: PrefillPlan):
-    cache = engine._new_cache(plan.ids.shape[0])
+    cache = KVCache.for_model(engine.forward, plan.ids.shape[0])
     with torch.inference_mode():
         return prefill(engine.forward, plan, cache)
 

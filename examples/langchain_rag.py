@@ -100,9 +100,15 @@ def format_docs(docs: list[Document]) -> str:
     return "\n\n".join(doc.page_content for doc in docs)
 
 
-def build_chain(engine: CacheBlendEngine, llm: ChatCacheBlend, k: int = 3):
-    """The RAG chain; CacheBlendRetriever makes sure every retrieved passage's KV is stored and registered."""
-    passages = FaissRetriever(embeddings=MiniLMEmbeddings(), documents=[Document(p) for p in PASSAGES], k=k)
+def passage_retriever(k: int = 3) -> FaissRetriever:
+    """A faiss retriever over PASSAGES (document ids are their indices)."""
+    documents = [Document(p, id=str(i)) for i, p in enumerate(PASSAGES)]
+    return FaissRetriever(embeddings=MiniLMEmbeddings(), documents=documents, k=k)
+
+
+def build_chain(engine: CacheBlendEngine, llm: ChatCacheBlend, passages: BaseRetriever):
+    """The RAG chain; CacheBlendRetriever makes sure every passage ``passages`` retrieves has its KV stored and
+    registered."""
     retriever = CacheBlendRetriever(retriever=passages, engine=engine)
     return {"context": retriever | format_docs, "question": RunnablePassthrough()} | PROMPT | llm | StrOutputParser()
 
@@ -122,7 +128,7 @@ def main() -> None:
     llm = ChatCacheBlend(
         engine=engine, max_tokens=args.max_tokens, strategy=args.strategy, recompute_ratio=args.recompute_ratio
     )
-    chain = build_chain(engine, llm)
+    chain = build_chain(engine, llm, passage_retriever())
 
     questions = args.question or QUESTIONS
     for question in questions:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import asdict, dataclass, field
+
+from ..counters import Counters
 
 
 @dataclass
@@ -54,8 +55,8 @@ class RequestStats:
         return asdict(self)
 
 
-class EngineMetrics:
-    """Thread-safe cumulative counters, read through ``snapshot()``."""
+class EngineMetrics(Counters):
+    """The engine's cumulative counters (thread-safe), read through ``snapshot()``."""
 
     FIELDS = (
         "requests",
@@ -71,15 +72,6 @@ class EngineMetrics:
         "abandoned_requests",
     )
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts = dict.fromkeys(self.FIELDS, 0)
-
-    def add(self, **deltas: int) -> None:
-        with self._lock:
-            for name, delta in deltas.items():
-                self._counts[name] += delta
-
     def record(self, stats: RequestStats, abandoned: bool = False) -> None:
         self.add(
             requests=1,
@@ -91,7 +83,3 @@ class EngineMetrics:
             cache_hits=stats.cache_hits,
             cache_misses=stats.cache_misses,
         )
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)

@@ -10,7 +10,7 @@ Three implementations of one function:
 * ``selected_attention_cpu`` (what CPU users run): the fused causal kernel when the queries are exactly
   0..N-1, no mask when every query sees every key, two fused calls merged by log-sum-exp for a contiguous
   suffix (prefix caching), otherwise query blocks that read only the keys they can see.
-* ``_attention_kernel`` (Triton, what CUDA users run): flash-attention forward. One program owns one KV
+* ``attention_kernel`` (Triton, what CUDA users run): flash-attention forward. One program owns one KV
   head and BLOCK_M packed rows, a row being (query, query head of that KV head's group), so the G query
   heads of a group share every K/V tile they load (GQA packing; decoding fills G rows with one query).
   It walks key blocks of BLOCK_N with the online softmax (running max and sum in float32, exp2 with the
@@ -31,7 +31,7 @@ Limits: the causal skip pays only when queries are sorted by position (the engin
 unsorted input is correct but each block reads up to its largest position). No split over keys, so a
 single decoding query runs Hkv programs over all N keys (fine for prefill, slower than SDPA for long
 decodes). head_dim up to 256. Block sizes are fixed per head_dim and dtype, chosen by compiling for sm_90
-without a GPU (no register spills at the defaults); ``benchmarks/gpu_check.py`` sweeps alternatives.
+without a GPU (no register spills at the defaults); ``benchmarks/kernel_check.py`` sweeps alternatives.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ if HAVE_TRITON:
         return acc, m_new, l_i
 
     @triton.jit
-    def _attention_kernel(
+    def attention_kernel(
         q_ptr,
         pos_ptr,
         k_ptr,
@@ -303,7 +303,7 @@ if HAVE_TRITON:
         q_pos = q_pos.contiguous()  # read at pos_ptr + i
         cfg = {**attention_config(dim, q.dtype), **config}
         grid = (triton.cdiv(m * group, cfg["block_m"]), hkv)
-        _attention_kernel[grid](
+        attention_kernel[grid](
             q,
             q_pos,
             k,

@@ -9,7 +9,7 @@ CUDA graph captured once can be replayed at every position of a request.
   never copies K or V per query head. With ``length`` (a host int, pos + 1) it attends to the first ``length``
   keys without a mask (SDPA's fused kernels); without it, a mask built from ``pos`` on the device hides the
   keys after it (what a captured graph needs).
-* ``_decode_kernel`` (Triton, CUDA): flash-decoding. The keys are cut into ``splits`` ranges; one program owns
+* ``decode_kernel`` (Triton, CUDA): flash-decoding. The keys are cut into ``splits`` ranges; one program owns
   one KV head and one range, the G query heads of that head packed as rows of one tile (padded to 16 for
   ``tl.dot``), and runs the online softmax over the range's keys up to ``pos`` (ranges past it return at once).
   Each program writes its partial output, running max and sum in float32; ``_combine`` merges the ranges by
@@ -59,7 +59,7 @@ def decode_attention_torch(
 if HAVE_TRITON:
 
     @triton.jit
-    def _decode_kernel(
+    def decode_kernel(
         q_ptr,
         pos_ptr,
         k_ptr,
@@ -150,7 +150,7 @@ if HAVE_TRITON:
         o = torch.empty((hq, splits, dim), dtype=torch.float32, device=q.device)
         m = torch.empty((hq, splits), dtype=torch.float32, device=q.device)
         l_sum = torch.empty((hq, splits), dtype=torch.float32, device=q.device)
-        _decode_kernel[(hkv, splits)](
+        decode_kernel[(hkv, splits)](
             q,
             pos,
             k,

@@ -5,7 +5,7 @@ that came from the cache; tokens that did not get ``-inf`` so a top-k never pick
 recomputes them anyway). With ``rows``, token t of ``fresh`` is compared with row ``rows[t]`` of a
 larger ``cached`` tensor (the fused cache), so the selected rows are never gathered into a copy.
 
-Triton kernel (``_deviation_kernel``): one program owns BLOCK_T tokens and walks every head and
+Triton kernel (``deviation_kernel``): one program owns BLOCK_T tokens and walks every head and
 head_dim block, accumulating squared differences in a [BLOCK_T, BLOCK_D] float32 tile that is summed
 once at the end. The from-cache mask is fused: tokens not from the cache load nothing and get -inf.
 It differs from the reference only in the order of the float32 additions (relative difference ~1e-6).
@@ -42,7 +42,7 @@ def kv_deviation_torch(
 if HAVE_TRITON:
 
     @triton.jit
-    def _deviation_kernel(
+    def deviation_kernel(
         fresh_ptr,
         cached_ptr,
         from_ptr,
@@ -96,7 +96,7 @@ if HAVE_TRITON:
         rows = rows.contiguous() if rows is not None else None
         block_t = 32
         block_d = min(128, triton.next_power_of_2(dim))
-        _deviation_kernel[(triton.cdiv(tokens, block_t),)](
+        deviation_kernel[(triton.cdiv(tokens, block_t),)](
             fresh,
             cached,
             from_cache.view(torch.uint8),

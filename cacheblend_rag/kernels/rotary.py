@@ -7,7 +7,7 @@ linear / YaRN) scaling lives entirely in ``inv_freq`` and ``attention_scaling``,
 Reference (``apply_rope_torch``): Hugging Face's arithmetic exactly: cos/sin computed in float32, scaled,
 cast to the tensor's dtype, then ``x1*cos - x2*sin`` and ``x2*cos + x1*sin`` in that dtype.
 
-Triton kernel (``_rope_kernel``): one program rotates BLOCK_T tokens of one head, in place or into
+Triton kernel (``rope_kernel``): one program rotates BLOCK_T tokens of one head, in place or into
 another tensor, any strides. It does not evaluate cos/sin itself: it gathers them from the same
 ``RopeTable`` rows the reference uses (float32 table computed by torch, cast to x's dtype), because
 ``tl.cos`` on large angles (position x inv_freq reaches 10^4 radians) is not the function torch computes.
@@ -15,7 +15,8 @@ Every product and sum is rounded to x's dtype as torch does (16-bit products are
 "compute in float32, round" is the same IEEE operation; bfloat16 is rounded on the bits by
 ``backend.round_to`` because the interpreter's casts truncate), and the launch disables FMA contraction.
 The result is bitwise equal to the reference under the interpreter (tested) and should be on CUDA by
-the same construction (``benchmarks/gpu_check.py`` reports it; not yet run on a GPU).
+the same construction (``benchmarks/kernel_check.py`` reports it as ``bitwise_vs_torch``; the one H200 run's value
+was not recorded).
 
 Limits: head_dim must be even (any even size; a power of two is fastest); positions must be >= 0
 (the wrapper checks, which costs one device sync for ``aminmax``, unless the caller passes ``bound``: the
@@ -114,7 +115,7 @@ def apply_rope_torch(
 if HAVE_TRITON:
 
     @triton.jit
-    def _rope_kernel(
+    def rope_kernel(
         x_ptr,
         out_ptr,
         pos_ptr,
@@ -166,7 +167,7 @@ if HAVE_TRITON:
         block_t = 32
         half = dim // 2
         grid = (heads, triton.cdiv(tokens, block_t))
-        _rope_kernel[grid](
+        rope_kernel[grid](
             x,
             out,
             positions,

@@ -205,4 +205,4 @@ class KVStore:
             tier.delete(key)
 
     def stats(self) -> dict[str, dict[str, int]]:
-        return {tier.name: tier.stats.as_dict() for tier in self.tiers}
+        return {tier.name: tier.stats.snapshot() for tier in self.tiers}

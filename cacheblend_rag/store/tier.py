@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field, fields
 from typing import Protocol
 
+from ..counters import Counters
 from .chunk import ChunkKV
 
 
-@dataclass
-class TierStats:
-    hits: int = 0
-    misses: int = 0
-    corrupt: int = 0
-    bytes_read: int = 0
-    writes: int = 0
-    bytes_written: int = 0
-    evictions: int = 0
-    errors: int = 0  # failed I/O or connection attempts (entries kept; the tier may back off)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+class TierStats(Counters):
+    """A tier's counters (``stats.add(misses=1, errors=1)`` from any thread). errors: failed I/O or connection
+    attempts (entries kept; the tier may back off)."""
 
-    def add(self, **deltas: int) -> None:
-        """Add to counters by name (``stats.add(misses=1, errors=1)``); safe from any thread."""
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self, name, getattr(self, name) + delta)
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+    FIELDS = ("hits", "misses", "corrupt", "bytes_read", "writes", "bytes_written", "evictions", "errors")
 
 
 class Tier(Protocol):

@@ -89,7 +89,7 @@ def test_bad_generation_arguments(engine):
         engine.generate(["hi"], config=BlendConfig(backend="triton"))
 
 
-# ---- issue 10, cases 9 and 10 ----------------------------------------------------------------------------------
+# ---- absurd sizes and sampling options: a cache no larger than the context window, bad values named -----------
 def test_huge_max_new_tokens_sizes_the_cache_to_the_context_window(engine, monkeypatch):
     capacities = []
     new_cache = engine._new_cache

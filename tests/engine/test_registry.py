@@ -1,4 +1,4 @@
-"""Finding registered chunks in a prompt string never changes how the prompt is tokenized (issue 10, case 1)."""
+"""Finding registered chunks in a prompt string never changes how the prompt is tokenized."""
 
 import pytest
 

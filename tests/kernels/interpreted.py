@@ -258,12 +258,6 @@ def test_all_three_kernels_really_ran_under_the_interpreter(monkeypatch):
 
 
 # ---- the engine's blended prefill ---------------------------------------------------------------------
-PASSAGES = [
-    "The Danube passes through ten countries before reaching the Black Sea.",
-    "Lionel Messi scored 13 goals at FIFA World Cups.",
-]
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     path = os.environ.get("CACHEBLEND_TEST_TOKENIZER")
@@ -296,11 +290,12 @@ def engines(tokenizer, tmp_path, arch):
 @pytest.mark.parametrize("arch", ["llama", "llama3_rope"])
 def test_engine_blended_prefill_triton_equals_torch(tokenizer, tmp_path, arch):
     from cacheblend_rag import BlendConfig
+    from tests.conftest import MESSI, RONALDO  # two short chunks: the interpreter is slow
 
     triton_engine, torch_engine = engines(tokenizer, tmp_path, arch)
     # chunk precompute (a full prefill with capture) through the kernels stores the same KV
-    handles = triton_engine.precompute(PASSAGES)
-    torch_handles = torch_engine.precompute(PASSAGES)
+    handles = triton_engine.precompute([MESSI, RONALDO])
+    torch_handles = torch_engine.precompute([MESSI, RONALDO])
     for h, th in zip(handles, torch_handles):
         kv, _ = triton_engine.chunk_kv(h)
         torch_kv, _ = torch_engine.chunk_kv(th)

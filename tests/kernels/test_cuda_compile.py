@@ -1,7 +1,7 @@
 """The kernels compile for CUDA sm_90 (H100 / H200) without a GPU, and their default tiles do not spill.
 
 The interpreter runs Python, so it accepts kernels the CUDA compiler rejects; this compiles every kernel
-the way a launch on the engine's tensors would (``benchmarks/gpu_check.py --compile-only``).
+the way a launch on the engine's tensors would (``benchmarks/kernel_registers.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def test_kernels_compile_for_sm90_and_default_tiles_do_not_spill(tmp_path):
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--compile-only", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_registers.py"), "--out", str(out)],
         env=env,
         capture_output=True,
         text=True,

@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.py --smoke: the prepared GPU script still runs end to end (CPU, interpreter, tiny)."""
+"""The GPU scripts: ``gpu_check.py --smoke`` (kernel_check.py and prefill_check.py in one run) still runs end to
+end on the CPU under Triton's interpreter at tiny shapes, and importing the scripts does nothing until ``main``."""
 
 from __future__ import annotations
 
@@ -45,3 +46,28 @@ def test_gpu_check_smoke_runs_and_every_check_passes(tmp_path):
     profile = {row["name"]: row for row in report["rows"] if row["section"] == "profile"}
     assert {"full_recompute [store]", "full_reuse [store]", "cacheblend [store]"} <= set(profile)
     assert all(row["wall_ms"] > 0 and row["h2d_MB"] == 0 for row in profile.values())  # CPU: nothing crosses PCIe
+
+
+GPU_SCRIPTS = ("gpu_check", "kernel_check", "prefill_check", "kernel_registers")
+IMPORT_THEN_HELP = """
+import contextlib, io, os, sys
+sys.argv = ["gpu_check.py", "--smoke"]
+sys.path.insert(0, "benchmarks")
+import gpu_common, gpu_profile, {scripts}
+print(os.environ.get("TRITON_INTERPRET"), "triton" in sys.modules, "cacheblend_rag" in sys.modules)
+for script in ({scripts},):
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+        script.main(["--help"])
+    print(script.__name__, "--out" in out.getvalue())
+"""
+
+
+def test_the_gpu_scripts_do_nothing_at_import_and_each_has_a_main_with_its_options():
+    """Only ``main`` reads arguments, turns the interpreter on and imports Triton and the package."""
+    script = IMPORT_THEN_HELP.format(scripts=", ".join(GPU_SCRIPTS))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=99)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["None", "False", "False"]
+    assert lines[1:] == [f"{name} True" for name in GPU_SCRIPTS]

@@ -1,4 +1,5 @@
-"""Fixtures of the RAG app tests: a tiny model folder, a small folder of documents, one torch thread."""
+"""Fixtures of the RAG app tests: a small folder of documents, one torch thread (``tiny_dir``, the tiny model
+folder, comes from the cacheblend_rag.testing plugin)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-
-from tests.conftest import tiny_model
 
 DOCUMENTS = {
     "lighthouse.md": "# Brannock Light\n\nThe Brannock Light was first lit in 1893. Its tower is 44 metres tall and "
@@ -21,23 +20,8 @@ DOCUMENTS = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a busy 2-core runner torch's OpenMP workers wait for each other; one thread keeps these tests steady."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A tiny random Llama (3 layers) with the SmolLM2 tokenizer, saved as a model folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", seed=0, layers=3).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def _one_thread(one_torch_thread):
+    """These tests run their models on one torch thread (cacheblend_rag.testing.one_torch_thread)."""
 
 
 @pytest.fixture

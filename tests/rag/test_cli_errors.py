@@ -1,4 +1,4 @@
-"""CLI errors are one clean line and exit code 2, never a traceback (issue 10, case 12)."""
+"""CLI errors are one clean line and exit code 2, never a traceback."""
 
 from __future__ import annotations
 

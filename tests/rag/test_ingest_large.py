@@ -1,5 +1,5 @@
-"""Ingesting a large file (issue 10, case 8): robust splitting, the KV it will write said up front, a cap; and
-`ingest` never removes folders it did not make (case 6)."""
+"""Ingesting a large file: robust splitting, the KV it will write said up front, a cap; and `ingest` never
+removes folders it did not make."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_ingest_of_a_small_folder_still_works(tiny_dir, docs_dir, tmp_path):
     assert "3 chunks (0 already stored): computing 3 chunks" in text and "indexed 3 documents as 3 chunks" in text
 
 
-# ---- case 6 ----------------------------------------------------------------------------------------------------
+# ---- persisting an index never removes folders it did not make -------------------------------------------------
 def test_persist_never_removes_folders_it_did_not_make(engine, docs_dir, tmp_path):
     index = RagIndex.build(engine, read_documents(docs_dir), chunk_size=128, chunk_overlap=0)
     for name in ("index.old", "index.new"):  # a user's own folders, named like the old temporary ones

@@ -11,18 +11,15 @@ import importlib.util
 
 import httpx
 import pytest
-import torch
 
-from cacheblend_rag import CacheBlendEngine
+from cacheblend_rag import CacheBlendEngine, testing
 
 from .conftest import metric, serving
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
-PASSAGES = [
-    "The Amazon river flows through Brazil, Peru and Colombia. It carries more water than any other river on Earth.",
-    "Mount Kilimanjaro in Tanzania is the highest mountain in Africa, rising 5,895 metres above sea level.",
-    "The Danube passes through ten countries, including Austria, Hungary and Romania, before reaching the Black Sea.",
+CORPUS = [  # the shared passages and three more
+    *testing.PASSAGES,
     "Lake Baikal in Siberia is the deepest lake in the world, reaching a depth of 1,642 metres.",
     "Marie Curie was the first person to win two Nobel Prizes, in physics in 1903 and in chemistry in 1911.",
     "The Lighthouse of Varna was built in 1868. It stands 27 metres tall and its lamp can be seen 30 kilometres "
@@ -37,25 +34,23 @@ def words(text: str) -> set[str]:
 
 def retrieve(question: str, k: int = 2) -> list[str]:
     """The k passages sharing the most words with the question (a real, if simple, lexical retriever)."""
-    return sorted(PASSAGES, key=lambda p: -len(words(p) & words(question)))[:k]
+    return sorted(CORPUS, key=lambda p: -len(words(p) & words(question)))[:k]
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_dir, tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # steady on a busy 2-core machine, as the other real-model tests
+def engine(smollm2_dir, tmp_path_factory, one_torch_thread):
+    """SmolLM2 on one torch thread (steady on a busy 2-core machine, as the other real-model tests)."""
     root = tmp_path_factory.mktemp("stock-clients")
-    yield CacheBlendEngine.from_pretrained(
+    return CacheBlendEngine.from_pretrained(
         str(smollm2_dir), device="cpu", dtype="float32", cache_dir=root, store=["memory://?max_bytes=1GB"]
     )
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def server(engine):
     with serving(engine, model_name=MODEL) as live:
-        response = httpx.post(f"{live.url}/v1/chunks", json={"texts": PASSAGES}, timeout=300)
-        assert response.status_code == 200 and response.json()["computed"] == len(PASSAGES)
+        response = httpx.post(f"{live.url}/v1/chunks", json={"texts": CORPUS}, timeout=300)
+        assert response.status_code == 200 and response.json()["computed"] == len(CORPUS)
         yield live
 
 
@@ -144,10 +139,10 @@ def test_llamaindex_openai_like_in_a_query_engine(server, engine, reuse):
     Settings.tokenizer = engine.tokenize  # count tokens with the model's tokenizer: no tiktoken download
     try:
         splitter = SentenceSplitter(chunk_size=256, chunk_overlap=0)
-        documents = [Document(text=p) for p in PASSAGES]
+        documents = [Document(text=p) for p in CORPUS]
         index = VectorStoreIndex.from_documents(documents, embed_model=minilm_embedding(), transformations=[splitter])
         texts = [node.get_content(metadata_mode=MetadataMode.LLM) for node in index.docstore.docs.values()]
-        assert sorted(texts) == sorted(PASSAGES)  # one node per passage: the registered chunks, verbatim
+        assert sorted(texts) == sorted(CORPUS)  # one node per passage: the registered chunks, verbatim
         llm = OpenAILike(
             model=MODEL,
             api_base=f"{server.url}/v1",
@@ -181,7 +176,7 @@ def test_llamaindex_openai_like_in_a_query_engine(server, engine, reuse):
             temperature=0,
             max_retries=0,
         )
-        raw = completion.complete(f"{PASSAGES[3]}\nQuestion: which lake is the deepest?\nAnswer:").raw
+        raw = completion.complete(f"{CORPUS[3]}\nQuestion: which lake is the deepest?\nAnswer:").raw
         assert raw.usage.prompt_tokens_details.cached_tokens > 0
     finally:
         llama_index.core.global_tokenizer = previous

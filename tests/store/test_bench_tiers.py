@@ -8,17 +8,9 @@ from typer.testing import CliRunner
 import cacheblend_rag.cli.bench_store  # noqa: F401  (registers bench tiers / compress)
 from cacheblend_rag.cli import app
 from cacheblend_rag.eval.tiers import VARIANTS
-from tests.conftest import PASSAGES, tiny_model
+from tests.conftest import PASSAGES
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", seed=0, layers=3).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -309,4 +309,4 @@ def test_tier_stats_add_loses_no_count_under_threads():
             t.join()
     finally:
         sys.setswitchinterval(switch)
-    assert stats.as_dict() == {**TierStats().as_dict(), "hits": 80_000, "bytes_read": 240_000}
+    assert stats.snapshot() == {**TierStats().snapshot(), "hits": 80_000, "bytes_read": 240_000}

@@ -1,5 +1,5 @@
-"""What a hostile probe broke in the store (issue 10): full and read-only disks, files vanishing or replaced by
-odd things, entries of the wrong token count, a redis:// URL that reaches another service."""
+"""The store under hostile conditions: full and read-only disks, files vanishing or replaced by odd things,
+entries of the wrong token count, a redis:// URL that reaches another service."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def mounted(*commands: list[str], target: Path):
         subprocess.run(["umount", str(target)], capture_output=True)
 
 
-# ---- case 2: a full or read-only disk tier -------------------------------------------------------------------
+# ---- a full or read-only disk tier -------------------------------------------------------------------------------
 def test_full_disk_tier_skips_writes_and_requests_succeed(make_engine, tmp_path, caplog):
     """A 1 MB tmpfs as the only tier: safetensors raises SafetensorError("No space left on device")."""
     with mounted(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmp_path / "full")], target=tmp_path / "full"):
@@ -119,7 +119,7 @@ def test_disk_write_errors_without_a_mount(tmp_path, caplog):
     assert tier.stats.writes == 1 and torch.equal(tier.get("a" * 64).k, kv.k)
 
 
-# ---- case 3: a file removed right after it was written --------------------------------------------------------
+# ---- a file removed right after it was written -------------------------------------------------------------------
 def test_file_deleted_right_after_the_replace_does_not_fail_the_put(tmp_path, monkeypatch):
     tier = DiskTier(tmp_path / "kv", FP)
     real_replace = os.replace
@@ -162,7 +162,7 @@ while True:
 """
 
 
-# ---- case 4: an entry whose token count is not the handle's ----------------------------------------------------
+# ---- an entry whose token count is not the handle's --------------------------------------------------------------
 def _consistent_wrong_count(engine, tier, handles):
     """A valid, checksummed entry of another chunk (another token count) under handles[1]'s key."""
     tier.delete(handles[1].key)
@@ -220,7 +220,7 @@ def test_store_get_checks_the_token_count_on_every_tier(tmp_path):
         assert store.fetch(["e" * 64], [6]) == [None] and store.fetch(["e" * 64]) == [None]
 
 
-# ---- case 5: a redis:// URL that reaches a service which is not Redis ----------------------------------------
+# ---- a redis:// URL that reaches a service which is not Redis ----------------------------------------------------
 @pytest.fixture
 def not_redis():
     """A TCP service on loopback that answers every request with an HTTP error (garbage to a Redis client)."""
@@ -270,7 +270,7 @@ def test_redis_url_reaching_another_service_means_tier_unavailable(make_engine, 
     assert tier.stats.errors >= 4
 
 
-# ---- case 11: store scans with dangling symlinks, vanishing files, FIFOs ----------------------------------------
+# ---- store scans with dangling symlinks, vanishing files, FIFOs --------------------------------------------------
 def _populated(tmp_path, n=3) -> DiskTier:
     tier = DiskTier(tmp_path / "kv", FP)
     for i in range(n):

@@ -1,4 +1,4 @@
-"""Store URLs are shown with their passwords redacted: errors, reprs, logs, metrics (issue 10, case 7)."""
+"""Store URLs are shown with their passwords redacted: errors, reprs, logs, metrics."""
 
 from __future__ import annotations
 

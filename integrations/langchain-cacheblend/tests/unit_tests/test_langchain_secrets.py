@@ -1,4 +1,4 @@
-"""Passwords in store URLs never reach a repr, a serialized payload, a trace, a log or an error (issue 10, case 7)."""
+"""Passwords in store URLs never reach a repr, a serialized payload, a trace, a log or an error."""
 
 from __future__ import annotations
 
