@@ -71,9 +71,9 @@ def test_replicas_with_redis_down_are_slower_never_wrong(tokenizer, tmp_path, pr
 
 
 def test_a_tampered_registry_stops_no_replica_and_fails_no_request(tokenizer, tmp_path, redis_url):
-    """Issue 18: a non-UTF-8 entry in the registry stream failed a running replica's request with a 400 and
-    stopped every replica started afterwards; a 100 kB one was decoded and tokenized by both; /health said
-    available: true while Redis answered WRONGTYPE."""
+    """A non-UTF-8 or oversized entry in the registry stream fails no request on a running replica and stops no
+    replica that starts afterwards (neither decodes nor tokenizes an oversized one); /health says the registry is
+    unavailable while Redis answers WRONGTYPE."""
     a, b = replicas(tokenizer, tmp_path, redis_url)
     client, key = a.registry.tier.client, a.registry.key
     with serving(a) as replica_a, serving(b) as replica_b:

@@ -77,7 +77,7 @@ def test_repr_logs_and_metrics_never_show_the_password(make_engine, caplog):
     ],
 )
 def test_cluster_url_errors_never_echo_the_password(url, message):
-    """redis_cluster.py had a redaction of its own that missed query options (issue 18)."""
+    """redis_cluster.py redacts query options too (its own redaction once missed them)."""
     with pytest.raises(ValueError, match=message) as info:
         tier_from_url(url, FP)
     assert SECRET not in str(info.value) and "***" in str(info.value)

@@ -308,7 +308,7 @@ def test_full_redis_refuses_writes_and_requests_still_succeed(make_engine, priva
     assert "has maxmemory-policy" not in caplog.text
 
 
-# ---- issue 18, item 12: sizes are checked before anything is fetched or decoded --------------------------------
+# ---- sizes are checked before anything is fetched or decoded --------------------------------
 def _huge_meta(client, rkey):
     client.hset(rkey, "meta", b"{" + b" " * 10_000_000 + b"}")
 

@@ -118,7 +118,7 @@ def test_engines_that_read_the_stream_keep_it_from_expiring(make_engine, redis_u
     assert client.ttl(shared.key) > 3500  # a reading engine refreshed it
 
 
-# ---- issue 18: what is read from the stream is untrusted -------------------------------------------------------
+# ---- what is read from the stream is untrusted -------------------------------------------------------
 def stream_key(engine) -> str:
     tier = engine.store.tiers[1]
     return f"{tier.prefix}registry:{engine.fingerprint}"
@@ -235,7 +235,7 @@ def test_a_refused_call_makes_the_registry_unavailable_until_it_succeeds(make_en
     assert shared.available and not shared.health.down and shared.stats()["unpublished"] == 0
 
 
-# ---- issue 18, item 9: Redis lost its data -----------------------------------------------------------------------
+# ---- Redis lost its data -----------------------------------------------------------------------
 def test_a_replica_republishes_its_texts_once_redis_lost_them(make_engine, private_redis):
     """After FLUSHALL (or a restart without persistence) new replicas found no texts: 0% reuse. A replica that
     finds the stream gone while it holds texts republishes them, once, and the others do not."""
