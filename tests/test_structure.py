@@ -1,4 +1,4 @@
-"""The code stays readable: no function in cacheblend_rag longer than 100 lines (import cycles: tests/test_layers.py)."""
+"""The code stays readable: no function in cacheblend_rag over 100 lines (import cycles: tests/test_layers.py)."""
 
 from __future__ import annotations
 
