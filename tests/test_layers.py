@@ -82,6 +82,8 @@ SOURCES = {  # where each top-level package lives
     "langchain_cacheblend": REPO / "integrations" / "langchain-cacheblend",
     "llama_index": REPO / "integrations" / "llama-index-cacheblend",
 }
+
+
 def module_files() -> dict[str, Path]:
     """Dotted module name -> file, for every module of the packages in SOURCES."""
     out = {}
