@@ -195,6 +195,13 @@ class PromptFormat:
             parts = stripped
         return [(p, role) for p, role in parts if p]
 
+    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
+        """The token ids of chat ``messages`` in the template, each content tokenized as plain text."""
+        ids: list[int] = []
+        for text, role in self.chat_parts(messages):
+            ids += self.tokenize(text) if role is None else self.tokenize_text(text)
+        return ids
+
     def blocks(
         self,
         segments: Sequence[str | ChunkHandle] | None = None,
