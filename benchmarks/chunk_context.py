@@ -10,9 +10,11 @@ starts:
 - ``system:NAME``: with the template and another system prompt, chunks computed after the default prefix;
 - ``own:NAME``: the same prompt, chunks computed after that prompt's own start (``chunk_prefix=`` its header);
 - ``raw``: without the chat template (the instruction, then the chunks, then the question);
-- ``raw, chunk first``: without the template and without the instruction: a chunk is the prompt's first token.
+- ``own:raw``: the same, chunks computed after the instruction (``chunk_prefix=`` the instruction);
+- ``raw, chunk first``: without the template and without the instruction: a chunk is the prompt's first token
+  (the engine now computes such a chunk instead of reusing it: engine/placement.py).
 
-    python benchmarks/chunk_context.py --model qwen2.5-coder-0.5b --n 6 --documents 4 --out results/ctx.json
+    python benchmarks/chunk_context.py --model qwen2.5-coder-0.5b --n 8 --documents 4 --out results/ctx.json
 """
 
 from __future__ import annotations
@@ -66,15 +68,23 @@ def run(engine, segments, config: BlendConfig, targets: list[int] | None, max_ne
 
 
 def variants(base, example, engines):
-    """(label, engine whose chunks are reused, segments) per prompt start."""
-    user = lambda handles: [PREFIX, *handles, example.query()]  # noqa: E731
-    out = [("default", base, base.chat_segments(user(base.precompute(example.passages))))]
+    """(label, engine whose chunks are reused, segments maker) per prompt start."""
+
+    def chat(engine, system=None):
+        return lambda: engine.chat_segments([PREFIX, *engine.precompute(example.passages), example.query()], system)
+
+    def raw(engine, instruction=True):
+        head = [PREFIX] if instruction else []
+        return lambda: [*head, *engine.precompute(example.passages), example.query()]
+
+    out = [("default", base, chat(base))]
     for name, system in SYSTEMS.items():
-        out.append((f"system:{name}", base, base.chat_segments(user(base.precompute(example.passages)), system)))
-        own = engines[name]
-        out.append((f"own:{name}", own, own.chat_segments(user(own.precompute(example.passages)), system)))
-    out.append(("raw", base, user(base.precompute(example.passages))))
-    out.append(("raw, chunk first", base, [*base.precompute(example.passages), example.query()]))
+        out += [
+            (f"system:{name}", base, chat(base, system)),
+            (f"own:{name}", engines[name], chat(engines[name], system)),
+        ]
+    out += [("raw", base, raw(base)), ("own:raw", engines["raw"], raw(engines["raw"]))]
+    out.append(("raw, chunk first", base, raw(base, instruction=False)))
     return out
 
 
@@ -84,18 +94,26 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=6, help="town questions")
     parser.add_argument("--documents", type=int, default=4, help="documents per prompt")
     parser.add_argument("--max-new", type=int, default=8, help="answer tokens compared")
+    parser.add_argument("--starts", default=None, help="comma-separated prompt starts to run (default: all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    starts = set(args.starts.split(",")) if args.starts else None
     base = CacheBlendEngine.from_pretrained(args.model, store=["memory://?max_bytes=4GB"])
     engines = {}
     for name, system in SYSTEMS.items():
         header = base.chat_segments([], system)[0]
         store = ["memory://?max_bytes=4GB"]
         engines[name] = CacheBlendEngine(base.model, base.tokenizer, store=store, chunk_prefix=header)
+    engines["raw"] = CacheBlendEngine(
+        base.model, base.tokenizer, store=["memory://?max_bytes=4GB"], chunk_prefix=PREFIX
+    )
     rows = []
     for i, example in enumerate(town_examples(args.documents)[: args.n]):
-        for label, engine, segments in variants(base, example, engines):
+        for label, engine, make in variants(base, example, engines):
+            if starts is not None and label not in starts:
+                continue
             t = time.perf_counter()
+            segments = make()
             ref, ref_logprobs, ref_stats = run(engine, segments, FULL, None, args.max_new)
             for strategy, config in STRATEGIES.items():
                 tokens, logprobs, stats = run(engine, segments, config, ref, args.max_new)
