@@ -57,6 +57,9 @@ class CacheBlendEngine:
         is loaded), else float16.
     chunk_prefix: text every chunk is computed after; default: the chat template's start (system prompt and
         user header), else the tokenizer's BOS if it adds one, else a newline.
+    system_prompt: the system prompt the app's chat prompts carry: chunks are then computed after the template's
+        start with it instead of the template's default (reused in exactly the context they were computed in;
+        docs/DESIGN.md, "Where a chunk may be reused"). Not with ``chunk_prefix``.
     config: the default BlendConfig of ``generate``.
     registry_size, registry_min_tokens: how many chunk texts ``generate(prompt=...)`` looks for (per scope), and
         the fewest tokens a text needs to be looked for (shorter ones are not worth reusing; engine/registry.py).
@@ -78,6 +81,7 @@ class CacheBlendEngine:
         memory_bytes: int = 2 << 30,
         store_dtype: torch.dtype | str = "auto",
         chunk_prefix: str | None = None,
+        system_prompt: str | None = None,
         config: BlendConfig | None = None,
         registry_size: int = 50_000,
         registry_min_tokens: int = MIN_TOKENS,
@@ -95,7 +99,8 @@ class CacheBlendEngine:
         self.prompts = PromptFormat(tokenizer, getattr(model, "generation_config", None))
         self.bos_ids = self.prompts.bos_ids
         self.eos_token_ids = self.prompts.eos_ids
-        self.chunk_prefix_ids = self.prompts.chunk_prefix = self.prompts.chunk_prefix_ids(chunk_prefix)
+        prefix = self.prompts.chunk_prefix_ids(chunk_prefix, system_prompt)
+        self.chunk_prefix_ids = self.prompts.chunk_prefix = prefix
         limits = [x for x in (fwd.max_positions, fwd.sliding_window) if x]
         self.context_window = min(limits) if limits else 1 << 20
         if store_dtype == "auto":

@@ -66,14 +66,20 @@ class PromptFormat:
         ids.update(i for i, token in added.items() if getattr(token, "special", False))
         return frozenset(ids)
 
-    def chunk_prefix_ids(self, chunk_prefix: str | None) -> list[int]:
+    def chunk_prefix_ids(self, chunk_prefix: str | None, system: str | None = None) -> list[int]:
         """What chunks are computed after: how the prompts they will be reused in begin (APE's shared prefix).
 
-        Default: the chat template's text before a user message (system prompt included), else the tokens the
-        tokenizer puts before a prompt (e.g. BOS), else a newline. Never a token prompts do not start with: Qwen
-        reads a chunk computed after its ``<|endoftext|>`` (its nominal BOS) so differently that reusing it
-        alone changes answers (docs/BENCHMARKS.md).
+        Default: the chat template's text before a user message (with ``system`` as the system prompt, else the
+        template's default), else the tokens the tokenizer puts before a prompt (e.g. BOS), else a newline. Never
+        a token prompts do not start with: Qwen reads a chunk computed after its ``<|endoftext|>`` (its nominal
+        BOS) so differently that reusing it alone changes answers (docs/BENCHMARKS.md).
         """
+        if system is not None:
+            if chunk_prefix is not None:
+                raise ValueError("pass chunk_prefix or system_prompt, not both (system_prompt makes the prefix)")
+            if not isinstance(system, str):
+                raise TypeError(f"system_prompt must be a str, got {type(system).__name__}")
+            return self.tokenize(self.chat_segments([], system)[0])
         if chunk_prefix is not None:
             ids = self.tokenize(chunk_prefix)
             if not ids:

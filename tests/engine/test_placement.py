@@ -117,3 +117,18 @@ def test_a_registered_system_prompt_or_completion_prompt_changes_no_answer(model
     answer = engine.generate(prompt=COMPLETION, max_new_tokens=8)
     assert answer.text == engine.generate(prompt=COMPLETION, max_new_tokens=8, config=config("full_recompute")).text
     assert "Tokyo" in answer.text and answer.stats.cached_tokens == 0
+
+
+def test_an_app_system_prompt_can_be_the_chunk_prefix(make_engine, tokenizer):
+    """Chunks computed after the app's own system prompt are reused in exactly their context: full_reuse of one chunk
+    right after it equals full recompute."""
+    engine = make_engine("llama", seed=8, system_prompt="Answer briefly.")
+    header = engine.chat_segments([], system="Answer briefly.")[0]
+    assert engine.chunk_prefix_ids == engine.tokenize(header) and "Answer briefly." in header
+    (handle,) = engine.precompute([PASSAGES[2]])
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": PASSAGES[2] + "\nWhere?"}]
+    reuse = engine.prepare(messages=messages, config=config("full_reuse"))
+    assert reuse.stats.cached_tokens == handle.n_tokens
+    assert_close(reuse.logits, engine.prepare(messages=messages, config=config("full_recompute")).logits)
+    with pytest.raises(ValueError, match="not both"):
+        make_engine("llama", chunk_prefix="x", system_prompt="y")
