@@ -134,7 +134,7 @@ def main() -> None:
     summary = {}
     for row in rows:
         summary.setdefault((row["start"], row["strategy"]), []).append(row)
-    print(f"{args.model}, {args.n} town questions x {args.documents} documents, KL over {args.max_new} tokens")
+    print(f"{args.model} ({base.dtype}), {args.n} town questions x {args.documents} documents, KL over {args.max_new}")
     print(f"{'prompt start':<22} {'strategy':<11} {'mean KL':>8} {'median KL':>9} {'first-token KL':>14} {'same':>6}")
     table = []
     for (start, strategy), items in summary.items():
@@ -155,7 +155,8 @@ def main() -> None:
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "summary": table, "rows": rows}, indent=1))
+        result = {"args": vars(args), "dtype": str(base.dtype), "summary": table, "rows": rows}
+        Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
