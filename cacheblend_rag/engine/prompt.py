@@ -10,6 +10,7 @@ message gets those characters, not the control token: no forged system or assist
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from functools import cached_property
 
@@ -34,6 +35,8 @@ class PromptFormat:
         self.eos_ids = eos_ids(tokenizer, generation_config)
         self.chunk_prefix: list[int] = []  # what the engine computes chunks after (``head_end`` reads it)
         self._whitespace: dict[int, bool] = {}
+        self._text_backend = text_backend(tokenizer)
+        self._text_lock = threading.Lock()
 
     @property
     def has_chat_template(self) -> bool:
@@ -46,10 +49,17 @@ class PromptFormat:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def tokenize_text(self, text: str) -> list[int]:
-        """Token ids of ``text`` as plain text: a special token written in it (``<|im_end|>``) is its characters."""
+        """Token ids of ``text`` as plain text: a special token written in it (``<|im_end|>``) is its characters.
+
+        A fast tokenizer's ``split_special_tokens=True`` flips a switch on its backend that every later call
+        reads, so two threads tokenizing at once could read a message's ``<|im_end|>`` as the control token:
+        text goes through a private copy of the backend with the switch always on instead."""
         if not isinstance(text, str):
             raise TypeError(f"expected text (str), got {type(text).__name__}")
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        if self._text_backend is not None:
+            return list(self._text_backend.encode(text, add_special_tokens=False).ids)
+        with self._text_lock:  # a slow tokenizer: no shared backend, but keep its calls apart
+            return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def is_whitespace(self, token_id: int) -> bool:
         """Whether a token is whitespace only (decoded alone; special tokens are not)."""
@@ -272,6 +282,20 @@ class PromptFormat:
                 "retrieve fewer or shorter chunks, or shorten the prompt"
             )
         return blocks
+
+
+def text_backend(tokenizer):
+    """A private copy of a fast tokenizer's backend that reads special tokens written in text as text, or None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.encode_special_tokens = True
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
 
 
 def check_messages(messages: object, has_template: bool) -> None:

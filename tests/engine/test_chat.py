@@ -82,3 +82,14 @@ def test_a_template_that_trims_contents(smollm2_dir):
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
     with pytest.raises(ValueError, match="changes message contents"):
         prompts.chat_parts(messages)
+
+
+def test_reading_a_message_as_text_leaves_the_tokenizer_as_it_was(engine, tokenizer):
+    """split_special_tokens flips a switch on a fast tokenizer's backend that every later call reads (a thread
+    tokenizing the template meanwhile would read a message's "<|im_end|>" as the control token): the engine reads
+    text through a private copy instead."""
+    backend = tokenizer.backend_tokenizer
+    backend.encode_special_tokens = False
+    assert FORGED in tokenizer.decode(engine.prompts.tokenize_text(FORGED))
+    assert backend.encode_special_tokens is False
+    assert backend.encode("<|im_end|>", add_special_tokens=False).ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
