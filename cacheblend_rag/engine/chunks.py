@@ -3,7 +3,9 @@
 A chunk is computed alone, after the chunk prefix (``prefix_ids``: how the prompts it will be reused in begin),
 at positions 0..len-1; the prefix rows are dropped and the keys kept before RoPE, so the chunk can be placed
 anywhere. Its key chains the model fingerprint, the prefix and its tokens (``store/keys.py``): any change to
-one of them is another key, never a wrong entry. Concurrent misses on one chunk share one computation.
+one of them is another key, never a wrong entry. A registry scope salts the chain (``store/keys.py``:
+``scope_root``): the same text in two scopes is two entries, so no scope learns what another one stored.
+Concurrent misses on one chunk share one computation.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from ..model.forward import ModelForward
 from ..store import ChunkHandle, ChunkKV, DiskTier, KVStore, MemoryTier, chain_key, tier_from_url
+from ..store.keys import check_scope, scope_root
 from ..store.pipeline import LazyChunk
 from .batch_compute import batches, compute_batch, default_batch_tokens
 from .kv_cache import KVCache
@@ -92,13 +95,21 @@ class ChunkSource:
         return self.forward.device
 
     # ---- handles ------------------------------------------------------------------------------------------
-    def handle(self, text: str) -> ChunkHandle:
-        """The handle a chunk text would have (computes nothing)."""
-        ids = self.tokenize(text)
-        return ChunkHandle(chain_key(self.fingerprint, self.prefix_key, ids), text, tuple(ids), self.fingerprint)
+    def prefix_key_for(self, scope: str | None) -> str:
+        """The key the chunks of ``scope`` chain from (the default scope's: ``prefix_key``)."""
+        if check_scope(scope) is None:
+            return self.prefix_key
+        return chain_key(self.fingerprint, scope_root(scope), self.prefix_ids)
 
-    def check(self, handle: object) -> ChunkHandle:
-        """``handle`` if it is one of this model's, with a key that matches its tokens; else a clear error."""
+    def handle(self, text: str, scope: str | None = None) -> ChunkHandle:
+        """The handle a chunk text would have in ``scope`` (computes nothing)."""
+        ids = self.tokenize(text)
+        key = chain_key(self.fingerprint, self.prefix_key_for(scope), ids)
+        return ChunkHandle(key, text, tuple(ids), self.fingerprint)
+
+    def check(self, handle: object, scope: str | None = None) -> ChunkHandle:
+        """``handle`` if it is one of this model's, with a key that matches its tokens in ``scope``; else a clear
+        error."""
         if not isinstance(handle, ChunkHandle):
             raise TypeError(f"expected a ChunkHandle from engine.precompute, got {type(handle).__name__}")
         if handle.model_fingerprint != self.fingerprint:
@@ -106,23 +117,23 @@ class ChunkSource:
                 f"unknown handle {handle.key[:12]}...: it was made by another model or tokenizer; "
                 "call engine.precompute([...]) on this engine to get handles for it"
             )
-        if chain_key(self.fingerprint, self.prefix_key, handle.token_ids) != handle.key:
+        if chain_key(self.fingerprint, self.prefix_key_for(scope), handle.token_ids) != handle.key:
             raise ValueError(
-                f"unknown handle {handle.key[:12]}...: its key does not match its tokens; "
-                "use the handles engine.precompute returns"
+                f"unknown handle {handle.key[:12]}...: its key does not match its tokens in this registry scope; "
+                "use the handles engine.precompute returns (with the same scope=)"
             )
         return handle
 
     # ---- computing ----------------------------------------------------------------------------------------
-    def precompute(self, texts: Iterable[str], progress: bool = False) -> list[ChunkHandle]:
-        """Compute and store the KV of every chunk not already stored; return one handle per text."""
+    def precompute(self, texts: Iterable[str], progress: bool = False, scope: str | None = None) -> list[ChunkHandle]:
+        """Compute and store the KV of every chunk not already stored in ``scope``; return one handle per text."""
         if isinstance(texts, str):
             raise TypeError("precompute takes a list of texts; wrap a single text: precompute([text])")
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is a {type(text).__name__}; precompute takes strings")
-        handles = [self.handle(t) for t in texts]
+        handles = [self.handle(t, scope) for t in texts]
         limit = self.context_window - len(self.prefix_ids)
         for i, handle in enumerate(handles):
             if not handle.token_ids:
@@ -230,3 +241,30 @@ class ChunkSource:
                 stats.cache_misses += kv is None
             out.append(kv if kv is not None else self._compute_missing(handle))
         return out
+
+
+class KVRows:
+    """Rows ``offset`` .. ``offset + n - 1`` of a block that arrives layer by layer (a LazyChunk): what the prefill
+    reads of a chunk found without its edge whitespace (``n_tokens``, ``layer`` as a ChunkKV has them)."""
+
+    def __init__(self, kv: LazyChunk, offset: int, n: int) -> None:
+        self.kv, self.offset, self.n = kv, offset, n
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv.layer(index)  # [Hkv, T, D] each
+        return k[:, self.offset : self.offset + self.n], v[:, self.offset : self.offset + self.n]
+
+
+def kv_rows(kv: ChunkKV | LazyChunk, offset: int, n: int) -> ChunkKV | LazyChunk | KVRows:
+    """Rows ``offset`` .. ``offset + n - 1`` of a block's KV ([L, Hkv, T, D]; a view, nothing copied)."""
+    if offset == 0 and n == kv.n_tokens:
+        return kv
+    if offset < 0 or offset + n > kv.n_tokens:
+        raise ValueError(f"rows {offset}..{offset + n - 1} are not in a block of {kv.n_tokens} tokens")
+    if isinstance(kv, ChunkKV):
+        return ChunkKV(kv.k[:, :, offset : offset + n], kv.v[:, :, offset : offset + n])
+    return KVRows(kv, offset, n)

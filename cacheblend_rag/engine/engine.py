@@ -1,17 +1,24 @@
 """CacheBlendEngine: the public entry point, a few methods over the prompt format, the chunk source, the
 planner, the blended prefill and decoding.
 
-A request goes: segments or a prompt string -> token blocks (``prompt.py``, chunk texts found by the
-registry) -> a plan (``planner.py``, stored KV fetched by ``chunks.py``) -> the prefill (``prefill.py``) ->
-decoding (``request.py``).
+A request goes: segments, a prompt string or chat messages -> token blocks (``prompt.py``, chunk texts found by
+the registry of the request's scope) -> where its chunks may be reused (``placement.py``) -> a plan
+(``planner.py``, stored KV fetched by ``chunks.py``) -> the prefill (``prefill.py``) -> decoding (``request.py``).
+
+Registry scopes: ``scope=`` (a str; None is the default scope) names whose chunks a request may reuse. Chunks
+registered in a scope are found only in that scope's prompts, and their stored KV is salted with it
+(``store/keys.py``), so a scope learns nothing about another's chunks. A server maps each API key to a scope.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,16 +27,20 @@ from ..config import BlendConfig
 from ..model.forward import ModelForward
 from ..model.loading import default_cache_dir, load_model
 from ..store import ChunkHandle, ChunkKV, model_fingerprint
+from ..store.keys import check_scope
 from .chunks import ChunkSource, StoreSpec, build_store
 from .decode import TextStreamer
 from .kv_cache import KVCache
+from .placement import FALLBACK, place_chunks
 from .planner import plan_request
 from .prompt import PromptFormat
 from .registry import MIN_TOKENS, ChunkRegistry
 from .request import GenerationResult, GenerationStream, PreparedRequest, run_prefill
 from .sampling import Sampler, SamplingParams
-from .segments import Block
+from .segments import Block, check_blocks
 from .stats import EngineMetrics, RequestStats
+
+REUSING = ("full_reuse", "cacheblend")  # the strategies that read chunk KV computed elsewhere
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +57,14 @@ class CacheBlendEngine:
         is loaded), else float16.
     chunk_prefix: text every chunk is computed after; default: the chat template's start (system prompt and
         user header), else the tokenizer's BOS if it adds one, else a newline.
+    system_prompt: the system prompt the app's chat prompts carry: chunks are then computed after the template's
+        start with it instead of the template's default (reused in exactly the context they were computed in;
+        docs/DESIGN.md, "Where a chunk may be reused"). Not with ``chunk_prefix``.
     config: the default BlendConfig of ``generate``.
-    registry_size, registry_min_tokens: how many chunk texts ``generate(prompt=...)`` looks for, and the fewest
-        tokens a text needs to be looked for (shorter ones are not worth reusing; see engine/registry.py).
+    registry_size, registry_min_tokens: how many chunk texts ``generate(prompt=...)`` looks for (per scope), and
+        the fewest tokens a text needs to be looked for (shorter ones are not worth reusing; engine/registry.py).
+    max_scopes: how many registry scopes besides the default one are kept (the least recently used is forgotten:
+        its texts are no longer looked for, its stored KV stays in the store).
     cuda_graphs: on CUDA, decode each request through a CUDA graph of one step (captured after the prefill,
         replayed per token; engine/decode.py). If a capture fails, the engine logs it once and decodes eagerly.
     """
@@ -65,9 +81,11 @@ class CacheBlendEngine:
         memory_bytes: int = 2 << 30,
         store_dtype: torch.dtype | str = "auto",
         chunk_prefix: str | None = None,
+        system_prompt: str | None = None,
         config: BlendConfig | None = None,
         registry_size: int = 50_000,
         registry_min_tokens: int = MIN_TOKENS,
+        max_scopes: int = 1024,
         cuda_graphs: bool = True,
     ) -> None:
         self.model = model
@@ -81,7 +99,8 @@ class CacheBlendEngine:
         self.prompts = PromptFormat(tokenizer, getattr(model, "generation_config", None))
         self.bos_ids = self.prompts.bos_ids
         self.eos_token_ids = self.prompts.eos_ids
-        self.chunk_prefix_ids = self.prompts.chunk_prefix_ids(chunk_prefix)
+        prefix = self.prompts.chunk_prefix_ids(chunk_prefix, system_prompt)
+        self.chunk_prefix_ids = self.prompts.chunk_prefix = prefix
         limits = [x for x in (fwd.max_positions, fwd.sliding_window) if x]
         self.context_window = min(limits) if limits else 1 << 20
         if store_dtype == "auto":
@@ -90,7 +109,12 @@ class CacheBlendEngine:
         self.store = build_store(
             store, self.fingerprint, self.cache_dir, memory_bytes, store_dtype, expect, device=self.device
         )
-        self.registry = ChunkRegistry(registry_size, registry_min_tokens)
+        self.registry_size, self.registry_min_tokens, self.max_scopes = registry_size, registry_min_tokens, max_scopes
+        # makes the registry of a scope when a request first names it; share_registry replaces it
+        self.registry_factory: Callable[[str | None], ChunkRegistry] = self.new_registry
+        self.registry = self.new_registry(None)  # the default scope's
+        self._scoped: OrderedDict[str, ChunkRegistry] = OrderedDict()  # least recently used first
+        self._scoped_lock = threading.Lock()
         self._metrics = EngineMetrics()
         self.chunks = ChunkSource(
             fwd,
@@ -125,32 +149,64 @@ class CacheBlendEngine:
         """Token ids of ``text`` alone, without special tokens added."""
         return self.prompts.tokenize(text)
 
-    def handle(self, text: str) -> ChunkHandle:
-        """The handle a chunk text would have (computes nothing)."""
-        return self.chunks.handle(text)
+    def handle(self, text: str, *, scope: str | None = None) -> ChunkHandle:
+        """The handle a chunk text would have in registry scope ``scope`` (computes nothing)."""
+        return self.chunks.handle(text, scope)
 
-    def precompute(self, texts: Iterable[str], progress: bool = False, register: bool = True) -> list[ChunkHandle]:
-        """Compute and store the KV of every chunk not already stored; return one handle per text (registered
-        for ``generate(prompt=...)`` unless ``register=False``)."""
-        handles = self.chunks.precompute(texts, progress)
+    def precompute(
+        self, texts: Iterable[str], progress: bool = False, register: bool = True, *, scope: str | None = None
+    ) -> list[ChunkHandle]:
+        """Compute and store the KV of every chunk not already stored in registry scope ``scope``; return one handle
+        per text (registered in ``scope`` for ``generate(prompt=...)`` unless ``register=False``)."""
+        handles = self.chunks.precompute(texts, progress, check_scope(scope))
         if register:
+            registry = self.registry_for(scope)
             for handle in handles:
-                self.registry.register(handle)
+                registry.register(handle)
         return handles
 
-    def register(self, handles: Iterable[ChunkHandle]) -> None:
-        """Make ``generate(prompt=...)`` recognise these chunks' texts (those under ``registry.min_tokens``
-        tokens are skipped: too short to be worth reusing)."""
+    def register(self, handles: Iterable[ChunkHandle], *, scope: str | None = None) -> None:
+        """Make ``generate(prompt=...)`` in registry scope ``scope`` recognise these chunks' texts (handles made in
+        that scope; those under ``registry_min_tokens`` tokens are skipped: too short to be worth reusing)."""
         handles = list(handles)
+        registry = self.registry_for(scope)
         for handle in handles:
-            self.chunks.check(handle)
-            if self.registry.lookup(handle.text) != handle and self.tokenize(handle.text) != list(handle.token_ids):
+            self.chunks.check(handle, scope)
+            if registry.lookup(handle.text) != handle and self.tokenize(handle.text) != list(handle.token_ids):
                 raise ValueError(
                     f"handle {handle.key[:12]}...: its text does not tokenize to its token ids; "
                     "use the handles engine.precompute returns"
                 )
         for handle in handles:
-            self.registry.register(handle)
+            registry.register(handle)
+
+    def registry_options(self) -> dict:
+        """The keyword arguments every registry of this engine is made with (max_entries, min_tokens, whitespace):
+        a ``registry_factory`` that makes another kind of ChunkRegistry passes them on."""
+        return {
+            "max_entries": self.registry_size,
+            "min_tokens": self.registry_min_tokens,
+            "whitespace": self.prompts.is_whitespace,
+        }
+
+    def new_registry(self, scope: str | None = None) -> ChunkRegistry:
+        """An empty ChunkRegistry with this engine's options (the default ``registry_factory``)."""
+        return ChunkRegistry(**self.registry_options())
+
+    def registry_for(self, scope: str | None) -> ChunkRegistry:
+        """The chunk registry of a scope (None: ``engine.registry``), made by ``registry_factory`` the first time a
+        scope is named; past ``max_scopes`` the least recently used scope's registry is forgotten."""
+        if check_scope(scope) is None:
+            return self.registry
+        with self._scoped_lock:
+            registry = self._scoped.get(scope)
+            if registry is not None:
+                self._scoped.move_to_end(scope)
+                return registry
+            registry = self._scoped[scope] = self.registry_factory(scope)
+            while len(self._scoped) > self.max_scopes:
+                self._scoped.popitem(last=False)
+            return registry
 
     def compute_chunk(self, token_ids: Sequence[int]) -> ChunkKV:
         """KV of ``chunk_prefix + token_ids`` computed alone, prefix rows dropped, keys before RoPE."""
@@ -172,9 +228,26 @@ class CacheBlendEngine:
         """
         return self.prompts.format_chat(messages, add_generation_prompt)
 
-    def blocks(self, segments: Sequence[str | ChunkHandle] | None, prompt: str | None) -> list[Block]:
-        """Token blocks of a request, given segments or a prompt string (split at registered chunk texts)."""
-        return self.prompts.blocks(segments, prompt, self.registry, self.chunks.check, self.context_window)
+    def blocks(
+        self,
+        segments: Sequence[str | ChunkHandle] | None = None,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict] | None = None,
+        scope: str | None = None,
+    ) -> list[Block]:
+        """Token blocks of a request, given segments, a prompt string or chat ``messages`` ([{"role", "content"}]:
+        the chat template's text with its special tokens, each content as plain text), split at the chunk texts
+        registered in ``scope``. ``prepare``, ``stream`` and ``generate`` take them back as ``blocks=`` (so a server
+        can tokenize a large prompt off the engine's thread)."""
+        return self.prompts.blocks(
+            segments,
+            prompt,
+            messages,
+            registry=self.registry_for(scope),
+            check_handle=partial(self.chunks.check, scope=scope),
+            context_window=self.context_window,
+        )
 
     # ---- requests -----------------------------------------------------------------------------------
     def prepare(
@@ -182,17 +255,28 @@ class CacheBlendEngine:
         segments: Sequence[str | ChunkHandle] | None = None,
         *,
         prompt: str | None = None,
+        messages: Sequence[dict] | None = None,
+        blocks: list[Block] | None = None,
         config: BlendConfig | None = None,
         extra_capacity: int = 0,
+        scope: str | None = None,
     ) -> PreparedRequest:
         """Run the prefill of a request under ``config``; returns the cache and first-token logits."""
         started = time.perf_counter()
         config = self._config(config)
         fwd = self.forward.with_backend(config.backend)  # the request's kernels, chosen once
-        blocks = self.blocks(segments, prompt)
+        if blocks is None:
+            blocks = self.blocks(segments, prompt, messages=messages, scope=scope)
+        elif segments is not None or prompt is not None or messages is not None:
+            raise ValueError("pass blocks=... alone: they already hold the prompt")
+        else:
+            check = partial(self.chunks.check, scope=scope)
+            blocks = check_blocks(blocks, check, self.context_window, self.forward.vocab_size)
         n = blocks[-1].end
         stats = RequestStats(strategy=config.strategy, prompt_tokens=n)
-        plan, prefix_blocks = plan_request(blocks, config, self.chunks, stats)
+        if config.strategy in REUSING:
+            blocks = self._place(blocks, stats)
+        plan, prefix_blocks = plan_request(blocks, config, self.chunks, stats, scope)
         # never more rows than the context window lets the request decode into (a huge max_new_tokens)
         cache = self._new_cache(n + max(0, min(extra_capacity, max(self.context_window - n, 1))))
         result = run_prefill(fwd, plan, cache, config, stats)
@@ -206,14 +290,25 @@ class CacheBlendEngine:
         segments: Sequence[str | ChunkHandle] | None = None,
         *,
         prompt: str | None = None,
+        messages: Sequence[dict] | None = None,
+        blocks: list[Block] | None = None,
         config: BlendConfig | None = None,
         sampling: SamplingParams | None = None,
+        scope: str | None = None,
         **options,
     ) -> GenerationStream:
         """Like ``generate`` but returns an iterator of text pieces; its ``.result`` has the full result."""
         sampling = SamplingParams.of(sampling, options)
         streamer = TextStreamer(self.tokenizer, sampling.stop)
-        request = self.prepare(segments, prompt=prompt, config=config, extra_capacity=sampling.max_new_tokens)
+        request = self.prepare(
+            segments,
+            prompt=prompt,
+            messages=messages,
+            blocks=blocks,
+            config=config,
+            extra_capacity=sampling.max_new_tokens,
+            scope=scope,
+        )
         room = max(self.context_window - request.stats.prompt_tokens, 1)
         max_new = min(sampling.max_new_tokens, room)
         return GenerationStream(
@@ -232,24 +327,41 @@ class CacheBlendEngine:
         segments: Sequence[str | ChunkHandle] | None = None,
         *,
         prompt: str | None = None,
+        messages: Sequence[dict] | None = None,
+        blocks: list[Block] | None = None,
         config: BlendConfig | None = None,
         sampling: SamplingParams | None = None,
+        scope: str | None = None,
         **options,
     ) -> GenerationResult:
-        """Generate from segments (str = compute, ChunkHandle = reuse) or from a prompt string.
+        """Generate from segments (str = compute, ChunkHandle = reuse), a prompt string, chat ``messages``
+        ([{"role": ..., "content": ...}], in the model's chat template; contents are read as plain text) or the
+        ``blocks`` that ``engine.blocks(...)`` returned. Chunk texts registered in registry scope ``scope`` (None:
+        the default scope) are found in the prompt string or the messages and reuse their stored KV.
 
         ``sampling`` (a SamplingParams) or its fields as keyword arguments (``max_new_tokens=128``,
         ``temperature=0.0``, ``top_p=1.0``, ``seed=None``, ``stop=None``; these override ``sampling``'s): greedy
         when ``temperature`` is 0; stops at EOS, at the first ``stop`` string (cut from the text), or after
         ``max_new_tokens``. ``config``: the BlendConfig (default: the engine's).
         """
-        return self.stream(segments, prompt=prompt, config=config, sampling=sampling, **options).result
+        return self.stream(
+            segments,
+            prompt=prompt,
+            messages=messages,
+            blocks=blocks,
+            config=config,
+            sampling=sampling,
+            scope=scope,
+            **options,
+        ).result
 
     def metrics(self) -> dict:
         """Cumulative counters: requests, tokens, cache hits/misses, and per-tier store counters."""
         out: dict = self._metrics.snapshot()
         out["store"] = self.store.stats()
-        out["registered_chunks"] = len(self.registry)
+        with self._scoped_lock:
+            scoped = sum(len(registry) for registry in self._scoped.values())
+        out["registered_chunks"] = len(self.registry) + scoped
         return out
 
     # ---- helpers ------------------------------------------------------------------------------------
@@ -261,6 +373,14 @@ class CacheBlendEngine:
         if config.strategy == "cacheblend" and too_deep:
             raise ValueError(f"check_layers {too_deep} do not exist: the model has {self.forward.n_layers} layers")
         return config
+
+    def _place(self, blocks: list[Block], stats: RequestStats) -> list[Block]:
+        """The blocks with every chunk that may not be reused where it stands computed instead (placement.py)."""
+        ids = [t for b in blocks for t in b.token_ids]
+        placed, stats.unplaced_chunks = place_chunks(blocks, self.prompts.head_end(ids), self.prompts.is_whitespace)
+        if stats.unplaced_chunks and all(b.handle is None for b in placed):
+            stats.fallback = FALLBACK
+        return placed
 
     def _graph_failed(self, exc: BaseException) -> None:
         """A CUDA graph capture failed: say so once and decode eagerly from now on."""

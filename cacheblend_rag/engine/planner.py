@@ -10,7 +10,8 @@ import torch
 
 from ..config import BlendConfig
 from ..store import ChunkKV, KVStore, chain_key
-from .chunks import ChunkSource
+from ..store.keys import scope_root
+from .chunks import ChunkSource, kv_rows
 from .prefill import CachedSpan, PrefillPlan
 from .segments import Block
 from .selection import Budget
@@ -33,9 +34,10 @@ class PrefixBlocks:
 
 
 def plan_request(
-    blocks: list[Block], config: BlendConfig, chunks: ChunkSource, stats: RequestStats
+    blocks: list[Block], config: BlendConfig, chunks: ChunkSource, stats: RequestStats, scope: str | None = None
 ) -> tuple[PrefillPlan, PrefixBlocks | None]:
-    """The plan of a request (and, for prefix_cache, the blocks to store after its prefill)."""
+    """The plan of a request (and, for prefix_cache, the blocks to store after its prefill, under keys salted with
+    the registry ``scope``)."""
     device = chunks.device
     host_ids = torch.tensor([t for b in blocks for t in b.token_ids], dtype=torch.long)  # [N]
     ids = upload(host_ids, device)
@@ -43,12 +45,12 @@ def plan_request(
     if config.strategy == "full_recompute":
         return PrefillPlan(ids=ids), None
     if config.strategy == "prefix_cache":
-        return prefix_plan(ids, blocks, chunks, stats)
+        return prefix_plan(ids, blocks, chunks, stats, scope)
     t = time.perf_counter()
     cached = [b for b in blocks if b.handle is not None]
     # chunks in a slow tier arrive layer by layer while the prefill runs (store/pipeline.py)
     kvs = chunks.fetch([b.handle for b in cached], stats)
-    spans = [CachedSpan(block.start, kv) for block, kv in zip(cached, kvs)]
+    spans = [CachedSpan(b.start, kv_rows(kv, b.offset, len(b.token_ids))) for b, kv in zip(cached, kvs)]
     stats.load_s = time.perf_counter() - t
     # built on the host, so the counts the layer loop needs are known without reading the device
     forced = torch.ones(n, dtype=torch.bool)  # [N]: the rows a check layer must keep
@@ -77,11 +79,11 @@ def plan_request(
 
 
 def prefix_plan(
-    ids: torch.Tensor, blocks: list[Block], chunks: ChunkSource, stats: RequestStats
+    ids: torch.Tensor, blocks: list[Block], chunks: ChunkSource, stats: RequestStats, scope: str | None = None
 ) -> tuple[PrefillPlan, PrefixBlocks | None]:
-    """Reuse the longest run of leading blocks whose exact-prefix KV is stored; store the others."""
+    """Reuse the longest run of leading blocks whose exact-prefix KV is stored in ``scope``; store the others."""
     t = time.perf_counter()
-    keys, parent = [], None
+    keys, parent = [], scope_root(scope)
     for block in blocks[:-1]:  # the last block ends the prompt: never worth storing
         parent = chain_key(chunks.fingerprint, parent, block.token_ids)
         keys.append(parent)

@@ -18,6 +18,9 @@ class RequestStats:
     recompute_ratio: for cacheblend, the share of the cached tokens recomputed through the last layer (forced
     chunk heads included); with a fidelity target, the ratio the request chose. probe_s: the query-aware
     selection's probe pass (part of prefill_s). graph_steps: decoding steps replayed from a CUDA graph.
+    unplaced_chunks: chunks in the prompt computed instead of reused because their stored KV would be read out of
+    the context it was computed in (the prompt's head or end: engine/placement.py); fallback: why a request that
+    holds chunks was computed in full, or None.
     """
 
     strategy: str
@@ -36,6 +39,8 @@ class RequestStats:
     decode_s: float = 0.0
     prefill_flops: float = 0.0
     graph_steps: int = 0
+    unplaced_chunks: int = 0
+    fallback: str | None = None
     layer_rows: list[int] = field(default_factory=list, repr=False)
 
     def note_prefill(self, result, spans, blend: bool) -> None:
@@ -70,6 +75,7 @@ class EngineMetrics(Counters):
         "precompute_cache_hits",
         "computed_on_miss",
         "abandoned_requests",
+        "unplaced_chunks",
     )
 
     def record(self, stats: RequestStats, abandoned: bool = False) -> None:
@@ -82,4 +88,5 @@ class EngineMetrics(Counters):
             generated_tokens=stats.new_tokens,
             cache_hits=stats.cache_hits,
             cache_misses=stats.cache_misses,
+            unplaced_chunks=stats.unplaced_chunks,
         )

@@ -4,6 +4,11 @@ A block's key chains the model fingerprint, the key of everything before it, and
 (as nano-vllm hashes prefix blocks). A chunk precomputed alone is the block that follows the chunk prefix,
 so its key is ``chain_key(fp, chain_key(fp, None, prefix_ids), chunk_ids)``; an exact prompt prefix is
 a chain of such blocks. Different models, tokenizers, prefixes or tokens give different keys.
+
+A registry scope (one per API key on a server, say) salts every key of its blocks, as vLLM's ``cache_salt``
+does: the chain starts at ``scope_root(scope)`` instead of at the root, so two scopes never share an entry and one
+cannot learn from the store (hits, what is already stored, timing) what another one holds. The default scope
+(None) is the unsalted chain: its keys are those of an engine without scopes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,34 @@ def chain_key(model_fingerprint: str, parent: str | None, token_ids: Sequence[in
     h.update(b"\0" + (parent or "root").encode() + b"\0")
     h.update(torch.tensor(list(token_ids), dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()
+
+
+MAX_SCOPE_CHARS = 256
+
+
+def check_scope(scope: object) -> str | None:
+    """``scope`` if it is None (the default scope) or a non-empty str of at most MAX_SCOPE_CHARS characters."""
+    if scope is None:
+        return None
+    if not isinstance(scope, str) or not scope or len(scope) > MAX_SCOPE_CHARS:
+        raise ValueError(
+            f"scope must be None (the default scope) or a non-empty str of at most {MAX_SCOPE_CHARS} characters, "
+            f"got {type(scope).__name__} {str(scope)[:40]!r}"
+        )
+    return scope
+
+
+def scope_salt(scope: str | None) -> str | None:
+    """A scope's salt: sha256 hex of its name (None for the default scope). Names never appear in keys."""
+    if check_scope(scope) is None:
+        return None
+    return hashlib.sha256(b"cacheblend-scope-v1\0" + scope.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def scope_root(scope: str | None) -> str | None:
+    """The parent the key chains of ``scope`` start from (None: the root, the default scope's unsalted chain)."""
+    salt = scope_salt(scope)
+    return None if salt is None else f"scope:{salt}"
 
 
 def _bits_sums(flat: torch.Tensor) -> tuple[int, int]:

@@ -77,7 +77,7 @@ def test_bad_generation_arguments(engine):
         engine.generate(["hi"], max_new_tokens=0)
     with pytest.raises(ValueError, match="stop must be"):
         engine.generate(["hi"], stop=[""])
-    with pytest.raises(ValueError, match="either segments or prompt"):
+    with pytest.raises(ValueError, match="exactly one of segments, prompt"):
         engine.generate(["hi"], prompt="hi")
     with pytest.raises(TypeError, match="config must be a BlendConfig"):
         engine.generate(["hi"], config={"strategy": "cacheblend"})

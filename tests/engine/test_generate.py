@@ -150,7 +150,7 @@ def test_closed_stream_still_counts(engine):
 def test_miss_path_computations_are_counted(engine):
     (handle,) = engine.precompute(PASSAGES[:1])
     engine.store.delete(handle.key)
-    engine.generate(["Q ", handle], max_new_tokens=1, config=config("full_reuse"))
+    engine.generate(["Q ", handle, "\nA:"], max_new_tokens=1, config=config("full_reuse"))
     assert engine.metrics()["computed_on_miss"] == 1
 
 

