@@ -53,8 +53,10 @@ ADMIN_KEY = typer.Option(
 )
 SCOPE = typer.Option(
     None,
-    help="Who may register chunks (POST /v1/chunks): 'open' (every client; each prompt is matched against "
-    "every registered text) or 'admin' (the admin key only). Default: admin when a key is set, else open.",
+    help="Who may register chunks (POST /v1/chunks) and where they are reused: 'open' (every client; each prompt "
+    "is matched against every registered text), 'admin' (the admin key only; matched in every prompt) or 'key' "
+    "(every key its own scope: matched only in that key's prompts, its KV kept apart). Default: admin when a key "
+    "is set, else open.",
 )
 REUSE_STATS = typer.Option(
     "private",

@@ -16,7 +16,7 @@ from functools import cached_property
 
 from ..store.chunk import ChunkHandle
 from .registry import ChunkPart, ChunkRegistry
-from .segments import Block, merge_text, place
+from .segments import Block, check_length, merge_text, place
 
 logger = logging.getLogger(__name__)
 
@@ -276,11 +276,7 @@ class PromptFormat:
         n = place(blocks)
         if not any(b.handle is not None or b.token_ids != self.bos_ids for b in blocks):
             raise ValueError("the prompt is empty: give at least one non-empty text segment or chunk")
-        if n > context_window:
-            raise ValueError(
-                f"the prompt has {n} tokens but the model's context window is {context_window}; "
-                "retrieve fewer or shorter chunks, or shorten the prompt"
-            )
+        check_length(n, context_window)
         return blocks
 
 

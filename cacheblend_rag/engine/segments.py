@@ -81,9 +81,22 @@ def check_blocks(
         elif block.offset:
             raise ValueError(f"blocks[{i}] has an offset but no chunk; {unchanged}")
         pos += len(ids)
-    if pos > context_window:
-        raise ValueError(
-            f"the prompt has {pos} tokens but the model's context window is {context_window}; "
+    check_length(pos, context_window)
+    return blocks
+
+
+class ContextLengthExceeded(ValueError):
+    """A prompt longer than the model's context window (``n_tokens``, ``context_window``)."""
+
+    def __init__(self, n_tokens: int, context_window: int) -> None:
+        super().__init__(
+            f"the prompt has {n_tokens} tokens but the model's context window is {context_window}; "
             "retrieve fewer or shorter chunks, or shorten the prompt"
         )
-    return blocks
+        self.n_tokens, self.context_window = n_tokens, context_window
+
+
+def check_length(n_tokens: int, context_window: int) -> None:
+    """Raise ContextLengthExceeded if a prompt of ``n_tokens`` does not fit the context window."""
+    if n_tokens > context_window:
+        raise ContextLengthExceeded(n_tokens, context_window)

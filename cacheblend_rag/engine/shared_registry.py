@@ -51,6 +51,7 @@ from functools import partial
 
 from ..store.chunk import ChunkHandle
 from ..store.health import Backoff
+from ..store.keys import scope_salt
 from .registry import MIN_TOKENS, ChunkRegistry
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class SharedChunkRegistry(ChunkRegistry):
     """A ChunkRegistry whose registrations are shared through a Redis (or Redis Cluster) tier's server.
 
     tier: the engine's RedisTier; make_handle: text -> ChunkHandle (the engine's ``handle``); batch: entries
-    read or appended per round trip; min_tokens: as ChunkRegistry's; context_window: the engine's (texts of
+    read or appended per round trip; min_tokens, whitespace: as ChunkRegistry's; context_window: the engine's (texts of
     more tokens are neither registered from the stream nor appended to it); max_text_bytes: the longest text
     read (default ``BYTES_PER_TOKEN`` x context_window); read_bytes: about the most text one read sends;
     scope: None for the model's stream, else a name (letters, digits, ``_.-``) whose stream no other scope sees.
@@ -111,6 +112,7 @@ class SharedChunkRegistry(ChunkRegistry):
         touch_every: float = 60.0,
         *,
         min_tokens: int = MIN_TOKENS,
+        whitespace: Callable[[int], bool] | None = None,
         context_window: int | None = None,
         max_text_bytes: int | None = None,
         read_bytes: int = 8 << 20,
@@ -118,7 +120,7 @@ class SharedChunkRegistry(ChunkRegistry):
     ) -> None:
         from redis.exceptions import ClusterError, ConnectionError, RedisClusterException, TimeoutError
 
-        super().__init__(max_entries, min_tokens)
+        super().__init__(max_entries, min_tokens, whitespace=whitespace)
         if scope is not None and not (isinstance(scope, str) and SCOPE.fullmatch(scope)):
             raise ValueError(f"a registry scope is 1-64 letters, digits, '_', '.' or '-'; got {scope!r}")
         self.tier = tier
@@ -387,30 +389,33 @@ def redis_tier_of(engine):
 
 
 def shared_registry_for(engine, tier=None, scope: str | None = None) -> SharedChunkRegistry | None:
-    """A shared registry for ``engine`` through its Redis tier (or ``tier``), filled with the texts already in
-    its stream (``scope``: see SharedChunkRegistry); None when the engine has no Redis tier. It does not become
-    ``engine.registry`` (``share_registry`` does that): a server may hold one per scope."""
+    """A shared registry of the engine's registry scope ``scope`` (None: the default scope) through its Redis tier
+    (or ``tier``), filled with the texts already in its stream; None when the engine has no Redis tier. Its handles
+    are the scope's (salted keys) and its stream is named by the scope's salt, never by the scope's name. It does not
+    become ``engine.registry`` (``share_registry`` does that)."""
     tier = tier or redis_tier_of(engine)
     if tier is None:
         return None
-    base = engine.registry
+    options = engine.registry_options()
     shared = SharedChunkRegistry(
         tier,
         engine.fingerprint,
-        engine.handle,
-        base.max_entries,
-        min_tokens=base.min_tokens,
+        partial(engine.handle, scope=scope),
+        options["max_entries"],
+        min_tokens=options["min_tokens"],
+        whitespace=options["whitespace"],
         context_window=engine.context_window,
-        scope=scope,
+        scope=scope_salt(scope),
     )
     shared.sync()
     return shared
 
 
 def share_registry(engine, tier=None) -> SharedChunkRegistry | None:
-    """Share ``engine``'s chunk registry through its Redis tier (or ``tier``); returns the shared registry,
-    or None when the engine has no Redis tier. Call it right after making the engine, before registering
-    chunks: it reads what other engines registered so far and replaces ``engine.registry``."""
+    """Share ``engine``'s chunk registries through its Redis tier (or ``tier``): the default scope's now (returned;
+    None when the engine has no Redis tier), every other scope's when it is first named. Call it right after making
+    the engine, before registering chunks: it reads what other engines registered so far and replaces
+    ``engine.registry``."""
     if isinstance(engine.registry, SharedChunkRegistry):
         return engine.registry
     if tier is None and redis_tier_of(engine) is None:
@@ -430,4 +435,10 @@ def share_registry(engine, tier=None) -> SharedChunkRegistry | None:
         shared.stats()["rejected"],
     )
     engine.registry = shared
+
+    def scoped(scope: str | None) -> ChunkRegistry:  # every other scope's registry is shared too
+        registry = shared_registry_for(engine, tier, scope)  # an empty registry is falsy: compare with None
+        return registry if registry is not None else engine.new_registry(scope)
+
+    engine.registry_factory = scoped
     return shared

@@ -9,12 +9,10 @@ and logs that does not reveal the key) or the admin. The registry scope says who
 - ``open``: anyone allowed to call the server registers; every prompt is matched against every registered
   text (one registry for all callers);
 - ``admin``: only the admin key registers; every caller's prompts are matched against what the admin
-  registered.
-
-A per-key scope (each key's registrations matched only in its own prompts) needs the engine to take a
-registry scope per request; it would resolve here, from ``Caller.id``, and be passed where the server calls
-the engine (``completions.py``, ``chunks.py``). It does not exist yet, so the option offers ``open`` and
-``admin`` only.
+  registered;
+- ``key``: every caller registers into a scope of its own (the engine's registry ``scope``, named by
+  ``Caller.id``): its texts are matched only in its own prompts, and their stored KV is salted with the scope,
+  so no caller can learn anything about another's chunks from hits, ``already_stored`` or timing.
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ from dataclasses import dataclass
 class RegistryScope(str, enum.Enum):
     OPEN = "open"
     ADMIN = "admin"
+    KEY = "key"
 
 
 class ReuseStats(str, enum.Enum):
@@ -82,8 +81,8 @@ def is_loopback(host: str) -> bool:
 
 class Access:
     """api_keys: keys any client may use (none: no key is needed); admin_key: the key that may register
-    chunks in the admin scope and read /metrics; registry_scope: ``open`` or ``admin`` (default: ``admin``
-    when any key is set, else ``open``); reuse_stats: ``private`` (default) or ``public`` (ReuseStats)."""
+    chunks in the admin scope and read /metrics; registry_scope: ``open``, ``admin`` or ``key`` (default:
+    ``admin`` when any key is set, else ``open``); reuse_stats: ``private`` (default) or ``public`` (ReuseStats)."""
 
     def __init__(
         self,
@@ -101,7 +100,7 @@ class Access:
         if registry_scope is None:
             registry_scope = RegistryScope.ADMIN if self.keyed else RegistryScope.OPEN
         if registry_scope not in {s.value for s in RegistryScope} | set(RegistryScope):
-            raise ValueError(f"registry scope {registry_scope!r}: use open or admin")
+            raise ValueError(f"registry scope {registry_scope!r}: use open, admin or key")
         if reuse_stats not in {s.value for s in ReuseStats} | set(ReuseStats):
             raise ValueError(f"reuse stats {reuse_stats!r}: use private or public")
         self.scope, self.reuse_stats = RegistryScope(registry_scope), ReuseStats(reuse_stats)
@@ -150,6 +149,11 @@ class Access:
                 "start the server with --registry-scope open to let every client register"
             )
 
+    def scope_of(self, caller: Caller) -> str | None:
+        """The engine's registry scope for ``caller``'s registrations and prompts: its own under ``key``, else
+        the one shared scope (None)."""
+        return caller.id if self.scope is RegistryScope.KEY else None
+
     def check_operator(self, caller: Caller) -> None:
         """Raise Forbidden unless ``caller`` may read the operator's endpoints (/metrics): the admin when an
         admin key is set, else any caller that got this far."""
@@ -158,8 +162,8 @@ class Access:
 
     def sees_reuse(self, caller: Caller) -> bool:
         """Whether ``caller`` is shown reuse figures (ReuseStats)."""
-        if self.reuse_stats is ReuseStats.PUBLIC or self.scope is RegistryScope.OPEN:
-            return True
+        if self.reuse_stats is ReuseStats.PUBLIC or self.scope in (RegistryScope.OPEN, RegistryScope.KEY):
+            return True  # under ``key`` a caller's figures are about its own scope only
         return caller.admin
 
     def warnings(self, host: str) -> list[str]:
@@ -175,8 +179,13 @@ class Access:
         if self.keyed and self.scope is RegistryScope.OPEN:
             out.append(
                 "--registry-scope open: every client may register chunks that are reused in every other "
-                "client's prompts (and learn what others registered); --registry-scope admin limits "
-                "registration to the admin key"
+                "client's prompts (and learn what others registered); --registry-scope key gives each key a "
+                "scope of its own, --registry-scope admin limits registration to the admin key"
+            )
+        if self.scope is RegistryScope.KEY and not self.needs_key:
+            out.append(
+                "--registry-scope key without --api-key: every client is the same caller, so they share one "
+                "scope; pass --api-key (one key per client or tenant)"
             )
         if self.scope is RegistryScope.ADMIN and self._admin is None:
             out.append(

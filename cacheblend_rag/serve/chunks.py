@@ -27,10 +27,13 @@ STEP_TOKENS = 4096  # chunk tokens computed per scheduler turn (at least one tex
 
 class ChunkJob:
     """An iterator the scheduler steps: each ``next`` precomputes the next group of texts through the engine's
-    public ``precompute`` (registering them) and returns how many texts are done."""
+    public ``precompute`` (registering them in registry ``scope``) and returns how many texts are done."""
 
-    def __init__(self, engine, texts: list[str], sizes: list[int], step_tokens: int = STEP_TOKENS) -> None:
+    def __init__(
+        self, engine, texts: list[str], sizes: list[int], step_tokens: int = STEP_TOKENS, scope: str | None = None
+    ) -> None:
         self.engine = engine
+        self.scope = scope
         self.handles: list = []
         self.computed = 0
         self._groups: deque[list[str]] = deque()
@@ -52,7 +55,7 @@ class ChunkJob:
             raise StopIteration
         texts = self._groups.popleft()
         before = self.engine.metrics()["precomputed_chunks"]
-        self.handles += self.engine.precompute(texts)
+        self.handles += self.engine.precompute(texts, scope=self.scope)
         self.computed += self.engine.metrics()["precomputed_chunks"] - before
         return len(self.handles)
 
@@ -65,7 +68,8 @@ async def register_chunks(request: Request) -> Response:
     try:
         state.access.check_register(caller)
         body = await parse_body(request, ChunksRequest)
-        handles = await checked_handles(state, body)
+        scope = state.access.scope_of(caller)
+        handles = await checked_handles(state, body, scope)
         charged = state.quota.charge(caller, handles)
     except ClientGone:
         return client_closed().response()
@@ -73,8 +77,7 @@ async def register_chunks(request: Request) -> Response:
         return ApiError(429, str(exc), "insufficient_quota", "insufficient_quota").response()
     except Exception as exc:
         return api_error(exc).response()
-    job = ChunkJob(state.engine, body.texts, [h.n_tokens for h in handles])
-    # A per-key registry scope (access.py) would register under the caller's scope here.
+    job = ChunkJob(state.engine, body.texts, [h.n_tokens for h in handles], scope=scope)
     outcome = await run_job(request, state, job)
     if outcome is not None:
         done = {h.key for h in job.handles}
@@ -88,7 +91,7 @@ async def register_chunks(request: Request) -> Response:
     return JSONResponse(answer)
 
 
-async def checked_handles(state: ServerState, body: ChunksRequest) -> list:
+async def checked_handles(state: ServerState, body: ChunksRequest, scope: str | None) -> list:
     """The texts' handles (tokenized off the engine's thread), once every limit is checked."""
     state.check_model(body.model)
     body.check()
@@ -106,7 +109,7 @@ async def checked_handles(state: ServerState, body: ChunksRequest) -> list:
     if size > limit * BYTES_PER_TOKEN:
         raise _too_many_tokens(f"{size} bytes of text, more than {limit} tokens can hold", limit)
     state.scheduler.check_room()
-    handles = await state.off_thread(lambda: [engine.handle(t) for t in body.texts])
+    handles = await state.off_thread(lambda: [engine.handle(t, scope=scope) for t in body.texts])
     tokens = sum(h.n_tokens for h in handles)
     if tokens > limit:
         raise _too_many_tokens(f"{tokens} tokens", limit)

@@ -1,8 +1,9 @@
 """``POST /v1/chat/completions`` and ``POST /v1/completions``: one path for both.
 
 A request is parsed and checked on the event loop (model, sampling, blend options, the prompt's size in bytes),
-its prompt rendered and counted in tokens off the engine's thread (a prompt past the context window is refused
-before it queues), then queued; the scheduler's events become one JSON answer or a stream of server-sent
+its prompt tokenized off the engine's thread into the blocks the engine runs (chat contents as plain text, chunks
+of the caller's registry scope found in it; a prompt past the context window is refused before it queues), then
+queued; the scheduler's events become one JSON answer or a stream of server-sent
 events. A client that leaves cancels its request.
 """
 
@@ -20,6 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..config import BlendConfig
 from ..engine.sampling import SamplingParams
+from ..engine.segments import ContextLengthExceeded
 from .errors import ApiError, ClientGone, api_error, client_closed, parse_body
 from .options import BYTES_PER_TOKEN
 from .responses import ChatFormat, CompletionFormat, sse
@@ -31,35 +33,31 @@ CLAMP_HEADER = "X-CacheBlend-Max-Tokens-Clamped"
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One completion endpoint: its path, body, response format, and how a body becomes the prompt string
-    (``prompt(engine, body)`` returns the function that renders it, run off the engine's thread)."""
+    """One completion endpoint: its path, body, response format, and what the body's text is for the engine
+    (``text(body)``: ``{"messages": [...]}`` or ``{"prompt": "..."}``, the keywords of ``engine.blocks``)."""
 
     path: str
     body: type
     format: type
-    prompt: Callable[[object, object], Callable[[], str]]
+    text: Callable[[object], dict]
     param: str
 
 
-def _chat_prompt(engine, body: ChatCompletionRequest) -> Callable[[], str]:
-    messages = body.engine_messages()
-    return partial(engine.format_chat, messages)
-
-
-def _text_prompt(engine, body: CompletionRequest) -> Callable[[], str]:
-    text = body.text()
-    return lambda: text
-
-
-CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, ChatFormat, _chat_prompt, "messages")
-TEXT = Endpoint("/v1/completions", CompletionRequest, CompletionFormat, _text_prompt, "prompt")
+CHAT = Endpoint(
+    "/v1/chat/completions",
+    ChatCompletionRequest,
+    ChatFormat,
+    lambda body: {"messages": body.engine_messages()},  # contents are tokenized as text: no forged turns
+    "messages",
+)
+TEXT = Endpoint("/v1/completions", CompletionRequest, CompletionFormat, lambda body: {"prompt": body.text()}, "prompt")
 
 
 @dataclass
 class Prepared:
-    """A checked request, ready to queue."""
+    """A checked request, ready to queue: its token blocks (chunks found in its registry scope)."""
 
-    prompt: str
+    blocks: list
     config: BlendConfig
     sampling: SamplingParams
     notes: dict = field(default_factory=dict)
@@ -78,31 +76,32 @@ async def complete(request: Request, endpoint: Endpoint) -> Response:
     state, caller = server_state(request), caller_of(request)
     try:
         body = await parse_body(request, endpoint.body)
-        prepared = await prepare(state, body, endpoint)
+        scope = state.access.scope_of(caller)
+        prepared = await prepare(state, body, endpoint, scope)
     except ClientGone:
         return client_closed().response()
     except Exception as exc:  # a bad request (400, 404, 413), a full queue (429), the server stopping (503)
         return api_error(exc).response()
     fmt = endpoint.format(state.name, reveal=state.access.sees_reuse(caller), notes=prepared.notes)
-    # A per-key registry scope (access.py) would pass the caller's scope to the engine here.
-    job = partial(state.engine.stream, prompt=prepared.prompt, config=prepared.config, sampling=prepared.sampling)
+    stream_args = {"config": prepared.config, "sampling": prepared.sampling, "scope": scope}
+    job = partial(state.engine.stream, blocks=prepared.blocks, **stream_args)
     return await run(request, state, job, fmt, body, endpoint.path, prepared.headers)
 
 
-async def prepare(state: ServerState, body, endpoint: Endpoint) -> Prepared:
-    """Check ``body`` and build its prompt; raises ApiError / BadRequest naming what is wrong."""
+async def prepare(state: ServerState, body, endpoint: Endpoint, scope: str | None) -> Prepared:
+    """Check ``body`` and tokenize its prompt (chunks of registry ``scope`` found in it); raises ApiError /
+    BadRequest naming what is wrong."""
     state.check_model(body.model)
     options = state.options
     sampling, asked = body.sampling(options.default_max_tokens, options.max_tokens)
     config = blend_config(state.config, body.cacheblend, state.engine.device)
-    render = endpoint.prompt(state.engine, body)
+    text = endpoint.text(body)
     size = body.prompt_bytes()
     if size > options.max_prompt_bytes:
         raise prompt_too_large(size, options.max_prompt_bytes, state.engine.context_window, endpoint.param)
     state.scheduler.check_room()  # a full queue is refused before any tokenizing
-    check = partial(checked_prompt, state.engine, render, endpoint.param, options.max_prompt_bytes)
-    prompt = await state.off_thread(check)
-    prepared = Prepared(prompt, config, sampling)
+    check = partial(checked_blocks, state.engine, text, scope, endpoint.param, options.max_prompt_bytes)
+    prepared = Prepared(await state.off_thread(check), config, sampling)
     if asked is not None:
         prepared.notes["max_tokens"] = {"requested": asked, "allowed": options.max_tokens}
         prepared.headers[CLAMP_HEADER] = f"{asked}->{options.max_tokens}"
@@ -119,27 +118,17 @@ def prompt_too_large(size: int, limit: int, context_window: int, param: str) -> 
     )
 
 
-def checked_prompt(engine, render: Callable[[], str], param: str, max_bytes: int) -> str:
-    """The rendered prompt, if its bytes (the chat template's included) and then its tokens fit (runs off the
-    engine's thread).
-
-    The engine tokenizes it again on its thread (it takes a prompt string); the count here is the same
-    tokenization, so only prompts the engine would refuse are refused here."""
-    prompt = render()
-    size = len(prompt.encode("utf-8", "surrogatepass"))
-    if size > max_bytes:  # e.g. many short messages: each adds the template's header
-        raise prompt_too_large(size, max_bytes, engine.context_window, param)
-    ids = engine.tokenize(prompt)
-    bos = list(engine.bos_ids)
-    n = len(ids) + (len(bos) if bos and ids[: len(bos)] != bos else 0)
-    if n > engine.context_window:
-        raise BadRequest(
-            f"the prompt has {n} tokens but the model's context window is {engine.context_window}; "
-            "retrieve fewer or shorter chunks, or shorten the prompt",
-            param,
-            "context_length_exceeded",
-        )
-    return prompt
+def checked_blocks(engine, text: dict, scope: str | None, param: str, max_bytes: int) -> list:
+    """The prompt's token blocks, if its bytes (the chat template's included) and then its tokens fit (runs off the
+    engine's thread: the engine then takes the blocks as they are)."""
+    if "messages" in text:  # e.g. many short messages: each adds the template's header
+        size = len(engine.format_chat(text["messages"]).encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            raise prompt_too_large(size, max_bytes, engine.context_window, param)
+    try:
+        return engine.blocks(**text, scope=scope)
+    except ContextLengthExceeded as exc:
+        raise BadRequest(str(exc), param, "context_length_exceeded") from None
 
 
 async def run(request: Request, state: ServerState, job, fmt, body, path: str, headers: dict) -> Response:

@@ -101,6 +101,29 @@ def test_public_reuse_stats_and_the_open_scope(tokenizer, tmp_path):
         assert post(live, "/v1/chunks", {"texts": PASSAGES}, BOB).json()["already_stored"] == 3
 
 
+def test_in_the_key_scope_each_key_reuses_only_its_own_chunks_and_learns_nothing_of_others(tokenizer, tmp_path):
+    """Alice's chunks are reused in Alice's prompts only; Bob registering the same texts computes them again (their
+    KV is salted per key), so nothing Bob sees (cached tokens, hits, already_stored) depends on what Alice did."""
+    engine = tiny_engine(tokenizer, tmp_path)
+    with serving(engine, api_keys=[ALICE, BOB], registry_scope="key") as live:
+        mine = post(live, "/v1/chunks", {"texts": PASSAGES}, ALICE).json()
+        assert mine["computed"] == 3 and mine["already_stored"] == 0
+        as_alice = post(live, "/v1/chat/completions", chat(QUESTION, max_tokens=4), ALICE).json()
+        as_bob = post(live, "/v1/chat/completions", chat(QUESTION, max_tokens=4), BOB).json()
+        assert as_alice["cacheblend"]["cache_hits"] == 3 and as_alice["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert (
+            as_bob["cacheblend"]["cache_hits"] == 0 and as_bob["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        )
+        text = post(live, "/v1/completions", {"model": MODEL, "prompt": QUESTION, "max_tokens": 2}, BOB).json()
+        assert text["cacheblend"]["cache_hits"] == 0
+        theirs = post(live, "/v1/chunks", {"texts": PASSAGES}, BOB).json()
+        assert theirs["computed"] == 3 and theirs["already_stored"] == 0  # not Alice's stored KV
+        assert (
+            post(live, "/v1/chat/completions", chat(QUESTION, max_tokens=4), BOB).json()["cacheblend"]["cache_hits"]
+            == 3
+        )
+
+
 def test_no_keys_means_the_open_scope_and_anonymous_callers(tokenizer, tmp_path):
     engine = tiny_engine(tokenizer, tmp_path)
     with serving(engine) as live:  # stock clients send a placeholder key: it is not checked
@@ -119,7 +142,7 @@ def test_keys_resolve_in_constant_time_to_stable_callers():
             access.caller(header)
     assert Access(admin_key="adm").caller("Bearer whatever").id == "anonymous"
     assert Access().scope.value == "open" and Access(["k"]).scope.value == "admin" and Access(admin_key="a").keyed
-    with pytest.raises(ValueError, match="registry scope 'everyone': use open or admin"):
+    with pytest.raises(ValueError, match="registry scope 'everyone': use open, admin or key"):
         Access(registry_scope="everyone")
     with pytest.raises(ValueError, match="use private or public"):
         Access(reuse_stats="all")

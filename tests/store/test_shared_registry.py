@@ -12,8 +12,8 @@ from cacheblend_rag.engine.shared_registry import (
     BYTES_PER_TOKEN,
     SharedChunkRegistry,
     share_registry,
-    shared_registry_for,
 )
+from cacheblend_rag.store.keys import scope_salt
 from tests.conftest import PASSAGES, config
 
 QUESTION = "\nQuestion: which river flows through Brazil?"
@@ -325,21 +325,26 @@ def test_texts_in_use_stay_in_the_shared_stream_through_a_flood(make_engine, red
     assert PASSAGES[1] not in late.registry  # not used since: evicted
 
 
-# ---- design ahead: one stream per scope ---------------------------------------------------------------------------
+# ---- one stream per registry scope ----------------------------------------------------------------------------------
 def test_scopes_do_not_see_each_others_texts(make_engine, redis_url):
+    """Each registry scope of the engine is shared through a stream of its own, named by the scope's salt (never by
+    its name); another engine sees a scope's texts in that scope only, with the scope's salted handles."""
     store = ["memory://?max_bytes=1GB", redis_url]
     engine, other = make_engine(seed=7, store=store), make_engine(seed=7, store=store)
-    default = shared_registry_for(engine)
+    default = share_registry(engine)
     assert default.key == stream_key(engine)  # the default stream is where it always was
-    alice, bob = shared_registry_for(engine, scope="alice"), shared_registry_for(engine, scope="bob")
-    assert alice.key == f"{stream_key(engine)}:alice" and bob.key == f"{stream_key(engine)}:bob"
-    alice.register(engine.handle(PASSAGES[0]))
-    bob.register(engine.handle(PASSAGES[1]))
+    alice, bob = engine.registry_for("alice key"), engine.registry_for("bob")
+    assert isinstance(alice, SharedChunkRegistry) and alice.key == f"{stream_key(engine)}:{scope_salt('alice key')}"
+    assert "alice" not in alice.key and bob.key != alice.key
+    [handle] = engine.precompute([PASSAGES[0]], scope="alice key")
+    engine.precompute([PASSAGES[1]], scope="bob")
+    assert handle.key == engine.handle(PASSAGES[0], scope="alice key").key != engine.handle(PASSAGES[0]).key
     assert bob.sync() == 0 and default.sync() == 0 and PASSAGES[0] not in bob and PASSAGES[0] not in default
-    alice_elsewhere = shared_registry_for(other, scope="alice")
+    share_registry(other)
+    alice_elsewhere = other.registry_for("alice key")
     assert PASSAGES[0] in alice_elsewhere and PASSAGES[1] not in alice_elsewhere
-    with pytest.raises(ValueError, match="scope"):
-        shared_registry_for(engine, scope="a b:c")
+    assert alice_elsewhere.lookup(PASSAGES[0]).key == handle.key  # the scope's salted KV, found by the other engine
+    assert PASSAGES[0] not in other.registry and PASSAGES[0] not in other.registry_for("bob")
 
 
 def test_entries_with_extreme_ids_and_extra_fields(make_engine, redis_url):
@@ -354,3 +359,20 @@ def test_entries_with_extreme_ids_and_extra_fields(make_engine, redis_url):
     assert len(shared) == 2 and shared.stats()["rejected"] == 0 and shared.available
     client.xadd(stream_key(engine), {"t": PASSAGES[2].encode()})
     assert shared.sync() == 1 and len(shared) == 3 and shared.available  # read on from id 6-0
+
+
+def test_a_shared_registry_finds_chunks_without_their_edge_whitespace(make_engine, redis_url):
+    """Chunk texts ending in a blank line are found by their core in prompts sent to another engine too: the shared
+    registries are made with the engine's whitespace rule (and its min_tokens), not the registry's defaults."""
+    store = ["memory://?max_bytes=1GB", redis_url]
+    texts = [f"Title {i}\n\n{p}\n\n" for i, p in enumerate(PASSAGES[:3])]
+    engine, other = make_engine(seed=7, store=store), make_engine(seed=7, store=store)
+    share_registry(engine)
+    engine.precompute(texts)
+    engine.precompute(texts[:1], scope="s")
+    share_registry(other)
+    prompt = "Read:\n" + "".join(texts) + "\nQuestion: which river reaches the Black Sea?"
+    found = [b for b in other.blocks(prompt=prompt) if b.handle is not None]
+    assert [b.handle.text for b in found] == texts
+    scoped = [b for b in other.blocks(prompt=prompt, scope="s") if b.handle is not None]
+    assert [b.handle.text for b in scoped] == texts[:1]
