@@ -8,9 +8,10 @@ device: tokens and positions are device tensors.
 
 ``BatchStepper`` keeps the host side (each slot's length) and, on CUDA, captures the step in one CUDA graph per
 batch-size bucket (1, 2, 4, 8, ... up to the pool's slots): a batch of n replays the graph of the smallest bucket
->= n, the rows past n decoding a dummy token at position 0 of the free slots n..bucket-1 (their rows are unused).
-Tokens and positions reach the graph through one small host-to-device copy per step. If a capture fails it says
-so once (``on_graph_failure``) and decodes eagerly from then on.
+>= n, the rows past n padding (``padded_inputs``): a dummy token at position 0 that writes its K/V into the pool's
+scratch slot and reads row 0 of a free slot (its output is dropped). Tokens, positions and write slots reach the
+graph through one small host-to-device copy per step. If a capture fails it says so once (``on_graph_failure``)
+and decodes eagerly from then on.
 """
 
 from __future__ import annotations
@@ -27,23 +28,42 @@ logger = logging.getLogger(__name__)
 
 
 def batch_step(
-    fwd: ModelForward, slots: KVSlots, tokens: torch.Tensor, pos: torch.Tensor, length: int | None = None
+    fwd: ModelForward,
+    slots: KVSlots,
+    tokens: torch.Tensor,
+    pos: torch.Tensor,
+    length: int | None = None,
+    write: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """tokens, pos: [B] int64 on the device (B <= slots.slots; token b goes to row pos[b] of slot b; each pos below
-    the capacity). ``length``: max(pos) + 1 when the host knows it (the attention then reads no row past it).
-    -> logits [B, vocab] float32."""
+    """tokens, pos: [B] int64 on the device (B <= slots.slots; each pos below the capacity): row b is token
+    tokens[b] at position pos[b] of slot b, attending to that slot's keys 0..pos[b]. ``write``: [B] the slot each
+    row's K/V go to (default: slot b; the scratch slot for a padding row). ``length``: max(pos) + 1 when the host
+    knows it (the attention then reads no row past it). -> logits [B, vocab] float32."""
     b = tokens.shape[0]
     bound = slots.capacity - 1
-    rows = torch.arange(b, device=tokens.device)
+    if write is None:
+        write = torch.arange(b, device=tokens.device)
     h = fwd.embed(tokens)  # [B, hidden]
     for layer in range(fwd.n_layers):
         q, k, v = fwd.qkv(layer, h, pos, bound)  # q: [Hq, B, D] rotated; k, v: [Hkv, B, D], k before RoPE
+        slots.k[write, layer, :, pos] = fwd.rotate(k, pos, bound=bound).transpose(0, 1)  # [B, Hkv, D] at pos[b]
+        slots.v[write, layer, :, pos] = v.transpose(0, 1)
         keys, values = slots.k[:b, layer], slots.v[:b, layer]  # [B, Hkv, capacity, D], views of the pool
-        keys[rows, :, pos] = fwd.rotate(k, pos, bound=bound).transpose(0, 1)  # [B, Hkv, D] into row pos[b]
-        values[rows, :, pos] = v.transpose(0, 1)
         attn = fwd.kernels.batch_decode_attention(q, pos, keys, values, fwd.scale, length=length)  # [Hq, B, D]
         h = fwd.finish_layer(layer, h, attn)
     return fwd.logits(h)
+
+
+def padded_inputs(tokens: Sequence[int], pos: Sequence[int], bucket: int, scratch: int) -> torch.Tensor:
+    """[3, bucket] int64 (host): tokens, positions and write slots of a batch of len(tokens) padded to ``bucket``
+    rows; a padding row is token 0 at position 0, written to slot ``scratch``."""
+    n = len(tokens)
+    out = torch.zeros((3, bucket), dtype=torch.long)
+    out[0, :n] = torch.tensor(list(tokens), dtype=torch.long)
+    out[1, :n] = torch.tensor(list(pos), dtype=torch.long)
+    out[2, :n] = torch.arange(n)
+    out[2, n:] = scratch
+    return out
 
 
 def buckets(slots: int) -> list[int]:
@@ -108,9 +128,7 @@ class BatchStepper:
             self._capture(bucket)
             if not self.use_graphs:
                 return None
-        self._host[0, :n] = torch.tensor(list(tokens), dtype=torch.long)
-        self._host[1, :n] = torch.tensor(pos, dtype=torch.long)
-        self._host[:, n:bucket] = 0  # padding rows: token 0 at position 0 of a free slot
+        self._host[:, :bucket] = padded_inputs(tokens, pos, bucket, self.slots.scratch)
         self._io[:, :bucket].copy_(self._host[:, :bucket], non_blocking=True)
         graph, logits = self.graphs[bucket]
         graph.replay()
@@ -118,30 +136,27 @@ class BatchStepper:
         return logits[:n]
 
     def _capture(self, bucket: int) -> None:
-        """Capture ``batch_step`` over slots 0..bucket-1. The warm-up runs the step once (on padding inputs: token
-        0 at position 0 of every row; real rows are rewritten by the replay that follows), on the capture stream."""
+        """Capture ``batch_step`` over slots 0..bucket-1. The warm-up runs the step once on the capture stream, on
+        padding inputs only (every row writes to the scratch slot), so no sequence's rows change."""
         fwd, slots = self.fwd, self.slots
         device = slots.k.device
         try:
             if not self.graphs:
                 # built here, not in the graph, and held: the graphs read them at every replay
                 self._rope_tables = fwd.rope.tables(slots.capacity, slots.k.dtype, device)
-                self._io = torch.zeros((2, slots.slots), dtype=torch.long, device=device)  # tokens, positions
-                self._host = torch.zeros((2, slots.slots), dtype=torch.long).pin_memory()
+                self._io = torch.zeros((3, slots.slots), dtype=torch.long, device=device)  # tokens, pos, write
+                self._host = torch.zeros((3, slots.slots), dtype=torch.long).pin_memory()
                 self._pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at once
-            tokens, pos = self._io[0, :bucket], self._io[1, :bucket]
-            saved_k, saved_v = slots.k[:bucket, :, :, 0].clone(), slots.v[:bucket, :, :, 0].clone()
+            tokens, pos, write = self._io[0, :bucket], self._io[1, :bucket], self._io[2, :bucket]
+            self._io[:, :bucket].copy_(padded_inputs([], [], bucket, slots.scratch))
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
-                self._io[:, :bucket].zero_()
-                batch_step(fwd, slots, tokens, pos)
+                batch_step(fwd, slots, tokens, pos, write=write)
             torch.cuda.current_stream(device).wait_stream(stream)
-            slots.k[:bucket, :, :, 0].copy_(saved_k)  # the warm-up wrote row 0 of every slot: put it back
-            slots.v[:bucket, :, :, 0].copy_(saved_v)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-                logits = batch_step(fwd, slots, tokens, pos)
+                logits = batch_step(fwd, slots, tokens, pos, write=write)
             self.graphs[bucket] = (graph, logits)
         except Exception as exc:  # an eager step is always correct: fall back to it
             self.use_graphs = False

@@ -1,10 +1,12 @@
 """The KV memory of a decode batch: a pool of fixed-size slots, one sequence each, kept compact.
 
-k, v: ``[slots, L, Hkv, capacity, D]``. Slot i is laid out as a ``KVCache`` (``cache(i)`` is one, a view), key j
-at position j, keys rotated. The occupied slots are always 0..count-1: a sequence that leaves is replaced by the
-last one (one copy of that sequence's filled rows), so the batch's caches at layer l are the one strided view
+k, v: ``[slots + 1, L, Hkv, capacity, D]``. Slot i is laid out as a ``KVCache`` (``cache(i)`` is one, a view),
+key j at position j, keys rotated. The occupied slots are always 0..count-1: a sequence that leaves is replaced by
+the last one (one copy of that sequence's filled rows), so the batch's caches at layer l are the one strided view
 ``k[:count, l]`` that a single attention call reads (``kernels/batch_decode.py``), and a CUDA graph captured
-over ``k[:n]`` stays valid whoever occupies the slots.
+over ``k[:n]`` stays valid whoever occupies the slots. The extra slot at index ``scratch`` holds no sequence: the
+padding rows of a CUDA graph's batch write there, so they never touch a free slot (which a prefill may be
+filling).
 
 The pool is zero-filled once: attention over a slot reads rows up to the batch's longest sequence (masked past
 the slot's own length), and those rows must hold finite numbers (0 x NaN is NaN).
@@ -32,7 +34,7 @@ class KVSlots:
     ) -> None:
         if slots < 1 or capacity < 1:
             raise ValueError(f"a KV pool needs slots >= 1 and capacity >= 1, got slots={slots}, capacity={capacity}")
-        shape = (slots, n_layers, n_kv_heads, capacity, head_dim)
+        shape = (slots + 1, n_layers, n_kv_heads, capacity, head_dim)  # the last one: scratch
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths: list[int] = []
@@ -44,13 +46,20 @@ class KVSlots:
 
     @staticmethod
     def slot_bytes(fwd, capacity: int) -> int:
-        """Bytes of one slot of ``capacity`` rows for ``fwd``'s model: what admission by KV memory counts."""
+        """Bytes of one slot of ``capacity`` rows for ``fwd``'s model: what admission by KV memory counts (a pool of
+        n slots takes n + 1 of them: one is scratch)."""
         itemsize = torch.empty((), dtype=fwd.dtype).element_size()
         return 2 * fwd.n_layers * fwd.n_kv_heads * capacity * fwd.head_dim * itemsize
 
     @property
     def slots(self) -> int:
-        return self.k.shape[0]
+        """How many sequences the pool holds."""
+        return self.k.shape[0] - 1
+
+    @property
+    def scratch(self) -> int:
+        """The index of the slot no sequence occupies (where padding rows write)."""
+        return self.k.shape[0] - 1
 
     @property
     def capacity(self) -> int:

@@ -11,7 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from cacheblend_rag import SamplingParams
-from cacheblend_rag.engine.batch_step import BatchStepper, buckets
+from cacheblend_rag.engine.batch_step import BatchStepper, batch_step, buckets, padded_inputs
 from cacheblend_rag.engine.decode import TextStreamer, decode_step
 from cacheblend_rag.engine.kv_slots import KVSlots
 from cacheblend_rag.engine.running_batch import RunningBatch
@@ -184,6 +184,31 @@ def test_a_sequence_that_does_not_fit_is_refused_with_the_fix(make_engine):
     assert not batch.fits(1, 1)
     with pytest.raises(RuntimeError, match="KV slots are taken"):
         batch.add(request.cache, *args, 5, engine.eos_token_ids)
+
+
+def test_a_padded_batch_as_a_graph_runs_it_changes_only_its_rows_and_scratch(make_engine):
+    """What a CUDA graph of a bucket computes, run eagerly on the CPU: 3 sequences padded to 8 rows, positions only on
+    the device (no host length: the masked attention over every row of a slot). The real rows get the logits and
+    K/V of the unpadded step; the free slots, which a prefill may be filling, are left as they were."""
+    engine = make_engine("llama", seed=11)
+    caches = [engine.prepare([text]).cache for text in ("One two three", PASSAGES[0], PASSAGES[2])]
+    slots, padded = (KVSlots.for_model(engine.forward, slots=8, capacity=96) for _ in range(2))
+    for pool in (slots, padded):
+        for cache in caches:
+            pool.add(cache)
+        pool.k[3:8].normal_(generator=torch.Generator().manual_seed(1))  # free slots: someone else's rows
+        pool.v[3:8].normal_(generator=torch.Generator().manual_seed(2))
+    free_k, free_v = padded.k[3:8].clone(), padded.v[3:8].clone()
+    tokens, pos = [5, 17, 400], slots.lengths[:3]
+    with torch.inference_mode():
+        want = BatchStepper(engine.forward, slots)(tokens)
+        inputs = padded_inputs(tokens, pos, 8, padded.scratch)
+        got = batch_step(engine.forward, padded, inputs[0], inputs[1], write=inputs[2])
+    assert_close(got[:3], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(padded.k[3:8], free_k) and torch.equal(padded.v[3:8], free_v)
+    for i, n in enumerate(pos):
+        assert_close(padded.k[i, :, :, : n + 1], slots.k[i, :, :, : n + 1], atol=1e-6, rtol=1e-6)
+        assert_close(padded.v[i, :, :, : n + 1], slots.v[i, :, :, : n + 1], atol=1e-6, rtol=1e-6)
 
 
 def test_graph_buckets_cover_every_batch_size():
