@@ -128,8 +128,10 @@ class BatchStepper:
             self._capture(bucket)
             if not self.use_graphs:
                 return None
+        self._copied.synchronize()  # the last step's copy has read the pinned buffer (normally long since)
         self._host[:, :bucket] = padded_inputs(tokens, pos, bucket, self.slots.scratch)
         self._io[:, :bucket].copy_(self._host[:, :bucket], non_blocking=True)
+        self._copied.record()
         graph, logits = self.graphs[bucket]
         graph.replay()
         self.graph_steps += 1
@@ -146,6 +148,7 @@ class BatchStepper:
                 self._rope_tables = fwd.rope.tables(slots.capacity, slots.k.dtype, device)
                 self._io = torch.zeros((3, slots.slots), dtype=torch.long, device=device)  # tokens, pos, write
                 self._host = torch.zeros((3, slots.slots), dtype=torch.long).pin_memory()
+                self._copied = torch.cuda.Event()
                 self._pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at once
             tokens, pos, write = self._io[0, :bucket], self._io[1, :bucket], self._io[2, :bucket]
             self._io[:, :bucket].copy_(padded_inputs([], [], bucket, slots.scratch))
