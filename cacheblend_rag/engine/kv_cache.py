@@ -21,6 +21,17 @@ class KVCache:
         """An empty cache of ``capacity`` rows shaped for ``fwd`` (a ModelForward), in its dtype and device."""
         return cls(fwd.n_layers, fwd.n_kv_heads, fwd.head_dim, capacity, fwd.dtype, fwd.device)
 
+    @classmethod
+    def of(cls, k: torch.Tensor, v: torch.Tensor, length: int = 0) -> KVCache:
+        """A cache over existing tensors k, v: [L, Hkv, capacity, D] (e.g. a slot of ``KVSlots``), not copied."""
+        if k.dim() != 4 or k.shape != v.shape:
+            raise ValueError(f"k and v must be one [L, Hkv, capacity, D] shape, got {tuple(k.shape)}, {tuple(v.shape)}")
+        if not 0 <= length <= k.shape[2]:
+            raise ValueError(f"length {length} outside [0, {k.shape[2]}]")
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.length = k, v, length
+        return cache
+
     @property
     def capacity(self) -> int:
         return self.k.shape[2]

@@ -83,9 +83,14 @@ class Sampler:
         self.top_p = 1.0 if greedy else float(params.top_p)
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
+    @property
+    def greedy(self) -> bool:
+        """Picks the top token (argmax) every time."""
+        return self.temperature == 0.0
+
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: [vocab] -> token id."""
-        if self.temperature == 0.0:
+        if self.greedy:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
         if self.top_p < 1.0:
@@ -94,3 +99,18 @@ class Sampler:
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def sample_rows(samplers: Sequence[Sampler], logits: Sequence[torch.Tensor]) -> list[int]:
+    """One token per sequence of a batch: logits[i] ([vocab]) picked by samplers[i]. The greedy rows' argmax is
+    taken in one call (one device read on a GPU instead of one per row): the token their Sampler would pick."""
+    tokens = [0] * len(samplers)
+    greedy = [i for i, sampler in enumerate(samplers) if sampler.greedy]
+    if greedy:
+        top = torch.stack([logits[i] for i in greedy]).argmax(dim=-1).tolist()
+        for i, token in zip(greedy, top, strict=True):
+            tokens[i] = token
+    for i, sampler in enumerate(samplers):
+        if not sampler.greedy:
+            tokens[i] = sampler(logits[i])
+    return tokens

@@ -18,6 +18,7 @@ import torch
 
 from .attention import selected_attention
 from .backend import resolve_backend
+from .batch_decode import batch_decode_attention
 from .decode import decode_attention
 from .deviation import kv_deviation
 from .rotary import RopeTable, apply_rope
@@ -52,6 +53,11 @@ class Kernels:
     def decode_attention(self, q, pos, k, v, scale: float, *, length: int | None = None) -> torch.Tensor:
         """q: [Hq, 1, D] rotated at pos: [1] (device); k, v: [Hkv, N, D] -> [Hq, 1, D] over keys 0..pos."""
         return decode_attention(q, pos, k, v, scale, length=length, backend=self.backend)
+
+    def batch_decode_attention(self, q, pos, k, v, scale: float, *, length: int | None = None) -> torch.Tensor:
+        """q: [Hq, B, D] rotated at pos: [B] (device); k, v: [B, Hkv, N, D] -> [Hq, B, D], query b over its keys
+        0..pos[b]."""
+        return batch_decode_attention(q, pos, k, v, scale, length=length, backend=self.backend)
 
     def deviation(self, fresh, cached, from_cache, *, rows=None) -> torch.Tensor:
         """fresh: [H, M, D]; cached: [H, M, D] or [H, N, D] with ``rows``: [M]; from_cache: [M] -> [M] float32."""

@@ -65,7 +65,7 @@ def interpreted_run(request, tmp_path_factory) -> dict[str, list[tuple[str, str,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["rope", "deviation", "attention", "decode", "all"])
+@pytest.mark.parametrize("kernel", ["rope", "deviation", "attention", "decode", "batch", "all"])
 def test_kernel_equals_torch_reference_under_the_interpreter(interpreted_run, kernel):
     cases = interpreted_run.get(kernel, [])
     assert cases, f"no interpreted test for {kernel!r} ran:\n{interpreted_run['_output'][0][2]}"
