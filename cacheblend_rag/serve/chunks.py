@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -18,7 +19,6 @@ from starlette.responses import JSONResponse, Response
 from .completions import watch
 from .errors import ApiError, ClientGone, api_error, client_closed, parse_body
 from .options import BYTES_PER_TOKEN
-from .quota import QuotaExceeded
 from .schemas import ChunksRequest
 from .state import ServerState, caller_of, server_state
 
@@ -67,14 +67,12 @@ async def register_chunks(request: Request) -> Response:
     state, caller = server_state(request), caller_of(request)
     try:
         state.access.check_register(caller)
-        body = await parse_body(request, ChunksRequest)
+        body = await parse_body(request, ChunksRequest, partial(check_count, state.options.max_chunk_texts))
         scope = state.access.scope_of(caller)
         handles = await checked_handles(state, body, scope)
         charged = state.quota.charge(caller, handles)
     except ClientGone:
         return client_closed().response()
-    except QuotaExceeded as exc:
-        return ApiError(429, str(exc), "insufficient_quota", "insufficient_quota").response()
     except Exception as exc:
         return api_error(exc).response()
     job = ChunkJob(state.engine, body.texts, [h.n_tokens for h in handles], scope=scope)
@@ -96,14 +94,7 @@ async def checked_handles(state: ServerState, body: ChunksRequest, scope: str | 
     state.check_model(body.model)
     body.check()
     options, engine = state.options, state.engine
-    if len(body.texts) > options.max_chunk_texts:
-        raise ApiError(
-            413,
-            f"{len(body.texts)} texts in one request; this server takes at most {options.max_chunk_texts} "
-            "(--max-chunk-texts): send them in several requests",
-            code="too_many_texts",
-            param="texts",
-        )
+    check_count(options.max_chunk_texts, {"texts": body.texts})
     limit = options.max_chunk_tokens
     size = body.text_bytes()
     if size > limit * BYTES_PER_TOKEN:
@@ -123,6 +114,19 @@ async def checked_handles(state: ServerState, body: ChunksRequest, scope: str | 
                 param=f"texts[{i}]",
             )
     return handles
+
+
+def check_count(max_texts: int, data: dict) -> None:
+    """413 if ``data`` (the parsed body, checked before it is validated) has more than ``max_texts`` texts."""
+    texts = data.get("texts")
+    if isinstance(texts, list) and len(texts) > max_texts:
+        raise ApiError(
+            413,
+            f"{len(texts)} texts in one request; this server takes at most {max_texts} (--max-chunk-texts): send "
+            "them in several requests",
+            code="too_many_texts",
+            param="texts",
+        )
 
 
 def _too_many_tokens(what: str, limit: int) -> ApiError:
