@@ -266,10 +266,11 @@ def probe_sizes(a: Replica) -> None:
     (status, data, _, secs), slowest = during(lambda: a.chat(big), f"{a.url}/health")
     figure = f"{status} {code(data)} in {secs:.1f}s, {slowest:.2f}s, {rss_mb(a.proc.pid)} MB"
     row("6", "20 MB prompt: answer, /health's worst wait meanwhile, RSS", figure, status == 413 and slowest < 2)
-    tiny = [{"role": "user" if i % 2 == 0 else "assistant", "content": "a"} for i in range(400_000)]
-    (status, data, _, secs), slowest = during(lambda: a.chat(tiny), f"{a.url}/health")
-    figure, ok = f"{status} {code(data)} in {secs:.1f}s, {slowest:.2f}s", 400 <= status < 500 and slowest < 2
-    row("6+", "15 MB body of 400k one-letter messages: answer, /health's worst wait", figure, ok)
+    for n in (400_000, 100_000):  # 15 MB, and 3.6 MB (under the default --max-body-bytes)
+        tiny = [{"role": "user" if i % 2 == 0 else "assistant", "content": "a"} for i in range(n)]
+        (status, data, _, secs), slowest = during(lambda tiny=tiny: a.chat(tiny), f"{a.url}/health")
+        figure, ok = f"{status} {code(data)} in {secs:.1f}s, {slowest:.2f}s", 400 <= status < 500 and slowest < 2
+        row("6+", f"{n} one-letter messages: answer, /health's worst wait", figure, ok)
     texts = [f"Unrelated filler paragraph number {i}: " + "lorem ipsum dolor sit amet " * 20 for i in range(300)]
     status, data, _, _ = a.call("/v1/chunks", {"texts": texts})
     row("5", "/v1/chunks with 300 texts", f"{status} {code(data)}", status == 413)
@@ -484,15 +485,16 @@ def phase_key(redis_url: str, r: redis.Redis, workdir: Path) -> None:
         again = f.call("/v1/chunks", {"texts": [text]}, key="K2")[1]
         figure = (again.get("computed"), again.get("already_stored"))
         row("4", "key scope: K2 registers K1's text: computed / already_stored", figure, figure[0] == 1)
+        variants = [FACT + "\n", " " + FACT, FACT + "\n\n", "\n" + FACT, FACT + " \n"]
+        codes = [f.call("/v1/chunks", {"texts": [v]}, key="K2")[0] for v in variants]
+        ok = codes == [200] * 3 + [429] * 2
+        row("new", "key scope: quota of 4 texts (K2 holds 1 on F), whitespace variants of one text", codes, ok)
         e.chat(SECRET, key="K1", max_tokens=1, **PREFIX_CACHE)
         probe = cached(e.chat(SECRET, key="K2", max_tokens=1, **PREFIX_CACHE)[1])
         row("4", "key scope: K2's prefix_cache of K1's prompt: cached tokens", probe, probe == 0)
-        variants = [FACT + "\n", " " + FACT, FACT + "\n\n", "\n" + FACT, FACT + " \n"]
-        codes = [e.call("/v1/chunks", {"texts": [v]}, key="K2")[0] for v in variants]
-        row("new", "key scope: quota of 4 texts, whitespace variants of one text", codes, codes == [200] * 4 + [429])
-        prompts = [f"{i} " + "filler words go here " * 40 for i in range(3)]
+        prompts = [f"{i} " + "filler words go here " * 40 for i in range(5)]  # a block each, past the quota of 4
         stored = [e.chat(prompt, key="K2", max_tokens=1, **PREFIX_CACHE)[0] for prompt in prompts]
-        row("5+", "key scope: K2, past its quota, stores prompts with prefix_cache", stored, 200 not in stored)
+        row("5+", "key scope: K2 stores 5 prompts with prefix_cache, quota 4 blocks", stored, 429 in stored)
         r.flushall()
         e.chat(ask, key="K1", max_tokens=1)
         streams = [(k[-8:], r.xlen(k)) for k in registry_keys(r, scoped=True)]
