@@ -418,6 +418,13 @@ def phase_open(redis_url: str, r: redis.Redis, workdir: Path) -> None:
         for fields in ({"t": b"\xff\xfe"}, {"t": b"A" * 10_800_000}, {"x": b"no text"}, {"t": b""}, {"t": 42}):
             r.xadd(key, fields)
         r.set(key + b":" + b"0" * 64, "another scope's stream that is not one")
+        status = a.chat("Hi", max_tokens=1)[0]  # A, running, reads the tampered entries first
+        row(
+            "1/12",
+            "a running replica's request after tampering; rejected",
+            (status, a.health()["shared_registry"]["rejected"]),
+            status == 200,
+        )
         c = Replica("C", redis_url, workdir, nofile=256)
         started = c.wait_ready()
         health = c.health() if started else {}

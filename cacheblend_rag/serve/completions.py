@@ -5,7 +5,8 @@ its prompt tokenized off the engine's thread into the blocks the engine runs (ch
 of the caller's registry scope found in it; a prompt past the context window is refused before it queues), then
 queued; the scheduler's events become one JSON answer or a stream of server-sent
 events. A client that leaves cancels its request. Strategy ``prefix_cache`` stores the prompt's blocks for later
-requests of the scope, as registering does: it takes the right to register, and its blocks count in the quota.
+requests of the scope, as registering does: a request that asks for it takes the right to register, and its blocks
+count in the quota (not so where it is the server's default strategy: the operator's choice for every request).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Prepared:
     blocks: list
     config: BlendConfig
     sampling: SamplingParams
+    stores: bool = False  # it asked for prefix_cache: its blocks are stored for later requests
     notes: dict = field(default_factory=dict)
     headers: dict = field(default_factory=dict)
 
@@ -83,7 +85,7 @@ async def complete(request: Request, endpoint: Endpoint) -> Response:
         body = await parse_body(request, endpoint.body, check)
         scope = state.access.scope_of(caller)
         prepared = await prepare(state, body, endpoint, scope, caller)
-        if prepared.config.strategy == "prefix_cache":  # it stores the prompt's blocks: they count as chunks
+        if prepared.stores:  # the prompt's blocks are stored for later requests: they count as chunks
             charged = state.quota.charge(caller, prefix_cache_entries(state.engine.fingerprint, prepared.blocks, scope))
     except ClientGone:
         return client_closed().response()
@@ -103,7 +105,8 @@ async def prepare(state: ServerState, body, endpoint: Endpoint, scope: str | Non
     options = state.options
     sampling, asked = body.sampling(options.default_max_tokens, options.max_tokens)
     config = blend_config(state.config, body.cacheblend, state.engine.device)
-    if config.strategy == "prefix_cache":
+    stores = config.strategy == "prefix_cache" and state.config.strategy != "prefix_cache"  # asked for
+    if stores:
         state.access.check_prefix_cache(caller)
     text = endpoint.text(body)
     size = body.prompt_bytes()
@@ -111,7 +114,7 @@ async def prepare(state: ServerState, body, endpoint: Endpoint, scope: str | Non
         raise prompt_too_large(size, options.max_prompt_bytes, state.engine.context_window, endpoint.param)
     state.scheduler.check_room()  # a full queue is refused before any tokenizing
     check = partial(checked_blocks, state.engine, text, scope, endpoint.param, options.max_prompt_bytes)
-    prepared = Prepared(await state.off_thread(check), config, sampling)
+    prepared = Prepared(await state.off_thread(check), config, sampling, stores)
     if asked is not None:
         prepared.notes["max_tokens"] = {"requested": asked, "allowed": options.max_tokens}
         prepared.headers[CLAMP_HEADER] = f"{asked}->{options.max_tokens}"

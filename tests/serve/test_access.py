@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from cacheblend_rag.config import BlendConfig
 from cacheblend_rag.serve.access import Access, Caller, Unauthorized
 from cacheblend_rag.serve.quota import ChunkQuota
 from tests.conftest import PASSAGES
@@ -183,6 +184,9 @@ def test_prefix_cache_stores_the_prompt_so_it_takes_the_right_to_register_and_co
     assert refused.status_code == 403 and "--registry-scope key" in refused.json()["error"]["message"]
     assert post(keyed, "/v1/chat/completions", body, ADMIN).status_code == 200
     engine = tiny_engine(tokenizer, tmp_path)
+    with serving(engine, api_keys=[ALICE], config=BlendConfig(strategy="prefix_cache"), chunk_quota_tokens=1) as live:
+        plain = chat(QUESTION, max_tokens=2)  # the operator's default for every request: neither refused nor counted
+        assert [post(live, "/v1/chat/completions", plain, ALICE).status_code for _ in range(2)] == [200, 200]
     with serving(engine, api_keys=[ALICE, BOB], registry_scope="key", chunk_quota_tokens=300) as live:
         short = chat("Hello there, how are you?", max_tokens=2, cacheblend={"strategy": "prefix_cache"})
         for _ in range(2):  # the same blocks are counted once
