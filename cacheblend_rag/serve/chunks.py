@@ -1,10 +1,11 @@
 """``POST /v1/chunks``: precompute and register chunk texts.
 
 Who may register is the registry scope's decision (``access.py``). A request is checked before any model work:
-its number of texts (``max_chunk_texts``), their bytes, then their tokens, counted off the engine's thread
-(``max_chunk_tokens``): 413 naming the option; then the caller's quota (``quota.py``): 429. The texts are
-computed a few at a time, one step per scheduler turn (``ChunkJob``), so decoding requests keep their turns
-and a client that leaves stops the job between steps (what was computed before stays stored and registered).
+its number of texts (``max_chunk_texts``, before the body is validated), their bytes, then their tokens, counted
+off the engine's thread (``max_chunk_tokens``): 413 naming the option; then the caller's quota (``quota.py``):
+429. The texts are computed a few at a time, one step per scheduler turn (``ChunkJob``), so decoding requests keep
+their turns and a client that leaves stops the job between steps (what was computed before stays stored and
+registered).
 """
 
 from __future__ import annotations
@@ -94,7 +95,6 @@ async def checked_handles(state: ServerState, body: ChunksRequest, scope: str | 
     state.check_model(body.model)
     body.check()
     options, engine = state.options, state.engine
-    check_count(options.max_chunk_texts, {"texts": body.texts})
     limit = options.max_chunk_tokens
     size = body.text_bytes()
     if size > limit * BYTES_PER_TOKEN:
