@@ -76,7 +76,10 @@ MAX_PROMPT_BYTES = typer.Option(
     None, min=1, help="Longest prompt in UTF-8 bytes, refused (413) before tokenizing. Default: context x 32."
 )
 MAX_BODY_BYTES = typer.Option(
-    None, min=1, help="Largest request body (413). Default: the larger of 16 MiB and twice --max-prompt-bytes."
+    None,
+    min=1,
+    help="Largest request body (413). Default: twice the larger of --max-prompt-bytes and 32 x --max-chunk-tokens "
+    "(at least 1 MiB).",
 )
 MAX_CHUNK_TEXTS = typer.Option(256, min=1, help="Texts per POST /v1/chunks (413 past it).")
 MAX_CHUNK_TOKENS = typer.Option(65536, min=1, help="Chunk tokens per POST /v1/chunks (413 past it).")

@@ -2,9 +2,10 @@
 caller may see. No HTTP here: ``Access.caller`` takes the ``Authorization`` header's value.
 
 Keys are compared in constant time (sha256 digests, every key compared). A request resolves to a ``Caller``:
-``anonymous`` (no keys configured, or /health), one API key (``key-<digest prefix>``: a stable name for quotas
-and logs that does not reveal the key) or the admin. The registry scope says who may register chunks
-(``POST /v1/chunks``) and whose prompts a registered text is matched in:
+``anonymous`` (no keys configured, or /health), one API key (``key-<sha256 of the key>``: a stable id for quotas
+and scopes that does not reveal the key; ``Caller.name`` is its short form for logs) or the admin. The registry
+scope says who may register chunks (``POST /v1/chunks``), and use strategy ``prefix_cache``, which stores a
+prompt's blocks for later requests as registering does, and whose prompts a registered text is matched in:
 
 - ``open``: anyone allowed to call the server registers; every prompt is matched against every registered
   text (one registry for all callers);
@@ -42,10 +43,16 @@ class ReuseStats(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Caller:
-    """Who sent a request. ``id``: ``anonymous``, ``admin`` or ``key-<12 hex digits of the key's sha256>``."""
+    """Who sent a request. ``id``: ``anonymous``, ``admin`` or ``key-<the key's sha256, 64 hex digits>``: the whole
+    digest, since it names the caller's quota and registry scope (two keys sharing a shorter prefix, which anyone
+    choosing keys can find, would share both); ``name`` is its short form for logs."""
 
     id: str
     admin: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.id[: len("key-") + 12] if self.id.startswith("key-") else self.id
 
 
 ANONYMOUS = Caller("anonymous")
@@ -95,7 +102,7 @@ class Access:
         for key in [*keys, *([admin_key] if admin_key is not None else [])]:
             if not isinstance(key, str) or not key.strip() or key != key.strip():
                 raise ValueError("an API key must be a non-empty string without surrounding whitespace")
-        self._keys = {_digest(k): Caller(f"key-{hashlib.sha256(k.encode()).hexdigest()[:12]}") for k in keys}
+        self._keys = {_digest(k): Caller(f"key-{_digest(k).hex()}") for k in keys}
         self._admin = _digest(admin_key) if admin_key is not None else None
         if registry_scope is None:
             registry_scope = RegistryScope.ADMIN if self.keyed else RegistryScope.OPEN
@@ -147,6 +154,17 @@ class Access:
             raise Forbidden(
                 f"registering chunks needs the admin key (--admin-key) under --registry-scope admin; {fix}, or "
                 "start the server with --registry-scope open to let every client register"
+            )
+
+    def check_prefix_cache(self, caller: Caller) -> None:
+        """Raise Forbidden unless ``caller`` may use strategy ``prefix_cache``: it stores the prompt's blocks in the
+        caller's registry scope for later requests to reuse, as registering does (and tells a later request with the
+        same prompt that it was sent: it is prefilled faster), so it takes the right to register."""
+        if self.scope is RegistryScope.ADMIN and not caller.admin:
+            raise Forbidden(
+                "strategy prefix_cache stores the prompt's KV for every later request of the scope, which under "
+                "--registry-scope admin only the admin key may do; use another strategy, or start the server with "
+                "--registry-scope key (each key its own prefix cache)"
             )
 
     def scope_of(self, caller: Caller) -> str | None:

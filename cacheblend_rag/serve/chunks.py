@@ -1,16 +1,18 @@
 """``POST /v1/chunks``: precompute and register chunk texts.
 
 Who may register is the registry scope's decision (``access.py``). A request is checked before any model work:
-its number of texts (``max_chunk_texts``), their bytes, then their tokens, counted off the engine's thread
-(``max_chunk_tokens``): 413 naming the option; then the caller's quota (``quota.py``): 429. The texts are
-computed a few at a time, one step per scheduler turn (``ChunkJob``), so decoding requests keep their turns
-and a client that leaves stops the job between steps (what was computed before stays stored and registered).
+its number of texts (``max_chunk_texts``, before the body is validated), their bytes, then their tokens, counted
+off the engine's thread (``max_chunk_tokens``): 413 naming the option; then the caller's quota (``quota.py``):
+429. The texts are computed a few at a time, one step per scheduler turn (``ChunkJob``), so decoding requests keep
+their turns and a client that leaves stops the job between steps (what was computed before stays stored and
+registered).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -18,7 +20,6 @@ from starlette.responses import JSONResponse, Response
 from .completions import watch
 from .errors import ApiError, ClientGone, api_error, client_closed, parse_body
 from .options import BYTES_PER_TOKEN
-from .quota import QuotaExceeded
 from .schemas import ChunksRequest
 from .state import ServerState, caller_of, server_state
 
@@ -67,14 +68,12 @@ async def register_chunks(request: Request) -> Response:
     state, caller = server_state(request), caller_of(request)
     try:
         state.access.check_register(caller)
-        body = await parse_body(request, ChunksRequest)
+        body = await parse_body(request, ChunksRequest, partial(check_count, state.options.max_chunk_texts))
         scope = state.access.scope_of(caller)
         handles = await checked_handles(state, body, scope)
         charged = state.quota.charge(caller, handles)
     except ClientGone:
         return client_closed().response()
-    except QuotaExceeded as exc:
-        return ApiError(429, str(exc), "insufficient_quota", "insufficient_quota").response()
     except Exception as exc:
         return api_error(exc).response()
     job = ChunkJob(state.engine, body.texts, [h.n_tokens for h in handles], scope=scope)
@@ -96,14 +95,6 @@ async def checked_handles(state: ServerState, body: ChunksRequest, scope: str | 
     state.check_model(body.model)
     body.check()
     options, engine = state.options, state.engine
-    if len(body.texts) > options.max_chunk_texts:
-        raise ApiError(
-            413,
-            f"{len(body.texts)} texts in one request; this server takes at most {options.max_chunk_texts} "
-            "(--max-chunk-texts): send them in several requests",
-            code="too_many_texts",
-            param="texts",
-        )
     limit = options.max_chunk_tokens
     size = body.text_bytes()
     if size > limit * BYTES_PER_TOKEN:
@@ -123,6 +114,19 @@ async def checked_handles(state: ServerState, body: ChunksRequest, scope: str | 
                 param=f"texts[{i}]",
             )
     return handles
+
+
+def check_count(max_texts: int, data: dict) -> None:
+    """413 if ``data`` (the parsed body, checked before it is validated) has more than ``max_texts`` texts."""
+    texts = data.get("texts")
+    if isinstance(texts, list) and len(texts) > max_texts:
+        raise ApiError(
+            413,
+            f"{len(texts)} texts in one request; this server takes at most {max_texts} (--max-chunk-texts): send "
+            "them in several requests",
+            code="too_many_texts",
+            param="texts",
+        )
 
 
 def _too_many_tokens(what: str, limit: int) -> ApiError:

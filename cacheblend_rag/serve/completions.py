@@ -4,7 +4,9 @@ A request is parsed and checked on the event loop (model, sampling, blend option
 its prompt tokenized off the engine's thread into the blocks the engine runs (chat contents as plain text, chunks
 of the caller's registry scope found in it; a prompt past the context window is refused before it queues), then
 queued; the scheduler's events become one JSON answer or a stream of server-sent
-events. A client that leaves cancels its request.
+events. A client that leaves cancels its request. Strategy ``prefix_cache`` stores the prompt's blocks for later
+requests of the scope, as registering does: a request that asks for it takes the right to register, and its blocks
+count in the quota (not so where it is the server's default strategy: the operator's choice for every request).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..config import BlendConfig
 from ..engine.sampling import SamplingParams
 from ..engine.segments import ContextLengthExceeded
+from .access import Caller
 from .errors import ApiError, ClientGone, api_error, client_closed, parse_body
 from .options import BYTES_PER_TOKEN
+from .quota import prefix_cache_entries
 from .responses import ChatFormat, CompletionFormat, sse
 from .schemas import BadRequest, ChatCompletionRequest, CompletionRequest, blend_config
 from .state import ServerState, caller_of, server_state
@@ -60,6 +64,7 @@ class Prepared:
     blocks: list
     config: BlendConfig
     sampling: SamplingParams
+    stores: bool = False  # it asked for prefix_cache: its blocks are stored for later requests
     notes: dict = field(default_factory=dict)
     headers: dict = field(default_factory=dict)
 
@@ -74,34 +79,42 @@ async def completions(request: Request) -> Response:
 
 async def complete(request: Request, endpoint: Endpoint) -> Response:
     state, caller = server_state(request), caller_of(request)
+    charged: list[str] = []
     try:
-        body = await parse_body(request, endpoint.body)
+        check = partial(endpoint.body.check_raw, max_items=state.engine.context_window)
+        body = await parse_body(request, endpoint.body, check)
         scope = state.access.scope_of(caller)
-        prepared = await prepare(state, body, endpoint, scope)
+        prepared = await prepare(state, body, endpoint, scope, caller)
+        if prepared.stores:  # the prompt's blocks are stored for later requests: they count as chunks
+            charged = state.quota.charge(caller, prefix_cache_entries(state.engine.fingerprint, prepared.blocks, scope))
     except ClientGone:
         return client_closed().response()
-    except Exception as exc:  # a bad request (400, 404, 413), a full queue (429), the server stopping (503)
+    except Exception as exc:  # a bad request (400, 403, 404, 413), a full queue or quota (429), stopping (503)
         return api_error(exc).response()
     fmt = endpoint.format(state.name, reveal=state.access.sees_reuse(caller), notes=prepared.notes)
     stream_args = {"config": prepared.config, "sampling": prepared.sampling, "scope": scope}
     job = partial(state.engine.stream, blocks=prepared.blocks, **stream_args)
-    return await run(request, state, job, fmt, body, endpoint.path, prepared.headers)
+    unstarted = partial(state.quota.refund, caller, charged)  # nothing was stored
+    return await run(request, state, job, fmt, body, endpoint.path, prepared.headers, unstarted)
 
 
-async def prepare(state: ServerState, body, endpoint: Endpoint, scope: str | None) -> Prepared:
+async def prepare(state: ServerState, body, endpoint: Endpoint, scope: str | None, caller: Caller) -> Prepared:
     """Check ``body`` and tokenize its prompt (chunks of registry ``scope`` found in it); raises ApiError /
-    BadRequest naming what is wrong."""
+    BadRequest naming what is wrong, Forbidden for a strategy ``caller`` may not use."""
     state.check_model(body.model)
     options = state.options
     sampling, asked = body.sampling(options.default_max_tokens, options.max_tokens)
     config = blend_config(state.config, body.cacheblend, state.engine.device)
+    stores = config.strategy == "prefix_cache" and state.config.strategy != "prefix_cache"  # asked for
+    if stores:
+        state.access.check_prefix_cache(caller)
     text = endpoint.text(body)
     size = body.prompt_bytes()
     if size > options.max_prompt_bytes:
         raise prompt_too_large(size, options.max_prompt_bytes, state.engine.context_window, endpoint.param)
     state.scheduler.check_room()  # a full queue is refused before any tokenizing
     check = partial(checked_blocks, state.engine, text, scope, endpoint.param, options.max_prompt_bytes)
-    prepared = Prepared(await state.off_thread(check), config, sampling)
+    prepared = Prepared(await state.off_thread(check), config, sampling, stores)
     if asked is not None:
         prepared.notes["max_tokens"] = {"requested": asked, "allowed": options.max_tokens}
         prepared.headers[CLAMP_HEADER] = f"{asked}->{options.max_tokens}"
@@ -131,17 +144,24 @@ def checked_blocks(engine, text: dict, scope: str | None, param: str, max_bytes:
         raise BadRequest(str(exc), param, "context_length_exceeded") from None
 
 
-async def run(request: Request, state: ServerState, job, fmt, body, path: str, headers: dict) -> Response:
-    """Queue ``job`` (it returns the engine's GenerationStream) and answer with its result or stream."""
+async def run(
+    request: Request, state: ServerState, job, fmt, body, path: str, headers: dict, unstarted=None
+) -> Response:
+    """Queue ``job`` (it returns the engine's GenerationStream) and answer with its result or stream; ``unstarted()``
+    is called if the job never started."""
     try:
         ticket = state.scheduler.submit(job)
     except Exception as exc:  # QueueFull, SchedulerClosed
+        if unstarted is not None:
+            unstarted()
         return api_error(exc).response()
     watcher = asyncio.create_task(watch(request, ticket))
     handed_over = False
     try:
         kind, gen = await ticket.next_event()
         if kind != "started":  # the prefill failed, or the client left while queued, or the server is stopping
+            if unstarted is not None and ticket.started_at is None:
+                unstarted()
             return finished_early(kind, gen)
         if body.stream:
             handed_over = True

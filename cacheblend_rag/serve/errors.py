@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from .access import Forbidden, Unauthorized
+from .quota import QuotaExceeded
 from .responses import error_body
 from .scheduler import QueueFull, SchedulerClosed
 from .schemas import BadRequest
@@ -68,6 +69,8 @@ def api_error(exc: BaseException) -> ApiError:
         return ApiError(401, str(exc), code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     if isinstance(exc, Forbidden):
         return ApiError(403, str(exc), "permission_error", "permission_denied")
+    if isinstance(exc, QuotaExceeded):  # no Retry-After: a quota is not a wait
+        return ApiError(429, str(exc), "insufficient_quota", "insufficient_quota")
     if isinstance(exc, BadRequest):
         return ApiError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
@@ -94,8 +97,9 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    """The request's JSON body as ``model``; raises ApiError 400 naming what is wrong (or ClientGone)."""
+async def parse_body(request: Request, model: type[BaseModel], check=None) -> BaseModel:
+    """The request's JSON body as ``model``; raises ApiError 400 naming what is wrong (or ClientGone). ``check``: called
+    with the parsed JSON object before it is validated (to refuse, cheaply, what would take long to validate)."""
     try:
         raw = await request.body()
     except ClientDisconnect:
@@ -111,6 +115,8 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got a JSON {type(data).__name__}")
+    if check is not None:
+        check(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

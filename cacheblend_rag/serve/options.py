@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields, replace
 
 BYTES_PER_TOKEN = 32
-MIN_BODY_BYTES = 16 << 20
+MIN_BODY_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,9 @@ class ServerOptions:
     max_tokens: the most tokens one answer may have: a request asking for more is clamped (and told so);
         default_max_tokens: a request's max_tokens when it sends none (default: max_tokens; never above it).
     max_prompt_bytes: the longest prompt, in UTF-8 bytes, checked before tokenizing (413; default: the context
-        window x BYTES_PER_TOKEN); max_body_bytes: the largest request body (413; default: the larger of 16 MiB
-        and twice max_prompt_bytes).
+        window x BYTES_PER_TOKEN); max_body_bytes: the largest request body (413; default: twice the larger of
+        max_prompt_bytes and the bytes max_chunk_tokens may have, at least 1 MiB: room for JSON's escapes, and
+        no more, since the body is parsed on the event loop).
     max_chunk_texts, max_chunk_tokens: per POST /v1/chunks (413); chunk_quota_texts, chunk_quota_tokens: the
         distinct chunks (and their tokens) one key may register in this process's life (429; the admin key is
         exempt; 0: no quota).
@@ -91,5 +92,12 @@ class ServerOptions:
             model_name=self.model_name or engine_name,
             default_max_tokens=min(self.default_max_tokens or self.max_tokens, self.max_tokens),
             max_prompt_bytes=prompt_bytes,
-            max_body_bytes=self.max_body_bytes or max(MIN_BODY_BYTES, 2 * prompt_bytes),
+            max_body_bytes=self.max_body_bytes or default_body_bytes(prompt_bytes, self.max_chunk_tokens),
         )
+
+
+def default_body_bytes(max_prompt_bytes: int, max_chunk_tokens: int) -> int:
+    """The largest body a request needs: twice its largest text (a prompt, or a registration's chunk texts, which
+    are checked at BYTES_PER_TOKEN bytes per token) for JSON's escapes, at least MIN_BODY_BYTES. Not more: a body
+    is parsed on the event loop, which answers nothing else meanwhile (json.loads of a 16 MB object took 2 s)."""
+    return max(MIN_BODY_BYTES, 2 * max(max_prompt_bytes, max_chunk_tokens * BYTES_PER_TOKEN))

@@ -1,10 +1,36 @@
-"""Per-key quotas on chunk registration: the distinct chunks (content keys) each caller registered through this
+"""Per-key quotas on what a caller stores: the distinct chunks (content keys) each caller registered through this
 server process, and their tokens. Registering a chunk again costs nothing; the admin is exempt. In memory: a
-replica counts what was registered through it, from its start."""
+replica counts what was registered through it, from its start.
+
+A ``prefix_cache`` request stores its prompt's blocks for later requests (``prefix_cache_entries``): each counts
+as a chunk, so the strategy is no way around the quota (a 4 KB prompt stored 48 MB of KV in Redis).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..store.keys import chain_key, scope_root
 from .access import Caller
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One entry a request may store: its content key and tokens (what ``ChunkQuota.charge`` counts)."""
+
+    key: str
+    n_tokens: int
+
+
+def prefix_cache_entries(fingerprint: str, blocks, scope: str | None) -> list[Stored]:
+    """The entries a ``prefix_cache`` request of token ``blocks`` (``engine.blocks``) may store in registry
+    ``scope``: every block but the last, under the key chain the engine stores it under (``store/keys.py``), so a
+    prompt sent again is counted once."""
+    out, parent = [], scope_root(scope)
+    for block in blocks[:-1]:
+        parent = chain_key(fingerprint, parent, block.token_ids)
+        out.append(Stored(parent, len(block.token_ids)))
+    return out
 
 
 class QuotaExceeded(Exception):
@@ -24,8 +50,9 @@ class ChunkQuota:
         return len(held), sum(held.values())
 
     def charge(self, caller: Caller, handles) -> list[str]:
-        """Count ``handles`` (ChunkHandles) against ``caller``'s quota; returns the keys newly counted (for
-        ``refund``). Raises QuotaExceeded, counting nothing, if they do not fit."""
+        """Count ``handles`` (ChunkHandles, or ``Stored`` entries: anything with ``key`` and ``n_tokens``) against
+        ``caller``'s quota; returns the keys newly counted (for ``refund``). Raises QuotaExceeded, counting nothing,
+        if they do not fit."""
         if caller.admin:
             return []
         held = self._held.setdefault(caller.id, {})
@@ -33,13 +60,15 @@ class ChunkQuota:
         texts, tokens = len(held) + len(new), sum(held.values()) + sum(new.values())
         if self.max_texts and texts > self.max_texts:
             raise QuotaExceeded(
-                f"this key has registered {len(held)} chunks and asks for {len(new)} more: over its quota of "
-                f"{self.max_texts} (--chunk-quota-texts); registering chunks already counted is free"
+                f"this key has registered {len(held)} chunks (prompt blocks stored by strategy prefix_cache "
+                f"included) and asks for {len(new)} more: over its quota of {self.max_texts} (--chunk-quota-texts); "
+                "registering chunks already counted is free"
             )
         if self.max_tokens and tokens > self.max_tokens:
             raise QuotaExceeded(
-                f"this key has registered {sum(held.values())} chunk tokens and asks for {sum(new.values())} "
-                f"more: over its quota of {self.max_tokens} tokens (--chunk-quota-tokens)"
+                f"this key has registered {sum(held.values())} chunk tokens (prompt blocks stored by strategy "
+                f"prefix_cache included) and asks for {sum(new.values())} more: over its quota of {self.max_tokens} "
+                "tokens (--chunk-quota-tokens)"
             )
         held.update(new)
         return list(new)

@@ -8,6 +8,11 @@ logits by it would overflow.
 Blend options travel in the extra body field ``cacheblend``: any BlendConfig field, e.g. ``{"strategy":
 "cacheblend", "recompute_ratio": 0.15}``: ``ChatOpenAI(extra_body={"cacheblend": {...}})`` in LangChain,
 ``OpenAILike(additional_kwargs={"extra_body": {"cacheblend": {...}}})`` in LlamaIndex.
+
+Validating a body runs on the event loop, which answers nothing else meanwhile (pydantic holds the GIL): a 15 MB
+body of 400,000 one-letter messages held it for seconds. So each request's ``check_raw`` first refuses, on the
+parsed JSON, the lists no request that fits the context window has (more messages or content parts than it has
+tokens, more stop sequences or prompts than are served).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import BlendConfig
 from ..engine.sampling import GREEDY_BELOW, SamplingParams
 from ..kernels.backend import resolve_backend
+
+MAX_STOP = 4  # stop sequences per request
 
 
 class BadRequest(ValueError):
@@ -80,6 +87,14 @@ class _Sampling(BaseModel):
     top_logprobs: Any = None
     cacheblend: dict[str, Any] | None = None
 
+    @classmethod
+    def check_raw(cls, data: dict, max_items: int) -> None:
+        """Refuse, before validating ``data`` (the parsed body), lists longer than any request that fits a context
+        window of ``max_items`` tokens has (module docstring)."""
+        stop = data.get("stop")
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise BadRequest(f"stop has {len(stop)} sequences; send at most {MAX_STOP}", "stop")
+
     def sampling(self, default_max_tokens: int, cap: int) -> tuple[SamplingParams, int | None]:
         """The request's SamplingParams (greedy when temperature is absent or 0) and, if it asked for more than
         ``cap`` tokens, what it asked for (its max_tokens is then ``cap``). A value the engine refuses is a 400
@@ -95,8 +110,8 @@ class _Sampling(BaseModel):
             raise BadRequest("logprobs are not supported; leave logprobs out", "logprobs")
         _refuse("top_logprobs", self.top_logprobs, "this server returns no log probabilities")
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        if stop is not None and len(stop) > 4:
-            raise BadRequest(f"stop has {len(stop)} sequences; send at most 4", "stop")
+        if stop is not None and len(stop) > MAX_STOP:
+            raise BadRequest(f"stop has {len(stop)} sequences; send at most {MAX_STOP}", "stop")
         asked = self.asked_max_tokens()
         clamped = asked if asked is not None and asked > cap else None
         temperature = self.temperature or 0.0
@@ -166,6 +181,25 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: Any = None
     response_format: dict[str, Any] | None = None
 
+    @classmethod
+    def check_raw(cls, data: dict, max_items: int) -> None:
+        super().check_raw(data, max_items)
+        messages = data.get("messages")
+        if not isinstance(messages, list):
+            return
+        parts = len(messages)  # a message of content parts counts as its parts
+        if parts <= max_items:
+            parts = sum(
+                len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), list) else 1 for m in messages
+            )
+        if parts > max_items:
+            raise BadRequest(
+                f"the messages have {parts} messages or content parts, more than a prompt of at most {max_items} "
+                "tokens (the model's context window) can hold; send fewer",
+                "messages",
+                "context_length_exceeded",
+            )
+
     def engine_messages(self) -> list[dict]:
         if self.tools or self.functions:
             raise BadRequest("tools / functions are not supported by this server; leave them out", "tools")
@@ -194,6 +228,13 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @classmethod
+    def check_raw(cls, data: dict, max_items: int) -> None:
+        super().check_raw(data, max_items)
+        prompt = data.get("prompt")
+        if isinstance(prompt, list) and len(prompt) > 1:
+            raise BadRequest(f"prompt is a list of {len(prompt)} texts; send one prompt per request", "prompt")
 
     def text(self) -> str:
         if self.echo:

@@ -5,10 +5,15 @@ operator, per-request limits and per-key quotas on chunk registration."""
 
 from __future__ import annotations
 
+import hashlib
+from types import SimpleNamespace
+
 import httpx
 import pytest
 
+from cacheblend_rag.config import BlendConfig
 from cacheblend_rag.serve.access import Access, Caller, Unauthorized
+from cacheblend_rag.serve.quota import ChunkQuota
 from tests.conftest import PASSAGES
 
 from .conftest import MODEL, chat, serving, tiny_engine
@@ -151,6 +156,49 @@ def test_keys_resolve_in_constant_time_to_stable_callers():
     warnings = " ".join(Access(registry_scope="admin").warnings("0.0.0.0"))
     assert "--api-key" in warnings and "no client can register chunks" in warnings
     assert Access(["k"], "a").warnings("0.0.0.0") == [] and Access().warnings("::1") == []
+
+
+def test_two_keys_whose_digests_share_a_prefix_have_a_scope_and_a_quota_each():
+    """A key's caller was named by 12 hex digits of its sha256, and that name was its registry scope and quota: two
+    keys sharing those 48 bits (anyone who may choose a key finds one with 2^24 hashes; these two share them) shared
+    both, so one read the other's chunks. The whole digest names them now; logs show the short form."""
+    one, two = "probe-key-19291407", "probe-key-25111546"
+    assert hashlib.sha256(one.encode()).hexdigest()[:12] == hashlib.sha256(two.encode()).hexdigest()[:12]
+    access = Access([one, two], registry_scope="key")
+    first, second = access.caller(f"Bearer {one}"), access.caller(f"Bearer {two}")
+    assert first != second and access.scope_of(first) != access.scope_of(second)
+    assert first.name == second.name == "key-" + hashlib.sha256(one.encode()).hexdigest()[:12]
+    quota = ChunkQuota(max_texts=1, max_tokens=0)
+    quota.charge(first, [SimpleNamespace(key="a chunk", n_tokens=10)])
+    quota.charge(second, [SimpleNamespace(key="another chunk", n_tokens=10)])  # its own quota: no QuotaExceeded
+
+
+def test_prefix_cache_stores_the_prompt_so_it_takes_the_right_to_register_and_counts_in_the_quota(
+    keyed, tokenizer, tmp_path
+):
+    """strategy prefix_cache stores the prompt's blocks for every later request of the scope. Under the admin scope
+    a client's prompt made another client's identical prompt 20x faster (telling it the prompt was sent), and in
+    every scope it stored KV past the key's quota (a 4 KB prompt stored 48 MB in Redis)."""
+    body = chat(QUESTION, max_tokens=2, cacheblend={"strategy": "prefix_cache"})
+    refused = post(keyed, "/v1/chat/completions", body, ALICE)
+    assert refused.status_code == 403 and "--registry-scope key" in refused.json()["error"]["message"]
+    assert post(keyed, "/v1/chat/completions", body, ADMIN).status_code == 200
+    engine = tiny_engine(tokenizer, tmp_path)
+    with serving(engine, api_keys=[ALICE], config=BlendConfig(strategy="prefix_cache"), chunk_quota_tokens=1) as live:
+        plain = chat(QUESTION, max_tokens=2)  # the operator's default for every request: neither refused nor counted
+        assert [post(live, "/v1/chat/completions", plain, ALICE).status_code for _ in range(2)] == [200, 200]
+    with serving(engine, api_keys=[ALICE, BOB], registry_scope="key", chunk_quota_tokens=300) as live:
+        short = chat("Hello there, how are you?", max_tokens=2, cacheblend={"strategy": "prefix_cache"})
+        for _ in range(2):  # the same blocks are counted once
+            assert post(live, "/v1/chat/completions", short, ALICE).status_code == 200
+        long = chat("word " * 400, max_tokens=2, cacheblend={"strategy": "prefix_cache"})
+        requests = engine.metrics()["requests"]
+        over = post(live, "/v1/chat/completions", long, ALICE)
+        assert over.status_code == 429 and "--chunk-quota-tokens" in over.json()["error"]["message"]
+        assert engine.metrics()["requests"] == requests  # refused before it ran: nothing stored
+        registered = post(live, "/v1/chunks", {"texts": ["word " * 290]}, ALICE)
+        assert registered.status_code == 429  # the prompt blocks count with the chunks
+        assert post(live, "/v1/chunks", {"texts": ["word " * 290]}, BOB).status_code == 200  # another key's quota
 
 
 def test_chunk_limits_per_request_and_quotas_per_key(tokenizer, tmp_path):

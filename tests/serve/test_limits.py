@@ -11,6 +11,7 @@ import threading
 import httpx
 import pytest
 
+from cacheblend_rag.serve.options import ServerOptions
 from cacheblend_rag.serve.scheduler import QueueFull, Scheduler
 
 from .conftest import MODEL, PacedEngine, chat, metric, serving, tiny_engine, wait_until
@@ -46,7 +47,7 @@ def test_prompts_are_refused_by_bytes_then_by_tokens_off_the_engine_thread(engin
         assert not any(n > limit for _, n in calls)  # never tokenized
         chat_huge = httpx.post(f"{live.url}/v1/chat/completions", json=chat("é" * (limit // 2 + 1)), timeout=60)
         assert chat_huge.status_code == 413 and chat_huge.json()["error"]["param"] == "messages"
-        many = [{"role": "user", "content": "."}] * 4000  # a few bytes of text, many template headers
+        many = [{"role": "user", "content": "a b c d"}] * 2040  # a few bytes of text, many template headers
         templated = httpx.post(f"{live.url}/v1/chat/completions", json=chat(many), timeout=60)
         assert templated.status_code == 413 and templated.json()["error"]["code"] == "prompt_too_large"
         assert not any(n > limit for _, n in calls)
@@ -128,3 +129,32 @@ def test_the_429_message_counts_what_the_queue_holds():
     full = asyncio.run(main())
     assert (full.running, full.waiting, full.max_active, full.max_queue) == (2, 1, 2, 1)
     assert "2 running (max_active 2), 1 waiting (max_queue 1)" in str(full)
+
+
+def test_lists_no_request_could_use_are_refused_before_the_body_is_validated(engine):
+    """Validating a body holds the event loop: a 15 MB body of 400,000 one-letter messages held every request,
+    /health included, for 5 s. A list longer than any request that fits the context window has is refused on the
+    parsed JSON first: the error is about its length, never a validation error of one of its items."""
+    n = engine.context_window + 1
+    with serving(engine, max_chunk_texts=8) as live:
+        url = f"{live.url}/v1/chat/completions"
+        for messages in ([{"role": "tool", "content": 1}] * n, [{"role": "user", "content": [{"type": "x"}] * n}]):
+            error = httpx.post(url, json=chat(messages), timeout=60).json()["error"]
+            assert error["code"] == "context_length_exceeded" and error["param"] == "messages", error
+            assert f"{n} messages or content parts" in error["message"]
+        error = httpx.post(url, json=chat("hi", stop=[1] * 5), timeout=60).json()["error"]
+        assert error["param"] == "stop" and "send at most 4" in error["message"]
+        text = httpx.post(f"{live.url}/v1/completions", json={"model": MODEL, "prompt": [1, 2]}, timeout=60)
+        assert "send one prompt per request" in text.json()["error"]["message"]
+        chunks = httpx.post(f"{live.url}/v1/chunks", json={"texts": [1] * 9}, timeout=60)
+        assert chunks.status_code == 413 and chunks.json()["error"]["code"] == "too_many_texts"
+    assert engine.metrics()["requests"] == 0
+
+
+def test_the_default_body_limit_is_what_the_largest_request_needs():
+    """Twice the largest text a request may carry (room for JSON's escapes), at least 1 MiB; it was 16 MiB, and
+    json.loads of a 16 MB body holds the event loop for seconds."""
+    assert ServerOptions().resolved(8192, "m").max_body_bytes == 2 * 65536 * 32  # chunk texts: 2 MiB
+    assert ServerOptions(max_prompt_bytes=8 << 20).resolved(8192, "m").max_body_bytes == 16 << 20
+    assert ServerOptions(max_chunk_tokens=10).resolved(100, "m").max_body_bytes == 1 << 20
+    assert ServerOptions(max_body_bytes=5).resolved(100, "m").max_body_bytes == 5
