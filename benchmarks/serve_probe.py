@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,160 +36,36 @@ from pathlib import Path
 
 import httpx
 import redis
-
-REPO = Path(__file__).resolve().parents[1]
-MODEL = "smollm2-135m"
-CLI = [sys.executable, "-c", "from cacheblend_rag.cli import main; main()", "serve", "--model", MODEL]
-DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # the template's default
-INSTRUCTION = "Answer the question in one short sentence, using only the facts given in the context."
-FACT = "The Eiffel Tower is in Paris, France. It was completed in 1889 and is 330 metres tall."
-SECRET = " ".join(f"K1's private note {i}: account {i * 7919} holds {i * 31} units." for i in range(60))
-QUESTIONS = ["What is the capital of Japan?", "Name a primary colour.", "What is 2 + 3?", "Which planet is red?"]
-KEYS = {"K1": "k1-" + "a" * 40, "K2": "k2-" + "b" * 40, "ADM": "adm-" + "c" * 40}
-PREFIX_CACHE = {"cacheblend": {"strategy": "prefix_cache"}}
-FULL = {"cacheblend": {"strategy": "full_recompute"}}
-UNSUPPORTED = json.loads(
-    '{"top_logprobs": 2, "tool_choice": "auto", "function_call": "auto", "parallel_tool_calls": true, "logprobs": '
-    'true, "n": 2, "logit_bias": {"1": 1}, "presence_penalty": 0.5, "tools": [{"x": 1}], "response_format": {"type": '
-    '"json_object"}, "seed": 1180591620717411303424, "stop": ["a", "b", "c", "d", "e"]}'
+from serve_probe_common import (  # the probe's constants, the replicas it starts, the readers of answers
+    CLI,
+    DEFAULT_SYSTEM,
+    FACT,
+    FULL,
+    INSTRUCTION,
+    KEYS,
+    MODEL,
+    PREFIX_CACHE,
+    QUESTIONS,
+    REPO,
+    ROWS,
+    SECRET,
+    UNSUPPORTED,
+    Replica,
+    cached,
+    code,
+    during,
+    error_shaped,
+    free_port,
+    hits,
+    registry_keys,
+    row,
+    rss_mb,
+    start,
+    text_of,
 )
-ROWS: list[dict] = []
+from serve_probe_process import probe_connections, probe_fd_flood, probe_sigterm
 
 
-def row(item: str, probe: str, figure, ok: bool) -> None:
-    ROWS.append({"item": item, "probe": probe, "figure": str(figure), "ok": bool(ok)})
-    print(f"[{'ok' if ok else 'FAIL'}] {item} {probe}: {figure}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return next((int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS:")), -1)
-
-
-class Replica:
-    """``cacheblend serve`` in a process: ``args`` are extra CLI options, ``nofile`` a ``ulimit -n``."""
-
-    def __init__(self, name: str, redis_url: str, workdir: Path, args=(), nofile: int | None = None) -> None:
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cli = [*CLI, "--port", str(self.port), "--dtype", "bfloat16", "--store", "memory://?max_bytes=1GB"]
-        cli += ["--store", redis_url, *args]
-        cmd = ["bash", "-c", f'ulimit -n {nofile} && exec "$@"', "_", *cli] if nofile else cli
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        env["PYTHONPATH"] = f"{REPO}:{env.get('PYTHONPATH', '')}"
-        self.log_path = workdir / f"replica-{name}.log"
-        self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 600) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return True
-            time.sleep(0.5)
-        return False
-
-    def call(self, path: str, body=None, key: str | None = None, raw: bytes | None = None, timeout: float = 300):
-        """(status, JSON or text, headers, seconds); GET without a body."""
-        headers = {"Authorization": f"Bearer {KEYS.get(key, key)}"} if key else {}
-        t = time.perf_counter()
-        if body is None and raw is None:
-            r = httpx.get(self.url + path, headers=headers, timeout=timeout)
-        else:
-            content = raw if raw is not None else json.dumps(body)
-            headers["content-type"] = "application/json"
-            r = httpx.post(self.url + path, content=content, headers=headers, timeout=timeout)
-        try:
-            data = r.json()
-        except ValueError:
-            data = r.text
-        return r.status_code, data, r.headers, time.perf_counter() - t
-
-    def chat(self, messages, key=None, max_tokens=8, **extra):
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        return self.call(
-            "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": max_tokens, **extra}, key
-        )
-
-    def complete(self, prompt: str, **extra):
-        return self.call("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 8, **extra})[1]
-
-    def health(self) -> dict:
-        return self.call("/health")[1]
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        self.log.close()
-
-
-def start(*replicas: Replica) -> None:
-    for r in replicas:
-        if not r.wait_ready():
-            raise SystemExit(f"replica {r.name} did not start: see {r.log_path}")
-
-
-def text_of(data) -> str | None:
-    if not isinstance(data, dict) or "choices" not in data:
-        return None
-    choice = data["choices"][0]
-    return choice["message"]["content"] if "message" in choice else choice["text"]
-
-
-def code(data) -> str | None:
-    return (data.get("error") or {}).get("code") if isinstance(data, dict) else None
-
-
-def error_shaped(data) -> bool:
-    err = data.get("error") if isinstance(data, dict) else None
-    return (
-        isinstance(err, dict) and {"message", "type", "param", "code"} <= set(err) and not str(err["param"]).isdigit()
-    )
-
-
-def hits(data) -> int:
-    return (data.get("cacheblend") or {}).get("cache_hits", 0) if isinstance(data, dict) else 0
-
-
-def cached(data) -> int | None:
-    details = (data.get("usage") or {}).get("prompt_tokens_details") if isinstance(data, dict) else None
-    return None if details is None else details.get("cached_tokens")
-
-
-def registry_keys(r: redis.Redis, scoped: bool = False) -> list[bytes]:
-    return [k for k in r.scan_iter(match="*registry:*") if k.count(b":") == (4 if scoped else 3)]
-
-
-def during(fn, probe_url: str) -> tuple[object, float]:
-    """Run ``fn`` in a thread while polling ``probe_url``; returns (fn's result, the slowest poll in seconds)."""
-    out, slowest = {}, 0.0
-    thread = threading.Thread(target=lambda: out.setdefault("r", fn()))
-    thread.start()
-    time.sleep(0.05)
-    while thread.is_alive():
-        t = time.perf_counter()
-        with contextlib.suppress(httpx.HTTPError):
-            httpx.get(probe_url, timeout=60)
-        slowest = max(slowest, time.perf_counter() - t)
-        time.sleep(0.05)
-    thread.join()
-    return out.get("r"), slowest
-
-
-# ---- phase open ------------------------------------------------------------------------------------------
 def probe_answers(a: Replica, b: Replica) -> None:
     """The template's default system prompt and an instruction line registered on A must not change B's answers
     where they stand in the prompt's head or system prompt; a completion prompt that is a chunk answers as full
@@ -326,74 +200,6 @@ def probe_wrongtype(b: Replica, r: redis.Redis) -> None:
     row("Low", "/health while the registry's key is WRONGTYPE", f"available={available}", not available)
     r.delete(key)
     r.rename(key + b":saved", key)
-
-
-def probe_connections(b: Replica) -> None:
-    heads = [socket.create_connection(("127.0.0.1", b.port)) for _ in range(51)]
-    for s in heads:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
-    bodies = [socket.create_connection(("127.0.0.1", b.port)) for _ in range(10)]
-    for s in bodies:
-        s.sendall(b'POST /v1/chunks HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{"texts"')
-    time.sleep(8)  # B runs with --header-timeout 3 --body-timeout 3
-    closed = 0
-    for s in heads + bodies:
-        s.settimeout(1)
-        with contextlib.suppress(OSError):
-            data = s.recv(4096)
-            closed += data == b"" or b" 408 " in data
-        s.close()
-    row("10", "half-sent heads and bodies closed after 8 s", f"{closed}/61", closed == 61)
-
-
-def probe_sigterm(b: Replica) -> None:
-    got: dict[int, object] = {}
-
-    def stream(i):
-        body = {"model": MODEL, "messages": [{"role": "user", "content": f"A long story {i}."}], "max_tokens": 200}
-        with httpx.stream("POST", f"{b.url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
-            got[i] = [line for line in r.iter_lines() if line.startswith("data: ")]
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]  # B: --max-active 2
-    queued = [lambda i=i: got.setdefault(10 + i, b.chat(f"Queued {i}", max_tokens=50)) for i in range(3)]
-    threads += [threading.Thread(target=fn) for fn in queued]
-    for th in threads:
-        th.start()
-        time.sleep(0.3)
-    time.sleep(4)
-    t = time.perf_counter()
-    b.proc.send_signal(signal.SIGTERM)
-    for th in threads:
-        th.join()
-    b.proc.wait(60)
-    waits = [(s, code(d), round(secs, 1)) for s, d, _, secs in (got[10 + i] for i in range(3))]
-    ok = all(s == 503 and c == "shutting_down" for s, c, _ in waits)
-    row("8", "SIGTERM: queued requests (status, code, s since sent)", waits, ok)
-    ends = [e[-1][6:60] if e else None for e in (got[0], got[1])]
-    ok = all(e and ("[DONE]" in e or "shutting_down" in e) for e in ends)
-    row("8", "SIGTERM: running streams end with", ends, ok)
-    exit_code = b.proc.returncode  # uvicorn re-raises the signal once it has shut down: -15
-    row("8", "SIGTERM: exit (code, s)", (exit_code, round(time.perf_counter() - t, 1)), exit_code in (0, -15))
-
-
-def probe_fd_flood(c: Replica) -> None:
-    socks = []
-    with contextlib.suppress(OSError):
-        for _ in range(600):
-            socks.append(socket.create_connection(("127.0.0.1", c.port), timeout=2))
-    time.sleep(2)
-    t = time.perf_counter()
-    try:
-        status = httpx.get(f"{c.url}/health", timeout=10).status_code
-    except httpx.HTTPError as exc:
-        status = type(exc).__name__
-    secs = time.perf_counter() - t
-    for s in socks:
-        s.close()
-    time.sleep(1)
-    after, lines = httpx.get(f"{c.url}/health", timeout=10).status_code, len(c.log_path.read_text().splitlines())
-    figure, ok = (status, round(secs, 1), after, lines), status in (200, 503) and after == 200 and lines < 200
-    row("10", "ulimit -n 256, 600 idle connections: /health during (s), after; log lines", figure, ok)
 
 
 def phase_open(redis_url: str, r: redis.Redis, workdir: Path) -> None:

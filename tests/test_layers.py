@@ -175,3 +175,10 @@ def test_no_import_cycle():
         for a, b in cycle_edges(import_graph(module_files()))
     }
     assert edges == set(), f"import cycle through these imports: {sorted(edges)}"
+
+
+def test_the_cli_runs_as_a_module_too():
+    out = subprocess.run(
+        [sys.executable, "-m", "cacheblend_rag.cli", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and "serve" in out.stdout, out.stderr[-2000:]
