@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +35,8 @@ from .placement import FALLBACK, place_chunks
 from .planner import plan_request
 from .prompt import PromptFormat
 from .registry import MIN_TOKENS, ChunkRegistry
-from .request import GenerationResult, GenerationStream, PreparedRequest, run_prefill
+from .prefill import run_to_end
+from .request import GenerationResult, GenerationStream, PreparedRequest, run_prefill_steps
 from .sampling import Sampler, SamplingParams
 from .segments import Block, check_blocks
 from .stats import EngineMetrics, RequestStats
@@ -250,7 +251,12 @@ class CacheBlendEngine:
         )
 
     # ---- requests -----------------------------------------------------------------------------------
-    def prepare(
+    def prepare(self, segments: Sequence[str | ChunkHandle] | None = None, **kwargs) -> PreparedRequest:
+        """Run the prefill of a request (``prepare_steps``' arguments) to its end; returns the cache and
+        first-token logits."""
+        return run_to_end(self.prepare_steps(segments, **kwargs))
+
+    def prepare_steps(
         self,
         segments: Sequence[str | ChunkHandle] | None = None,
         *,
@@ -260,8 +266,9 @@ class CacheBlendEngine:
         config: BlendConfig | None = None,
         extra_capacity: int = 0,
         scope: str | None = None,
-    ) -> PreparedRequest:
-        """Run the prefill of a request under ``config``; returns the cache and first-token logits."""
+    ) -> Generator[int, None, PreparedRequest]:
+        """The prefill of a request under ``config``, a layer per step (a batching scheduler interleaves them with
+        decoding): yields the rows each layer computed, returns the cache and first-token logits."""
         started = time.perf_counter()
         config = self._config(config)
         fwd = self.forward.with_backend(config.backend)  # the request's kernels, chosen once
@@ -279,7 +286,7 @@ class CacheBlendEngine:
         plan, prefix_blocks = plan_request(blocks, config, self.chunks, stats, scope)
         # never more rows than the context window lets the request decode into (a huge max_new_tokens)
         cache = self._new_cache(n + max(0, min(extra_capacity, max(self.context_window - n, 1))))
-        result = run_prefill(fwd, plan, cache, config, stats)
+        result = yield from run_prefill_steps(fwd, plan, cache, config, stats)
         if prefix_blocks is not None:
             prefix_blocks.store(self.store, result.captured)
         prompt_ids = [t for b in blocks for t in b.token_ids]

@@ -25,8 +25,9 @@ with a deviation selection (how many rows to keep depends on the scores: one rea
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -36,6 +37,8 @@ from ..store.chunk import ChunkKV
 from .kv_cache import KVCache
 from .selection import Budget, attention_mass, choose, deviation_scores, probe_span
 from .transfer import StoredKV
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -125,7 +128,24 @@ def cached_rows_mask(n: int, spans: list[CachedSpan], device: torch.device) -> t
 
 
 def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResult:
-    """Fill ``cache`` rows 0..N-1 for every layer following ``plan``; return the last position's logits.
+    """Fill ``cache`` rows 0..N-1 for every layer following ``plan``; return the last position's logits
+    (``prefill_steps`` run to its end)."""
+    return run_to_end(prefill_steps(fwd, plan, cache))
+
+
+def run_to_end(steps: Generator[object, None, T]) -> T:
+    """Run a generator of steps (``prefill_steps``, ``engine.prepare_steps``) to its end; return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def prefill_steps(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> Generator[int, None, PrefillResult]:
+    """``prefill`` a layer at a time: yields after each layer the rows it computed (M), returns the PrefillResult.
+    Nothing is read from the device at a yield; whoever steps it runs each step under ``torch.inference_mode``
+    (never across a yield: the mode is the thread's, and another request may run in between).
 
     Runs on ``fwd``'s kernels. N prompt rows; M: the rows computed at the current layer (``sel``), which shrinks
     at check layers and to the last row after the last K/V is written.
@@ -201,6 +221,7 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
         h = fwd.finish_layer(layer, h, attn)  # [M, hidden]
         flops += (q_flops + rest_flops) * rows.shape[0]
         work = work + rows.sum() + rows.shape[0]
+        yield layer_rows[-1]
     logits = None
     if plan.need_logits:
         logits = fwd.logits(h[-1:])[0]

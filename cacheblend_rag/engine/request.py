@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +12,7 @@ from ..config import BlendConfig
 from ..model.forward import ModelForward
 from .decode import GRAPH_MIN_TOKENS, Decoder, TextStreamer
 from .kv_cache import KVCache
-from .prefill import PrefillPlan, PrefillResult, prefill
+from .prefill import PrefillPlan, PrefillResult, prefill_steps, run_to_end
 from .query_selection import select_by_query
 from .sampling import Sampler
 from .selection import Budget
@@ -46,18 +46,38 @@ def run_prefill(
     fwd: ModelForward, plan: PrefillPlan, cache: KVCache, config: BlendConfig, stats: RequestStats
 ) -> PrefillResult:
     """Run ``plan`` into ``cache`` (after the probe pass of the query selection) and note it in ``stats``."""
+    return run_to_end(run_prefill_steps(fwd, plan, cache, config, stats))
+
+
+def run_prefill_steps(
+    fwd: ModelForward, plan: PrefillPlan, cache: KVCache, config: BlendConfig, stats: RequestStats
+) -> Generator[int, None, PrefillResult]:
+    """``run_prefill`` a layer at a time (``prefill_steps``; the probe pass is part of the first step): yields the
+    rows each layer computed. Each step runs under inference mode; ``stats.prefill_s`` counts the steps' time,
+    not the time between them."""
     t = time.perf_counter()
+    spent = 0.0
     probe = None
     with torch.inference_mode():
         if config.strategy == "cacheblend" and config.selection == "query" and plan.spans:
             plan, _, probe = select_by_query(fwd, plan, cache, Budget.of(config))
             stats.probe_s = time.perf_counter() - t  # on a GPU: the time to queue it (nothing waits in between)
-        result = prefill(fwd, plan, cache)
-        # the first reads from the device since the plan was made: on a GPU, prefill_s includes the work queued
-        stats.note_prefill(result, plan.spans, blend=config.strategy == "cacheblend")
-        if probe is not None:
-            stats.prefill_flops += probe.flops
-    stats.prefill_s = time.perf_counter() - t
+    steps = prefill_steps(fwd, plan, cache)
+    while True:
+        with torch.inference_mode():
+            try:
+                rows = next(steps)
+            except StopIteration as done:
+                result = done.value
+                # the first reads from the device since the plan was made: on a GPU, prefill_s includes the work
+                stats.note_prefill(result, plan.spans, blend=config.strategy == "cacheblend")
+                if probe is not None:
+                    stats.prefill_flops += probe.flops
+                break
+        spent += time.perf_counter() - t
+        yield rows
+        t = time.perf_counter()
+    stats.prefill_s = spent + time.perf_counter() - t
     return result
 
 
