@@ -28,14 +28,15 @@ from ..model.forward import ModelForward
 from ..model.loading import default_cache_dir, load_model
 from ..store import ChunkHandle, ChunkKV, model_fingerprint
 from ..store.keys import check_scope
+from .batch_generate import generate_batch
 from .chunks import ChunkSource, StoreSpec, build_store
 from .decode import TextStreamer
 from .kv_cache import KVCache
 from .placement import FALLBACK, place_chunks
 from .planner import plan_request
+from .prefill import run_to_end
 from .prompt import PromptFormat
 from .registry import MIN_TOKENS, ChunkRegistry
-from .prefill import run_to_end
 from .request import GenerationResult, GenerationStream, PreparedRequest, run_prefill_steps
 from .sampling import Sampler, SamplingParams
 from .segments import Block, check_blocks
@@ -361,6 +362,11 @@ class CacheBlendEngine:
             scope=scope,
             **options,
         ).result
+
+    def generate_batch(self, requests: Sequence[str | dict], **kwargs) -> list[GenerationResult]:
+        """Generate for several requests at once: each prefilled, all decoded together in one batch (prompt strings,
+        or dicts of ``generate``'s keywords; engine/batch_generate.py has the options). Results in order."""
+        return generate_batch(self, requests, **kwargs)
 
     def metrics(self) -> dict:
         """Cumulative counters: requests, tokens, cache hits/misses, and per-tier store counters."""

@@ -103,6 +103,14 @@ class RunningBatch:
         self._seqs.append(seq)
         return seq
 
+    def adopt(self, seq: BatchSequence, cache: KVCache) -> None:
+        """Take in a running ``seq`` of another batch with its KV ``cache`` (e.g. that batch's ``slots.cache(i)``:
+        a pool made again larger); it goes on from where it was."""
+        if seq.done:
+            raise ValueError(f"a finished sequence ({seq.finish_reason}) cannot join a batch")
+        self.slots.add(cache, room=seq.max_new_tokens - 1 - len(seq.tokens))
+        self._seqs.append(seq)
+
     def cancel(self, seq: BatchSequence) -> None:
         """Stop ``seq`` now (its slot is freed); a finished or unknown sequence is left as it is."""
         if seq.done or seq not in self._seqs:
