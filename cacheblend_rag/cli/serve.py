@@ -64,7 +64,22 @@ REUSE_STATS = typer.Option(
     "(callers that may register) or 'public' (every caller).",
 )
 # limits (ServerOptions and ServerLimits fields of the same names)
-MAX_ACTIVE = typer.Option(4, min=1, help="Requests decoded by turns (each prefill runs alone).")
+MAX_ACTIVE = typer.Option(
+    16, min=1, help="Requests decoding together in one batch (fewer when their KV would pass --kv-memory)."
+)
+KV_MEMORY = typer.Option(
+    None,
+    help="KV memory of the decode batch: bytes (2GB, 512MiB) or a share of the device's memory (0.2); a request "
+    "is admitted when its prompt and max_tokens fit beside the running ones. Default: 0.2.",
+    show_default=False,
+)
+PREFILL_BUDGET = typer.Option(
+    None,
+    min=1,
+    help="Rows x layers of a new request's prefill run between two decoding steps of the batch (bounds the running "
+    "streams' inter-token latency). Default: 32 prompt rows through every layer.",
+    show_default=False,
+)
 MAX_QUEUE = typer.Option(32, min=0, help="Requests that may wait beyond those; then 429 + Retry-After.")
 MAX_TOKENS = typer.Option(
     256, min=1, help="The most tokens one answer may have: a request asking for more is clamped (and told so)."
@@ -118,6 +133,8 @@ def serve(
     reuse_stats: str = REUSE_STATS,
     max_active: int = MAX_ACTIVE,
     max_queue: int = MAX_QUEUE,
+    kv_memory: str | None = KV_MEMORY,
+    prefill_budget: int | None = PREFILL_BUDGET,
     max_tokens: int = MAX_TOKENS,
     default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
     max_prompt_bytes: int | None = MAX_PROMPT_BYTES,
@@ -146,6 +163,7 @@ def serve(
         require_serve()
         config = BlendConfig(strategy=strategy, recompute_ratio=ratio)
         rules = Access(**access)
+        memory = kv_memory_option(kv_memory)
     except (ImportError, ValueError) as exc:
         raise _fail(str(exc)) from None
     for warning in rules.warnings(host):
@@ -155,8 +173,8 @@ def serve(
 
     keys = f"{len(access['api_keys'])} API key(s)" if access["api_keys"] else "no API key"
     console.print(
-        f"serving {served_model_name or model} on http://{host}:{port}/v1 (one prefill at a time, "
-        f"{max_active} decoding by turns, {max_queue} may wait; {keys}, registry scope {rules.scope.value})",
+        f"serving {served_model_name or model} on http://{host}:{port}/v1 (up to {max_active} requests decoding in "
+        f"one batch, {max_queue} may wait; {keys}, registry scope {rules.scope.value})",
         highlight=False,
     )
     limits = dict(header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout, max_connections=max_connections)
@@ -164,6 +182,8 @@ def serve(
         model_name=served_model_name or model,
         max_active=max_active,
         max_queue=max_queue,
+        kv_memory=memory,
+        prefill_budget=prefill_budget,
         max_tokens=max_tokens,
         default_max_tokens=default_max_tokens,
         max_prompt_bytes=max_prompt_bytes,
@@ -176,6 +196,23 @@ def serve(
         shutdown_grace=shutdown_grace,
     )
     run(engine, host, port, log_level=log_level, **limits, **access, **options)
+
+
+def kv_memory_option(text: str | None) -> int | float | None:
+    """``--kv-memory``: a share of the memory (``0.2``: a number up to 1) or bytes (``2GB``, ``512MiB``, ``1e9``)."""
+    if text is None:
+        return None
+    from ..store.urls import parse_bytes
+
+    try:
+        value = float(text)
+    except ValueError:
+        return parse_bytes(text)
+    if 0 < value <= 1:
+        return value
+    if value > 1 and value == int(value):
+        return int(value)
+    raise ValueError(f"--kv-memory must be bytes (2GB, 512MiB, 1000000000) or a share in (0, 1] (0.2); got {text!r}")
 
 
 def _engine(model, device, dtype, cache_dir, store, config, share_registry: bool):

@@ -126,16 +126,26 @@ class BatchLoop:
         self.prefilling.append(request)
 
     def step(self) -> StepEvents:
-        """One iteration: a budget of prefill, then one decoding step for every running sequence."""
+        """One iteration: ``prefill_step`` then ``decode_step``, their events together."""
+        events = self.prefill_step()
+        later = self.decode_step()
+        for name in ("joined", "pieces", "ended", "stopped", "failed"):
+            getattr(events, name).extend(getattr(later, name))
+        return events
+
+    def prefill_step(self) -> StepEvents:
+        """A budget of prefill; a request whose prefill ended joins the decode batch (``joined``)."""
         events = StepEvents()
         self._drop_stopped(events)
         request = self._next_prefill()
         if request is not None:
             self._prefill(request, events)
+        return events
+
+    def decode_step(self) -> StepEvents:
+        """One decoding step: a token for every running sequence (nothing if none runs)."""
+        events = StepEvents()
         if len(self.pool):
-            if self.before_decode is not None:
-                self.before_decode()
-                self._drop_stopped(events)
             self._decode(events)
         return events
 
@@ -172,6 +182,9 @@ class BatchLoop:
 
     def _decode(self, events: StepEvents) -> None:
         try:
+            if self.before_decode is not None:
+                self.before_decode()
+                self._drop_stopped(events)
             pieces, ended = self.pool.step()
         except Exception as exc:  # the batch's state is unknown after a failed step: every request in it fails
             events.failed += [(request, exc) for request in self.pool.fail_all()]

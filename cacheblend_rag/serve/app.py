@@ -1,13 +1,14 @@
 """The FastAPI app: OpenAI-compatible completions over one CacheBlendEngine, chunk registration, health, metrics.
 
-Every call into the engine runs on the scheduler's worker thread (``scheduler.py``), one prefill at a time;
-the event loop only parses, checks, queues and streams, and prompts are rendered and tokenized for their checks
-on a small pool of their own. The handlers live beside what they serve (``completions.py``, ``chunks.py``,
-``info.py``) and share one ``ServerState`` (``state.py``); requests pass ``middleware.py`` first (counted,
-authenticated, body read within its limits). Errors are OpenAI-style JSON (``errors.py``): 400 for a bad
-request, 401 without a valid key, 403 for what a key may not do, 404 for another model or path, 408 / 413 for a
-body too slow or too large, 429 for a full queue or a spent quota, 503 when the engine ran out of memory or the
-server is stopping, 500 otherwise (logged with its traceback); the server goes on.
+Every call into the engine runs on the scheduler's worker thread (``scheduler.py``: the requests decode in one
+batch, a budget of one new request's prefill between two decoding steps); the event loop only parses, checks,
+queues and streams, and prompts are rendered and tokenized for their checks on a small pool of their own. The
+handlers live beside what they serve (``completions.py``, ``chunks.py``, ``info.py``) and share one
+``ServerState`` (``state.py``); requests pass ``middleware.py`` first (counted, authenticated, body read within
+its limits). Errors are OpenAI-style JSON (``errors.py``): 400 for a bad request, 401 without a valid key, 403
+for what a key may not do, 404 for another model or path, 408 / 413 for a body too slow or too large, 429 for a
+full queue or a spent quota, 503 when the engine ran out of memory or the server is stopping, 500 otherwise
+(logged with its traceback); the server goes on.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def create_app(
 
     config: the BlendConfig of requests that send no ``cacheblend`` options (default: the engine's).
     api_keys, admin_key, registry_scope, reuse_stats: who may call, register and see reuse (``access.py``).
-    options: ServerOptions fields (``options.py``): model_name, max_active, max_queue, max_tokens,
-    default_max_tokens, the size limits, quotas, body_timeout, shutdown_grace.
+    options: ServerOptions fields (``options.py``): model_name, max_active, max_queue, kv_memory, prefill_budget,
+    max_tokens, default_max_tokens, the size limits, quotas, body_timeout, shutdown_grace.
     To share chunks between replicas, give the engine a Redis tier and call ``share_registry(engine)`` first
     (``cacheblend serve`` does). Run it with ``cacheblend_rag.serve.serve`` (or ``server.build_server``) for
     the connection limits and header timeout, and for waiting requests to get 503 as soon as it is stopped.

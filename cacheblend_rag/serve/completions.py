@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..config import BlendConfig
+from ..engine.batch_request import BatchRequest
 from ..engine.sampling import SamplingParams
 from ..engine.segments import ContextLengthExceeded
 from .access import Caller
@@ -59,11 +60,13 @@ TEXT = Endpoint("/v1/completions", CompletionRequest, CompletionFormat, lambda b
 
 @dataclass
 class Prepared:
-    """A checked request, ready to queue: its token blocks (chunks found in its registry scope)."""
+    """A checked request, ready to queue: its token blocks (chunks found in its registry scope) and the engine's
+    BatchRequest over them."""
 
     blocks: list
     config: BlendConfig
     sampling: SamplingParams
+    request: BatchRequest
     stores: bool = False  # it asked for prefix_cache: its blocks are stored for later requests
     notes: dict = field(default_factory=dict)
     headers: dict = field(default_factory=dict)
@@ -92,9 +95,8 @@ async def complete(request: Request, endpoint: Endpoint) -> Response:
     except Exception as exc:  # a bad request (400, 403, 404, 413), a full queue or quota (429), stopping (503)
         return api_error(exc).response()
     fmt = endpoint.format(state.name, reveal=state.access.sees_reuse(caller), notes=prepared.notes)
-    stream_args = {"config": prepared.config, "sampling": prepared.sampling, "scope": scope}
-    job = partial(state.engine.stream, blocks=prepared.blocks, **stream_args)
     unstarted = partial(state.quota.refund, caller, charged)  # nothing was stored
+    job = Job(prepared.request, caller.id)
     return await run(request, state, job, fmt, body, endpoint.path, prepared.headers, unstarted)
 
 
@@ -114,7 +116,9 @@ async def prepare(state: ServerState, body, endpoint: Endpoint, scope: str | Non
         raise prompt_too_large(size, options.max_prompt_bytes, state.engine.context_window, endpoint.param)
     state.scheduler.check_room()  # a full queue is refused before any tokenizing
     check = partial(checked_blocks, state.engine, text, scope, endpoint.param, options.max_prompt_bytes)
-    prepared = Prepared(await state.off_thread(check), config, sampling, stores)
+    blocks = await state.off_thread(check)
+    job = BatchRequest(state.engine, blocks=blocks, config=config, sampling=sampling, scope=scope)
+    prepared = Prepared(blocks, config, sampling, job, stores)
     if asked is not None:
         prepared.notes["max_tokens"] = {"requested": asked, "allowed": options.max_tokens}
         prepared.headers[CLAMP_HEADER] = f"{asked}->{options.max_tokens}"
@@ -144,13 +148,20 @@ def checked_blocks(engine, text: dict, scope: str | None, param: str, max_bytes:
         raise BadRequest(str(exc), param, "context_length_exceeded") from None
 
 
+@dataclass(frozen=True)
+class Job:
+    """What ``run`` queues: the engine's BatchRequest, and the caller whose turn it takes in the queue."""
+
+    request: BatchRequest
+    caller: str
+
+
 async def run(
-    request: Request, state: ServerState, job, fmt, body, path: str, headers: dict, unstarted=None
+    request: Request, state: ServerState, job: Job, fmt, body, path: str, headers: dict, unstarted=None
 ) -> Response:
-    """Queue ``job`` (it returns the engine's GenerationStream) and answer with its result or stream; ``unstarted()``
-    is called if the job never started."""
+    """Queue ``job`` and answer with its result or stream; ``unstarted()`` is called if the job never started."""
     try:
-        ticket = state.scheduler.submit(job)
+        ticket = state.scheduler.submit(job.request, job.caller)
     except Exception as exc:  # QueueFull, SchedulerClosed
         if unstarted is not None:
             unstarted()

@@ -17,8 +17,13 @@ MIN_BODY_BYTES = 1 << 20
 @dataclass(frozen=True)
 class ServerOptions:
     """model_name: the id clients send (default: the engine's name).
-    max_active: requests decoded by turns (each prefill runs alone); max_queue: requests that may wait beyond
-        those (then 429).
+    max_active: requests decoding together in one batch (fewer when their KV would pass kv_memory); max_queue:
+        requests that may wait beyond those (then 429).
+    kv_memory: the batch's KV memory: bytes (an int), a share of the device's memory (a float in (0, 1]), or None
+        (a fifth of it); a request is admitted when its prompt and max_tokens fit beside the running ones.
+    prefill_budget: rows x layers of a new request's prefill run between two decoding steps of the batch (None:
+        32 prompt rows through every layer); lower bounds the running streams' inter-token latency tighter, higher
+        gives a new request its first token sooner.
     max_tokens: the most tokens one answer may have: a request asking for more is clamped (and told so);
         default_max_tokens: a request's max_tokens when it sends none (default: max_tokens; never above it).
     max_prompt_bytes: the longest prompt, in UTF-8 bytes, checked before tokenizing (413; default: the context
@@ -34,8 +39,10 @@ class ServerOptions:
     """
 
     model_name: str | None = None
-    max_active: int = 4
+    max_active: int = 16
     max_queue: int = 32
+    kv_memory: int | float | None = None
+    prefill_budget: int | None = None
     max_tokens: int = 256
     default_max_tokens: int | None = None
     max_prompt_bytes: int | None = None
@@ -59,13 +66,22 @@ class ServerOptions:
             "max_chunk_tokens": 1,
             "chunk_quota_texts": 0,
             "chunk_quota_tokens": 0,
+            "prefill_budget": 1,
         }
+        optional = ("default_max_tokens", "max_prompt_bytes", "max_body_bytes", "prefill_budget")
         for name, low in at_least.items():
             value = getattr(self, name)
-            if value is None and name in ("default_max_tokens", "max_prompt_bytes", "max_body_bytes"):
+            if value is None and name in optional:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        memory = self.kv_memory
+        if memory is not None and (
+            isinstance(memory, bool)
+            or not isinstance(memory, (int, float))
+            or not (memory > 0 and (isinstance(memory, int) or memory <= 1))
+        ):
+            raise ValueError(f"kv_memory must be bytes (an int > 0) or a share of the memory in (0, 1], got {memory!r}")
         for name in ("body_timeout", "shutdown_grace"):
             value = getattr(self, name)
             if (

@@ -13,6 +13,7 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from ..config import BlendConfig
+from ..engine.batch_loop import BatchLoop
 from ..engine.shared_registry import SharedChunkRegistry
 from .access import ANONYMOUS, Access, Caller
 from .errors import ApiError
@@ -36,7 +37,10 @@ class ServerState:
         self.config = config or engine.default_config
         self.shared = engine.registry if isinstance(engine.registry, SharedChunkRegistry) else None
         on_idle = self.shared.sync if self.shared is not None else None
-        self.scheduler = Scheduler(options.max_active, options.max_queue, on_idle=on_idle)
+        batch = BatchLoop(
+            engine, max_batch=options.max_active, kv_memory=options.kv_memory, prefill_budget=options.prefill_budget
+        )
+        self.scheduler = Scheduler(options.max_active, options.max_queue, on_idle=on_idle, batch=batch)
         self.metrics = ServerMetrics(engine, self.scheduler, self.shared.stats if self.shared is not None else None)
         self.quota = ChunkQuota(options.chunk_quota_texts, options.chunk_quota_tokens)
         self.started = int(time.time())

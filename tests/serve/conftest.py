@@ -65,6 +65,8 @@ class LiveServer:
 @contextmanager
 def serving(engine, limits: ServerLimits | None = None, **options) -> Iterator[LiveServer]:
     app = create_app(engine, model_name=options.pop("model_name", MODEL), **options)
+    if isinstance(engine, PacedEngine):
+        app.state.server.scheduler.batch.before_decode = engine.wait_permit
     server = LiveServer(app, limits).start()
     try:
         yield server
@@ -112,8 +114,10 @@ def metric(text: str, name: str, **labels) -> float:
 
 
 class PacedEngine(CacheBlendEngine):
-    """The real engine, but each text piece of a stream waits for a permit the test gives (``step``), so a test
-    decides when decoding moves on, and a request stays running (or queued behind it) as long as it likes."""
+    """The real engine, but each decoding step of the server's batch (a text piece of every running request) and
+    each step of a /v1/chunks job waits for a permit the test gives (``step``), so a test decides when decoding
+    moves on, and a request stays running (or queued behind it) as long as it likes. ``serving`` hooks it into the
+    server's batch (``BatchLoop.before_decode``)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -129,38 +133,16 @@ class PacedEngine(CacheBlendEngine):
         self.paced = False
         self.permits.release()
 
-    def stream(self, *args, **kwargs):
-        return _Paced(super().stream(*args, **kwargs), self)
+    def wait_permit(self, what: str = "decode") -> None:
+        if self.paced:
+            if not self.permits.acquire(timeout=120):
+                raise RuntimeError(f"the test gave no permit to {what} on")
+            self.taken += 1
 
     def precompute(self, texts, *args, **kwargs):
         """Each call (one step of a /v1/chunks job) waits for a permit too."""
-        if self.paced:
-            if not self.permits.acquire(timeout=120):
-                raise RuntimeError("the test gave no permit to precompute on")
-            self.taken += 1
+        self.wait_permit("precompute")
         return super().precompute(texts, *args, **kwargs)
-
-
-class _Paced:
-    def __init__(self, inner, engine: PacedEngine) -> None:
-        self.inner, self.engine = inner, engine
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        if self.engine.paced:
-            if not self.engine.permits.acquire(timeout=120):
-                raise RuntimeError("the test gave no permit to decode on")
-            self.engine.taken += 1
-        return next(self.inner)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    @property
-    def result(self):
-        return self.inner.result
 
 
 def wait_until(check, what: str, timeout: float = 60.0) -> None:

@@ -237,13 +237,13 @@ class FaultyEngine(CacheBlendEngine):
     """Fails the way a real engine can, on a marker in the prompt (the server passes it tokenized, as blocks): out
     of memory, or a bug."""
 
-    def prepare(self, segments=None, *, blocks=None, **kwargs):
+    def prepare_steps(self, segments=None, *, blocks=None, **kwargs):  # fails in its first step, on the worker
         text = self.tokenizer.decode([t for b in blocks or () for t in b.token_ids])
         if "OOM-NOW" in text:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if "CRASH-NOW" in text:
             raise RuntimeError("a kernel failed")
-        return super().prepare(segments, blocks=blocks, **kwargs)
+        return (yield from super().prepare_steps(segments, blocks=blocks, **kwargs))
 
 
 def test_failures_get_5xx_and_the_server_goes_on(tokenizer, tmp_path, caplog):
@@ -259,25 +259,22 @@ def test_failures_get_5xx_and_the_server_goes_on(tokenizer, tmp_path, caplog):
     assert any("a kernel failed" in str(r.exc_info) for r in caplog.records if r.exc_info)
 
 
-class BreaksMidStream(CacheBlendEngine):
-    """Its streams fail after two pieces, as a decode step that runs out of memory would."""
+def break_decoding(batch, after: int) -> None:
+    """Make the server's batch fail its decoding step, as a step that runs out of memory would, once a request in it
+    has ``after`` tokens."""
 
-    def stream(self, *args, **kwargs):
-        inner = super().stream(*args, **kwargs)
+    def check() -> None:
+        if any(len(request.seq.tokens) >= after for request in batch.pool.requests):
+            raise torch.OutOfMemoryError("CUDA out of memory while decoding")
 
-        def pieces():
-            for i, piece in enumerate(inner):
-                if i == 2:
-                    inner.close()
-                    raise torch.OutOfMemoryError("CUDA out of memory while decoding")
-                yield piece
-
-        return pieces()
+    batch.before_decode = check
 
 
 def test_a_stream_that_fails_midway_ends_with_an_error_event(tokenizer, tmp_path):
-    engine = tiny_engine(tokenizer, tmp_path, cls=BreaksMidStream)
+    engine = tiny_engine(tokenizer, tmp_path)
+    engine.eos_token_ids = frozenset()  # no request ends before the failure
     with serving(engine) as live:
+        break_decoding(live.app.state.server.scheduler.batch, after=2)
         with httpx.stream(
             "POST", f"{live.url}/v1/chat/completions", json=chat("Hello", max_tokens=50, stream=True), timeout=120
         ) as response:

@@ -1,7 +1,7 @@
 """SIGTERM to a real server process: requests waiting for the engine get a 503 in OpenAI's shape at once, a stream
 still running after the grace period ends with an error event (and the response ends cleanly), and the process
-exits. The process serves an engine whose answers never end by themselves, so a request is running, and others
-are waiting, for as long as the test needs."""
+exits. The process serves an engine whose answers end only at max_tokens, a piece every 50 ms, so a request is
+running, and others are waiting, for as long as the test needs."""
 
 from __future__ import annotations
 
@@ -17,30 +17,16 @@ SERVER = textwrap.dedent(
     """
     import sys, time
     from cacheblend_rag import CacheBlendEngine
-    from cacheblend_rag.serve import serve
-
-    class Endless(CacheBlendEngine):
-        '''Its answers go on after the model's own end, a piece every 50 ms, until the server stops them.'''
-
-        def stream(self, *args, **kwargs):
-            inner = super().stream(*args, **kwargs)
-
-            def pieces():
-                try:
-                    yield from inner
-                    while True:
-                        time.sleep(0.05)
-                        yield " more"
-                finally:
-                    inner.close()
-
-            return pieces()
+    from cacheblend_rag.serve import create_app
+    from cacheblend_rag.serve.server import build_server
 
     folder, port, cache = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    engine = Endless.from_pretrained(folder, device="cpu", dtype="float32", cache_dir=cache,
-                                     store=["memory://?max_bytes=100MB"])
-    serve(engine, "127.0.0.1", port, log_level="warning", model_name="tiny", max_active=1, max_queue=4,
-          shutdown_grace=1.0)
+    engine = CacheBlendEngine.from_pretrained(folder, device="cpu", dtype="float32", cache_dir=cache,
+                                              store=["memory://?max_bytes=100MB"])
+    engine.eos_token_ids = frozenset()  # no end of its own: an answer runs to max_tokens (256 pieces, 12.8 s)
+    app = create_app(engine, model_name="tiny", max_active=1, max_queue=4, shutdown_grace=1.0)
+    app.state.server.scheduler.batch.before_decode = lambda: time.sleep(0.05)  # a decoding step every 50 ms
+    build_server(app, "127.0.0.1", port, log_level="warning").run()
     """
 )
 
