@@ -2,7 +2,8 @@
 
 ``BatchLoop.step()`` is one iteration. It runs ``prefill_budget`` rows x layers (at least one layer) of the prefill
 in flight, moves a request whose prefill ended into the decode batch (engine/decode_pool.py), then runs one
-batched decoding step: a token for every running sequence. A running stream therefore waits at most one budget of
+batched decoding step: a token for every running sequence, picked from the last logits (its pieces can be sent
+at once), then the forward that computes the next ones. A running stream therefore waits at most one budget of
 prefill between two of its tokens, however long the prompts that arrive; a lone request's prefill runs in budget
 steps back to back (nothing is decoding), as fast as in one piece.
 
@@ -19,6 +20,7 @@ decoding step), so it computes nothing more.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -81,7 +83,14 @@ class BatchLoop:
     ) -> None:
         fwd = engine.forward.with_backend(engine.default_config.backend)
         budget = kv_budget(kv_memory, fwd.device)
-        self.pool = DecodePool(fwd, max_batch, budget, graphs=engine.cuda_graphs, on_graph_failure=engine._graph_failed)
+        said = weakref.WeakMethod(engine._graph_failed)  # held weakly: a loop does not keep its engine alive
+
+        def graph_failed(exc: BaseException) -> None:
+            method = said()
+            if method is not None:
+                method(exc)
+
+        self.pool = DecodePool(fwd, max_batch, budget, graphs=engine.cuda_graphs, on_graph_failure=graph_failed)
         if prefill_budget is None:
             prefill_budget = PREFILL_ROWS * fwd.n_layers
         if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
@@ -126,11 +135,13 @@ class BatchLoop:
         self.prefilling.append(request)
 
     def step(self) -> StepEvents:
-        """One iteration: ``prefill_step`` then ``decode_step``, their events together."""
+        """One iteration: ``prefill_step``, ``decode_step`` and ``forward_step``, their events together (a caller that
+        streams calls them one by one, sending the pieces before the forward)."""
         events = self.prefill_step()
         later = self.decode_step()
         for name in ("joined", "pieces", "ended", "stopped", "failed"):
             getattr(events, name).extend(getattr(later, name))
+        events.failed += self.forward_step().failed
         return events
 
     def prefill_step(self) -> StepEvents:
@@ -143,10 +154,20 @@ class BatchLoop:
         return events
 
     def decode_step(self) -> StepEvents:
-        """One decoding step: a token for every running sequence (nothing if none runs)."""
+        """One decoding step: a token for every running sequence (nothing if none runs), picked from the logits of
+        the last forward (or of its prefill). Call ``forward_step`` next."""
         events = StepEvents()
         if len(self.pool):
             self._decode(events)
+        return events
+
+    def forward_step(self) -> StepEvents:
+        """The batched forward of the tokens ``decode_step`` picked; if it fails, every request in the batch does."""
+        events = StepEvents()
+        try:
+            self.pool.forward()
+        except Exception as exc:  # the batch's state is unknown after a failed step
+            events.failed += [(request, exc) for request in self.pool.fail_all()]
         return events
 
     def stop_all(self) -> list[BatchRequest]:
@@ -185,7 +206,7 @@ class BatchLoop:
             if self.before_decode is not None:
                 self.before_decode()
                 self._drop_stopped(events)
-            pieces, ended = self.pool.step()
+            pieces, ended = self.pool.sample()
         except Exception as exc:  # the batch's state is unknown after a failed step: every request in it fails
             events.failed += [(request, exc) for request in self.pool.fail_all()]
             return

@@ -93,23 +93,29 @@ class DecodePool:
         request.join(self.batch)
         self.requests.append(request)
 
-    def step(self) -> tuple[list[tuple[BatchRequest, str]], list[BatchRequest]]:
-        """One token for every request: (request, text piece) in order, and the requests that ended (finished and
-        recorded, out of the pool)."""
+    def sample(self) -> tuple[list[tuple[BatchRequest, str]], list[BatchRequest]]:
+        """A token for every request: (request, text piece) in order, and the requests that ended (finished and
+        recorded, out of the pool). Then ``forward`` (before the next ``sample`` or ``join``)."""
         if self.batch is None or not self.requests:
             return [], []
         owner = {id(r.seq): r for r in self.requests}
-        graphed = self.batch.stepper.graph_steps
-        events = self.batch.step()
-        if self.batch.stepper.graph_steps > graphed:
-            for request in self.requests:
-                request.graph_steps += 1
+        events = self.batch.sample()
         pieces = [(owner[id(seq)], piece) for seq, piece in events]
         ended = [r for r in self.requests if r.seq is not None and r.seq.done]
         for request in ended:
             self.requests.remove(request)
             request.finish()
         return pieces, ended
+
+    def forward(self) -> None:
+        """The batched forward of the tokens ``sample`` picked (the next logits of every request)."""
+        if self.batch is None:
+            return
+        graphed = self.batch.stepper.graph_steps
+        self.batch.forward()
+        if self.batch.stepper.graph_steps > graphed:
+            for request in self.requests:
+                request.graph_steps += 1
 
     def cancel(self, request: BatchRequest) -> None:
         """Stop a request of the pool now (its slot is freed) and record it as abandoned."""

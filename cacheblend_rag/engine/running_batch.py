@@ -68,6 +68,7 @@ class RunningBatch:
         self.slots = KVSlots.for_model(fwd, slots, capacity)
         self.stepper = BatchStepper(fwd, self.slots, graphs=graphs, on_graph_failure=on_graph_failure)
         self._seqs: list[BatchSequence] = []  # sequence i occupies slot i
+        self._sampled = False  # tokens were picked and not fed yet (sample, then forward)
 
     def __len__(self) -> int:
         return len(self._seqs)
@@ -119,9 +120,16 @@ class RunningBatch:
         self._leave([self._seqs.index(seq)])
 
     def step(self) -> list[tuple[BatchSequence, str]]:
-        """One token for every running sequence. Returns the text pieces that became final, in order, as
-        (sequence, piece); a sequence that finished this step has ``finish_reason`` set and has left the batch
-        (its last piece, the rest of its text, is among them)."""
+        """One token for every running sequence (``sample`` then ``forward``). Returns the text pieces that became
+        final, in order, as (sequence, piece); a sequence that finished this step has ``finish_reason`` set and has
+        left the batch (its last piece, the rest of its text, is among them)."""
+        events = self.sample()
+        self.forward()
+        return events
+
+    def sample(self) -> list[tuple[BatchSequence, str]]:
+        """The first half of ``step``: pick every sequence's token and retire those that finished; their pieces can
+        be sent before ``forward`` computes the next logits. Call ``forward`` before the next ``sample`` or ``add``."""
         if not self._seqs:
             return []
         seqs = self._seqs
@@ -141,12 +149,20 @@ class RunningBatch:
                     events.append((seq, rest))
                 finished.append(i)
         self._leave(finished)
-        if self._seqs:
-            with torch.inference_mode():
-                logits = self.stepper([s.tokens[-1] for s in self._seqs])
-            for i, seq in enumerate(self._seqs):
-                seq.logits = logits[i]
+        for seq in self._seqs:
+            seq.logits = None  # until forward
+        self._sampled = bool(self._seqs)
         return events
+
+    def forward(self) -> None:
+        """The second half of ``step``: one batched forward of every sequence's last token, for its next logits."""
+        if not self._sampled:
+            return  # nothing sampled since the last forward
+        self._sampled = False
+        with torch.inference_mode():
+            logits = self.stepper([s.tokens[-1] for s in self._seqs])
+        for i, seq in enumerate(self._seqs):
+            seq.logits = logits[i]
 
     @staticmethod
     def _take(seq: BatchSequence, token: int, events: list) -> str | None:

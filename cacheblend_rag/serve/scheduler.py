@@ -303,7 +303,8 @@ class Scheduler:
     def _turn(self) -> None:
         """One step of the batch (a budget of prefill, one token for every sequence), one turn of each other job."""
         if self.batch is not None and self.batch.busy:
-            for step in (self.batch.prefill_step, self.batch.decode_step):  # "started" before the step's pieces
+            # "started" once a prefill ended, the pieces as soon as they are picked, before the forward
+            for step in (self.batch.prefill_step, self.batch.decode_step, self.batch.forward_step):
                 try:
                     events = step()
                 except Exception as exc:  # a bug: the worker goes on, the requests in the batch fail

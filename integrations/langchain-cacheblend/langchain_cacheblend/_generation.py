@@ -1,8 +1,10 @@
-"""One engine request as LangChain needs it: per-call options, timeout and retries.
+"""One engine request as LangChain needs it: per-call options, timeout and retries; and several at once.
 
 Async callers iterate a Generation through the core's thread bridge (``cacheblend_rag.engine.aio``), as the
 LlamaIndex integration does: a consumer that stops early (a closed or cancelled stream) stops the decoding
-after the token it is on, and the engine's stream is closed.
+after the token it is on, and the engine's stream is closed. ``Generation.batched()`` runs the request in the
+engine's shared batch instead (``cacheblend_rag.engine.batch_worker``): the chat model's ``batch``/``abatch`` calls
+decode together. ``timed(...)`` bounds a BatchGeneration (the plain LLM's prompts of one call, decoded together).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine, GenerationResult, GenerationStream, SamplingParams
+from cacheblend_rag.engine.batch_generate import BatchGeneration
+from cacheblend_rag.engine.batch_request import BatchRequest
+from cacheblend_rag.engine.batch_worker import batch_worker
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +68,29 @@ class Generation:
         assert self.result is not None
         return self.result
 
+    def batched(self) -> Iterator[str]:
+        """Like iterating, but decoded in the engine's shared batch: requests made at once share each decoding step
+        (a prefill that runs out of memory fails the request: no retry there)."""
+        opts = self.options
+        started = time.monotonic()
+        request = BatchRequest(self.engine, **self._text(), sampling=opts.sampling, config=opts.config)
+        handle = batch_worker(self.engine).submit(request)
+        try:
+            for n, piece in enumerate(handle, start=1):
+                yield piece
+                self._check_deadline(started, n)
+            self.result = handle.result
+        finally:
+            handle.close()  # stopped early: the batch drops the request at its next step
+
+    def _text(self) -> dict:
+        return {"prompt": self.prompt} if isinstance(self.prompt, str) else {"messages": self.prompt}
+
     def _start(self) -> GenerationStream:
         opts = self.options
         for attempt in range(opts.max_retries + 1):
             try:
-                text = {"prompt": self.prompt} if isinstance(self.prompt, str) else {"messages": self.prompt}
-                return self.engine.stream(**text, sampling=opts.sampling, config=opts.config)
+                return self.engine.stream(**self._text(), sampling=opts.sampling, config=opts.config)
             except torch.OutOfMemoryError:
                 if attempt == opts.max_retries:
                     raise
@@ -84,3 +106,18 @@ class Generation:
                 f"generation exceeded timeout={timeout}s after {pieces} text piece(s); "
                 "raise timeout, lower max_tokens, or pass timeout=None for no limit"
             )
+
+
+def timed(batch: BatchGeneration, timeout: float | None) -> Iterator[tuple[int, str]]:
+    """The (prompt index, piece) of ``batch``, stopping it with TimeoutError past ``timeout`` seconds in all."""
+    started = time.monotonic()
+    try:
+        for n, item in enumerate(batch, start=1):
+            yield item
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise TimeoutError(
+                    f"a batch of requests exceeded timeout={timeout}s after {n} text piece(s); raise timeout, "
+                    "lower max_tokens, send fewer prompts at once, or pass timeout=None for no limit"
+                )
+    finally:
+        batch.close()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict
 
 from cacheblend_rag import GenerationResult
@@ -17,6 +20,9 @@ from cacheblend_rag.engine.aio import iterate_in_thread
 from ._base import CacheBlendParams, finish_reason, usage_metadata
 
 _ROLES = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant"}
+# set while batch / abatch run their inputs (in threads or tasks that copy the context): _generate then joins the
+# engine's shared batch (cacheblend_rag.engine.batch_worker), so the inputs decode together
+_BATCHED: ContextVar[bool] = ContextVar("cacheblend_batched", default=False)
 _CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -59,6 +65,9 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
 
     Async: ``ainvoke``, ``astream`` and ``abatch`` run the engine in worker threads, never on the event loop.
 
+    Batch: ``batch`` and ``abatch`` run every input at once and their requests decode together in the engine's
+    batch (continuous batching: ``cacheblend_rag.engine.batch_worker``), not one after the other.
+
     Not supported: tool calling, structured output, and non-text content (images, audio, files).
     """
 
@@ -75,6 +84,39 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
         return len(self._engine.prompts.chat_ids(to_chat_dicts(messages)))
 
     # ---- generation ---------------------------------------------------------------------------------
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[BaseMessage]:
+        """Every input at once (``max_concurrency``, unless the config sets it: all of them), their requests decoded
+        together in the engine's batch."""
+        token = _BATCHED.set(True)
+        try:
+            configs = _all_at_once(config, len(inputs))
+            return super().batch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
+        finally:
+            _BATCHED.reset(token)
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[BaseMessage]:
+        """``batch`` for async callers: the requests decode together in the engine's batch, off the event loop."""
+        token = _BATCHED.set(True)
+        try:
+            configs = _all_at_once(config, len(inputs))
+            return await super().abatch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
+        finally:
+            _BATCHED.reset(token)
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -82,8 +124,13 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        result = self._generation(to_chat_dicts(messages), stop, kwargs).run()
-        return self._chat_result(result)
+        generation = self._generation(to_chat_dicts(messages), stop, kwargs)
+        if _BATCHED.get():  # one of a batch's inputs: it joins the others in the engine's batch
+            for _ in generation.batched():
+                pass
+            assert generation.result is not None
+            return self._chat_result(generation.result)
+        return self._chat_result(generation.run())
 
     async def _agenerate(
         self,
@@ -93,7 +140,8 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         generation = self._generation(to_chat_dicts(messages), stop, kwargs)
-        async for _ in iterate_in_thread(lambda: generation):
+        batched = _BATCHED.get()  # one of abatch's inputs: it joins the others in the engine's batch
+        async for _ in iterate_in_thread(generation.batched if batched else lambda: generation):
             pass
         assert generation.result is not None
         return self._chat_result(generation.result)
@@ -156,6 +204,11 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
             chunk_position="last",
         )
         return ChatGenerationChunk(message=message)
+
+
+def _all_at_once(config: RunnableConfig | list[RunnableConfig] | None, n: int) -> list[RunnableConfig]:
+    """The configs of ``n`` inputs, each with ``max_concurrency`` ``n`` unless it sets its own."""
+    return [{**c, "max_concurrency": c.get("max_concurrency") or n} for c in get_config_list(config, n)]
 
 
 def to_chat_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:

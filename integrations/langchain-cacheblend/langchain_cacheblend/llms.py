@@ -12,8 +12,10 @@ from pydantic import ConfigDict
 
 from cacheblend_rag import GenerationResult
 from cacheblend_rag.engine.aio import iterate_in_thread
+from cacheblend_rag.engine.batch_generate import BatchGeneration
 
 from ._base import CacheBlendParams, usage_metadata
+from ._generation import timed
 
 
 class CacheBlendLLM(CacheBlendParams, LLM):
@@ -27,7 +29,8 @@ class CacheBlendLLM(CacheBlendParams, LLM):
         llm = CacheBlendLLM(engine=engine, max_tokens=64)
         llm.invoke(f"{context}\\n\\nQuestion: {question}\\nAnswer:")
 
-    Usage and the engine's stats are in each generation's ``generation_info``.
+    Usage and the engine's stats are in each generation's ``generation_info``. The prompts of one call (``batch``,
+    ``abatch``, ``generate``) are decoded together in one batch (``CacheBlendEngine.generate_batch``).
     """
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, extra="forbid")
@@ -52,6 +55,12 @@ class CacheBlendLLM(CacheBlendParams, LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        if len(prompts) > 1:  # decoded together in one batch
+            batch, timeout = self._batch(prompts, stop, kwargs)
+            for _, piece in timed(batch, timeout):
+                if self.streaming and run_manager:
+                    run_manager.on_llm_new_token(piece)
+            return self._llm_result(batch.results)  # type: ignore[arg-type]  # errors are raised
         results = []
         for prompt in prompts:
             generation = self._generation(_check_prompt(prompt), stop, kwargs)
@@ -69,6 +78,12 @@ class CacheBlendLLM(CacheBlendParams, LLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        if len(prompts) > 1:  # decoded together in one batch, in a worker thread
+            batch, timeout = self._batch(prompts, stop, kwargs)
+            async for _, piece in iterate_in_thread(lambda: timed(batch, timeout)):
+                if self.streaming and run_manager:
+                    await run_manager.on_llm_new_token(piece)
+            return self._llm_result(batch.results)  # type: ignore[arg-type]
         results = []
         for prompt in prompts:
             generation = self._generation(_check_prompt(prompt), stop, kwargs)
@@ -78,6 +93,14 @@ class CacheBlendLLM(CacheBlendParams, LLM):
             assert generation.result is not None
             results.append(generation.result)
         return self._llm_result(results)
+
+    def _batch(self, prompts: list[str], stop: list[str] | None, kwargs: dict) -> tuple[BatchGeneration, float | None]:
+        """Several prompts of one call as one BatchGeneration (``engine.generate_batch``'s engine: each prefilled,
+        all decoded together), and the call's timeout."""
+        options = self._options(stop, kwargs)
+        requests = [{"prompt": _check_prompt(p)} for p in prompts]
+        batch = BatchGeneration(self._engine, requests, sampling=options.sampling, config=options.config)
+        return batch, options.timeout
 
     def _stream(
         self,

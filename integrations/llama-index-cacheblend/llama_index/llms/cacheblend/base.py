@@ -30,6 +30,8 @@ from llama_index.core.llms.custom import CustomLLM
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine, GenerationResult, GenerationStream, SamplingParams
 from cacheblend_rag.engine.aio import iterate_in_thread
+from cacheblend_rag.engine.batch_request import BatchRequest
+from cacheblend_rag.engine.batch_worker import batch_worker
 
 # options a call may override: llm.complete(prompt, max_new_tokens=8, strategy="full_recompute")
 CALL_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop", "strategy", "recompute_ratio")
@@ -60,7 +62,8 @@ class CacheBlendLLM(CustomLLM):
     ``prompt_tokens``, ``reused_tokens``, ``recomputed_tokens``, ``cache_hits``, ``ttft_s``, ... and
     ``finish_reason``; ``response.raw`` holds ``usage`` (for LlamaIndex's token counting), ``cacheblend``
     (all stats) and ``token_ids``. Streaming yields the text pieces, then one last response with ``delta=""``
-    that carries the statistics.
+    that carries the statistics. ``acomplete`` and ``achat`` decode in the engine's shared batch: concurrent calls
+    (a query engine with ``use_async=True``, ``asyncio.gather``) share each decoding step.
     """
 
     model_name: str = Field(default="", description="The engine's model (set from the engine).")
@@ -204,6 +207,11 @@ class CacheBlendLLM(CustomLLM):
         return SamplingParams(**opts), config
 
     # ---- generation ---------------------------------------------------------------------------------
+    def _batch_request(self, text: dict[str, Any], overrides: dict[str, Any]) -> BatchRequest:
+        """A request for the engine's batch (its prompt tokenized here, off the event loop)."""
+        sampling, config = self._call_options(overrides)
+        return BatchRequest(self._engine, **text, sampling=sampling, config=config)
+
     def _start(self, prompt: str, formatted: bool, overrides: dict[str, Any]) -> GenerationStream:
         """Run the prefill (blending the cached chunks) and return the decoding stream."""
         sampling, config = self._call_options(overrides)
@@ -235,11 +243,13 @@ class CacheBlendLLM(CustomLLM):
         return stream_completion_response_to_chat_response(_stream_responses(self._start_chat(messages, kwargs)))
 
     # ---- async: the prefill and the decoding run in worker threads, never on the event loop; a consumer
-    # that stops early stops the decoding (cacheblend_rag.engine.aio, as in the LangChain integration) -------
+    # that stops early stops the decoding (cacheblend_rag.engine.aio, as in the LangChain integration). acomplete
+    # and achat decode in the engine's shared batch (cacheblend_rag.engine.batch_worker): calls made at once (a
+    # query engine's async fan-out, asyncio.gather) share each decoding step -----------------------------------
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        stream = await asyncio.to_thread(self._start, prompt, formatted, kwargs)
-        return _response(await _decoded(stream))
+        request = await asyncio.to_thread(self._batch_request, self._request(prompt, formatted), kwargs)
+        return _response(await _batched(self._engine, request))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
@@ -248,8 +258,12 @@ class CacheBlendLLM(CustomLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        stream = await asyncio.to_thread(self._start_chat, messages, kwargs)
-        return completion_response_to_chat_response(_response(await _decoded(stream)))
+        if self.messages_to_prompt != self._chat_messages_prompt:  # the caller's own formatting: a prompt string
+            text = self._request(self.messages_to_prompt(messages), True)
+        else:
+            text = {"messages": chat_dicts(messages)}
+        request = await asyncio.to_thread(self._batch_request, text, kwargs)
+        return completion_response_to_chat_response(_response(await _batched(self._engine, request)))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
@@ -298,11 +312,12 @@ def _response(result: GenerationResult, delta: str | None = None) -> CompletionR
     )
 
 
-async def _decoded(stream: GenerationStream) -> GenerationResult:
-    """The stream decoded to the end in a worker thread; cancelled, it stops decoding."""
-    async for _ in iterate_in_thread(lambda: stream):
+async def _batched(engine: CacheBlendEngine, request: BatchRequest) -> GenerationResult:
+    """``request`` decoded in the engine's shared batch, waited for in a worker thread; cancelled, it is stopped."""
+    handle = batch_worker(engine).submit(request)
+    async for _ in iterate_in_thread(lambda: handle):
         pass
-    return stream.result
+    return handle.result
 
 
 def _stream_responses(stream: GenerationStream) -> Iterator[CompletionResponse]:
