@@ -227,3 +227,38 @@ def test_tool_messages_and_messages_without_text_are_refused_with_the_fix(engine
     aliased = [ChatMessage(role=MessageRole.DEVELOPER, content="Be brief."), ChatMessage(role="user", content="Hi")]
     plain = [ChatMessage(role=MessageRole.SYSTEM, content="Be brief."), ChatMessage(role="user", content="Hi")]
     assert llm.chat(aliased).message.content == llm.chat(plain).message.content
+
+
+def test_concurrent_async_calls_decode_together_in_the_engines_batch(engine, passage, monkeypatch):
+    """acomplete and achat calls made at once (asyncio.gather, as LlamaIndex's async fan-out does) share the engine's
+    batch (cacheblend_rag.engine.batch_worker) and answer what each gets alone."""
+    import time
+
+    from cacheblend_rag.engine.batch_worker import batch_worker
+
+    llm = CacheBlendLLM(engine=engine, max_new_tokens=12)
+    questions = [QUESTION, "Name a tall building.", f"{PASSAGE}\nWhen was it finished?"]
+    expected = [llm.complete(q).text for q in questions]
+    messages = [ChatMessage(role=MessageRole.USER, content=q) for q in questions]
+    worker = batch_worker(engine)
+    sizes: list[int] = []
+
+    def record() -> None:  # the first decoding step waits for every call to be submitted, then steps are counted
+        deadline = time.monotonic() + 60
+        while worker.waiting + len(worker.loop.requests) < len(questions) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sizes.append(len(worker.loop.pool))
+        worker.loop.before_decode = lambda: sizes.append(len(worker.loop.pool))
+
+    monkeypatch.setattr(worker.loop, "before_decode", record)
+
+    async def main():
+        completions = await asyncio.gather(*(llm.acomplete(q) for q in questions))
+        worker.loop.before_decode = record
+        chats = await asyncio.gather(*(llm.achat([m]) for m in messages))
+        return completions, chats
+
+    completions, chats = asyncio.run(main())
+    assert [c.text for c in completions] == expected == [c.message.content for c in chats]
+    assert max(sizes) >= 2
+    assert completions[0].additional_kwargs["reused_tokens"] > 0
