@@ -52,9 +52,9 @@ def run_prefill(
 def run_prefill_steps(
     fwd: ModelForward, plan: PrefillPlan, cache: KVCache, config: BlendConfig, stats: RequestStats
 ) -> Generator[int, None, PrefillResult]:
-    """``run_prefill`` a layer at a time (``prefill_steps``; the probe pass is part of the first step): yields the
-    rows each layer computed. Each step runs under inference mode; ``stats.prefill_s`` counts the steps' time,
-    not the time between them."""
+    """``run_prefill`` a layer at a time (``prefill_steps``; the query selection's probe pass, when it runs, is one
+    step before them): yields the rows each step computed. Each step runs under inference mode; ``stats.prefill_s``
+    counts the steps' time, not the time between them."""
     t = time.perf_counter()
     spent = 0.0
     probe = None
@@ -62,6 +62,10 @@ def run_prefill_steps(
         if config.strategy == "cacheblend" and config.selection == "query" and plan.spans:
             plan, _, probe = select_by_query(fwd, plan, cache, Budget.of(config))
             stats.probe_s = time.perf_counter() - t  # on a GPU: the time to queue it (nothing waits in between)
+    if probe is not None:  # the probe pass is one step of its own (its rows x layers)
+        spent += time.perf_counter() - t
+        yield sum(probe.layer_rows)
+        t = time.perf_counter()
     steps = prefill_steps(fwd, plan, cache)
     while True:
         with torch.inference_mode():

@@ -181,3 +181,20 @@ def test_close_with_a_running_batch_ends_its_streams_with_an_error(engine):
 
     events = asyncio.run(main())
     assert isinstance(events[-1][1], SchedulerClosed) and not batch.busy
+
+
+def test_the_kv_memory_and_prefill_budget_options_are_checked():
+    from cacheblend_rag.cli.serve import kv_memory_option
+    from cacheblend_rag.serve.options import ServerOptions
+
+    assert kv_memory_option("0.2") == 0.2 and kv_memory_option("2GB") == 2 * 10**9
+    assert kv_memory_option("1e9") == 10**9 and kv_memory_option("512MiB") == 512 << 20
+    assert kv_memory_option(None) is None
+    for bad in ("1.5", "lots"):
+        with pytest.raises(ValueError):
+            kv_memory_option(bad)
+    with pytest.raises(ValueError, match="kv_memory"):
+        ServerOptions(kv_memory=1.5)
+    with pytest.raises(ValueError, match="prefill_budget"):
+        ServerOptions(prefill_budget=0)
+    assert ServerOptions(kv_memory=0.5, prefill_budget=64).kv_memory == 0.5

@@ -127,3 +127,17 @@ def iter_events(response: httpx.Response):
     for line in response.iter_lines():
         if line.startswith("data: ") and line != "data: [DONE]":
             yield json.loads(line[len("data: ") :])
+
+
+def test_a_request_whose_kv_cannot_fit_the_budget_is_refused_with_the_option_named(tokenizer, tmp_path):
+    from cacheblend_rag.engine.decode_pool import MIN_CAPACITY
+    from cacheblend_rag.engine.kv_slots import KVSlots
+
+    engine = tiny_engine(tokenizer, tmp_path)
+    budget = 3 * MIN_CAPACITY * KVSlots.slot_bytes(engine.forward, 1)  # two slots of 256 rows and the scratch one
+    with serving(engine, kv_memory=budget) as live:
+        url = f"{live.url}/v1/chat/completions"
+        fits = httpx.post(url, json=chat("Hi", max_tokens=100), timeout=120)
+        refused = httpx.post(url, json=chat("Hi", max_tokens=256), timeout=120)  # > 256 rows: needs 2 x 512
+    assert fits.status_code == 200
+    assert refused.status_code == 400 and "kv_memory" in refused.json()["error"]["message"]
