@@ -23,6 +23,8 @@ from .metrics import best_over, exact_match, f1_score, kl_divergence, rouge_l, t
 from .ttft import run_info
 
 REFERENCE = "full_recompute"
+ANSWERED = 0.5  # gold F1 at which full recompute counts as answering a question
+BASELINE = "full_reuse"  # no configuration should answer worse than reusing every chunk as it is
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ def evaluate(
                     "selection": item.config.selection if item.config.strategy == "cacheblend" else None,
                     "question": example.question,
                     "gold": example.answers,
+                    "gold_passages": example.gold_passages,
                     "answer": run.answer,
                     "reference_answer": ref.answer,
                     "gold_f1": best_over(f1_score, run.answer, example.answers) if example.answers else None,
@@ -176,12 +179,42 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
                     key: _mean(r[key] for r in mine)
                     for key in ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement", "kl")
                 },
+                **answered_quality(rows, label),
                 "median_ttft_s": median_ttft,
                 "speedup": ref_ttft / median_ttft,
                 "recomputed_fraction": sum(r["recomputed_tokens"] for r in mine)
                 / sum(r["prompt_tokens"] for r in mine),
             }
         )
+    return out
+
+
+def answered_quality(rows: list[dict], label: str) -> dict:
+    """Gold F1 of ``label`` on the examples full recompute answers (its gold F1 >= ``ANSWERED``): ``answered`` (how
+    many), ``gold_f1_answered`` (the mean), ``kept_answered`` (over full recompute's mean there), the same per
+    number of passages an answer needs where the data says (``by_passages``: "1", "2+"), and
+    ``worse_than_reuse``: answered examples where ``label`` scores below ``full_reuse`` (when it ran)."""
+    by_example = {}
+    for r in rows:
+        by_example.setdefault(r["example"], {})[r["config"]] = r
+    answered = [
+        e for e in by_example.values() if e[REFERENCE]["gold_f1"] is not None and e[REFERENCE]["gold_f1"] >= ANSWERED
+    ]
+
+    def kept(group: list[dict]) -> dict:
+        mine = [e for e in group if label in e]
+        if not mine:
+            return {"answered": 0, "gold_f1_answered": None, "kept_answered": None}
+        ref = statistics.fmean(e[REFERENCE]["gold_f1"] for e in mine)
+        got = statistics.fmean(e[label]["gold_f1"] for e in mine)
+        return {"answered": len(mine), "gold_f1_answered": got, "kept_answered": got / ref}
+
+    out = kept(answered)
+    kinds = {"1": [e for e in answered if e[REFERENCE].get("gold_passages") == 1]}
+    kinds["2+"] = [e for e in answered if (e[REFERENCE].get("gold_passages") or 0) >= 2]
+    out["by_passages"] = {k: kept(v) for k, v in kinds.items() if v}
+    worse = [e for e in answered if BASELINE in e and label in e and e[label]["gold_f1"] < e[BASELINE]["gold_f1"]]
+    out["worse_than_reuse"] = len(worse) if any(BASELINE in e for e in answered) else None
     return out
 
 
