@@ -23,8 +23,9 @@ from ..store.keys import check_scope, scope_root
 from ..store.pipeline import LazyChunk
 from .batch_compute import batches, compute_batch, default_batch_tokens
 from .kv_cache import KVCache
-from .prefill import PrefillPlan, prefill
-from .stats import EngineMetrics, RequestStats
+from .plan import PrefillPlan
+from .prefill import prefill
+from .stats import EngineMetrics
 
 StoreSpec = KVStore | Sequence[object] | None
 
@@ -179,9 +180,10 @@ class ChunkSource:
         if bar is not None:
             bar.close()
 
-    def compute(self, token_ids: Sequence[int]) -> ChunkKV:
-        """KV of ``prefix_ids + token_ids`` computed alone, prefix rows dropped, keys before RoPE."""
-        fwd = self.forward.with_backend(self.backend)
+    def compute(self, token_ids: Sequence[int], fwd: ModelForward | None = None) -> ChunkKV:
+        """KV of ``prefix_ids + token_ids`` computed alone, prefix rows dropped, keys before RoPE; on ``fwd``'s kernels
+        (a request's), else on those of ``backend``."""
+        fwd = fwd if fwd is not None else self.forward.with_backend(self.backend)
         ids = self.prefix_ids + list(token_ids)
         p = len(self.prefix_ids)
         ids_tensor = torch.tensor(ids, dtype=torch.long, device=fwd.device)
@@ -189,8 +191,9 @@ class ChunkSource:
         with torch.inference_mode():
             return prefill(fwd, plan, KVCache.for_model(fwd, len(ids))).captured
 
-    def _compute_missing(self, handle: ChunkHandle) -> ChunkKV:
-        """Compute and store a chunk the store lacks; concurrent misses on one chunk share one computation."""
+    def compute_missing(self, handle: ChunkHandle, fwd: ModelForward | None = None) -> ChunkKV:
+        """Compute and store a chunk the store lacks (on ``fwd``, see ``compute``); concurrent misses on one chunk
+        share one computation."""
         with self._computing_lock:
             pending = self._computing.get(handle.key)
             if pending is None:
@@ -199,7 +202,7 @@ class ChunkSource:
             return pending.result()
         try:
             self.metrics.add(computed_on_miss=1)
-            kv = self.store.put(handle.key, self.compute(handle.token_ids))
+            kv = self.store.put(handle.key, self.compute(handle.token_ids, fwd))
             mine.set_result(kv)
             return kv
         except BaseException as exc:
@@ -215,32 +218,7 @@ class ChunkSource:
         kv = self.store.get(handle.key, handle.n_tokens)
         if kv is not None:
             return kv, True
-        return self._compute_missing(handle), False
-
-    def fetch(self, handles: Sequence[ChunkHandle], stats: RequestStats | None = None) -> list[ChunkKV | LazyChunk]:
-        """The KV of a request's chunks for the prefill, one per handle, counted as hits and misses in ``stats``.
-
-        A chunk in the memory tier is a ChunkKV; one in a slow tier (disk, Redis) is a LazyChunk whose layers
-        a background thread reads while the prefill computes the layers before; a miss is computed and stored
-        here. A LazyChunk whose read fails is recomputed when the prefill reaches it, and then counted as a
-        miss instead of a hit (in ``stats`` and in ``computed_on_miss``).
-        """
-        by_key = {h.key: h for h in handles}
-
-        def recompute(key: str) -> ChunkKV:
-            if stats is not None:
-                stats.cache_hits -= 1
-                stats.cache_misses += 1
-            return self._compute_missing(by_key[key])
-
-        found = self.store.fetch([h.key for h in handles], [h.n_tokens for h in handles], fallback=recompute)
-        out: list[ChunkKV | LazyChunk] = []
-        for handle, kv in zip(handles, found):
-            if stats is not None:
-                stats.cache_hits += kv is not None
-                stats.cache_misses += kv is None
-            out.append(kv if kv is not None else self._compute_missing(handle))
-        return out
+        return self.compute_missing(handle), False
 
 
 class KVRows:

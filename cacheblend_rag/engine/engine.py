@@ -28,19 +28,18 @@ from ..model.forward import ModelForward
 from ..model.loading import default_cache_dir, load_model
 from ..store import ChunkHandle, ChunkKV, model_fingerprint
 from ..store.keys import check_scope
+from .chunk_reads import RequestChunks
 from .chunks import ChunkSource, StoreSpec, build_store
 from .decode import TextStreamer
 from .kv_cache import KVCache
-from .placement import FALLBACK, place_chunks
-from .planner import plan_request
+from .prepare import PreparedRequest, run_strategy
 from .prompt import PromptFormat
 from .registry import MIN_TOKENS, ChunkRegistry
-from .request import GenerationResult, GenerationStream, PreparedRequest, run_prefill
+from .request import GenerationResult, GenerationStream
 from .sampling import Sampler, SamplingParams
 from .segments import Block, check_blocks
-from .stats import EngineMetrics, RequestStats
-
-REUSING = ("full_reuse", "cacheblend")  # the strategies that read chunk KV computed elsewhere
+from .stats import EngineMetrics
+from .strategies import strategy_for
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +263,7 @@ class CacheBlendEngine:
         """Run the prefill of a request under ``config``; returns the cache and first-token logits."""
         started = time.perf_counter()
         config = self._config(config)
+        strategy = strategy_for(config)
         fwd = self.forward.with_backend(config.backend)  # the request's kernels, chosen once
         if blocks is None:
             blocks = self.blocks(segments, prompt, messages=messages, scope=scope)
@@ -273,15 +273,10 @@ class CacheBlendEngine:
             check = partial(self.chunks.check, scope=scope)
             blocks = check_blocks(blocks, check, self.context_window, self.forward.vocab_size)
         n = blocks[-1].end
-        stats = RequestStats(strategy=config.strategy, prompt_tokens=n)
-        if config.strategy in REUSING:
-            blocks = self._place(blocks, stats)
-        plan, prefix_blocks = plan_request(blocks, config, self.chunks, stats, scope)
         # never more rows than the context window lets the request decode into (a huge max_new_tokens)
         cache = self._new_cache(n + max(0, min(extra_capacity, max(self.context_window - n, 1))))
-        result = run_prefill(fwd, plan, cache, config, stats)
-        if prefix_blocks is not None:
-            prefix_blocks.store(self.store, result.captured)
+        chunks = RequestChunks(self.chunks, fwd, scope, self.prompts)
+        _, result, stats = run_strategy(strategy, blocks, chunks, fwd, cache, self.store)
         prompt_ids = [t for b in blocks for t in b.token_ids]
         return PreparedRequest(cache, result.logits, stats, prompt_ids, started, fwd)
 
@@ -369,18 +364,7 @@ class CacheBlendEngine:
         config = config or self.default_config
         if not isinstance(config, BlendConfig):
             raise TypeError(f"config must be a BlendConfig, got {type(config).__name__}")
-        too_deep = [layer for layer in config.check_layers if layer >= self.forward.n_layers]
-        if config.strategy == "cacheblend" and too_deep:
-            raise ValueError(f"check_layers {too_deep} do not exist: the model has {self.forward.n_layers} layers")
         return config
-
-    def _place(self, blocks: list[Block], stats: RequestStats) -> list[Block]:
-        """The blocks with every chunk that may not be reused where it stands computed instead (placement.py)."""
-        ids = [t for b in blocks for t in b.token_ids]
-        placed, stats.unplaced_chunks = place_chunks(blocks, self.prompts.head_end(ids), self.prompts.is_whitespace)
-        if stats.unplaced_chunks and all(b.handle is None for b in placed):
-            stats.fallback = FALLBACK
-        return placed
 
     def _graph_failed(self, exc: BaseException) -> None:
         """A CUDA graph capture failed: say so once and decode eagerly from now on."""

@@ -25,8 +25,7 @@ with a deviation selection (how many rows to keep depends on the scores: one rea
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -34,63 +33,9 @@ from ..kernels import scatter_rows
 from ..model.forward import ModelForward
 from ..store.chunk import ChunkKV
 from .kv_cache import KVCache
-from .selection import Budget, attention_mass, choose, deviation_scores, probe_span
+from .plan import CachedSpan, PrefillPlan
+from .selection import choose
 from .transfer import StoredKV
-
-
-@dataclass
-class CachedSpan:
-    """Prompt rows start..start+T-1 take their KV from ``kv`` ([L, Hkv, T, D], keys before RoPE)."""
-
-    start: int
-    kv: ChunkKV
-
-    @property
-    def end(self) -> int:
-        return self.start + self.kv.n_tokens
-
-
-@dataclass
-class PrefillPlan:
-    ids: torch.Tensor  # [N] token ids
-    spans: list[CachedSpan] = field(default_factory=list)
-    initial: torch.Tensor | None = None  # [M0] sorted rows computed from layer 0; None = all rows
-    forced: torch.Tensor | None = None  # [N] bool: rows a check layer must keep (every uncached row among them)
-    n_forced: tuple[int, int] | None = None  # (forced rows, forced rows that are cached): the planner's host counts
-    checks: dict[int, float] = field(default_factory=dict)  # layer -> ratio of cached rows kept
-    deviation: str = "v"
-    selection: str = "deviation"  # "deviation" or "attention" (deviation x attention from the prompt's tail)
-    capture: tuple[int, int] | None = None  # rows whose pre-RoPE K and V to return
-    need_logits: bool = True
-    budget: Budget | None = None  # with a fidelity target: how many rows the last check layer keeps
-    cache_ready: bool = False  # the cache already holds every span's rotated K/V (a probe pass wrote it): only
-    # the computed rows are rotated and written
-    observe: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None  # (layer, q, rows, keys)
-
-    @property
-    def n(self) -> int:
-        return self.ids.shape[0]
-
-    @property
-    def n_cached(self) -> int:
-        return sum(span.kv.n_tokens for span in self.spans)
-
-    def forced_counts(self, from_cache: torch.Tensor) -> tuple[int, int]:
-        """(forced rows, forced rows that are cached): the planner's host counts, or (for a hand-made plan without
-        them) counted on the device, once, before the loop."""
-        if self.n_forced is not None:
-            return self.n_forced
-        if self.forced is None:
-            return self.n - self.n_cached, 0
-        return int(self.forced.sum()), int((self.forced & from_cache).sum())
-
-    def check_spans(self) -> None:
-        """Host-side validation of the spans, once per request: inside the prompt, in order, not overlapping."""
-        end = 0
-        for span in self.spans:
-            if span.start < end or span.end > self.n or span.kv.n_tokens <= 0:
-                raise ValueError(f"cached spans must be ordered, non-empty and inside the {self.n} prompt rows")
-            end = span.end
 
 
 @dataclass
@@ -116,7 +61,7 @@ def layer_flops(fwd: ModelForward) -> tuple[float, float, float]:
     return 2.0 * hidden * 2 * kv, 2.0 * hidden * inner, 2.0 * (inner * hidden + 3 * hidden * intermediate)
 
 
-def cached_rows_mask(n: int, spans: list[CachedSpan], device: torch.device) -> torch.Tensor:
+def cached_rows_mask(n: int, spans: tuple[CachedSpan, ...], device: torch.device) -> torch.Tensor:
     """[N] bool: the rows whose KV comes from the store (fills on the device, nothing read back)."""
     from_cache = torch.zeros(n, dtype=torch.bool, device=device)
     for span in spans:
@@ -167,7 +112,7 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
         check = layer in plan.checks
         if check:
             sel_cached = from_cache[sel]  # [M] bool
-            scores = deviation_scores(plan.deviation, sel, k_new, v_new, keys, values, sel_cached, fwd.kernels)  # [M]
+            scores = plan.scorer.score(sel, k_new, v_new, keys, values, sel_cached, fwd.kernels)  # [M]
         scatter_rows(keys, sel, k_new)
         scatter_rows(values, sel, v_new)
         if plan.capture is not None:
@@ -180,10 +125,7 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
         if not plan.cache_ready:
             fwd.rotate(keys, positions, out=keys, bound=bound)  # every key to its absolute position, in place
         if check:
-            if plan.selection == "attention":
-                a, b = probe_span(sel.shape[0], n, last_cached_end)  # [P] = sel[a:b], found on the host
-                q_probe = fwd.project_q(layer, x[a:b], sel[a:b], bound)  # [Hq, P, D]
-                scores = scores * attention_mass(q_probe, sel[a:b], keys, fwd.scale)[sel]
+            scores = plan.scorer.weigh(layer, scores, x, sel, keys, fwd, n, last_cached_end)
             sel_forced = forced[sel]
             keep_cached = check_budget(plan, layer, n_cached, n_forced_cached, scores, sel_forced, sel_cached)
             extra = max(0, min(keep_cached - n_forced_cached, n_candidates))

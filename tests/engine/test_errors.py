@@ -65,7 +65,7 @@ def test_config_validation(kwargs, message):
 
 def test_check_layer_beyond_the_model(engine):
     with pytest.raises(ValueError, match="do not exist: the model has 4 layers"):
-        engine.generate(["hello"], config=BlendConfig(check_layers=(1, 9)))
+        engine.generate(["hello"], config=BlendConfig(selection="deviation", check_layers=(1, 9)))
 
 
 def test_bad_generation_arguments(engine):

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from cacheblend_rag.engine.planner import plan_request
+from cacheblend_rag.engine.chunk_reads import RequestChunks
+from cacheblend_rag.engine.kv_cache import KVCache
+from cacheblend_rag.engine.plan import PlanReport
 from cacheblend_rag.engine.prefill import prefill
-from cacheblend_rag.engine.query_selection import select_by_query
-from cacheblend_rag.engine.selection import Budget
-from cacheblend_rag.engine.stats import RequestStats
+from cacheblend_rag.engine.strategies import CacheBlend, reuse_chunks, strategy_for
 from cacheblend_rag.kernels import Kernels
 from tests.conftest import PASSAGES, config
 
@@ -70,14 +70,25 @@ def gpu_like(fwd):
 
 
 def run(engine, segments, cfg, fwd, guard):
+    """The request's host work (placement, chunk reads, forced rows) first, then, under ``guard``, what runs on the
+    device: the selection's plan (the query selection's probe pass) and the prefill."""
     blocks = engine.blocks(segments, None)
-    stats = RequestStats(strategy=cfg.strategy, prompt_tokens=blocks[-1].end)
-    plan, _ = plan_request(blocks, cfg, engine.chunks, stats)  # the host work, before the loop
-    cache = engine._new_cache(blocks[-1].end + 4)
+    strategy = strategy_for(cfg)
+    chunks = RequestChunks(engine.chunks, fwd, None, engine.prompts)
+    cache = KVCache.for_model(fwd, blocks[-1].end + 4)
+    if isinstance(strategy, CacheBlend):
+        reused = reuse_chunks(blocks, chunks, cfg.recompute_chunk_head, PlanReport(strategy="cacheblend", blend=True))
+
+        def make_plan():
+            return strategy.selection.plan(reused, fwd, cache)
+    else:
+        ready = strategy.plan(blocks, chunks, fwd, cache)
+
+        def make_plan():
+            return ready
+
     with torch.inference_mode(), guard():
-        if cfg.strategy == "cacheblend" and cfg.selection == "query":
-            plan, _, _ = select_by_query(fwd, plan, cache, Budget.of(cfg))
-        result = prefill(fwd, plan, cache)
+        result = prefill(fwd, make_plan(), cache)
     return result
 
 

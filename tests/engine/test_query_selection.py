@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from cacheblend_rag import BlendConfig
-from cacheblend_rag.engine.query_selection import TailAttention
+from cacheblend_rag.engine.strategies.query import TailAttention
 from cacheblend_rag.engine.selection import Budget
 from tests.conftest import PASSAGES, config
 
