@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from ..model.forward import ModelForward
 from ..store import ChunkHandle, ChunkKV, ChunkReadError, KVStore, LazyChunk
-from .chunks import ChunkSource
+from .chunk_source import ChunkSource
 from .placement import FALLBACK, place_chunks
 from .segments import Block
 
@@ -17,11 +17,10 @@ class RequestChunks:
     """What a strategy's plan reads chunks through. source: the engine's ChunkSource; fwd: the request's forward
     (a miss is computed on its kernels); scope: the request's registry scope (it salts prefix_cache's keys)."""
 
-    def __init__(self, source: ChunkSource, fwd: ModelForward, scope: str | None, prompt_format) -> None:
+    def __init__(self, source: ChunkSource, fwd: ModelForward, scope: str | None = None) -> None:
         self.source = source
         self.fwd = fwd
         self.scope = scope
-        self.prompt_format = prompt_format
         self._known: dict[str, tuple[ChunkKV | LazyChunk, bool]] = {}  # key -> (kv, read from the store)
         self._failed: set[str] = set()  # keys whose read failed inside a prefill: computed from now on
 
@@ -37,7 +36,8 @@ class RequestChunks:
         """``runs`` with every chunk that may not be reused where it stands computed instead (``placement.py``),
         how many those were, and why the request reuses no chunk at all if that is the reason."""
         ids = [t for r in runs for t in r.token_ids]
-        placed, unplaced = place_chunks(runs, self.prompt_format.head_end(ids), self.prompt_format.is_whitespace)
+        fmt = self.source.keys.prompt_format
+        placed, unplaced = place_chunks(runs, fmt.head_end(ids), fmt.is_whitespace)
         fallback = FALLBACK if unplaced and all(r.handle is None for r in placed) else None
         return placed, unplaced, fallback
 

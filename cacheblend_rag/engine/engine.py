@@ -18,7 +18,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,17 +27,20 @@ from ..model.forward import ModelForward
 from ..model.loading import default_cache_dir, load_model
 from ..store import ChunkHandle, ChunkKV, model_fingerprint
 from ..store.keys import check_scope
+from .chunk_keys import ChunkKeys
 from .chunk_reads import RequestChunks
-from .chunks import ChunkSource, StoreSpec, build_store
+from .chunk_source import ChunkSource
 from .decode import TextStreamer
 from .kv_cache import KVCache
 from .prepare import PreparedRequest, run_strategy
 from .prompt import PromptFormat
 from .registry import MIN_TOKENS, ChunkRegistry
 from .request import GenerationResult, GenerationStream
+from .runs import check_runs, token_runs
 from .sampling import Sampler, SamplingParams
-from .segments import Block, check_blocks
+from .segments import Block
 from .stats import EngineMetrics
+from .store_setup import StoreSpec, build_store
 from .strategies import strategy_for
 
 logger = logging.getLogger(__name__)
@@ -90,16 +92,16 @@ class CacheBlendEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.cuda_graphs = cuda_graphs
-        self.forward = fwd = ModelForward(model)
+        self.model_forward = fwd = ModelForward(model)
         self.device, self.dtype = fwd.device, fwd.dtype
         self.default_config = config or BlendConfig()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.fingerprint = model_fingerprint(model, tokenizer, extra=f"compute={self.dtype}")
-        self.prompts = PromptFormat(tokenizer, getattr(model, "generation_config", None))
-        self.bos_ids = self.prompts.bos_ids
-        self.eos_token_ids = self.prompts.eos_ids
-        prefix = self.prompts.chunk_prefix_ids(chunk_prefix, system_prompt)
-        self.chunk_prefix_ids = self.prompts.chunk_prefix = prefix
+        self.prompt_format = PromptFormat(tokenizer, getattr(model, "generation_config", None))
+        self.bos_ids = self.prompt_format.bos_ids
+        self.eos_token_ids = self.prompt_format.eos_ids
+        prefix = self.prompt_format.chunk_prefix_ids(chunk_prefix, system_prompt)
+        self.chunk_prefix_ids = self.prompt_format.chunk_prefix = prefix
         limits = [x for x in (fwd.max_positions, fwd.sliding_window) if x]
         self.context_window = min(limits) if limits else 1 << 20
         if store_dtype == "auto":
@@ -115,17 +117,14 @@ class CacheBlendEngine:
         self._scoped: OrderedDict[str, ChunkRegistry] = OrderedDict()  # least recently used first
         self._scoped_lock = threading.Lock()
         self._metrics = EngineMetrics()
-        self.chunks = ChunkSource(
+        self.chunk_source = ChunkSource(
             fwd,
             self.store,
-            self.fingerprint,
-            self.chunk_prefix_ids,
-            self.tokenize,
+            ChunkKeys(self.prompt_format, self.fingerprint),
             self._metrics,
             context_window=self.context_window,
             backend=self.default_config.backend,
         )
-        self.prefix_key = self.chunks.prefix_key
 
     @classmethod
     def from_pretrained(
@@ -146,18 +145,18 @@ class CacheBlendEngine:
     # ---- chunks -------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` alone, without special tokens added."""
-        return self.prompts.tokenize(text)
+        return self.prompt_format.tokenize(text)
 
     def handle(self, text: str, *, scope: str | None = None) -> ChunkHandle:
         """The handle a chunk text would have in registry scope ``scope`` (computes nothing)."""
-        return self.chunks.handle(text, scope)
+        return self.chunk_source.keys.handle(text, scope)
 
     def precompute(
         self, texts: Iterable[str], progress: bool = False, register: bool = True, *, scope: str | None = None
     ) -> list[ChunkHandle]:
         """Compute and store the KV of every chunk not already stored in registry scope ``scope``; return one handle
         per text (registered in ``scope`` for ``generate(prompt=...)`` unless ``register=False``)."""
-        handles = self.chunks.precompute(texts, progress, check_scope(scope))
+        handles = self.chunk_source.precompute(texts, progress, check_scope(scope))
         if register:
             registry = self.registry_for(scope)
             for handle in handles:
@@ -170,7 +169,7 @@ class CacheBlendEngine:
         handles = list(handles)
         registry = self.registry_for(scope)
         for handle in handles:
-            self.chunks.check(handle, scope)
+            self.chunk_source.keys.check(handle, scope)
             if registry.lookup(handle.text) != handle and self.tokenize(handle.text) != list(handle.token_ids):
                 raise ValueError(
                     f"handle {handle.key[:12]}...: its text does not tokenize to its token ids; "
@@ -185,7 +184,7 @@ class CacheBlendEngine:
         return {
             "max_entries": self.registry_size,
             "min_tokens": self.registry_min_tokens,
-            "whitespace": self.prompts.is_whitespace,
+            "whitespace": self.prompt_format.is_whitespace,
         }
 
     def new_registry(self, scope: str | None = None) -> ChunkRegistry:
@@ -209,23 +208,23 @@ class CacheBlendEngine:
 
     def compute_chunk(self, token_ids: Sequence[int]) -> ChunkKV:
         """KV of ``chunk_prefix + token_ids`` computed alone, prefix rows dropped, keys before RoPE."""
-        return self.chunks.compute(token_ids)
+        return self.chunk_source.compute(token_ids)
 
     def chunk_kv(self, handle: ChunkHandle) -> tuple[ChunkKV, bool]:
         """The stored KV of a chunk (read in full), computing and storing it on a miss. Returns (kv, was_hit)."""
-        return self.chunks.get(handle)
+        return self.chunk_source.get(handle)
 
     # ---- prompts ------------------------------------------------------------------------------------
     def chat_segments(self, segments: Sequence[str | ChunkHandle] | str, system: str | None = None) -> list:
         """Wrap segments in the model's chat template as one user message, chunk texts unchanged."""
-        return self.prompts.chat_segments(segments, system)
+        return self.prompt_format.chat_segments(segments, system)
 
     def format_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The prompt string for chat ``messages`` ([{"role": ..., "content": ...}]) in the model's template.
 
         Chunk texts inside message contents stay verbatim, so ``generate(prompt=...)`` finds and reuses them.
         """
-        return self.prompts.format_chat(messages, add_generation_prompt)
+        return self.prompt_format.format_chat(messages, add_generation_prompt)
 
     def blocks(
         self,
@@ -239,14 +238,9 @@ class CacheBlendEngine:
         the chat template's text with its special tokens, each content as plain text), split at the chunk texts
         registered in ``scope``. ``prepare``, ``stream`` and ``generate`` take them back as ``blocks=`` (so a server
         can tokenize a large prompt off the engine's thread)."""
-        return self.prompts.blocks(
-            segments,
-            prompt,
-            messages,
-            registry=self.registry_for(scope),
-            check_handle=partial(self.chunks.check, scope=scope),
-            context_window=self.context_window,
-        )
+        registry = self.registry_for(scope)
+        keys = self.chunk_source.keys
+        return token_runs(keys, registry, segments, prompt, messages, scope=scope, context_window=self.context_window)
 
     # ---- requests -----------------------------------------------------------------------------------
     def prepare(
@@ -264,18 +258,18 @@ class CacheBlendEngine:
         started = time.perf_counter()
         config = self._config(config)
         strategy = strategy_for(config)
-        fwd = self.forward.with_backend(config.backend)  # the request's kernels, chosen once
+        fwd = self.model_forward.with_backend(config.backend)  # the request's kernels, chosen once
         if blocks is None:
             blocks = self.blocks(segments, prompt, messages=messages, scope=scope)
         elif segments is not None or prompt is not None or messages is not None:
             raise ValueError("pass blocks=... alone: they already hold the prompt")
         else:
-            check = partial(self.chunks.check, scope=scope)
-            blocks = check_blocks(blocks, check, self.context_window, self.forward.vocab_size)
+            vocab = self.model_forward.vocab_size
+            blocks = check_runs(blocks, self.chunk_source.keys, scope, self.context_window, vocab)
         n = blocks[-1].end
         # never more rows than the context window lets the request decode into (a huge max_new_tokens)
         cache = self._new_cache(n + max(0, min(extra_capacity, max(self.context_window - n, 1))))
-        chunks = RequestChunks(self.chunks, fwd, scope, self.prompts)
+        chunks = RequestChunks(self.chunk_source, fwd, scope)
         _, result, stats = run_strategy(strategy, blocks, chunks, fwd, cache, self.store)
         prompt_ids = [t for b in blocks for t in b.token_ids]
         return PreparedRequest(cache, result.logits, stats, prompt_ids, started, fwd)
@@ -373,10 +367,10 @@ class CacheBlendEngine:
             logger.warning("CUDA graph capture failed (%s: %s); decoding eagerly from now on", type(exc).__name__, exc)
 
     def _new_cache(self, capacity: int) -> KVCache:
-        return KVCache.for_model(self.forward, capacity)
+        return KVCache.for_model(self.model_forward, capacity)
 
     def __repr__(self) -> str:
         return (
             f"CacheBlendEngine(model={self.name!r}, device={self.device}, dtype={self.dtype}, "
-            f"layers={self.forward.n_layers})"
+            f"layers={self.model_forward.n_layers})"
         )

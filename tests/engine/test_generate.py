@@ -47,7 +47,7 @@ def test_streamer_holds_back_partial_stop(tokenizer):
 
 
 def test_eos_ends_generation(engine):
-    engine.eos_token_ids = frozenset(range(engine.forward.vocab_size))
+    engine.eos_token_ids = frozenset(range(engine.model_forward.vocab_size))
     result = engine.generate(["Hello"], max_new_tokens=10)
     assert result.finish_reason == "eos" and result.token_ids == [] and result.text == ""
 

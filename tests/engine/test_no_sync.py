@@ -74,7 +74,7 @@ def run(engine, segments, cfg, fwd, guard):
     device: the selection's plan (the query selection's probe pass) and the prefill."""
     blocks = engine.blocks(segments, None)
     strategy = strategy_for(cfg)
-    chunks = RequestChunks(engine.chunks, fwd, None, engine.prompts)
+    chunks = RequestChunks(engine.chunk_source, fwd)
     cache = KVCache.for_model(fwd, blocks[-1].end + 4)
     if isinstance(strategy, CacheBlend):
         reused = reuse_chunks(blocks, chunks, cfg.recompute_chunk_head, PlanReport(strategy="cacheblend", blend=True))
@@ -107,7 +107,7 @@ CONFIGS = [
 def test_the_layer_loop_reads_nothing_back_from_the_device(make_engine, cfg):
     engine = make_engine("llama", seed=11)
     segments = ["Read the passages.\n", *engine.precompute(PASSAGES), QUESTION]
-    result = run(engine, segments, cfg, gpu_like(engine.forward), no_host_reads)
+    result = run(engine, segments, cfg, gpu_like(engine.model_forward), no_host_reads)
     reference = engine.prepare(segments, config=cfg)  # the CPU path, free to read on the host
     assert_close(result.logits, reference.logits, atol=1e-5, rtol=1e-5)
     assert result.layer_rows == reference.stats.layer_rows
@@ -129,7 +129,7 @@ def test_no_cuda_sync_after_warm_up(make_engine, strategy, tier):
     engine = make_engine("llama", seed=11, model=_cuda_model(), store=[tier], store_dtype=torch.bfloat16)
     segments = ["Read the passages.\n", *engine.precompute(PASSAGES), QUESTION]
     cfg = config(strategy, backend="triton")
-    fwd = engine.forward.with_backend("triton")
+    fwd = engine.model_forward.with_backend("triton")
 
     @contextlib.contextmanager
     def sync_errors():

@@ -304,7 +304,7 @@ def test_engine_blended_prefill_triton_equals_torch(tokenizer, tmp_path, arch):
     segments = ["Read:\n", *handles, "\nWho scored?"]
     for cfg in (
         BlendConfig(strategy="cacheblend", recompute_ratio=0.3),
-        BlendConfig(strategy="cacheblend", recompute_ratio=0.15, check_layers=(1, 2), deviation="k"),
+        BlendConfig(selection="deviation", recompute_ratio=0.15, check_layers=(1, 2), deviation="k"),
         BlendConfig(strategy="full_recompute"),
     ):
         got = triton_engine.prepare(segments, config=cfg.replace(backend="triton"))
@@ -384,7 +384,7 @@ def test_engine_batched_decoding_triton_equals_torch(tokenizer, tmp_path):
     prompts = [[MESSI, "\nWho?"], ["Hi"], [RONALDO]]
     outcomes = []
     for backend in ("triton", "torch"):
-        batch = RunningBatch(engine.forward.with_backend(backend), slots=4, capacity=64)
+        batch = RunningBatch(engine.model_forward.with_backend(backend), slots=4, capacity=64)
         seqs = []
         for prompt in prompts:
             request = engine.prepare(prompt)

@@ -31,7 +31,7 @@ def check_ratios(layers: tuple[int, ...], ratios, recompute_ratio: float) -> tup
             f"check_ratios needs one ratio per check layer: {len(layers)} layers {layers}, "
             f"got {len(ratios)} ratios {ratios}"
         )
-    if any(b > a for a, b in itertools.pairwise(ratios)):
+    if any(b > a for a, b in itertools.pairwise(ratios)):  # each one in [0, 1]: BlendConfig checked
         raise ValueError(f"check_ratios must not increase from one check layer to the next, got {ratios}")
     if not math.isclose(ratios[-1], recompute_ratio):
         raise ValueError(

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..chunk_reads import RequestChunks
-from ..chunks import kv_rows
+from ..chunk_source import kv_rows
 from ..plan import CachedSpan, PlanReport
 from ..segments import Block
 from ..transfer import upload

@@ -1,77 +1,44 @@
-"""Where a request's chunk KV comes from: content-addressed handles, the store, and the model on a miss.
+"""Where chunk KV comes from: the store, and the model on a miss (or for precompute).
 
 A chunk is computed alone, after the chunk prefix (``prefix_ids``: how the prompts it will be reused in begin),
 at positions 0..len-1; the prefix rows are dropped and the keys kept before RoPE, so the chunk can be placed
-anywhere. Its key chains the model fingerprint, the prefix and its tokens (``store/keys.py``): any change to
-one of them is another key, never a wrong entry. A registry scope salts the chain (``store/keys.py``:
-``scope_root``): the same text in two scopes is two entries, so no scope learns what another one stored.
-Concurrent misses on one chunk share one computation.
+anywhere. It is stored under its handle's key (``chunk_keys.py``). Concurrent misses on one chunk share one
+computation. What one request reads goes through ``chunk_reads.RequestChunks``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from pathlib import Path
 
 import torch
 
 from ..model.forward import ModelForward
-from ..store import ChunkHandle, ChunkKV, DiskTier, KVStore, MemoryTier, chain_key, tier_from_url
-from ..store.keys import check_scope, scope_root
-from ..store.pipeline import LazyChunk
+from ..store import ChunkHandle, ChunkKV, KVStore, LazyChunk
 from .batch_compute import batches, compute_batch, default_batch_tokens
+from .chunk_keys import ChunkKeys
 from .kv_cache import KVCache
 from .plan import PrefillPlan
 from .prefill import prefill
 from .stats import EngineMetrics
 
-StoreSpec = KVStore | Sequence[object] | None
-
-
-def build_store(
-    spec: StoreSpec,
-    fingerprint: str,
-    cache_dir: Path,
-    memory_bytes: int,
-    dtype: torch.dtype,
-    expect,
-    device: torch.device | None = None,
-) -> KVStore:
-    """A KVStore from ``spec``: a KVStore (kept; its ``expect`` filled in), a list of tiers or tier URLs, or None
-    (a memory tier of ``memory_bytes`` in front of a disk tier under ``cache_dir/kv``; for a model on CUDA, a
-    device tier (a share of the free GPU memory) in front of a pinned host tier of ``memory_bytes`` and the disk)."""
-    if isinstance(spec, KVStore):
-        spec.expect = spec.expect or expect
-        return spec
-    if spec is None:
-        tiers = [MemoryTier(memory_bytes), DiskTier(cache_dir / "kv", fingerprint)]
-        if device is not None and device.type == "cuda":
-            tiers = [MemoryTier(None, device=device), MemoryTier(memory_bytes, pin=True), tiers[1]]
-    elif isinstance(spec, (str, bytes)):
-        raise TypeError("store must be a list of tier URLs or tiers, e.g. store=['memory://?max_bytes=2GB']")
-    else:
-        tiers = [tier_from_url(t, fingerprint) if isinstance(t, str) else t for t in spec]
-    return KVStore(tiers, dtype=dtype, expect=expect)
-
 
 class ChunkSource:
-    """Handles, precomputation and the KV of a request's chunks.
+    """Precomputation and the KV of a request's chunks.
 
-    forward: computes missing chunks (on the kernels of ``backend``); tokenize: text -> token ids; metrics: the
-    engine's counters; context_window: the model's, which a chunk and the prefix must fit in. batch_tokens: rows
-    per precompute forward (several chunks each, ``batch_compute.py``); 0 computes one chunk per forward. Default:
-    ``default_batch_tokens`` (batched on CUDA, one by one elsewhere).
+    forward: computes missing chunks (on the kernels of ``backend``, or a request's); keys: the chunks' handles (and
+    the prompt format that tokenizes them); metrics: the engine's counters; context_window: the model's, which a
+    chunk and the prefix must fit in. batch_tokens: rows per precompute forward (several chunks each,
+    ``batch_compute.py``); 0 computes one chunk per forward. Default: ``default_batch_tokens`` (batched on CUDA, one
+    by one elsewhere).
     """
 
     def __init__(
         self,
         forward: ModelForward,
         store: KVStore,
-        fingerprint: str,
-        prefix_ids: list[int],
-        tokenize: Callable[[str], list[int]],
+        keys: ChunkKeys,
         metrics: EngineMetrics,
         *,
         context_window: int,
@@ -80,10 +47,8 @@ class ChunkSource:
     ) -> None:
         self.forward = forward
         self.store = store
-        self.fingerprint = fingerprint
-        self.prefix_ids = list(prefix_ids)
-        self.prefix_key = chain_key(fingerprint, None, self.prefix_ids)
-        self.tokenize = tokenize
+        self.keys = keys
+        self.prefix_ids = keys.prefix_ids
         self.metrics = metrics
         self.context_window = context_window
         self.backend = backend
@@ -92,38 +57,8 @@ class ChunkSource:
         self._computing_lock = threading.Lock()
 
     @property
-    def device(self) -> torch.device:
-        return self.forward.device
-
-    # ---- handles ------------------------------------------------------------------------------------------
-    def prefix_key_for(self, scope: str | None) -> str:
-        """The key the chunks of ``scope`` chain from (the default scope's: ``prefix_key``)."""
-        if check_scope(scope) is None:
-            return self.prefix_key
-        return chain_key(self.fingerprint, scope_root(scope), self.prefix_ids)
-
-    def handle(self, text: str, scope: str | None = None) -> ChunkHandle:
-        """The handle a chunk text would have in ``scope`` (computes nothing)."""
-        ids = self.tokenize(text)
-        key = chain_key(self.fingerprint, self.prefix_key_for(scope), ids)
-        return ChunkHandle(key, text, tuple(ids), self.fingerprint)
-
-    def check(self, handle: object, scope: str | None = None) -> ChunkHandle:
-        """``handle`` if it is one of this model's, with a key that matches its tokens in ``scope``; else a clear
-        error."""
-        if not isinstance(handle, ChunkHandle):
-            raise TypeError(f"expected a ChunkHandle from engine.precompute, got {type(handle).__name__}")
-        if handle.model_fingerprint != self.fingerprint:
-            raise ValueError(
-                f"unknown handle {handle.key[:12]}...: it was made by another model or tokenizer; "
-                "call engine.precompute([...]) on this engine to get handles for it"
-            )
-        if chain_key(self.fingerprint, self.prefix_key_for(scope), handle.token_ids) != handle.key:
-            raise ValueError(
-                f"unknown handle {handle.key[:12]}...: its key does not match its tokens in this registry scope; "
-                "use the handles engine.precompute returns (with the same scope=)"
-            )
-        return handle
+    def fingerprint(self) -> str:
+        return self.keys.fingerprint
 
     # ---- computing ----------------------------------------------------------------------------------------
     def precompute(self, texts: Iterable[str], progress: bool = False, scope: str | None = None) -> list[ChunkHandle]:
@@ -134,7 +69,7 @@ class ChunkSource:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is a {type(text).__name__}; precompute takes strings")
-        handles = [self.handle(t, scope) for t in texts]
+        handles = [self.keys.handle(t, scope) for t in texts]
         limit = self.context_window - len(self.prefix_ids)
         for i, handle in enumerate(handles):
             if not handle.token_ids:
