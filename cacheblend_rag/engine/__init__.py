@@ -1,7 +1,7 @@
 """The blending engine: prompts, chunks, planning, the blended prefill, decoding."""
 
 from .engine import CacheBlendEngine
-from .request import GenerationResult, GenerationStream
+from .generation import GenerationResult, GenerationStream
 from .sampling import SamplingParams
 from .stats import RequestStats
 

@@ -10,7 +10,7 @@ from ..model.forward import ModelForward
 from ..store import ChunkHandle, ChunkKV, ChunkReadError, KVStore, LazyChunk
 from .chunk_source import ChunkSource
 from .placement import FALLBACK, place_chunks
-from .segments import Block
+from .segments import TokenRun
 
 
 class RequestChunks:
@@ -32,7 +32,7 @@ class RequestChunks:
     def fingerprint(self) -> str:
         return self.source.fingerprint
 
-    def place(self, runs: list[Block]) -> tuple[list[Block], int, str | None]:
+    def place(self, runs: list[TokenRun]) -> tuple[list[TokenRun], int, str | None]:
         """``runs`` with every chunk that may not be reused where it stands computed instead (``placement.py``),
         how many those were, and why the request reuses no chunk at all if that is the reason."""
         ids = [t for r in runs for t in r.token_ids]

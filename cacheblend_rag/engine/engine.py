@@ -1,9 +1,10 @@
 """CacheBlendEngine: the public entry point, a few methods over the prompt format, the chunk source, the
-planner, the blended prefill and decoding.
+strategies, the prefill and decoding.
 
-A request goes: segments, a prompt string or chat messages -> token blocks (``prompt.py``, chunk texts found by
-the registry of the request's scope) -> where its chunks may be reused (``placement.py``) -> a plan
-(``planner.py``, stored KV fetched by ``chunks.py``) -> the prefill (``prefill.py``) -> decoding (``request.py``).
+A request goes one way: segments, a prompt string or chat messages -> token runs (``runs.py``; chunk texts found by
+the registry of the request's scope) -> its strategy's plan (``strategies/``: where chunks may be reused, their KV
+read through ``chunk_reads.py``, a miss computed, a selection's probe pass) -> the prefill (``prefill.py``, driven
+by ``prepare.py``) -> the strategy's finish -> decoding (``generation.py``).
 
 Registry scopes: ``scope=`` (a str; None is the default scope) names whose chunks a request may reuse. Chunks
 registered in a scope are found only in that scope's prompts, and their stored KV is salted with it
@@ -30,18 +31,18 @@ from ..store.keys import check_scope
 from .chunk_keys import ChunkKeys
 from .chunk_reads import RequestChunks
 from .chunk_source import ChunkSource
-from .decode import TextStreamer
+from .generation import GenerationResult, GenerationStream
 from .kv_cache import KVCache
 from .prepare import PreparedRequest, run_strategy
 from .prompt import PromptFormat
 from .registry import MIN_TOKENS, ChunkRegistry
-from .request import GenerationResult, GenerationStream
 from .runs import check_runs, token_runs
 from .sampling import Sampler, SamplingParams
-from .segments import Block
+from .segments import TokenRun
 from .stats import EngineMetrics
 from .store_setup import StoreSpec, build_store
 from .strategies import strategy_for
+from .text_stream import TextStreamer
 
 logger = logging.getLogger(__name__)
 
@@ -233,11 +234,11 @@ class CacheBlendEngine:
         *,
         messages: Sequence[dict] | None = None,
         scope: str | None = None,
-    ) -> list[Block]:
-        """Token blocks of a request, given segments, a prompt string or chat ``messages`` ([{"role", "content"}]:
-        the chat template's text with its special tokens, each content as plain text), split at the chunk texts
-        registered in ``scope``. ``prepare``, ``stream`` and ``generate`` take them back as ``blocks=`` (so a server
-        can tokenize a large prompt off the engine's thread)."""
+    ) -> list[TokenRun]:
+        """The token runs (``TokenRun``) of a request, given segments, a prompt string or chat ``messages``
+        ([{"role", "content"}]: the chat template's text with its special tokens, each content as plain text), split
+        at the chunk texts registered in ``scope``. ``prepare``, ``stream`` and ``generate`` take them back as
+        ``blocks=`` (so a server can tokenize a large prompt off the engine's thread)."""
         registry = self.registry_for(scope)
         keys = self.chunk_source.keys
         return token_runs(keys, registry, segments, prompt, messages, scope=scope, context_window=self.context_window)
@@ -249,7 +250,7 @@ class CacheBlendEngine:
         *,
         prompt: str | None = None,
         messages: Sequence[dict] | None = None,
-        blocks: list[Block] | None = None,
+        blocks: list[TokenRun] | None = None,
         config: BlendConfig | None = None,
         extra_capacity: int = 0,
         scope: str | None = None,
@@ -280,7 +281,7 @@ class CacheBlendEngine:
         *,
         prompt: str | None = None,
         messages: Sequence[dict] | None = None,
-        blocks: list[Block] | None = None,
+        blocks: list[TokenRun] | None = None,
         config: BlendConfig | None = None,
         sampling: SamplingParams | None = None,
         scope: str | None = None,
@@ -317,7 +318,7 @@ class CacheBlendEngine:
         *,
         prompt: str | None = None,
         messages: Sequence[dict] | None = None,
-        blocks: list[Block] | None = None,
+        blocks: list[TokenRun] | None = None,
         config: BlendConfig | None = None,
         sampling: SamplingParams | None = None,
         scope: str | None = None,

@@ -78,7 +78,7 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
     ids = plan.ids  # [N]
     n = ids.shape[0]
     device = ids.device
-    bound = n - 1  # every position the loop rotates to lies in [0, n - 1]
+    fwd = fwd.within(n)  # every position and row the loop passes lies in [0, n): nothing read back
     plan.check_spans()
     if plan.cache_ready and (plan.checks or plan.capture):
         raise ValueError("a plan on a ready cache computes a fixed set of rows: no checks or capture")
@@ -107,7 +107,7 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
         x = fwd.attn_input(layer, h)  # [M, hidden] normalised
         k_new, v_new = fwd.project_kv(layer, x)  # [Hkv, M, D] each, k before RoPE
         if plan.cache_ready:
-            k_new = fwd.rotate(k_new, sel, bound=bound)  # the cache's keys are rotated already: rotate the new ones
+            k_new = fwd.rotate(k_new, sel)  # the cache's keys are rotated already: rotate the new ones
         flops += kv_flops * sel.shape[0]
         check = layer in plan.checks
         if check:
@@ -123,7 +123,7 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
             layer_rows.append(0)
             break
         if not plan.cache_ready:
-            fwd.rotate(keys, positions, out=keys, bound=bound)  # every key to its absolute position, in place
+            fwd.rotate(keys, positions, out=keys)  # every key to its absolute position, in place
         if check:
             scores = plan.scorer.weigh(layer, scores, x, sel, keys, fwd, n, last_cached_end)
             sel_forced = forced[sel]
@@ -136,7 +136,7 @@ def prefill(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> PrefillResu
         rows = sel
         if layer == fwd.n_layers - 1:  # past the last K/V, only the last position's output (its logits) is used
             x, h, rows = x[-1:], h[-1:], sel[-1:]
-        q = fwd.project_q(layer, x, rows, bound)  # [Hq, M, D] rotated
+        q = fwd.project_q(layer, x, rows)  # [Hq, M, D] rotated
         if plan.observe is not None:
             plan.observe(layer, q, rows, keys)
         attn = fwd.attend(q, rows, keys, values)  # [Hq, M, D]

@@ -19,7 +19,7 @@ from .decode import decode_step
 from .kv_cache import KVCache
 from .plan import PrefillPlan
 from .prefill import PrefillResult, prefill
-from .segments import Block
+from .segments import TokenRun
 from .stats import RequestStats, request_stats
 from .strategies import Strategy
 
@@ -44,7 +44,7 @@ class PreparedRequest:
 
 
 def run_strategy(
-    strategy: Strategy, runs: list[Block], chunks: RequestChunks, fwd: ModelForward, cache: KVCache, store: KVStore
+    strategy: Strategy, runs: list[TokenRun], chunks: RequestChunks, fwd: ModelForward, cache: KVCache, store: KVStore
 ) -> tuple[PrefillPlan, PrefillResult, RequestStats]:
     """Plan the request (again, with the chunk computed, each time a chunk's read fails inside the prefill), run the
     plan into ``cache``, derive the stats, and let the strategy finish (prefix_cache stores what it computed)."""

@@ -1,5 +1,5 @@
-"""A request (segments, a prompt string or chat messages) turned into placed token runs, and runs passed back
-checked."""
+"""A request (segments, a prompt string or chat messages) turned into placed token runs (``TokenRun``: text to
+compute, or rows of a chunk's stored KV), and runs passed back (``engine.blocks(...)``, then ``blocks=``) checked."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from ..store.chunk import ChunkHandle
 from .chunk_keys import ChunkKeys
 from .registry import ChunkPart, ChunkRegistry
-from .segments import Block, check_length, merge_text, place
+from .segments import TokenRun, check_length, merge_text, place
 
 
 def token_runs(
@@ -20,8 +20,8 @@ def token_runs(
     *,
     scope: str | None = None,
     context_window: int,
-) -> list[Block]:
-    """Placed token blocks of a request, given ``segments`` (text tokenized segment by segment, chunk handles
+) -> list[TokenRun]:
+    """The placed token runs of a request, given ``segments`` (text tokenized segment by segment, chunk handles
     checked by ``keys`` in registry ``scope`` and kept), a ``prompt`` string (tokenized whole; runs equal to a chunk in
     ``registry`` reuse its KV, looked for after the prompt's head, ``head_end``, and before its last token that
     is not whitespace: where a chunk may be reused, engine/placement.py) or chat ``messages`` (``chat_parts``:
@@ -41,45 +41,47 @@ def token_runs(
         while end > skip and fmt.is_whitespace(ids[end]):
             end -= 1
         end = max(skip, end)
-        runs = [ids[:skip], *registry.split(ids[skip:end], fmt.boundary), ids[end:]]
+        parts = [ids[:skip], *registry.split(ids[skip:end], fmt.boundary), ids[end:]]
     elif messages is not None:
-        runs = []
+        parts = []
         for text, role in fmt.chat_parts(messages):
             if role is None:
-                runs.append(fmt.tokenize(text))
+                parts.append(fmt.tokenize(text))
             elif role == "system":
-                runs.append(fmt.tokenize_text(text))
+                parts.append(fmt.tokenize_text(text))
             else:
-                runs += registry.split(fmt.tokenize_text(text), fmt.boundary)
+                parts += registry.split(fmt.tokenize_text(text), fmt.boundary)
     else:
-        runs = merge_text(segments)
-    blocks = []
-    for run in runs:
-        if isinstance(run, str):
-            blocks.append(Block(fmt.tokenize(run)))
-        elif isinstance(run, list):
-            blocks.append(Block(run))
-        elif isinstance(run, ChunkPart):
-            blocks.append(Block(list(run.token_ids), keys.check(run.handle, scope), offset=run.offset))
+        parts = merge_text(segments)
+    out = []
+    for part in parts:
+        if isinstance(part, str):
+            out.append(TokenRun(fmt.tokenize(part)))
+        elif isinstance(part, list):
+            out.append(TokenRun(part))
+        elif isinstance(part, ChunkPart):
+            out.append(TokenRun(list(part.token_ids), keys.check(part.handle, scope), offset=part.offset))
         else:
-            blocks.append(Block(list(keys.check(run, scope).token_ids), run))
-    blocks = [b for b in blocks if b.token_ids]
-    first = blocks[0].token_ids if blocks else []
+            out.append(TokenRun(list(keys.check(part, scope).token_ids), part))
+    out = [r for r in out if r.token_ids]
+    first = out[0].token_ids if out else []
     if fmt.bos_ids and first[: len(fmt.bos_ids)] != fmt.bos_ids:
-        blocks.insert(0, Block(list(fmt.bos_ids)))
-    n = place(blocks)
-    if not any(b.handle is not None or b.token_ids != fmt.bos_ids for b in blocks):
+        out.insert(0, TokenRun(list(fmt.bos_ids)))
+    n = place(out)
+    if not any(r.handle is not None or r.token_ids != fmt.bos_ids for r in out):
         raise ValueError("the prompt is empty: give at least one non-empty text segment or chunk")
     check_length(n, context_window)
-    return blocks
+    return out
 
 
-def check_runs(blocks: object, keys: ChunkKeys, scope: str | None, context_window: int, vocab_size: int) -> list[Block]:
-    """``blocks`` if they are what ``engine.blocks`` returns: Blocks placed one after the other, token ids in the
-    vocabulary, each chunk block's tokens its handle's (the handle is this engine's, in the request's ``scope``), no
+def check_runs(
+    blocks: object, keys: ChunkKeys, scope: str | None, context_window: int, vocab_size: int
+) -> list[TokenRun]:
+    """``blocks`` if they are what ``engine.blocks`` returns: TokenRuns placed one after the other, token ids in the
+    vocabulary, each chunk run's tokens its handle's (the handle is this engine's, in the request's ``scope``), no
     longer than ``context_window``; else a clear error. Costs a pass over the token ids."""
-    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, Block) for b in blocks):
-        raise TypeError("blocks must be the non-empty list of Blocks that engine.blocks(...) returned")
+    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, TokenRun) for b in blocks):
+        raise TypeError("blocks must be the non-empty list of TokenRuns that engine.blocks(...) returned")
     unchanged = "pass the list engine.blocks(...) returned, unchanged"
     pos = 0
     for i, block in enumerate(blocks):

@@ -1,4 +1,5 @@
-"""Turning a request's segments (text and chunk handles) into token blocks."""
+"""A request's prompt as token runs: ``TokenRun`` (a run of prompt tokens, computed or taken from a chunk's stored
+KV; not a fixed-size KV page as in vLLM), the segments that make them, and the prompt's length limit."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from ..store.chunk import ChunkHandle
 
 
 @dataclass
-class Block:
+class TokenRun:
     """A run of prompt tokens: either text to compute or a cached chunk (rows ``offset`` .. ``offset + len - 1`` of
     the chunk's stored KV: a chunk found in a prompt without its edge whitespace, engine/registry.py)."""
 
@@ -49,12 +50,12 @@ def merge_text(segments: Sequence[str | ChunkHandle]) -> list[str | ChunkHandle]
     return out
 
 
-def place(blocks: list[Block]) -> int:
-    """Assign each block its start row; return the prompt length."""
+def place(runs: list[TokenRun]) -> int:
+    """Assign each run its start row; return the prompt length."""
     pos = 0
-    for block in blocks:
-        block.start = pos
-        pos += len(block.token_ids)
+    for run in runs:
+        run.start = pos
+        pos += len(run.token_ids)
     return pos
 
 

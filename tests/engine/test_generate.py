@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cacheblend_rag import BlendConfig, GenerationResult, SamplingParams
-from cacheblend_rag.engine.decode import TextStreamer
 from cacheblend_rag.engine.sampling import Sampler
+from cacheblend_rag.engine.text_stream import TextStreamer
 from tests.conftest import PASSAGES, config
 
 

@@ -12,10 +12,11 @@ from torch.testing import assert_close
 
 from cacheblend_rag import SamplingParams
 from cacheblend_rag.engine.batch_step import BatchStepper, batch_step, buckets, padded_inputs
-from cacheblend_rag.engine.decode import TextStreamer, decode_step
+from cacheblend_rag.engine.decode import decode_step
 from cacheblend_rag.engine.kv_slots import KVSlots
 from cacheblend_rag.engine.running_batch import RunningBatch
 from cacheblend_rag.engine.sampling import Sampler
+from cacheblend_rag.engine.text_stream import TextStreamer
 from tests.conftest import PASSAGES, config, tiny_model
 
 CUDA = torch.cuda.is_available()

@@ -12,7 +12,7 @@ from ..chunk_reads import RequestChunks
 from ..kv_cache import KVCache
 from ..plan import PrefillPlan
 from ..prefill import PrefillResult
-from ..segments import Block
+from ..segments import TokenRun
 from .reuse import ReusedChunks
 
 
@@ -34,7 +34,7 @@ class Strategy(ABC):
         self.config = config
 
     @abstractmethod
-    def plan(self, runs: list[Block], chunks: RequestChunks, fwd: ModelForward, cache: KVCache) -> PrefillPlan:
+    def plan(self, runs: list[TokenRun], chunks: RequestChunks, fwd: ModelForward, cache: KVCache) -> PrefillPlan:
         """The plan of a request: ``runs`` (placed token runs), its chunk KV through ``chunks``, run on ``fwd`` into
         ``cache`` (a selection's probe pass may fill it already)."""
 

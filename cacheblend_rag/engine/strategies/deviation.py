@@ -95,5 +95,5 @@ class AttentionSelection(DeviationSelection):
     def weigh(self, layer, scores, x, sel, keys, fwd, n, tail_start) -> torch.Tensor:
         """x: [M, hidden] the check layer's normalised input of the rows ``sel``: [M]; keys: [Hkv, N, D] rotated."""
         a, b = probe_span(sel.shape[0], n, tail_start)  # [P] = sel[a:b], found on the host
-        q_probe = fwd.project_q(layer, x[a:b], sel[a:b], n - 1)  # [Hq, P, D]
+        q_probe = fwd.project_q(layer, x[a:b], sel[a:b])  # [Hq, P, D]
         return scores * attention_mass(q_probe, sel[a:b], keys, fwd.scale)[sel]

@@ -15,16 +15,23 @@ from ..transfer import upload
 from .base import Strategy
 
 
+def prefix_keys(fingerprint: str, runs, scope: str | None) -> list[str]:
+    """The key of every run but the last (it ends the prompt: never worth storing), each chaining the runs before
+    it in registry ``scope`` (``store/keys.py``)."""
+    keys, parent = [], scope_root(scope)
+    for run in runs[:-1]:
+        parent = chain_key(fingerprint, parent, run.token_ids)
+        keys.append(parent)
+    return keys
+
+
 class PrefixCache(Strategy):
     name = "prefix_cache"
 
     def plan(self, runs, chunks, fwd, cache) -> PrefillPlan:
         ids = upload(torch.tensor([t for r in runs for t in r.token_ids], dtype=torch.long), fwd.device)  # [N]
         t = time.perf_counter()
-        keys, parent = [], scope_root(chunks.scope)
-        for run in runs[:-1]:  # the last run ends the prompt: never worth storing
-            parent = chain_key(chunks.fingerprint, parent, run.token_ids)
-            keys.append(parent)
+        keys = prefix_keys(chunks.fingerprint, runs, chunks.scope)
         spans, hits, misses = [], 0, 0
         for key, run in zip(keys, runs):
             kv = chunks.store.get(key, len(run.token_ids))

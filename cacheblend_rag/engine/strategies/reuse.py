@@ -11,7 +11,7 @@ import torch
 from ..chunk_reads import RequestChunks
 from ..chunk_source import kv_rows
 from ..plan import CachedSpan, PlanReport
-from ..segments import Block
+from ..segments import TokenRun
 from ..transfer import upload
 
 
@@ -34,7 +34,7 @@ class ReusedChunks:
         return sum(span.kv.n_tokens for span in self.spans)
 
 
-def reuse_chunks(runs: list[Block], chunks: RequestChunks, head: int, report: PlanReport) -> ReusedChunks:
+def reuse_chunks(runs: list[TokenRun], chunks: RequestChunks, head: int, report: PlanReport) -> ReusedChunks:
     """Place ``runs``' chunks, read their KV (a miss computed) and find the forced rows, ``head`` rows of each chunk
     among them; ``report`` is filled in with what happened."""
     runs, unplaced, fallback = chunks.place(runs)

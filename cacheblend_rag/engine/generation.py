@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decode import GRAPH_MIN_TOKENS, Decoder, TextStreamer
+from .decode import GRAPH_MIN_TOKENS, Decoder
 from .prepare import PreparedRequest
 from .sampling import Sampler
 from .stats import RequestStats
+from .text_stream import TextStreamer
 
 
 @dataclass
