@@ -69,7 +69,9 @@ def requests(engine: CacheBlendEngine, handles, scoped) -> list[tuple[str, dict]
     """(name, keyword arguments of generate) of the fixed requests."""
     p = PASSAGES
     question = "\nWhich river carries the most water? Answer in one sentence."
-    chat = engine.chat_segments(["Read these passages.\n", handles[0], "\n\n", handles[1], "\n\n", handles[2], question])
+    chat = engine.chat_segments(
+        ["Read these passages.\n", handles[0], "\n\n", handles[1], "\n\n", handles[2], question]
+    )
     prompt = f"Passages:\n{p[0]}\n\n{p[2]}\n\nQuestion: which mountain is the highest in Africa?\nAnswer:"
     messages = [
         {"role": "system", "content": "You answer from the passages only."},

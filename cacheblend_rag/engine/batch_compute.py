@@ -1,6 +1,6 @@
 """Batched precompute: the KV of many chunks from one forward pass (varlen: the chunks' rows are concatenated).
 
-Each chunk is computed alone, after the chunk prefix, at positions 0..len-1 (``chunks.py``). Here the sequences
+Each chunk is computed alone, after the chunk prefix, at positions 0..len-1 (``chunk_source.py``). Here the sequences
 ``prefix + chunk`` of a batch are laid end to end as one [S] row set: the row-wise work (norms, projections, the
 MLP: almost all of the FLOPs) runs as one matrix product per weight over all S rows, and attention runs per
 sequence on its own rows (a block-diagonal causal mask, written as one attention call per sequence, so a chunk

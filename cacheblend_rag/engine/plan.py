@@ -71,7 +71,7 @@ class PlanReport:
 class PrefillPlan:
     """ids: [N] token ids. spans: the cached rows. initial: [M0] sorted rows computed from layer 0 (None: all).
     forced: [N] bool, rows a check layer must keep (every uncached row among them); n_forced: (forced rows, forced
-    rows that are cached), the planner's host counts. checks: layer -> ratio of the cached rows kept there, scored
+    rows that are cached), the strategy's host counts. checks: layer -> ratio of the cached rows kept there, scored
     by ``scorer``; budget: with a fidelity target, how many rows the last check layer keeps. capture: rows whose
     pre-RoPE K and V to return (``store_after``: which of them the strategy stores, under which keys).
     cache_ready: the cache already holds every span's rotated K/V (a probe pass wrote them): only the computed rows
@@ -108,7 +108,7 @@ class PrefillPlan:
         return sum(span.kv.n_tokens for span in self.spans)
 
     def forced_counts(self, from_cache: torch.Tensor) -> tuple[int, int]:
-        """(forced rows, forced rows that are cached): the planner's host counts, or (for a hand-made plan without
+        """(forced rows, forced rows that are cached): the strategy's host counts, or (for a hand-made plan without
         them) counted on the device, once, before the loop."""
         if self.n_forced is not None:
             return self.n_forced

@@ -1,22 +1,24 @@
 """The blended prefill: one loop over layers that serves every strategy.
 
-A plan says which prompt rows have stored KV (``spans``), which rows are computed from layer 0
-(``initial``: all for full_recompute and cacheblend, the uncached rows for full_reuse and prefix_cache)
-and at which layers cacheblend narrows the computed rows (``checks``). Before the loop, the stored pre-RoPE
-K and V of the cached blocks are queued into the fused cache (``transfer.StoredKV``: all layers at once from
+A plan (``engine/plan.py``, made by a strategy: ``engine/strategies/``) says which prompt rows have stored KV
+(``spans``), which rows are computed from layer 0 (``initial``: all for full_recompute and the check-layer
+selections, the uncached rows for full_reuse and prefix_cache, a fixed set for the query selection) and at which
+layers the computed rows narrow (``checks``, scored by the plan's ``scorer``). Before the loop, the stored pre-RoPE
+K and V of the cached chunks are queued into the fused cache (``transfer.StoredKV``: all layers at once from
 the device tier, layer by layer on a side CUDA stream from the pinned host tier, as each layer arrives from
 disk or Redis).
 At each layer:
 
-1. Q/K/V are computed for the selected rows; at a check layer the deviation of their fresh K or V from
-   the stored one picks the rows to keep (top ratio x cached rows, plus every forced row);
+1. Q/K/V are computed for the selected rows; at a check layer the scorer's scores (the deviation of their fresh K
+   or V from the stored one) pick the rows to keep (top ratio x cached rows, plus every forced row);
 2. the selected rows' K/V overwrite theirs (at a check layer every computed row is written), all keys
    are rotated to their absolute positions;
 3. attention runs for the kept rows over all keys with an exact causal mask by position, then the MLP.
 
 **No host synchronisation in the loop.** Every count the loop needs (rows computed, rows kept at a check
-layer, probe rows) comes from the plan on the host; index tensors are built from host data by the planner,
-so the kernels are told to trust them instead of reading them back (``Kernels``), and kept rows are found
+layer, probe rows) comes from the plan on the host; index tensors are built from host data by the strategy,
+so the kernels are bound to the prompt's positions and trust them instead of reading them back
+(``ModelForward.within``), and kept rows are found
 with a sort of known size instead of ``nonzero``. On a GPU the host therefore queues the whole prefill without
 waiting; the only reads are after the loop (the FLOP count). One documented exception: a fidelity target
 with a deviation selection (how many rows to keep depends on the scores: one read at the last check layer).
