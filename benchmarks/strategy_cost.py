@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
-from cacheblend_rag.engine.cost import CostModel, ModelShape
+from cacheblend_rag.engine import CostModel, ModelShape
 
 WORDS = [
     *("harbour", "ledger", "tide", "lantern", "granite", "orchard", "ferry", "council", "bell", "market", "copper"),
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     engine = CacheBlendEngine.from_pretrained(args.model, dtype=args.dtype, store=["memory://?max_bytes=4GB"])
-    shape = ModelShape.of(engine.model_forward if hasattr(engine, "model_forward") else engine.forward)
+    shape = ModelShape.of(engine.model_forward)
     rows = []
     for n_chunks in (int(x) for x in args.chunks.split(",")):
         for tokens in (int(x) for x in args.chunk_tokens.split(",")):

@@ -150,7 +150,9 @@ def eval_cmd(
     ),
     targets: str = typer.Option("", help="cacheblend fidelity targets (per-request ratio), comma separated."),
     chunk_heads: int = typer.Option(0, min=0, help="Always recompute each chunk's first N tokens (EPIC)."),
-    check_layers: str = typer.Option("1", help="cacheblend check layers (deviation selections), comma separated."),
+    check_layers: str = typer.Option(
+        "", help="cacheblend check layers of the deviation and attention selections, comma separated (default 1)."
+    ),
     max_new_tokens: int = typer.Option(32, min=1),
     model: str = MODEL,
     device: str = DEVICE,
@@ -161,7 +163,7 @@ def eval_cmd(
 ) -> None:
     """Quality of every strategy: gold F1/EM, gold F1 kept vs full recompute on the questions it answers (and how many
     answers are worse than full_reuse's), and fidelity to full recompute (answer EM, Rouge-L, top-1, KL)."""
-    from ..config import STRATEGIES, BlendConfig
+    from ..config import STRATEGIES
     from ..eval.runner import eval_configs, evaluate
 
     examples = load_examples_or_exit(data, n)
@@ -170,9 +172,11 @@ def eval_cmd(
     if unknown:
         raise typer.BadParameter(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     try:
-        layers = tuple(int(x) for x in floats(check_layers, "--check-layers"))
-        base = BlendConfig(recompute_chunk_head=chunk_heads, check_layers=layers)
-        configs = eval_configs(names, floats(ratios, "--ratios"), items(selections), floats(targets, "--targets"), base)
+        layers = tuple(int(x) for x in floats(check_layers, "--check-layers")) or None
+        options = {"recompute_chunk_head": chunk_heads, "check_layers": layers}
+        configs = eval_configs(
+            names, floats(ratios, "--ratios"), items(selections), floats(targets, "--targets"), options
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"], chunk_prefix=chunk_prefix)

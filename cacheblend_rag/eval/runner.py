@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import BlendConfig
-from ..engine.decode import decode_step
+from ..engine.research import teacher_force
+from ..engine.strategies import options_read
 from .datasets import Example
 from .metrics import best_over, exact_match, f1_score, kl_divergence, rouge_l, top1_agreement
 from .ttft import run_info
@@ -38,21 +39,23 @@ def eval_configs(
     ratios: Sequence[float],
     selections: Sequence[str] = ("query",),
     targets: Sequence[float] = (),
-    base: BlendConfig | None = None,
+    options: dict | None = None,
 ) -> list[EvalConfig]:
     """One entry per strategy, and per selection and ratio (and fidelity target) for cacheblend; full_recompute
     always comes first.
 
     cacheblend labels are ``cacheblend[query]@0.15`` (selection, ratio) and ``cacheblend[query]~0.9`` (selection,
-    fidelity target); ``base`` holds the other BlendConfig options (chunk heads, check layers, ...)."""
-    base = base or BlendConfig()
+    fidelity target); ``options``: other BlendConfig options for cacheblend (chunk heads, check layers, ...), each
+    given to the selections that read it."""
     out = [EvalConfig(REFERENCE, BlendConfig(strategy=REFERENCE))]
     for strategy in strategies:
         if strategy == REFERENCE:
             continue
         if strategy == "cacheblend":
             for selection in selections:
-                blend = base.replace(strategy=strategy, selection=selection)
+                reads = options_read(strategy, selection)
+                given = {k: v for k, v in (options or {}).items() if k in reads}
+                blend = BlendConfig(strategy=strategy, selection=selection, **given)
                 out += [EvalConfig(f"cacheblend[{selection}]@{r:g}", blend.replace(recompute_ratio=r)) for r in ratios]
                 out += [EvalConfig(f"cacheblend[{selection}]~{t:g}", blend.replace(fidelity_target=t)) for t in targets]
         else:
@@ -74,26 +77,19 @@ def _run(engine, segments, config: BlendConfig, max_new_tokens: int, targets: li
     req = engine.prepare(segments, config=config, extra_capacity=max_new_tokens + 1)
     logits = req.logits
     ttft = time.perf_counter() - req.started
-    prompt_len = req.cache.length
     tokens: list[int] = []
     steps = [logits]
-    with torch.inference_mode():
-        for _ in range(max_new_tokens):
-            token = int(logits.argmax())
-            tokens.append(token)
-            if token in eos or "\n" in engine.tokenizer.decode(tokens, skip_special_tokens=True):
-                break
-            logits = decode_step(engine.forward, req.cache, token)
-            steps.append(logits)
-        forced = None
-        if targets is not None:
-            req.cache.truncate(prompt_len)
-            forced_steps = [req.logits]
-            for token in targets[:-1]:
-                forced_steps.append(decode_step(engine.forward, req.cache, token))
-            forced = torch.log_softmax(torch.stack(forced_steps).float(), dim=-1)
-        else:
-            forced = torch.log_softmax(torch.stack(steps[: len(tokens)]).float(), dim=-1)
+    for _ in range(max_new_tokens):
+        token = int(logits.argmax())
+        tokens.append(token)
+        if token in eos or "\n" in engine.tokenizer.decode(tokens, skip_special_tokens=True):
+            break
+        logits = req.decode(token)
+        steps.append(logits)
+    if targets is not None:
+        forced = teacher_force(req, targets)  # rewinds to the prompt's end first
+    else:
+        forced = torch.log_softmax(torch.stack(steps[: len(tokens)]).float(), dim=-1)
     text = engine.tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
     return Run(text.split("\n")[0].strip(), tokens, ttft, req.stats.as_dict(), forced)
 
