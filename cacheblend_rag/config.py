@@ -45,6 +45,9 @@ class BlendConfig:
         ``recompute_ratio`` is then unused. Needs a single check layer for the deviation selections.
     recompute_chunk_head: always recompute the first n tokens of every cached chunk (full_reuse and cacheblend;
         EPIC's observation that each chunk's first tokens acted as an attention sink when computed alone).
+    exact_when_faster: cacheblend only: where the cost estimate (engine/cost.py: cached and uncached tokens, the probe
+        pass) says a full prefill is about as fast as blending (a short prompt, few cached tokens), compute the prompt
+        in full instead: the same speed, the exact answer; ``stats.fallback`` says why. False: always blend.
     backend: kernels to use: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
     """
 
@@ -59,6 +62,7 @@ class BlendConfig:
     fidelity_target: float | None = None
     min_ratio: float = 0.02
     max_ratio: float = 0.5
+    exact_when_faster: bool = True
 
     def __post_init__(self) -> None:
         if not _is_number(self.recompute_ratio) or not 0.0 <= self.recompute_ratio <= 1.0:
@@ -96,6 +100,8 @@ class BlendConfig:
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if not isinstance(self.exact_when_faster, bool):
+            raise ValueError(f"exact_when_faster must be True or False, got {self.exact_when_faster!r}")
         if self.min_ratio > self.max_ratio:
             raise ValueError(f"min_ratio ({self.min_ratio}) must not exceed max_ratio ({self.max_ratio})")
         if self.backend not in BACKENDS:
@@ -119,6 +125,7 @@ class BlendConfig:
             "fidelity_target": self.fidelity_target,
             "min_ratio": self.min_ratio,
             "max_ratio": self.max_ratio,
+            "exact_when_faster": self.exact_when_faster,
         }
         unknown = set(changes) - set(fields)
         if unknown:

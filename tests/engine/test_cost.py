@@ -42,3 +42,38 @@ def test_cost_grows_with_the_ratio_and_the_probe():
         model.estimate(QWEN_1_5B, 1100, spans, ratio=1.0, probe=False).blend
         > model.estimate(QWEN_1_5B, 1100, spans, ratio=1.0, probe=False).full * 0.99
     )  # recomputing every row costs a full prefill and more
+
+
+@pytest.mark.cost_model
+def test_a_short_prompt_is_computed_in_full_and_stats_say_why(make_engine):
+    from tests.conftest import PASSAGES, config
+
+    engine = make_engine("llama", seed=3)
+    segments = ["Read the passages.\n", *engine.precompute(PASSAGES), "\nQuestion: which river reaches the Black Sea?"]
+    full = engine.generate(segments, max_new_tokens=6, config=config("full_recompute"))
+    exact = engine.generate(segments, max_new_tokens=6, config=config("cacheblend"))
+    assert exact.stats.fallback is not None and "computed in full" in exact.stats.fallback
+    assert exact.stats.recomputed_tokens == exact.stats.prompt_tokens and exact.stats.recompute_ratio is None
+    assert exact.token_ids == full.token_ids  # the exact path: full recompute's answer
+    blended = engine.generate(segments, max_new_tokens=6, config=config("cacheblend", exact_when_faster=False))
+    assert blended.stats.fallback is None and blended.stats.recompute_ratio is not None
+    assert blended.stats.recomputed_tokens < blended.stats.prompt_tokens
+
+
+@pytest.mark.cost_model
+def test_a_long_prompt_of_chunks_blends(make_engine):
+    from tests.conftest import config
+
+    engine = make_engine("llama", seed=3)
+    texts = [f"Passage {i}: " + " ".join(f"word{i}x{j}" for j in range(50)) for i in range(8)]
+    segments = ["Read.\n", *engine.precompute(texts), "\nQuestion: which passage?"]
+    stats = engine.generate(segments, max_new_tokens=2, config=config("cacheblend")).stats
+    assert stats.fallback is None and stats.cached_tokens > 0.9 * stats.prompt_tokens
+    assert 0.1 < stats.recompute_ratio < 0.2
+
+
+def test_exact_when_faster_must_be_a_bool():
+    from cacheblend_rag import BlendConfig
+
+    with pytest.raises(ValueError, match="exact_when_faster must be True or False"):
+        BlendConfig(exact_when_faster="yes")

@@ -34,10 +34,13 @@ class ReusedChunks:
         return sum(span.kv.n_tokens for span in self.spans)
 
 
-def reuse_chunks(runs: list[TokenRun], chunks: RequestChunks, head: int, report: PlanReport) -> ReusedChunks:
-    """Place ``runs``' chunks, read their KV (a miss computed) and find the forced rows, ``head`` rows of each chunk
-    among them; ``report`` is filled in with what happened."""
-    runs, unplaced, fallback = chunks.place(runs)
+def reuse_chunks(
+    runs: list[TokenRun], chunks: RequestChunks, head: int, report: PlanReport, placement: tuple | None = None
+) -> ReusedChunks:
+    """Place ``runs``' chunks (or take ``placement``, what ``chunks.place(runs)`` returned), read their KV (a miss
+    computed) and find the forced rows, ``head`` rows of each chunk among them; ``report`` is filled in with what
+    happened."""
+    runs, unplaced, fallback = placement if placement is not None else chunks.place(runs)
     device = chunks.fwd.device
     ids = upload(torch.tensor([t for r in runs for t in r.token_ids], dtype=torch.long), device)  # [N]
     n = ids.shape[0]
