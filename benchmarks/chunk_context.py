@@ -40,7 +40,7 @@ SYSTEMS = {
 }
 STRATEGIES = {
     "full_reuse": BlendConfig(strategy="full_reuse"),
-    "cacheblend": BlendConfig(strategy="cacheblend", recompute_ratio=0.15),
+    "cacheblend": BlendConfig(strategy="cacheblend", recompute_ratio=0.15, exact_when_faster=False),
 }
 FULL = BlendConfig(strategy="full_recompute")
 

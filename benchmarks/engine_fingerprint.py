@@ -129,7 +129,9 @@ def run_engine(engine: CacheBlendEngine, configs, corrupt: bool = False) -> dict
     scoped = engine.precompute(PASSAGES[:2], scope=SCOPE)
     out: dict = {}
     for name, strategy, options, runs in configs:
-        config = BlendConfig(strategy=strategy, **options)
+        # the blended path itself, however short the prompt (the cost model would compute these prompts in full)
+        blend = {"exact_when_faster": False} if strategy == "cacheblend" else {}
+        config = BlendConfig(strategy=strategy, **blend, **options)
         for req_name, kwargs in requests(engine, handles, scoped):
             for run in range(runs):
                 if corrupt:
