@@ -25,10 +25,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from cacheblend_rag import BlendConfig, CacheBlendEngine
-from cacheblend_rag.engine.decode import decode_step
+from cacheblend_rag.engine import teacher_force
 from cacheblend_rag.eval.datasets import PREFIX, town_examples
 from cacheblend_rag.eval.metrics import kl_divergence
 
@@ -42,7 +40,7 @@ SYSTEMS = {
 }
 STRATEGIES = {
     "full_reuse": BlendConfig(strategy="full_reuse"),
-    "cacheblend": BlendConfig(strategy="cacheblend", recompute_ratio=0.15),
+    "cacheblend": BlendConfig(strategy="cacheblend", recompute_ratio=0.15, exact_when_faster=False),
 }
 FULL = BlendConfig(strategy="full_recompute")
 
@@ -50,21 +48,15 @@ FULL = BlendConfig(strategy="full_recompute")
 def run(engine, segments, config: BlendConfig, targets: list[int] | None, max_new: int):
     """(greedy tokens, log-probs [T, V] along ``targets`` or along its own greedy tokens)."""
     req = engine.prepare(segments, config=config, extra_capacity=max_new + 1)
-    n = req.cache.length
     eos = engine.eos_token_ids
-    tokens, steps, logits = [], [req.logits], req.logits
-    with torch.inference_mode():
-        for _ in range(max_new):
-            token = int(logits.argmax())
-            tokens.append(token)
-            if token in eos or len(tokens) == max_new:
-                break
-            logits = decode_step(engine.forward, req.cache, token)
-            steps.append(logits)
-        if targets is not None:
-            req.cache.truncate(n)
-            steps = [req.logits] + [decode_step(engine.forward, req.cache, t) for t in targets[:-1]]
-    return tokens, torch.log_softmax(torch.stack(steps[: len(targets or tokens)]).float(), -1), req.stats
+    tokens, logits = [], req.logits
+    for _ in range(max_new):
+        token = int(logits.argmax())
+        tokens.append(token)
+        if token in eos or len(tokens) == max_new:
+            break
+        logits = req.decode(token)
+    return tokens, teacher_force(req, targets if targets is not None else tokens), req.stats
 
 
 def variants(base, example, engines):

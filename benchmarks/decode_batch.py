@@ -38,9 +38,7 @@ import torch
 
 import cacheblend_rag
 from cacheblend_rag import CacheBlendEngine, SamplingParams
-from cacheblend_rag.engine.decode import TextStreamer
-from cacheblend_rag.engine.running_batch import RunningBatch
-from cacheblend_rag.engine.sampling import Sampler
+from cacheblend_rag.engine import RunningBatch, Sampler, TextStreamer
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(cacheblend_rag.__file__).parent / "data" / "corpus"
@@ -62,7 +60,7 @@ def engine_decode(engine: CacheBlendEngine, prompts: list[str], new: int) -> tup
     """Prefill ``prompts``, decode them in one RunningBatch for ``new`` tokens each. -> (decode seconds, prompt ids)."""
     requests = [engine.prepare(prompt=p) for p in prompts]
     capacity = max(r.cache.length for r in requests) + new
-    batch = RunningBatch(engine.forward, slots=len(prompts), capacity=capacity, graphs=engine.cuda_graphs)
+    batch = RunningBatch(engine.model_forward, slots=len(prompts), capacity=capacity, graphs=engine.cuda_graphs)
     sampling = SamplingParams(max_new_tokens=new)
     for r in requests:
         batch.add(r.cache, r.logits, Sampler(sampling), TextStreamer(engine.tokenizer, ()), new, frozenset())

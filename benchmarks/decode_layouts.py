@@ -32,9 +32,7 @@ import torch.nn.functional as F
 
 import cacheblend_rag
 from cacheblend_rag import CacheBlendEngine
-from cacheblend_rag.engine.batch_step import batch_step
-from cacheblend_rag.engine.decode import decode_step
-from cacheblend_rag.engine.kv_slots import KVSlots
+from cacheblend_rag.engine import KVSlots, batch_step, decode_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(cacheblend_rag.__file__).parent / "data" / "corpus"
@@ -44,11 +42,11 @@ PAGE = 16
 def per_sequence_step(fwd, caches: list, tokens: list[int]) -> torch.Tensor:
     """One forward for the batch, each sequence's attention over its own KVCache. -> logits [B, vocab]."""
     pos = torch.tensor([c.length for c in caches])
-    bound = min(c.capacity for c in caches) - 1
+    fwd = fwd.within(min(c.capacity for c in caches))  # every position lies below it: nothing read back
     h = fwd.embed(torch.tensor(tokens))
     for layer in range(fwd.n_layers):
-        q, k, v = fwd.qkv(layer, h, pos, bound)
-        k = fwd.rotate(k, pos, bound=bound)
+        q, k, v = fwd.qkv(layer, h, pos)
+        k = fwd.rotate(k, pos)
         outs = []
         for i, cache in enumerate(caches):
             p = pos[i : i + 1]
@@ -69,7 +67,7 @@ def whole_steps(engine: CacheBlendEngine, b: int, lengths: tuple[int, int], step
     rng = random.Random(b * 1000 + lengths[0])
     texts = [" ".join(words[: rng.randint(*lengths)]) for _ in range(b)]
     room = steps + 2
-    fwd = engine.forward
+    fwd = engine.model_forward
     alone = [engine.prepare(prompt=t, extra_capacity=room).cache for t in texts]
     own = [engine.prepare(prompt=t, extra_capacity=room).cache for t in texts]
     slots = KVSlots.for_model(fwd, b, max(c.length for c in own) + room)
@@ -148,7 +146,7 @@ def main() -> None:
     args = parser.parse_args()
     engine = CacheBlendEngine.from_pretrained(args.model, device="cpu", dtype=args.dtype)
     steps = [whole_steps(engine, b, span, args.steps) for span in ((40, 120), (300, 700)) for b in args.batches]
-    attention = [attention_only(engine.forward, b, 800) for b in args.batches]
+    attention = [attention_only(engine.model_forward, b, 800) for b in args.batches]
     print(f"{args.model} ({engine.dtype}), ms per decoding step, median of {args.steps}:")
     print(markdown(steps))
     print("\nattention alone, us per layer:")

@@ -20,28 +20,18 @@ from pathlib import Path
 import torch
 
 from cacheblend_rag import CacheBlendEngine
-from cacheblend_rag.engine.kv_cache import KVCache
-from cacheblend_rag.engine.prefill import PrefillPlan, prefill
+from cacheblend_rag.engine import reused_prompt, run_plan
 from cacheblend_rag.eval.datasets import load_examples
 
 
 def analyse(engine, example, ratio: float) -> list[dict]:
-    blocks = engine.blocks(example.prompt(engine), None)
-    ids = torch.tensor([t for b in blocks for t in b.token_ids], device=engine.device)
-    n = ids.shape[0]
-    with torch.inference_mode():
-        exact = prefill(
-            engine.forward,
-            PrefillPlan(ids=ids, capture=(0, n), need_logits=False),
-            KVCache.for_model(engine.forward, n),
-        )
+    prompt = reused_prompt(engine, example.prompt(engine))
+    exact = run_plan(engine, prompt.full_plan(capture=True))
     full_v = exact.captured.v.float()  # [L, H, N, D]
     alone_v = full_v.clone()
-    cached = torch.zeros(n, dtype=torch.bool)
-    for b in blocks:
-        if b.handle is not None:
-            alone_v[:, :, b.start : b.end] = engine.chunk_kv(b.handle)[0].v.float()
-            cached[b.start : b.end] = True
+    cached = prompt.cached
+    for span in prompt.spans:
+        alone_v[:, :, span.start : span.end] = span.kv.v.float()
     dev = (full_v - alone_v).square().sum(dim=(1, 3))[:, cached]  # [L, cached tokens]
     norm = full_v.square().sum(dim=(1, 3))[:, cached]
     k = max(1, round(ratio * int(cached.sum())))

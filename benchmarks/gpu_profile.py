@@ -93,7 +93,7 @@ def profile_section(add, engine, segments, device, ratio: float) -> None:
         for label, chosen in variants.items():
             engine.store.tiers = chosen
             for strategy in ("full_recompute", "full_reuse", "cacheblend"):
-                cfg = BlendConfig(strategy=strategy, backend="triton", recompute_ratio=ratio)
+                cfg = BlendConfig(strategy=strategy, backend="triton", recompute_ratio=ratio, exact_when_faster=False)
                 run = lambda cfg=cfg: engine.prepare(segments, config=cfg)  # noqa: E731
                 run()  # warm-up: compiled kernels, RoPE tables, the blocks promoted where they go
                 add("profile", f"{strategy} [{label}]", shape, **profile_call(run, device))

@@ -3,7 +3,8 @@
 Every method runs as a prefill plan on the same stored chunk KV; quality is measured against full recompute
 by teacher forcing its greedy answer (mean KL over the answer tokens, top-1 agreement) and by the first
 token's KL. Methods recompute a fixed set of cached rows at every layer ("fixed"), or are the engine's own
-cacheblend (layers 0..1 for every row, then the selected ones).
+cacheblend selections run as requests: ``cacheblend`` (the paper's rule: V deviation at layer 1),
+``cacheblend[attention]`` and ``cacheblend[query]``. Uses the research API of ``cacheblend_rag.engine``.
 
     python benchmarks/selection_methods.py --model qwen2.5-coder-0.5b --data ../shared/data/musique_dev.json --n 8
 """
@@ -14,18 +15,12 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
-from cacheblend_rag.engine.decode import decode_step
-from cacheblend_rag.engine.kv_cache import KVCache
-from cacheblend_rag.engine.planner import plan_request
-from cacheblend_rag.engine.prefill import PrefillPlan, prefill
-from cacheblend_rag.engine.selection import attention_mass
-from cacheblend_rag.engine.stats import RequestStats
+from cacheblend_rag.engine import attention_mass, reused_prompt, run_plan, teacher_force
 from cacheblend_rag.eval.datasets import load_examples
 
 
@@ -33,8 +28,8 @@ class MassProbe:
     """Attention mass each key receives from the probe rows (uncached rows after the first chunk), per layer."""
 
     def __init__(self, engine, probe_start: int, n: int) -> None:
-        self.probe_start, self.scale = probe_start, engine.forward.scale
-        self.mass = torch.zeros(engine.forward.n_layers, n)
+        self.probe_start, self.scale = probe_start, engine.model_forward.scale
+        self.mass = torch.zeros(engine.model_forward.n_layers, n)
 
     def __call__(self, layer, q, rows, keys) -> None:
         mask = rows >= self.probe_start
@@ -43,59 +38,35 @@ class MassProbe:
             self.mass[layer] = m.float().cpu() / (q.shape[0] * int(mask.sum()))
 
 
-def score(engine, plan: PrefillPlan, targets: list[int]) -> tuple[torch.Tensor, float]:
-    """Log-probs [T, V] along ``targets`` after the prefill of ``plan``, and the prefill time."""
-    n = plan.ids.shape[0]
-    cache = KVCache.for_model(engine.forward, n + len(targets) + 1)
-    with torch.inference_mode():
-        t = time.perf_counter()
-        result = prefill(engine.forward, plan, cache)
-        elapsed = time.perf_counter() - t
-        steps = [result.logits]
-        for token in targets[:-1]:
-            steps.append(decode_step(engine.forward, cache, token))
-    return torch.log_softmax(torch.stack(steps).float(), -1), elapsed
+def score(make, targets: list[int]) -> tuple[torch.Tensor, float]:
+    """Log-probs [T, V] along ``targets`` after the prefill ``make(room)`` runs, and the prefill time."""
+    t = time.perf_counter()
+    run = make(len(targets) + 1)
+    elapsed = time.perf_counter() - t
+    return teacher_force(run, targets), elapsed
 
 
-def greedy(engine, plan: PrefillPlan, max_new: int) -> list[int]:
-    n = plan.ids.shape[0]
-    cache = KVCache.for_model(engine.forward, n + max_new + 1)
-    out = []
-    with torch.inference_mode():
-        logits = prefill(engine.forward, plan, cache).logits
-        for _ in range(max_new):
-            token = int(logits.argmax())
-            out.append(token)
-            if token in engine.eos_token_ids or "\n" in engine.tokenizer.decode(out, skip_special_tokens=True):
-                break
-            logits = decode_step(engine.forward, cache, token)
+def greedy(engine, plan, max_new: int) -> list[int]:
+    run = run_plan(engine, plan, extra_capacity=max_new + 1)
+    out, logits = [], run.logits
+    for _ in range(max_new):
+        token = int(logits.argmax())
+        out.append(token)
+        if token in engine.eos_token_ids or "\n" in engine.tokenizer.decode(out, skip_special_tokens=True):
+            break
+        logits = run.decode(token)
     return out
 
 
 def study(engine, example, args, rng) -> dict:
     segments = example.prompt(engine, args.k)
-    blocks = engine.blocks(segments, None)
-    stats = RequestStats(strategy="cacheblend", prompt_tokens=blocks[-1].end)
-    base, _ = plan_request(blocks, BlendConfig(recompute_ratio=args.ratio), engine.chunks, stats)
-    ids, spans = base.ids, base.spans
-    n = ids.shape[0]
-    full_plan = PrefillPlan(ids=ids)
+    prompt = reused_prompt(engine, segments)
+    spans, offset, rows = prompt.spans, prompt.offsets, prompt.rows
+    n = prompt.n
+    full_plan = prompt.full_plan()
     targets = greedy(engine, full_plan, args.max_new_tokens)
-    ref, full_s = score(engine, full_plan, targets)
-    cached = torch.zeros(n, dtype=torch.bool)
-    offset = torch.full((n,), -1, dtype=torch.long)
-    for span in spans:
-        cached[span.start : span.end] = True
-        offset[span.start : span.end] = torch.arange(span.end - span.start)
-    rows = cached.nonzero().squeeze(1)
+    ref, full_s = score(lambda room: run_plan(engine, full_plan, room), targets)
     budget = round(args.ratio * rows.numel())
-    forced = ~cached
-    forced[n - 1] = True
-
-    def fixed(extra: torch.Tensor, **kw) -> PrefillPlan:
-        initial = forced.clone()
-        initial[extra] = True
-        return PrefillPlan(ids=ids, spans=spans, initial=initial.nonzero().squeeze(1), forced=initial, **kw)
 
     def top(s: torch.Tensor, among: torch.Tensor = rows, k: int = budget) -> torch.Tensor:
         return among[s[among].topk(min(k, among.numel())).indices]
@@ -104,10 +75,8 @@ def study(engine, example, args, rng) -> dict:
     rest = rows[offset[rows] >= 4]
 
     probe = MassProbe(engine, spans[0].start, n)
-    probe_plan = fixed(torch.zeros(0, dtype=torch.long), observe=probe)
     t = time.perf_counter()
-    with torch.inference_mode():
-        prefill(engine.forward, probe_plan, KVCache.for_model(engine.forward, n))
+    run_plan(engine, prompt.plan(observe=probe))
     probe_s = time.perf_counter() - t
     mass = probe.mass
     norm = mass / mass[:, rows].sum(1, keepdim=True).clamp_min(1e-12)  # share of each layer's chunk mass
@@ -119,13 +88,20 @@ def study(engine, example, args, rng) -> dict:
         "query_deep": top(norm[norm.shape[0] // 2 :].sum(0)),
         "query_deep+heads": torch.cat([heads, top(norm[norm.shape[0] // 2 :].sum(0), rest, budget - heads.numel())]),
     }
-    plans: dict[str, PrefillPlan] = {"full_reuse": fixed(torch.zeros(0, dtype=torch.long))}
+    plans = {"full_reuse": prompt.plan()}
     for name, chosen in sets.items():
-        plans[f"fixed:{name}"] = fixed(chosen)
-    plans["cacheblend"] = base
-    plans["cacheblend[attention]"] = replace(base, selection="attention")
+        plans[f"fixed:{name}"] = prompt.plan(chosen)
+    methods = {name: (lambda room, plan=plan: run_plan(engine, plan, room)) for name, plan in plans.items()}
+    # the engine's own selections, as a request runs them (chunk reads and the probe pass included in the time)
+    for name, selection in (
+        ("cacheblend", "deviation"),
+        ("cacheblend[attention]", "attention"),
+        ("cacheblend[query]", "query"),
+    ):
+        config = BlendConfig(selection=selection, recompute_ratio=args.ratio, exact_when_faster=False)
+        methods[name] = lambda room, config=config: engine.prepare(segments, config=config, extra_capacity=room)
     if args.methods:
-        plans = {k: v for k, v in plans.items() if k in args.methods or k == "full_reuse"}
+        methods = {k: v for k, v in methods.items() if k in args.methods or k == "full_reuse"}
     out = {
         "prompt_tokens": n,
         "cached_tokens": int(rows.numel()),
@@ -134,8 +110,8 @@ def study(engine, example, args, rng) -> dict:
         "probe_s": probe_s,
         "methods": {},
     }
-    for name, plan in plans.items():
-        lp, elapsed = score(engine, plan, targets)
+    for name, make in methods.items():
+        lp, elapsed = score(make, targets)
         kl = (ref.exp() * (ref - lp)).sum(-1)
         out["methods"][name] = {
             "kl": float(kl.mean()),

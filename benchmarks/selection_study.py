@@ -17,11 +17,7 @@ import time
 import torch
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
-from cacheblend_rag.engine.kv_cache import KVCache
-from cacheblend_rag.engine.planner import plan_request
-from cacheblend_rag.engine.prefill import CachedSpan, PrefillPlan, prefill
-from cacheblend_rag.engine.selection import attention_mass
-from cacheblend_rag.engine.stats import RequestStats
+from cacheblend_rag.engine import attention_mass, reused_prompt, run_plan
 from cacheblend_rag.eval.datasets import load_examples
 from cacheblend_rag.store import ChunkKV
 
@@ -36,8 +32,8 @@ class MassProbe:
     """Attention mass each key receives from the prompt's tail rows (after the last chunk), per layer: [L, N]."""
 
     def __init__(self, engine, tail_start: int, n: int) -> None:
-        self.tail_start, self.scale = tail_start, engine.forward.scale
-        self.mass = torch.zeros(engine.forward.n_layers, n)
+        self.tail_start, self.scale = tail_start, engine.model_forward.scale
+        self.mass = torch.zeros(engine.model_forward.n_layers, n)
 
     def __call__(self, layer, q, rows, keys) -> None:
         mask = rows >= self.tail_start
@@ -46,44 +42,30 @@ class MassProbe:
             self.mass[layer] = m.float().cpu() / (q.shape[0] * int(mask.sum()))
 
 
-def run_plan(engine, plan: PrefillPlan):
-    cache = KVCache.for_model(engine.forward, plan.ids.shape[0])
-    with torch.inference_mode():
-        return prefill(engine.forward, plan, cache)
-
-
 def study_example(engine, example, args, rng) -> dict:
     segments = example.prompt(engine, args.k)
-    blocks = engine.blocks(segments, None)
-    stats = RequestStats(strategy="cacheblend", prompt_tokens=blocks[-1].end)
-    plan, _ = plan_request(blocks, BlendConfig(), engine.chunks, stats)
-    ids, spans = plan.ids, plan.spans
-    n = ids.shape[0]
-    tail_start = max(span.end for span in spans)
+    prompt = reused_prompt(engine, segments)
+    spans, offset = prompt.spans, prompt.offsets
+    n = prompt.n
+    tail_start = prompt.tail_start
     full_probe = MassProbe(engine, tail_start, n)
     t = time.perf_counter()
-    full = run_plan(engine, PrefillPlan(ids=ids, capture=(0, n), observe=full_probe))
+    full = run_plan(engine, prompt.full_plan(capture=True, observe=full_probe))
     full_s = time.perf_counter() - t
     fk, fv = full.captured.k.float(), full.captured.v.float()  # [L, H, N, D] pre-RoPE
     n_layers = fk.shape[0]
-    cached = torch.zeros(n, dtype=torch.bool)
-    offset = torch.full((n,), -1, dtype=torch.long)
     dv = torch.zeros(n_layers, n)
     dk = torch.zeros(n_layers, n)
     vnorm = torch.zeros(n_layers, n)
     for span in spans:
         a, b = span.start, span.end
-        cached[a:b] = True
-        offset[a:b] = torch.arange(b - a)
         sk, sv = span.kv.k.float(), span.kv.v.float()
         dv[:, a:b] = ((fv[:, :, a:b] - sv) ** 2).sum(dim=(1, 3))
         dk[:, a:b] = ((fk[:, :, a:b] - sk) ** 2).sum(dim=(1, 3))
         vnorm[:, a:b] = (fv[:, :, a:b] ** 2).sum(dim=(1, 3))
-    rows = cached.nonzero().squeeze(1)
+    rows = prompt.rows
     n_cached = rows.numel()
     budget = round(args.ratio * n_cached)
-    forced = ~cached
-    forced[n - 1] = True
 
     def top(score: torch.Tensor, k: int = budget) -> torch.Tensor:
         return rows[score[rows].topk(k).indices]
@@ -104,15 +86,10 @@ def study_example(engine, example, args, rng) -> dict:
 
     # KL of fixed recompute sets (recomputed at every layer; everything else reused at every layer)
     def fixed(extra: torch.Tensor) -> float:
-        initial = forced.clone()
-        initial[extra] = True
-        p = PrefillPlan(ids=ids, spans=spans, initial=initial.nonzero().squeeze(1), forced=initial)
-        return first_token_kl(full.logits, run_plan(engine, p).logits)
+        return first_token_kl(full.logits, run_plan(engine, prompt.plan(extra)).logits)
 
     reuse_probe = MassProbe(engine, tail_start, n)
-    initial = forced.nonzero().squeeze(1)
-    p = PrefillPlan(ids=ids, spans=spans, initial=initial, forced=forced, observe=reuse_probe)
-    kls = {"full_reuse": first_token_kl(full.logits, run_plan(engine, p).logits)}
+    kls = {"full_reuse": first_token_kl(full.logits, run_plan(engine, prompt.plan(observe=reuse_probe)).logits)}
     mf, mr = full_probe.mass, reuse_probe.mass
     out["sink_mass_full"] = float(mf[:, 0].mean())
     out["sink_mass_reuse"] = float(mr[:, 0].mean())
@@ -134,7 +111,7 @@ def study_example(engine, example, args, rng) -> dict:
     # how much of the deviation is one shift shared by a chunk's tokens (per layer, head, dim), and what
     # reusing with that shift added would give
     common = {"k": [], "v": []}
-    shifted_spans = {"kv": [], "k": [], "v": []}
+    shifted = {"kv": [], "k": [], "v": []}  # per variant, one ChunkKV per span
     for span in spans:
         a, b = span.start, span.end
         sk, sv = span.kv.k.float(), span.kv.v.float()
@@ -144,11 +121,11 @@ def study_example(engine, example, args, rng) -> dict:
         common["v"].append(float((mv**2).sum() * (b - a) / (delta_v**2).sum()))
         dt = span.kv.k.dtype
         for name, (nk, nv) in {"kv": (sk + mk, sv + mv), "k": (sk + mk, sv), "v": (sk, sv + mv)}.items():
-            shifted_spans[name].append(CachedSpan(a, ChunkKV(nk.to(dt), nv.to(dt))))
+            shifted[name].append(ChunkKV(nk.to(dt), nv.to(dt)))
     out["common_share"] = {k: statistics.fmean(v) for k, v in common.items()}
-    for name, sp in shifted_spans.items():
-        p = PrefillPlan(ids=ids, spans=sp, initial=forced.nonzero().squeeze(1), forced=forced)
-        kls[f"full_reuse+true_mean_shift_{name}"] = first_token_kl(full.logits, run_plan(engine, p).logits)
+    for name, kvs in shifted.items():
+        logits = run_plan(engine, prompt.plan(kvs=kvs)).logits
+        kls[f"full_reuse+true_mean_shift_{name}"] = first_token_kl(full.logits, logits)
     for name, config in args.configs.items():
         t = time.perf_counter()
         req = engine.prepare(segments, config=config)
@@ -177,7 +154,8 @@ def main() -> None:
     args = parser.parse_args()
     args.oracle_layers = [int(x) for x in args.oracle_layers.split(",")]
     args.configs = {
-        k.replace("@r", f"@{args.ratio:g}"): BlendConfig(recompute_ratio=args.ratio, **v) for k, v in CONFIGS.items()
+        k.replace("@r", f"@{args.ratio:g}"): BlendConfig(recompute_ratio=args.ratio, exact_when_faster=False, **v)
+        for k, v in CONFIGS.items()
     }
     torch.manual_seed(0)
     rng = torch.Generator().manual_seed(0)

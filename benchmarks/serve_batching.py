@@ -91,7 +91,7 @@ def lone_in_process(args) -> dict:
         if not best or stats.ttft_s < best["ttft_s"]:
             best = {"ttft_s": stats.ttft_s, "decode_tok_s": rate, "prompt_tokens": stats.prompt_tokens}
     out["engine.generate"] = best
-    ids = torch.tensor([engine.prompts.chat_ids(msgs)])
+    ids = torch.tensor([engine.prompt_format.chat_ids(msgs)])
     model = engine.model
     times = {}
     for n in (1, args.max_tokens):

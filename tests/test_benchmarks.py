@@ -44,3 +44,34 @@ def test_benchmarks_use_no_private_names():
                 if name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
             ]
     assert offenders == []
+
+
+ENGINE = Path(__file__).resolve().parents[1] / "cacheblend_rag" / "engine"
+
+
+def test_benchmarks_use_what_the_engine_package_exports_not_its_modules():
+    """``from cacheblend_rag.engine import reused_prompt`` (the research API), never ``cacheblend_rag.engine.prefill``
+    or ``from cacheblend_rag.engine import prefill``: the engine's modules change shape without a benchmark noticing."""
+    import cacheblend_rag.engine as engine
+
+    modules = {p.stem for p in ENGINE.glob("*.py")} | {p.name for p in ENGINE.iterdir() if (p / "__init__.py").exists()}
+    modules -= set(engine.__all__)  # batch_step is a module and the function it exports
+    offenders = []
+    for path in sorted(BENCHMARKS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names if alias.name.startswith("cacheblend_rag.engine.")]
+            elif isinstance(node, ast.ImportFrom) and node.module == "cacheblend_rag.engine":
+                names = [alias.name for alias in node.names if alias.name in modules]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cacheblend_rag.engine."):
+                names = [node.module]
+            else:
+                continue
+            offenders += [f"{path.name}:{node.lineno} {name}" for name in names]
+    assert offenders == []
+
+
+def test_the_engine_package_exports_what_it_names():
+    import cacheblend_rag.engine as engine
+
+    assert all(hasattr(engine, name) for name in engine.__all__)

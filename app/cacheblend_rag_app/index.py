@@ -74,7 +74,7 @@ def human_bytes(n: float) -> str:
 
 def kv_bytes_per_token(engine) -> int:
     """Bytes of stored KV per chunk token: K and V of every layer in the store's dtype (int8: plus scales)."""
-    fwd = engine.forward
+    fwd = engine.model_forward
     per_head = 2 * fwd.head_dim * engine.store.dtype.itemsize
     if engine.store.dtype.itemsize == 1:  # int8: a float32 scale per token for V (K's are per channel)
         per_head += 4

@@ -111,4 +111,11 @@ def summarize(rows: list[dict]) -> dict:
         for r in rows:
             answers.setdefault(r["question"], {})[r["strategy"]] = r["answer"]
         out["same_answer_as_full_recompute"] = sum(a["cacheblend"] == a["full_recompute"] for a in answers.values())
+        correct: dict = {}
+        for r in rows:
+            correct.setdefault(r["question"], {})[r["strategy"]] = r["correct"]
+        # the facts full recompute finds and cacheblend does not: what a user would lose
+        out["missed_by_cacheblend"] = [
+            q for q, c in correct.items() if c.get("full_recompute") and not c.get("cacheblend")
+        ]
     return out

@@ -150,7 +150,9 @@ def eval_cmd(
     ),
     targets: str = typer.Option("", help="cacheblend fidelity targets (per-request ratio), comma separated."),
     chunk_heads: int = typer.Option(0, min=0, help="Always recompute each chunk's first N tokens (EPIC)."),
-    check_layers: str = typer.Option("1", help="cacheblend check layers (deviation selections), comma separated."),
+    check_layers: str = typer.Option(
+        "", help="cacheblend check layers of the deviation and attention selections, comma separated (default 1)."
+    ),
     max_new_tokens: int = typer.Option(32, min=1),
     model: str = MODEL,
     device: str = DEVICE,
@@ -159,8 +161,9 @@ def eval_cmd(
     chunk_prefix: str | None = CHUNK_PREFIX,
     out: Path = typer.Option(Path("results/eval.json"), "--out", help="JSON output (per example and summary)."),
 ) -> None:
-    """Quality of every strategy: gold F1/EM and fidelity to full recompute (answer EM, Rouge-L, top-1, KL)."""
-    from ..config import STRATEGIES, BlendConfig
+    """Quality of every strategy: gold F1/EM, gold F1 kept vs full recompute on the questions it answers (and how many
+    answers are worse than full_reuse's), and fidelity to full recompute (answer EM, Rouge-L, top-1, KL)."""
+    from ..config import STRATEGIES
     from ..eval.runner import eval_configs, evaluate
 
     examples = load_examples_or_exit(data, n)
@@ -169,9 +172,11 @@ def eval_cmd(
     if unknown:
         raise typer.BadParameter(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     try:
-        layers = tuple(int(x) for x in floats(check_layers, "--check-layers"))
-        base = BlendConfig(recompute_chunk_head=chunk_heads, check_layers=layers)
-        configs = eval_configs(names, floats(ratios, "--ratios"), items(selections), floats(targets, "--targets"), base)
+        layers = tuple(int(x) for x in floats(check_layers, "--check-layers")) or None
+        options = {"recompute_chunk_head": chunk_heads, "check_layers": layers}
+        configs = eval_configs(
+            names, floats(ratios, "--ratios"), items(selections), floats(targets, "--targets"), options
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"], chunk_prefix=chunk_prefix)
@@ -208,4 +213,28 @@ def print_eval_table(result: dict) -> None:
         quality = ["n/a" if s[k] is None else f"{s[k]:.3f}" for k in keys]
         speed = [f"{s['median_ttft_s']:.3f}", f"{s['speedup']:.2f}x", f"{s['recomputed_fraction']:.1%}"]
         table.add_row(escape(s["config"]), *quality, f"{s['kl']:.4f}", *speed)
+    console.print(table)
+    print_answered_table(result)
+
+
+def print_answered_table(result: dict) -> None:
+    """Gold F1 on the questions full recompute answers, kept vs full recompute's, per passages an answer needs."""
+    summary = [s for s in result["summary"] if s.get("answered")]
+    if not summary:
+        return
+    kinds = sorted({k for s in summary for k in s.get("by_passages", {})})
+    table = Table(title=f"Gold F1 on the {summary[0]['answered']} questions full recompute answers (F1 >= 0.5)")
+    for col in ("config", "gold F1", "kept", *(f"kept, {k} passage(s)" for k in kinds), "worse than full_reuse"):
+        table.add_column(col, justify="right")
+    for s in summary:
+        by = s.get("by_passages", {})
+        per_kind = [f"{by[k]['kept_answered']:.0%} of {by[k]['answered']}" if k in by else "n/a" for k in kinds]
+        worse = s.get("worse_than_reuse")
+        table.add_row(
+            escape(s["config"]),
+            f"{s['gold_f1_answered']:.3f}",
+            f"{s['kept_answered']:.0%}",
+            *per_kind,
+            "n/a" if worse is None else str(worse),
+        )
     console.print(table)

@@ -1,6 +1,6 @@
 """Batched precompute: the KV of many chunks from one forward pass (varlen: the chunks' rows are concatenated).
 
-Each chunk is computed alone, after the chunk prefix, at positions 0..len-1 (``chunks.py``). Here the sequences
+Each chunk is computed alone, after the chunk prefix, at positions 0..len-1 (``chunk_source.py``). Here the sequences
 ``prefix + chunk`` of a batch are laid end to end as one [S] row set: the row-wise work (norms, projections, the
 MLP: almost all of the FLOPs) runs as one matrix product per weight over all S rows, and attention runs per
 sequence on its own rows (a block-diagonal causal mask, written as one attention call per sequence, so a chunk
@@ -54,7 +54,7 @@ def compute_batch(fwd: ModelForward, prefix_ids: Sequence[int], chunks: Sequence
     ids = upload(torch.tensor([t for s in seqs for t in s], dtype=torch.long), device)  # [S]
     positions = upload(torch.cat([torch.arange(n) for n in lengths]), device)  # [S]: each sequence from 0
     local = [positions[o : o + n] for o, n in zip(offsets, lengths)]  # [n_i] = 0..n_i-1 (views, no copy)
-    bound = max(lengths) - 1
+    fwd = fwd.within(max(lengths))
     h = fwd.embed(ids)  # [S, hidden]
     ks: list[torch.Tensor] = []
     vs: list[torch.Tensor] = []
@@ -65,8 +65,8 @@ def compute_batch(fwd: ModelForward, prefix_ids: Sequence[int], chunks: Sequence
         vs.append(v)
         if layer == fwd.n_layers - 1:  # the last layer's K/V are all a chunk keeps
             break
-        q = fwd.project_q(layer, x, positions, bound)  # [Hq, S, D] rotated
-        k_rot = fwd.rotate(k, positions, bound=bound)  # [Hkv, S, D]
+        q = fwd.project_q(layer, x, positions)  # [Hq, S, D] rotated
+        k_rot = fwd.rotate(k, positions)  # [Hkv, S, D]
         attn = torch.empty_like(q)
         for o, n, pos in zip(offsets, lengths, local):
             attn[:, o : o + n] = fwd.attend(q[:, o : o + n], pos, k_rot[:, o : o + n], v[:, o : o + n])

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from .batch_loop import BatchLoop
 from .batch_request import BatchRequest
-from .request import GenerationResult
+from .generation import GenerationResult
 from .sampling import SamplingParams
 
 REQUEST_KEYS = ("segments", "prompt", "messages", "blocks", "config", "sampling", "scope")

@@ -81,7 +81,7 @@ class BatchLoop:
         prefill_budget: int | None = None,
         before_decode: Callable[[], None] | None = None,
     ) -> None:
-        fwd = engine.forward.with_backend(engine.default_config.backend)
+        fwd = engine.model_forward.with_backend(engine.default_config.backend)
         budget = kv_budget(kv_memory, fwd.device)
         said = weakref.WeakMethod(engine._graph_failed)  # held weakly: a loop does not keep its engine alive
 

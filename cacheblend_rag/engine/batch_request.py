@@ -15,11 +15,11 @@ import time
 from collections.abc import Sequence
 
 from ..store import ChunkHandle
-from .decode import TextStreamer
-from .request import GenerationResult
+from .generation import GenerationResult
 from .running_batch import BatchSequence, RunningBatch
 from .sampling import Sampler, SamplingParams
-from .segments import Block
+from .segments import TokenRun
+from .text_stream import TextStreamer
 
 
 class BatchRequest:
@@ -34,7 +34,7 @@ class BatchRequest:
         *,
         prompt: str | None = None,
         messages: Sequence[dict] | None = None,
-        blocks: list[Block] | None = None,
+        blocks: list[TokenRun] | None = None,
         config=None,
         sampling: SamplingParams | None = None,
         scope: str | None = None,
@@ -69,7 +69,7 @@ class BatchRequest:
     @property
     def work(self) -> int:
         """An upper bound of its prefill's rows x layers (every prompt row through every layer)."""
-        return self.prompt_tokens * self.engine.forward.n_layers
+        return self.prompt_tokens * self.engine.model_forward.n_layers
 
     @property
     def prefilled(self) -> bool:

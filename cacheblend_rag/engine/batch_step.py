@@ -40,13 +40,13 @@ def batch_step(
     row's K/V go to (default: slot b; the scratch slot for a padding row). ``length``: max(pos) + 1 when the host
     knows it (the attention then reads no row past it). -> logits [B, vocab] float32."""
     b = tokens.shape[0]
-    bound = slots.capacity - 1
+    fwd = fwd.within(slots.capacity)
     if write is None:
         write = torch.arange(b, device=tokens.device)
     h = fwd.embed(tokens)  # [B, hidden]
     for layer in range(fwd.n_layers):
-        q, k, v = fwd.qkv(layer, h, pos, bound)  # q: [Hq, B, D] rotated; k, v: [Hkv, B, D], k before RoPE
-        slots.k[write, layer, :, pos] = fwd.rotate(k, pos, bound=bound).transpose(0, 1)  # [B, Hkv, D] at pos[b]
+        q, k, v = fwd.qkv(layer, h, pos)  # q: [Hq, B, D] rotated; k, v: [Hkv, B, D], k before RoPE
+        slots.k[write, layer, :, pos] = fwd.rotate(k, pos).transpose(0, 1)  # [B, Hkv, D] at pos[b]
         slots.v[write, layer, :, pos] = v.transpose(0, 1)
         keys, values = slots.k[:b, layer], slots.v[:b, layer]  # [B, Hkv, capacity, D], views of the pool
         attn = fwd.kernels.batch_decode_attention(q, pos, keys, values, fwd.scale, length=length)  # [Hq, B, D]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from .batch_loop import BatchLoop, StepEvents
 from .batch_request import BatchRequest
-from .request import GenerationResult
+from .generation import GenerationResult
 
 _END, _PIECE, _ERROR, _STOPPED = "end", "piece", "error", "stopped"
 

@@ -1,10 +1,10 @@
-"""Decoding after the prefill: one token at a time on the fused cache, and the text it becomes (stop strings).
+"""Decoding after the prefill: one token at a time on the fused cache.
 
 ``decode_step`` runs one token eagerly. Nothing in it reads the device: the token and its position are written
-into device tensors by fill kernels, not copied from the host, and the attention (``kernels/decode.py``) takes the
-position as a tensor. On CUDA, ``Decoder`` captures that step once per request in a CUDA graph and replays it
-for every later token (the host then launches one graph instead of a few hundred kernels per token); if capture
-fails it says so once and decodes eagerly.
+into device tensors by fill kernels, not copied from the host, and the attention
+(``kernels/decode_attention.py``) takes the position as a tensor. On CUDA, ``Decoder`` captures that step once per
+request in a CUDA graph and replays it for every later token (the host then launches one graph instead of a few
+hundred kernels per token); if capture fails it says so once and decodes eagerly.
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ def step(
     """One decoding step on device tensors (what a CUDA graph captures): token, pos: [1] int64; the token's K/V go
     to row ``pos`` of ``cache``; its query attends to rows 0..pos. ``length`` (pos + 1, when the host knows it)
     lets the torch attention skip its mask. -> logits [vocab] float32."""
-    bound = cache.capacity - 1
+    fwd = fwd.within(cache.capacity)  # pos < capacity: nothing read back
     h = fwd.embed(token)  # [1, hidden]
     for layer in range(fwd.n_layers):
-        q, k, v = fwd.qkv(layer, h, pos, bound)  # q: [Hq, 1, D] rotated; k, v: [Hkv, 1, D], k before RoPE
+        q, k, v = fwd.qkv(layer, h, pos)  # q: [Hq, 1, D] rotated; k, v: [Hkv, 1, D], k before RoPE
         keys, values = cache.k[layer], cache.v[layer]  # [Hkv, capacity, D]
-        keys.index_copy_(1, pos, fwd.rotate(k, pos, bound=bound))
+        keys.index_copy_(1, pos, fwd.rotate(k, pos))
         values.index_copy_(1, pos, v)
         attn = fwd.kernels.decode_attention(q, pos, keys, values, fwd.scale, length=length)
         h = fwd.finish_layer(layer, h, attn)
@@ -117,57 +117,3 @@ class Decoder:
                 self.on_graph_failure(exc)
             else:
                 logger.warning("CUDA graph capture failed (%s); decoding eagerly", exc)
-
-
-class TextStreamer:
-    """Turns generated token ids into text pieces, holding back bytes of unfinished characters and any
-    tail that could still become a stop string; ``done`` once a stop string appeared."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.done = False
-
-    def push(self, token: int) -> str:
-        """Add one token; return the text that became final."""
-        self.token_ids.append(token)
-        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        cut = self._stop_index()
-        if cut is not None:
-            self.text = self.text[:cut]
-            self.done = True
-            return self._emit(len(self.text))
-        end = len(self.text)
-        if self.text.endswith("\ufffd"):
-            end -= 1
-        end -= self._held_tail(self.text[:end])
-        return self._emit(max(end, self.emitted))
-
-    def finish(self) -> str:
-        """The rest of the text once generation ended."""
-        return self._emit(len(self.text))
-
-    def _emit(self, end: int) -> str:
-        piece = self.text[self.emitted : end]
-        self.emitted = end
-        return piece
-
-    def _stop_index(self) -> int | None:
-        if not self.stop:
-            return None
-        start = max(0, self.emitted - max(len(s) for s in self.stop))
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _held_tail(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best

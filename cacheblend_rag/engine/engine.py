@@ -1,9 +1,10 @@
 """CacheBlendEngine: the public entry point, a few methods over the prompt format, the chunk source, the
-planner, the blended prefill and decoding.
+strategies, the prefill and decoding.
 
-A request goes: segments, a prompt string or chat messages -> token blocks (``prompt.py``, chunk texts found by
-the registry of the request's scope) -> where its chunks may be reused (``placement.py``) -> a plan
-(``planner.py``, stored KV fetched by ``chunks.py``) -> the prefill (``prefill.py``) -> decoding (``request.py``).
+A request goes one way: segments, a prompt string or chat messages -> token runs (``runs.py``; chunk texts found by
+the registry of the request's scope) -> its strategy's plan (``strategies/``: where chunks may be reused, their KV
+read through ``chunk_reads.py``, a miss computed, a selection's probe pass) -> the prefill (``prefill.py``, driven
+by ``prepare.py``) -> the strategy's finish -> decoding (``generation.py``).
 
 Registry scopes: ``scope=`` (a str; None is the default scope) names whose chunks a request may reuse. Chunks
 registered in a scope are found only in that scope's prompts, and their stored KV is salted with it
@@ -18,7 +19,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Sequence
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,20 +29,22 @@ from ..model.loading import default_cache_dir, load_model
 from ..store import ChunkHandle, ChunkKV, model_fingerprint
 from ..store.keys import check_scope
 from .batch_generate import generate_batch
-from .chunks import ChunkSource, StoreSpec, build_store
-from .decode import TextStreamer
+from .chunk_keys import ChunkKeys
+from .chunk_reads import RequestChunks
+from .chunk_source import ChunkSource
+from .generation import GenerationResult, GenerationStream
 from .kv_cache import KVCache
-from .placement import FALLBACK, place_chunks
-from .planner import plan_request
 from .prefill import run_to_end
+from .prepare import PreparedRequest, run_strategy_steps
 from .prompt import PromptFormat
 from .registry import MIN_TOKENS, ChunkRegistry
-from .request import GenerationResult, GenerationStream, PreparedRequest, run_prefill_steps
+from .runs import check_runs, token_runs
 from .sampling import Sampler, SamplingParams
-from .segments import Block, check_blocks
-from .stats import EngineMetrics, RequestStats
-
-REUSING = ("full_reuse", "cacheblend")  # the strategies that read chunk KV computed elsewhere
+from .segments import TokenRun
+from .stats import EngineMetrics
+from .store_setup import StoreSpec, build_store
+from .strategies import strategy_for
+from .text_stream import TextStreamer
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +95,16 @@ class CacheBlendEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.cuda_graphs = cuda_graphs
-        self.forward = fwd = ModelForward(model)
+        self.model_forward = fwd = ModelForward(model)
         self.device, self.dtype = fwd.device, fwd.dtype
         self.default_config = config or BlendConfig()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.fingerprint = model_fingerprint(model, tokenizer, extra=f"compute={self.dtype}")
-        self.prompts = PromptFormat(tokenizer, getattr(model, "generation_config", None))
-        self.bos_ids = self.prompts.bos_ids
-        self.eos_token_ids = self.prompts.eos_ids
-        prefix = self.prompts.chunk_prefix_ids(chunk_prefix, system_prompt)
-        self.chunk_prefix_ids = self.prompts.chunk_prefix = prefix
+        self.prompt_format = PromptFormat(tokenizer, getattr(model, "generation_config", None))
+        self.bos_ids = self.prompt_format.bos_ids
+        self.eos_token_ids = self.prompt_format.eos_ids
+        prefix = self.prompt_format.chunk_prefix_ids(chunk_prefix, system_prompt)
+        self.chunk_prefix_ids = self.prompt_format.chunk_prefix = prefix
         limits = [x for x in (fwd.max_positions, fwd.sliding_window) if x]
         self.context_window = min(limits) if limits else 1 << 20
         if store_dtype == "auto":
@@ -118,17 +120,14 @@ class CacheBlendEngine:
         self._scoped: OrderedDict[str, ChunkRegistry] = OrderedDict()  # least recently used first
         self._scoped_lock = threading.Lock()
         self._metrics = EngineMetrics()
-        self.chunks = ChunkSource(
+        self.chunk_source = ChunkSource(
             fwd,
             self.store,
-            self.fingerprint,
-            self.chunk_prefix_ids,
-            self.tokenize,
+            ChunkKeys(self.prompt_format, self.fingerprint),
             self._metrics,
             context_window=self.context_window,
             backend=self.default_config.backend,
         )
-        self.prefix_key = self.chunks.prefix_key
 
     @classmethod
     def from_pretrained(
@@ -149,18 +148,18 @@ class CacheBlendEngine:
     # ---- chunks -------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` alone, without special tokens added."""
-        return self.prompts.tokenize(text)
+        return self.prompt_format.tokenize(text)
 
     def handle(self, text: str, *, scope: str | None = None) -> ChunkHandle:
         """The handle a chunk text would have in registry scope ``scope`` (computes nothing)."""
-        return self.chunks.handle(text, scope)
+        return self.chunk_source.keys.handle(text, scope)
 
     def precompute(
         self, texts: Iterable[str], progress: bool = False, register: bool = True, *, scope: str | None = None
     ) -> list[ChunkHandle]:
         """Compute and store the KV of every chunk not already stored in registry scope ``scope``; return one handle
         per text (registered in ``scope`` for ``generate(prompt=...)`` unless ``register=False``)."""
-        handles = self.chunks.precompute(texts, progress, check_scope(scope))
+        handles = self.chunk_source.precompute(texts, progress, check_scope(scope))
         if register:
             registry = self.registry_for(scope)
             for handle in handles:
@@ -173,7 +172,7 @@ class CacheBlendEngine:
         handles = list(handles)
         registry = self.registry_for(scope)
         for handle in handles:
-            self.chunks.check(handle, scope)
+            self.chunk_source.keys.check(handle, scope)
             if registry.lookup(handle.text) != handle and self.tokenize(handle.text) != list(handle.token_ids):
                 raise ValueError(
                     f"handle {handle.key[:12]}...: its text does not tokenize to its token ids; "
@@ -188,7 +187,7 @@ class CacheBlendEngine:
         return {
             "max_entries": self.registry_size,
             "min_tokens": self.registry_min_tokens,
-            "whitespace": self.prompts.is_whitespace,
+            "whitespace": self.prompt_format.is_whitespace,
         }
 
     def new_registry(self, scope: str | None = None) -> ChunkRegistry:
@@ -212,23 +211,23 @@ class CacheBlendEngine:
 
     def compute_chunk(self, token_ids: Sequence[int]) -> ChunkKV:
         """KV of ``chunk_prefix + token_ids`` computed alone, prefix rows dropped, keys before RoPE."""
-        return self.chunks.compute(token_ids)
+        return self.chunk_source.compute(token_ids)
 
     def chunk_kv(self, handle: ChunkHandle) -> tuple[ChunkKV, bool]:
         """The stored KV of a chunk (read in full), computing and storing it on a miss. Returns (kv, was_hit)."""
-        return self.chunks.get(handle)
+        return self.chunk_source.get(handle)
 
     # ---- prompts ------------------------------------------------------------------------------------
     def chat_segments(self, segments: Sequence[str | ChunkHandle] | str, system: str | None = None) -> list:
         """Wrap segments in the model's chat template as one user message, chunk texts unchanged."""
-        return self.prompts.chat_segments(segments, system)
+        return self.prompt_format.chat_segments(segments, system)
 
     def format_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The prompt string for chat ``messages`` ([{"role": ..., "content": ...}]) in the model's template.
 
         Chunk texts inside message contents stay verbatim, so ``generate(prompt=...)`` finds and reuses them.
         """
-        return self.prompts.format_chat(messages, add_generation_prompt)
+        return self.prompt_format.format_chat(messages, add_generation_prompt)
 
     def blocks(
         self,
@@ -237,19 +236,14 @@ class CacheBlendEngine:
         *,
         messages: Sequence[dict] | None = None,
         scope: str | None = None,
-    ) -> list[Block]:
-        """Token blocks of a request, given segments, a prompt string or chat ``messages`` ([{"role", "content"}]:
-        the chat template's text with its special tokens, each content as plain text), split at the chunk texts
-        registered in ``scope``. ``prepare``, ``stream`` and ``generate`` take them back as ``blocks=`` (so a server
-        can tokenize a large prompt off the engine's thread)."""
-        return self.prompts.blocks(
-            segments,
-            prompt,
-            messages,
-            registry=self.registry_for(scope),
-            check_handle=partial(self.chunks.check, scope=scope),
-            context_window=self.context_window,
-        )
+    ) -> list[TokenRun]:
+        """The token runs (``TokenRun``) of a request, given segments, a prompt string or chat ``messages``
+        ([{"role", "content"}]: the chat template's text with its special tokens, each content as plain text), split
+        at the chunk texts registered in ``scope``. ``prepare``, ``stream`` and ``generate`` take them back as
+        ``blocks=`` (so a server can tokenize a large prompt off the engine's thread)."""
+        registry = self.registry_for(scope)
+        keys = self.chunk_source.keys
+        return token_runs(keys, registry, segments, prompt, messages, scope=scope, context_window=self.context_window)
 
     # ---- requests -----------------------------------------------------------------------------------
     def prepare(self, segments: Sequence[str | ChunkHandle] | None = None, **kwargs) -> PreparedRequest:
@@ -263,7 +257,7 @@ class CacheBlendEngine:
         *,
         prompt: str | None = None,
         messages: Sequence[dict] | None = None,
-        blocks: list[Block] | None = None,
+        blocks: list[TokenRun] | None = None,
         config: BlendConfig | None = None,
         extra_capacity: int = 0,
         scope: str | None = None,
@@ -272,24 +266,20 @@ class CacheBlendEngine:
         decoding): yields the rows each layer computed, returns the cache and first-token logits."""
         started = time.perf_counter()
         config = self._config(config)
-        fwd = self.forward.with_backend(config.backend)  # the request's kernels, chosen once
+        strategy = strategy_for(config)
+        fwd = self.model_forward.with_backend(config.backend)  # the request's kernels, chosen once
         if blocks is None:
             blocks = self.blocks(segments, prompt, messages=messages, scope=scope)
         elif segments is not None or prompt is not None or messages is not None:
             raise ValueError("pass blocks=... alone: they already hold the prompt")
         else:
-            check = partial(self.chunks.check, scope=scope)
-            blocks = check_blocks(blocks, check, self.context_window, self.forward.vocab_size)
+            vocab = self.model_forward.vocab_size
+            blocks = check_runs(blocks, self.chunk_source.keys, scope, self.context_window, vocab)
         n = blocks[-1].end
-        stats = RequestStats(strategy=config.strategy, prompt_tokens=n)
-        if config.strategy in REUSING:
-            blocks = self._place(blocks, stats)
-        plan, prefix_blocks = plan_request(blocks, config, self.chunks, stats, scope)
         # never more rows than the context window lets the request decode into (a huge max_new_tokens)
         cache = self._new_cache(n + max(0, min(extra_capacity, max(self.context_window - n, 1))))
-        result = yield from run_prefill_steps(fwd, plan, cache, config, stats)
-        if prefix_blocks is not None:
-            prefix_blocks.store(self.store, result.captured)
+        chunks = RequestChunks(self.chunk_source, fwd, scope)
+        _, result, stats = yield from run_strategy_steps(strategy, blocks, chunks, fwd, cache, self.store)
         prompt_ids = [t for b in blocks for t in b.token_ids]
         return PreparedRequest(cache, result.logits, stats, prompt_ids, started, fwd)
 
@@ -299,7 +289,7 @@ class CacheBlendEngine:
         *,
         prompt: str | None = None,
         messages: Sequence[dict] | None = None,
-        blocks: list[Block] | None = None,
+        blocks: list[TokenRun] | None = None,
         config: BlendConfig | None = None,
         sampling: SamplingParams | None = None,
         scope: str | None = None,
@@ -336,7 +326,7 @@ class CacheBlendEngine:
         *,
         prompt: str | None = None,
         messages: Sequence[dict] | None = None,
-        blocks: list[Block] | None = None,
+        blocks: list[TokenRun] | None = None,
         config: BlendConfig | None = None,
         sampling: SamplingParams | None = None,
         scope: str | None = None,
@@ -382,18 +372,7 @@ class CacheBlendEngine:
         config = config or self.default_config
         if not isinstance(config, BlendConfig):
             raise TypeError(f"config must be a BlendConfig, got {type(config).__name__}")
-        too_deep = [layer for layer in config.check_layers if layer >= self.forward.n_layers]
-        if config.strategy == "cacheblend" and too_deep:
-            raise ValueError(f"check_layers {too_deep} do not exist: the model has {self.forward.n_layers} layers")
         return config
-
-    def _place(self, blocks: list[Block], stats: RequestStats) -> list[Block]:
-        """The blocks with every chunk that may not be reused where it stands computed instead (placement.py)."""
-        ids = [t for b in blocks for t in b.token_ids]
-        placed, stats.unplaced_chunks = place_chunks(blocks, self.prompts.head_end(ids), self.prompts.is_whitespace)
-        if stats.unplaced_chunks and all(b.handle is None for b in placed):
-            stats.fallback = FALLBACK
-        return placed
 
     def _graph_failed(self, exc: BaseException) -> None:
         """A CUDA graph capture failed: say so once and decode eagerly from now on."""
@@ -402,10 +381,10 @@ class CacheBlendEngine:
             logger.warning("CUDA graph capture failed (%s: %s); decoding eagerly from now on", type(exc).__name__, exc)
 
     def _new_cache(self, capacity: int) -> KVCache:
-        return KVCache.for_model(self.forward, capacity)
+        return KVCache.for_model(self.model_forward, capacity)
 
     def __repr__(self) -> str:
         return (
             f"CacheBlendEngine(model={self.name!r}, device={self.device}, dtype={self.dtype}, "
-            f"layers={self.forward.n_layers})"
+            f"layers={self.model_forward.n_layers})"
         )

@@ -12,7 +12,7 @@ header, engine/prompt.py) and reused wherever the chunk's tokens stand in a prom
 - **the prompt's end**: the model answers from the last rows; a chunk with nothing after it that the model reads
   (only whitespace, or nothing) would make the first answer token depend on KV read out of its context.
 
-A chunk block that breaks a rule is computed like text: it keeps its tokens (the model sees the same prompt) and
+A chunk run that breaks a rule is computed like text: it keeps its tokens (the model sees the same prompt) and
 loses its handle. The request's stats count these (``unplaced_chunks``); one left with no chunk is a full
 recompute, and ``stats.fallback`` says why.
 """
@@ -22,23 +22,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from .segments import Block
+from .segments import TokenRun
 
 FALLBACK = "no chunk can be reused where it stands (the prompt's head or end): computed in full"
 
 
-def place_chunks(blocks: list[Block], head_end: int, whitespace: Callable[[int], bool]) -> tuple[list[Block], int]:
-    """``blocks`` with the handle dropped from every chunk block that starts before row ``head_end`` or has no
-    computed token after it that is not whitespace (``whitespace(token_id)``; a dropped chunk is computed, so the
-    chunks before it keep theirs); and how many were dropped."""
-    out = list(blocks)
+def place_chunks(runs: list[TokenRun], head_end: int, whitespace: Callable[[int], bool]) -> tuple[list[TokenRun], int]:
+    """``runs`` with the handle dropped from every chunk run that starts before row ``head_end`` or has no computed
+    token after it that is not whitespace (``whitespace(token_id)``; a dropped chunk is computed, so the chunks
+    before it keep theirs); and how many were dropped."""
+    out = list(runs)
     dropped = 0
     read_after = False  # a computed, non-whitespace token comes later in the prompt
     for i in range(len(out) - 1, -1, -1):
-        block = out[i]
-        if block.handle is not None and (block.start < head_end or not read_after):
-            block = out[i] = replace(block, handle=None, offset=0)  # computed: the model reads it like text
+        run = out[i]
+        if run.handle is not None and (run.start < head_end or not read_after):
+            run = out[i] = replace(run, handle=None, offset=0)  # computed: the model reads it like text
             dropped += 1
-        if block.handle is None and not read_after:
-            read_after = not all(whitespace(t) for t in block.token_ids)
+        if run.handle is None and not read_after:
+            read_after = not all(whitespace(t) for t in run.token_ids)
     return out, dropped

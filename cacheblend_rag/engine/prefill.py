@@ -1,22 +1,24 @@
 """The blended prefill: one loop over layers that serves every strategy.
 
-A plan says which prompt rows have stored KV (``spans``), which rows are computed from layer 0
-(``initial``: all for full_recompute and cacheblend, the uncached rows for full_reuse and prefix_cache)
-and at which layers cacheblend narrows the computed rows (``checks``). Before the loop, the stored pre-RoPE
-K and V of the cached blocks are queued into the fused cache (``transfer.StoredKV``: all layers at once from
+A plan (``engine/plan.py``, made by a strategy: ``engine/strategies/``) says which prompt rows have stored KV
+(``spans``), which rows are computed from layer 0 (``initial``: all for full_recompute and the check-layer
+selections, the uncached rows for full_reuse and prefix_cache, a fixed set for the query selection) and at which
+layers the computed rows narrow (``checks``, scored by the plan's ``scorer``). Before the loop, the stored pre-RoPE
+K and V of the cached chunks are queued into the fused cache (``transfer.StoredKV``: all layers at once from
 the device tier, layer by layer on a side CUDA stream from the pinned host tier, as each layer arrives from
 disk or Redis).
 At each layer:
 
-1. Q/K/V are computed for the selected rows; at a check layer the deviation of their fresh K or V from
-   the stored one picks the rows to keep (top ratio x cached rows, plus every forced row);
+1. Q/K/V are computed for the selected rows; at a check layer the scorer's scores (the deviation of their fresh K
+   or V from the stored one) pick the rows to keep (top ratio x cached rows, plus every forced row);
 2. the selected rows' K/V overwrite theirs (at a check layer every computed row is written), all keys
    are rotated to their absolute positions;
 3. attention runs for the kept rows over all keys with an exact causal mask by position, then the MLP.
 
 **No host synchronisation in the loop.** Every count the loop needs (rows computed, rows kept at a check
-layer, probe rows) comes from the plan on the host; index tensors are built from host data by the planner,
-so the kernels are told to trust them instead of reading them back (``Kernels``), and kept rows are found
+layer, probe rows) comes from the plan on the host; index tensors are built from host data by the strategy,
+so the kernels are bound to the prompt's positions and trust them instead of reading them back
+(``ModelForward.within``), and kept rows are found
 with a sort of known size instead of ``nonzero``. On a GPU the host therefore queues the whole prefill without
 waiting; the only reads are after the loop (the FLOP count). One documented exception: a fidelity target
 with a deviation selection (how many rows to keep depends on the scores: one read at the last check layer).
@@ -25,8 +27,8 @@ with a deviation selection (how many rows to keep depends on the scores: one rea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from collections.abc import Generator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -35,65 +37,11 @@ from ..kernels import scatter_rows
 from ..model.forward import ModelForward
 from ..store.chunk import ChunkKV
 from .kv_cache import KVCache
-from .selection import Budget, attention_mass, choose, deviation_scores, probe_span
+from .plan import CachedSpan, PrefillPlan
+from .selection import choose
 from .transfer import StoredKV
 
 T = TypeVar("T")
-
-
-@dataclass
-class CachedSpan:
-    """Prompt rows start..start+T-1 take their KV from ``kv`` ([L, Hkv, T, D], keys before RoPE)."""
-
-    start: int
-    kv: ChunkKV
-
-    @property
-    def end(self) -> int:
-        return self.start + self.kv.n_tokens
-
-
-@dataclass
-class PrefillPlan:
-    ids: torch.Tensor  # [N] token ids
-    spans: list[CachedSpan] = field(default_factory=list)
-    initial: torch.Tensor | None = None  # [M0] sorted rows computed from layer 0; None = all rows
-    forced: torch.Tensor | None = None  # [N] bool: rows a check layer must keep (every uncached row among them)
-    n_forced: tuple[int, int] | None = None  # (forced rows, forced rows that are cached): the planner's host counts
-    checks: dict[int, float] = field(default_factory=dict)  # layer -> ratio of cached rows kept
-    deviation: str = "v"
-    selection: str = "deviation"  # "deviation" or "attention" (deviation x attention from the prompt's tail)
-    capture: tuple[int, int] | None = None  # rows whose pre-RoPE K and V to return
-    need_logits: bool = True
-    budget: Budget | None = None  # with a fidelity target: how many rows the last check layer keeps
-    cache_ready: bool = False  # the cache already holds every span's rotated K/V (a probe pass wrote it): only
-    # the computed rows are rotated and written
-    observe: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None  # (layer, q, rows, keys)
-
-    @property
-    def n(self) -> int:
-        return self.ids.shape[0]
-
-    @property
-    def n_cached(self) -> int:
-        return sum(span.kv.n_tokens for span in self.spans)
-
-    def forced_counts(self, from_cache: torch.Tensor) -> tuple[int, int]:
-        """(forced rows, forced rows that are cached): the planner's host counts, or (for a hand-made plan without
-        them) counted on the device, once, before the loop."""
-        if self.n_forced is not None:
-            return self.n_forced
-        if self.forced is None:
-            return self.n - self.n_cached, 0
-        return int(self.forced.sum()), int((self.forced & from_cache).sum())
-
-    def check_spans(self) -> None:
-        """Host-side validation of the spans, once per request: inside the prompt, in order, not overlapping."""
-        end = 0
-        for span in self.spans:
-            if span.start < end or span.end > self.n or span.kv.n_tokens <= 0:
-                raise ValueError(f"cached spans must be ordered, non-empty and inside the {self.n} prompt rows")
-            end = span.end
 
 
 @dataclass
@@ -119,7 +67,7 @@ def layer_flops(fwd: ModelForward) -> tuple[float, float, float]:
     return 2.0 * hidden * 2 * kv, 2.0 * hidden * inner, 2.0 * (inner * hidden + 3 * hidden * intermediate)
 
 
-def cached_rows_mask(n: int, spans: list[CachedSpan], device: torch.device) -> torch.Tensor:
+def cached_rows_mask(n: int, spans: tuple[CachedSpan, ...], device: torch.device) -> torch.Tensor:
     """[N] bool: the rows whose KV comes from the store (fills on the device, nothing read back)."""
     from_cache = torch.zeros(n, dtype=torch.bool, device=device)
     for span in spans:
@@ -153,7 +101,7 @@ def prefill_steps(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> Gener
     ids = plan.ids  # [N]
     n = ids.shape[0]
     device = ids.device
-    bound = n - 1  # every position the loop rotates to lies in [0, n - 1]
+    fwd = fwd.within(n)  # every position and row the loop passes lies in [0, n): nothing read back
     plan.check_spans()
     if plan.cache_ready and (plan.checks or plan.capture):
         raise ValueError("a plan on a ready cache computes a fixed set of rows: no checks or capture")
@@ -182,12 +130,12 @@ def prefill_steps(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> Gener
         x = fwd.attn_input(layer, h)  # [M, hidden] normalised
         k_new, v_new = fwd.project_kv(layer, x)  # [Hkv, M, D] each, k before RoPE
         if plan.cache_ready:
-            k_new = fwd.rotate(k_new, sel, bound=bound)  # the cache's keys are rotated already: rotate the new ones
+            k_new = fwd.rotate(k_new, sel)  # the cache's keys are rotated already: rotate the new ones
         flops += kv_flops * sel.shape[0]
         check = layer in plan.checks
         if check:
             sel_cached = from_cache[sel]  # [M] bool
-            scores = deviation_scores(plan.deviation, sel, k_new, v_new, keys, values, sel_cached, fwd.kernels)  # [M]
+            scores = plan.scorer.score(sel, k_new, v_new, keys, values, sel_cached, fwd.kernels)  # [M]
         scatter_rows(keys, sel, k_new)
         scatter_rows(values, sel, v_new)
         if plan.capture is not None:
@@ -198,12 +146,9 @@ def prefill_steps(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> Gener
             layer_rows.append(0)
             break
         if not plan.cache_ready:
-            fwd.rotate(keys, positions, out=keys, bound=bound)  # every key to its absolute position, in place
+            fwd.rotate(keys, positions, out=keys)  # every key to its absolute position, in place
         if check:
-            if plan.selection == "attention":
-                a, b = probe_span(sel.shape[0], n, last_cached_end)  # [P] = sel[a:b], found on the host
-                q_probe = fwd.project_q(layer, x[a:b], sel[a:b], bound)  # [Hq, P, D]
-                scores = scores * attention_mass(q_probe, sel[a:b], keys, fwd.scale)[sel]
+            scores = plan.scorer.weigh(layer, scores, x, sel, keys, fwd, n, last_cached_end)
             sel_forced = forced[sel]
             keep_cached = check_budget(plan, layer, n_cached, n_forced_cached, scores, sel_forced, sel_cached)
             extra = max(0, min(keep_cached - n_forced_cached, n_candidates))
@@ -214,7 +159,7 @@ def prefill_steps(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> Gener
         rows = sel
         if layer == fwd.n_layers - 1:  # past the last K/V, only the last position's output (its logits) is used
             x, h, rows = x[-1:], h[-1:], sel[-1:]
-        q = fwd.project_q(layer, x, rows, bound)  # [Hq, M, D] rotated
+        q = fwd.project_q(layer, x, rows)  # [Hq, M, D] rotated
         if plan.observe is not None:
             plan.observe(layer, q, rows, keys)
         attn = fwd.attend(q, rows, keys, values)  # [Hq, M, D]

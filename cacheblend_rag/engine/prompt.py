@@ -1,6 +1,6 @@
 """How the model's prompts are written: tokens, the tokens a prompt starts and ends with, the chat template, the
-chunk prefix, the prompt's head (where chunks may not be reused), and a request (segments, a prompt string or chat
-messages) turned into placed token blocks.
+chunk prefix, and the prompt's head (where chunks may not be reused). A request made of these becomes token runs in
+``runs.py``.
 
 Chat messages are tokenized part by part, as chat-template servers do: the template's own text with its special
 tokens, each message's content as text only (``split_special_tokens``), so a user who writes ``<|im_end|>`` in a
@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 
 from ..store.chunk import ChunkHandle
-from .registry import ChunkPart, ChunkRegistry
-from .segments import Block, check_length, merge_text, place
+from .segments import merge_text
 
 logger = logging.getLogger(__name__)
 
@@ -217,67 +216,6 @@ class PromptFormat:
         for text, role in self.chat_parts(messages):
             ids += self.tokenize(text) if role is None else self.tokenize_text(text)
         return ids
-
-    def blocks(
-        self,
-        segments: Sequence[str | ChunkHandle] | None = None,
-        prompt: str | None = None,
-        messages: Sequence[dict] | None = None,
-        *,
-        registry: ChunkRegistry,
-        check_handle: Callable[[ChunkHandle], ChunkHandle],
-        context_window: int,
-    ) -> list[Block]:
-        """Placed token blocks of a request, given ``segments`` (text tokenized segment by segment, chunk handles
-        checked by ``check_handle`` and kept), a ``prompt`` string (tokenized whole; runs equal to a chunk in
-        ``registry`` reuse its KV, looked for after the prompt's head, ``head_end``, and before its last token that
-        is not whitespace: where a chunk may be reused, engine/placement.py) or chat ``messages`` (``chat_parts``:
-        the template's text tokenized with its special tokens, each content as plain text, chunks found in every
-        content but the system message's); BOS first if the tokenizer adds one and the prompt lacks it. Raises
-        ValueError for an empty prompt or one longer than ``context_window``."""
-        if sum(x is not None for x in (segments, prompt, messages)) != 1:
-            raise ValueError("pass exactly one of segments, prompt=... or messages=...")
-        if prompt is not None:
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-            ids = self.tokenize(prompt)
-            lead = self.bos_ids if self.bos_ids and ids[: len(self.bos_ids)] != self.bos_ids else []
-            skip = max(0, self.head_end(lead + ids) - len(lead))  # the head is never searched ...
-            end = len(ids) - 1  # ... nor the last token that is not whitespace and what follows it
-            while end > skip and self.is_whitespace(ids[end]):
-                end -= 1
-            end = max(skip, end)
-            runs = [ids[:skip], *registry.split(ids[skip:end], self.boundary), ids[end:]]
-        elif messages is not None:
-            runs = []
-            for text, role in self.chat_parts(messages):
-                if role is None:
-                    runs.append(self.tokenize(text))
-                elif role == "system":
-                    runs.append(self.tokenize_text(text))
-                else:
-                    runs += registry.split(self.tokenize_text(text), self.boundary)
-        else:
-            runs = merge_text(segments)
-        blocks = []
-        for run in runs:
-            if isinstance(run, str):
-                blocks.append(Block(self.tokenize(run)))
-            elif isinstance(run, list):
-                blocks.append(Block(run))
-            elif isinstance(run, ChunkPart):
-                blocks.append(Block(list(run.token_ids), check_handle(run.handle), offset=run.offset))
-            else:
-                blocks.append(Block(list(check_handle(run).token_ids), run))
-        blocks = [b for b in blocks if b.token_ids]
-        first = blocks[0].token_ids if blocks else []
-        if self.bos_ids and first[: len(self.bos_ids)] != self.bos_ids:
-            blocks.insert(0, Block(list(self.bos_ids)))
-        n = place(blocks)
-        if not any(b.handle is not None or b.token_ids != self.bos_ids for b in blocks):
-            raise ValueError("the prompt is empty: give at least one non-empty text segment or chunk")
-        check_length(n, context_window)
-        return blocks
 
 
 def text_backend(tokenizer):

@@ -5,7 +5,7 @@ A ``RunningBatch`` owns a ``KVSlots`` pool and a ``BatchStepper``. ``add`` copie
 slot; ``step`` picks one token for every sequence (each with its own ``Sampler``: greedy rows in one argmax),
 turns it into text with the sequence's own ``TextStreamer`` (stop strings), retires the sequences that reached
 EOS, a stop string or their token limit, then runs one batched forward for the others. A sequence ends exactly
-where ``GenerationStream`` (engine/request.py) would end it, with the same tokens, text and finish reason.
+where ``GenerationStream`` (engine/generation.py) would end it, with the same tokens, text and finish reason.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 
 from ..model.forward import ModelForward
 from .batch_step import BatchStepper
-from .decode import TextStreamer
 from .kv_cache import KVCache
 from .kv_slots import KVSlots
 from .sampling import Sampler, sample_rows
+from .text_stream import TextStreamer
 
 
 @dataclass(eq=False)

@@ -1,15 +1,16 @@
-"""Turning a request's segments (text and chunk handles) into token blocks."""
+"""A request's prompt as token runs: ``TokenRun`` (a run of prompt tokens, computed or taken from a chunk's stored
+KV; not a fixed-size KV page as in vLLM), the segments that make them, and the prompt's length limit."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..store.chunk import ChunkHandle
 
 
 @dataclass
-class Block:
+class TokenRun:
     """A run of prompt tokens: either text to compute or a cached chunk (rows ``offset`` .. ``offset + len - 1`` of
     the chunk's stored KV: a chunk found in a prompt without its edge whitespace, engine/registry.py)."""
 
@@ -49,40 +50,13 @@ def merge_text(segments: Sequence[str | ChunkHandle]) -> list[str | ChunkHandle]
     return out
 
 
-def place(blocks: list[Block]) -> int:
-    """Assign each block its start row; return the prompt length."""
+def place(runs: list[TokenRun]) -> int:
+    """Assign each run its start row; return the prompt length."""
     pos = 0
-    for block in blocks:
-        block.start = pos
-        pos += len(block.token_ids)
+    for run in runs:
+        run.start = pos
+        pos += len(run.token_ids)
     return pos
-
-
-def check_blocks(
-    blocks: object, check_handle: Callable[[ChunkHandle], ChunkHandle], context_window: int, vocab_size: int
-) -> list[Block]:
-    """``blocks`` if they are what ``engine.blocks`` returns: Blocks placed one after the other, token ids in the
-    vocabulary, each chunk block's tokens its handle's (``check_handle``: the handle is this engine's, in the
-    request's scope), no longer than ``context_window``; else a clear error. Costs a pass over the token ids."""
-    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, Block) for b in blocks):
-        raise TypeError("blocks must be the non-empty list of Blocks that engine.blocks(...) returned")
-    unchanged = "pass the list engine.blocks(...) returned, unchanged"
-    pos = 0
-    for i, block in enumerate(blocks):
-        ids = block.token_ids
-        if not isinstance(ids, list) or not ids or block.start != pos:
-            raise ValueError(f"blocks[{i}] is empty or not placed after blocks[{i - 1}]; {unchanged}")
-        if not all(type(t) is int and 0 <= t < vocab_size for t in ids):
-            raise ValueError(f"blocks[{i}] holds token ids outside the vocabulary (0..{vocab_size - 1})")
-        if block.handle is not None:
-            handle = check_handle(block.handle)
-            if block.offset < 0 or tuple(ids) != handle.token_ids[block.offset : block.offset + len(ids)]:
-                raise ValueError(f"blocks[{i}]'s token ids are not its chunk's; {unchanged}")
-        elif block.offset:
-            raise ValueError(f"blocks[{i}] has an offset but no chunk; {unchanged}")
-        pos += len(ids)
-    check_length(pos, context_window)
-    return blocks
 
 
 class ContextLengthExceeded(ValueError):

@@ -1,10 +1,13 @@
-"""Per-request statistics and the engine's cumulative counters."""
+"""Per-request statistics (derived from a request's plan and its prefill's result) and the engine's cumulative
+counters."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 from ..counters import Counters
+from .plan import PrefillPlan
+from .prefill import PrefillResult
 
 
 @dataclass
@@ -43,21 +46,37 @@ class RequestStats:
     fallback: str | None = None
     layer_rows: list[int] = field(default_factory=list, repr=False)
 
-    def note_prefill(self, result, spans, blend: bool) -> None:
-        """Fold in a prefill's outcome (a PrefillResult over the cached ``spans``): the rows it recomputed, their
-        FLOPs (read back from the device: one sync, after the prefill) and, for cacheblend (``blend``), the share of
-        the cached rows among them (from counts: a cacheblend prefill computes every uncached row)."""
-        rows = result.rows  # [M] rows computed through the last layer
-        if blend and self.cached_tokens:
-            uncached = self.prompt_tokens - sum(s.kv.n_tokens for s in spans)
-            self.recompute_ratio = (int(rows.shape[0]) - uncached) / self.cached_tokens
-        self.recomputed_tokens = int(rows.shape[0])
-        self.reused_tokens = self.prompt_tokens - self.recomputed_tokens
-        self.layer_rows = result.layer_rows
-        self.prefill_flops += result.flops
-
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def request_stats(plan: PrefillPlan, result: PrefillResult, prefill_s: float = 0.0) -> RequestStats:
+    """The stats of a request from its plan and its prefill's result (reads the prefill's FLOPs back from the
+    device: one sync, after the prefill). prefill_s: the prefill's time, the probe pass's included."""
+    report = plan.report
+    n, cached = plan.n, plan.n_cached
+    recomputed = int(result.rows.shape[0])  # rows computed through the last layer
+    ratio = None
+    if report.blend and cached:  # a cacheblend prefill computes every uncached row: the rest were cached
+        ratio = (recomputed - (n - cached)) / cached
+    flops = result.flops + (report.probe.flops if report.probe is not None else 0.0)
+    return RequestStats(
+        strategy=report.strategy,
+        prompt_tokens=n,
+        cached_tokens=cached,
+        reused_tokens=n - recomputed,
+        recomputed_tokens=recomputed,
+        cache_hits=report.hits,
+        cache_misses=report.misses,
+        recompute_ratio=ratio,
+        load_s=report.load_s,
+        probe_s=report.probe_s,
+        prefill_s=prefill_s,
+        prefill_flops=flops,
+        unplaced_chunks=report.unplaced,
+        fallback=report.fallback,
+        layer_rows=list(result.layer_rows),
+    )
 
 
 class EngineMetrics(Counters):

@@ -34,6 +34,7 @@ class Example:
     passages: list[str]  # chunk texts, each ``{title}\n\n{text}\n\n``
     answers: list[str]  # empty: no gold answer (fidelity to full recompute only)
     query_text: str | None = None  # the text after the passages, when the data gives it whole
+    gold_passages: int | None = None  # how many passages the answer needs (1: one-passage, 2+: cross-chunk), if known
 
     def query(self) -> str:
         if self.query_text is not None:
@@ -143,5 +144,12 @@ def town_examples(documents: int = TOWN_DOCUMENTS) -> list[Example]:
         names = list(item["documents"]) + rng.sample(others, documents - len(item["documents"]))
         rng.shuffle(names)
         passages = [f"{corpus[name].strip()}\n\n" for name in names]
-        examples.append(Example(question=item["question"], passages=passages, answers=list(item["answers"])))
+        examples.append(
+            Example(
+                question=item["question"],
+                passages=passages,
+                answers=list(item["answers"]),
+                gold_passages=len(item["documents"]),
+            )
+        )
     return examples

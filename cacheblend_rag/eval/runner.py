@@ -17,12 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from ..config import BlendConfig
-from ..engine.decode import decode_step
+from ..engine.research import teacher_force
+from ..engine.strategies import options_read
 from .datasets import Example
 from .metrics import best_over, exact_match, f1_score, kl_divergence, rouge_l, top1_agreement
 from .ttft import run_info
 
 REFERENCE = "full_recompute"
+ANSWERED = 0.5  # gold F1 at which full recompute counts as answering a question
+BASELINE = "full_reuse"  # no configuration should answer worse than reusing every chunk as it is
 
 
 @dataclass(frozen=True)
@@ -36,21 +39,23 @@ def eval_configs(
     ratios: Sequence[float],
     selections: Sequence[str] = ("query",),
     targets: Sequence[float] = (),
-    base: BlendConfig | None = None,
+    options: dict | None = None,
 ) -> list[EvalConfig]:
     """One entry per strategy, and per selection and ratio (and fidelity target) for cacheblend; full_recompute
     always comes first.
 
     cacheblend labels are ``cacheblend[query]@0.15`` (selection, ratio) and ``cacheblend[query]~0.9`` (selection,
-    fidelity target); ``base`` holds the other BlendConfig options (chunk heads, check layers, ...)."""
-    base = base or BlendConfig()
+    fidelity target); ``options``: other BlendConfig options for cacheblend (chunk heads, check layers, ...), each
+    given to the selections that read it."""
     out = [EvalConfig(REFERENCE, BlendConfig(strategy=REFERENCE))]
     for strategy in strategies:
         if strategy == REFERENCE:
             continue
         if strategy == "cacheblend":
             for selection in selections:
-                blend = base.replace(strategy=strategy, selection=selection)
+                reads = options_read(strategy, selection)
+                given = {k: v for k, v in (options or {}).items() if k in reads}
+                blend = BlendConfig(strategy=strategy, selection=selection, **given)
                 out += [EvalConfig(f"cacheblend[{selection}]@{r:g}", blend.replace(recompute_ratio=r)) for r in ratios]
                 out += [EvalConfig(f"cacheblend[{selection}]~{t:g}", blend.replace(fidelity_target=t)) for t in targets]
         else:
@@ -72,26 +77,19 @@ def _run(engine, segments, config: BlendConfig, max_new_tokens: int, targets: li
     req = engine.prepare(segments, config=config, extra_capacity=max_new_tokens + 1)
     logits = req.logits
     ttft = time.perf_counter() - req.started
-    prompt_len = req.cache.length
     tokens: list[int] = []
     steps = [logits]
-    with torch.inference_mode():
-        for _ in range(max_new_tokens):
-            token = int(logits.argmax())
-            tokens.append(token)
-            if token in eos or "\n" in engine.tokenizer.decode(tokens, skip_special_tokens=True):
-                break
-            logits = decode_step(engine.forward, req.cache, token)
-            steps.append(logits)
-        forced = None
-        if targets is not None:
-            req.cache.truncate(prompt_len)
-            forced_steps = [req.logits]
-            for token in targets[:-1]:
-                forced_steps.append(decode_step(engine.forward, req.cache, token))
-            forced = torch.log_softmax(torch.stack(forced_steps).float(), dim=-1)
-        else:
-            forced = torch.log_softmax(torch.stack(steps[: len(tokens)]).float(), dim=-1)
+    for _ in range(max_new_tokens):
+        token = int(logits.argmax())
+        tokens.append(token)
+        if token in eos or "\n" in engine.tokenizer.decode(tokens, skip_special_tokens=True):
+            break
+        logits = req.decode(token)
+        steps.append(logits)
+    if targets is not None:
+        forced = teacher_force(req, targets)  # rewinds to the prompt's end first
+    else:
+        forced = torch.log_softmax(torch.stack(steps[: len(tokens)]).float(), dim=-1)
     text = engine.tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
     return Run(text.split("\n")[0].strip(), tokens, ttft, req.stats.as_dict(), forced)
 
@@ -136,6 +134,7 @@ def evaluate(
                     "selection": item.config.selection if item.config.strategy == "cacheblend" else None,
                     "question": example.question,
                     "gold": example.answers,
+                    "gold_passages": example.gold_passages,
                     "answer": run.answer,
                     "reference_answer": ref.answer,
                     "gold_f1": best_over(f1_score, run.answer, example.answers) if example.answers else None,
@@ -176,12 +175,42 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
                     key: _mean(r[key] for r in mine)
                     for key in ("gold_f1", "gold_em", "answer_em_vs_full", "rouge_l_vs_full", "top1_agreement", "kl")
                 },
+                **answered_quality(rows, label),
                 "median_ttft_s": median_ttft,
                 "speedup": ref_ttft / median_ttft,
                 "recomputed_fraction": sum(r["recomputed_tokens"] for r in mine)
                 / sum(r["prompt_tokens"] for r in mine),
             }
         )
+    return out
+
+
+def answered_quality(rows: list[dict], label: str) -> dict:
+    """Gold F1 of ``label`` on the examples full recompute answers (its gold F1 >= ``ANSWERED``): ``answered`` (how
+    many), ``gold_f1_answered`` (the mean), ``kept_answered`` (over full recompute's mean there), the same per
+    number of passages an answer needs where the data says (``by_passages``: "1", "2+"), and
+    ``worse_than_reuse``: answered examples where ``label`` scores below ``full_reuse`` (when it ran)."""
+    by_example = {}
+    for r in rows:
+        by_example.setdefault(r["example"], {})[r["config"]] = r
+    answered = [
+        e for e in by_example.values() if e[REFERENCE]["gold_f1"] is not None and e[REFERENCE]["gold_f1"] >= ANSWERED
+    ]
+
+    def kept(group: list[dict]) -> dict:
+        mine = [e for e in group if label in e]
+        if not mine:
+            return {"answered": 0, "gold_f1_answered": None, "kept_answered": None}
+        ref = statistics.fmean(e[REFERENCE]["gold_f1"] for e in mine)
+        got = statistics.fmean(e[label]["gold_f1"] for e in mine)
+        return {"answered": len(mine), "gold_f1_answered": got, "kept_answered": got / ref}
+
+    out = kept(answered)
+    kinds = {"1": [e for e in answered if e[REFERENCE].get("gold_passages") == 1]}
+    kinds["2+"] = [e for e in answered if (e[REFERENCE].get("gold_passages") or 0) >= 2]
+    out["by_passages"] = {k: kept(v) for k, v in kinds.items() if v}
+    worse = [e for e in answered if BASELINE in e and label in e and e[label]["gold_f1"] < e[BASELINE]["gold_f1"]]
+    out["worse_than_reuse"] = len(worse) if any(BASELINE in e for e in answered) else None
     return out
 
 

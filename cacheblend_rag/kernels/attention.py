@@ -338,18 +338,18 @@ def selected_attention(
     scale: float,
     *,
     backend: str = "auto",
-    trusted: bool = False,
-    host_reads: bool = True,
+    bound: int | None = None,
+    reads_host: bool = True,
 ) -> torch.Tensor:
     """Causal-by-position attention of selected queries.
 
     q: [Hq, M, D] (rotated); q_pos: [M] int64 absolute positions (each < N); k, v: [Hkv, N, D] with key j
     at position j. Returns [Hq, M, D].
 
-    trusted: the caller guarantees 0 <= q_pos < N (the engine builds its positions from the request's plan), so
-    they are not read for the check (which costs a device sync). host_reads: CPU tensors may take the fast CPU
-    path, which reads positions on the host; False runs the torch reference instead, which reads nothing (the
-    code a CUDA device runs with the torch backend).
+    bound: None (q_pos is read and checked to lie in [0, N): one device sync), or the caller's guarantee that every
+    position lies in [0, bound] and below N (the engine builds its positions from the request's plan): nothing is
+    read. reads_host: CPU tensors may take the fast CPU path, which reads positions on the host; False runs the
+    torch reference instead, which reads nothing (the code a CUDA device runs with the torch backend).
     """
     check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3, "q, k, v must be [heads, tokens, head_dim]")
     check(k.shape == v.shape, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -359,7 +359,7 @@ def selected_attention(
     check(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     check(q.device == k.device == v.device == q_pos.device, "q, q_pos, k, v must be on one device")
     check(q_pos.dtype in (torch.int32, torch.int64), f"q_pos must be integers, got {q_pos.dtype}")
-    if q_pos.numel() and not trusted:
+    if q_pos.numel() and bound is None:
         low, high = (int(x) for x in torch.aminmax(q_pos))
         check(
             low >= 0 and high < k.shape[1],
@@ -372,6 +372,6 @@ def selected_attention(
             f"the Triton kernel supports fp32/fp16/bf16, got {q.dtype}; use backend='torch'",
         )
         return selected_attention_triton(q, q_pos, k, v, scale)
-    if q.device.type == "cpu" and host_reads:
+    if q.device.type == "cpu" and reads_host:
         return selected_attention_cpu(q, q_pos, k, v, scale)
     return selected_attention_torch(q, q_pos, k, v, scale)

@@ -9,12 +9,12 @@ graph captured once per batch size replays at every step.
   of that head (``[B, Hkv, G, D]`` against ``[B, Hkv, N, D]``), one SDPA call for the whole batch with a mask of
   each sequence's keys. With ``length`` (a host int, max(pos) + 1) the keys are cut there, and a batch of one
   needs no mask (then it is ``decode_attention_torch`` exactly).
-* ``batch_decode_kernel`` (Triton, CUDA): the flash-decoding kernel of ``kernels/decode.py`` with a batch axis:
-  one program per (sequence, KV head, range of keys); ranges past the sequence's position return at once. The
-  partial softmaxes are merged by ``decode.combine``.
+* ``batch_decode_kernel`` (Triton, CUDA): the flash-decoding kernel of ``kernels/decode_attention.py`` with a batch
+  axis: one program per (sequence, KV head, range of keys); ranges past the sequence's position return at once.
+  The partial softmaxes are merged by ``decode_attention.combine``.
 
-What differs from the reference is what differs in ``kernels/decode.py``: the order of float32 additions, and in
-16-bit types the attention weights rounded to the value dtype before P @ V.
+What differs from the reference is what differs in ``kernels/decode_attention.py``: the order of float32 additions,
+and in 16-bit types the attention weights rounded to the value dtype before P @ V.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from .backend import HAVE_TRITON, check, resolve_backend, triton_interpreting
-from .decode import combine
+from .decode_attention import combine
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     from .backend import round_to
-    from .decode import decode_splits
+    from .decode_attention import decode_splits
 
 
 def batch_decode_attention_torch(

@@ -123,13 +123,13 @@ def kv_deviation(
     *,
     rows: torch.Tensor | None = None,
     backend: str = "auto",
-    trusted: bool = False,
+    bound: int | None = None,
 ) -> torch.Tensor:
     """Squared deviation per token. fresh: [H, T, D]; from_cache: [T] bool -> [T] float32.
 
     cached: [H, T, D]; or, with ``rows`` ([T] int64, each < N), [H, N, D] of which rows[t] is token t's.
-    trusted: the caller guarantees ``rows`` lie in [0, N) (the engine's come from its plan), so they are not read
-    for the check (a device sync).
+    bound: None (``rows`` are read and checked to lie in [0, N): a device sync), or the caller's guarantee that
+    every row lies in [0, bound] and below N (the engine's come from its plan): nothing is read.
     """
     check(
         fresh.dim() == 3
@@ -150,7 +150,7 @@ def kv_deviation(
             f"rows must be an integer tensor of shape [{fresh.shape[1]}], got {rows.dtype} {tuple(rows.shape)}",
         )
         check(rows.device == fresh.device, f"rows on {rows.device} but fresh on {fresh.device}")
-        if rows.numel() and not trusted:
+        if rows.numel() and bound is None:
             low, high = (int(v) for v in torch.aminmax(rows))
             check(low >= 0 and high < cached.shape[1], f"rows must lie in [0, {cached.shape[1]}), got [{low}, {high}]")
     check(

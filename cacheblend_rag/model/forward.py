@@ -6,7 +6,8 @@ applies the output projection, residuals and MLP to the same rows. The blended p
 drive these steps; attention over the fused cache happens in between (``attend``: kernels/attention.py).
 
 A forward carries the kernels it calls (``kernels``, chosen once: ``with_backend`` gives a copy on another
-backend for one request), so no step takes a backend name.
+backend for one request, ``within`` one that trusts the positions it is given to lie below a bound), so no step
+takes a backend name or a bound.
 """
 
 from __future__ import annotations
@@ -95,7 +96,15 @@ class ModelForward:
 
     def with_backend(self, backend: str) -> ModelForward:
         """This forward on the kernels of ``backend`` (itself if they are the ones it has): resolved here, once."""
-        kernels = Kernels.on(backend, self.device)
+        return self.with_kernels(Kernels.on(backend, self.device))
+
+    def within(self, positions: int) -> ModelForward:
+        """This forward for position and row tensors whose values all lie in [0, positions): the caller builds them
+        on the host, so its kernels read none back (``Kernels.bound``). Each driver of the model binds once."""
+        return self.with_kernels(self.kernels.within(positions))
+
+    def with_kernels(self, kernels: Kernels) -> ModelForward:
+        """This forward calling ``kernels`` (itself if they are the ones it has)."""
         if kernels == self.kernels:
             return self
         other = copy.copy(self)  # the modules are shared, not copied
@@ -126,27 +135,24 @@ class ModelForward:
         v = attn.v_proj(x).view(m, self.n_kv_heads, self.head_dim).transpose(0, 1)
         return k, v
 
-    def project_q(self, layer: int, x: torch.Tensor, positions: torch.Tensor, bound: int) -> torch.Tensor:
-        """x: [M, hidden] normalised; positions: [M], each in [0, bound] -> q: [Hq, M, D] rotated to its positions."""
+    def project_q(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [M, hidden] normalised; positions: [M] -> q: [Hq, M, D] rotated to its positions."""
         m = x.shape[0]
         q = self.layers[layer].self_attn.q_proj(x).view(m, self.n_heads, self.head_dim).transpose(0, 1)
-        return self.rotate(q, positions, bound=bound)
+        return self.rotate(q, positions)
 
     def qkv(
-        self, layer: int, h: torch.Tensor, positions: torch.Tensor, bound: int
+        self, layer: int, h: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h: [M, hidden]; positions: [M] in [0, bound] -> q: [Hq, M, D] rotated, k: [Hkv, M, D] before RoPE,
-        v: [Hkv, M, D]."""
+        """h: [M, hidden]; positions: [M] -> q: [Hq, M, D] rotated, k: [Hkv, M, D] before RoPE, v: [Hkv, M, D]."""
         x = self.attn_input(layer, h)
         k, v = self.project_kv(layer, x)
-        return self.project_q(layer, x, positions, bound), k, v
+        return self.project_q(layer, x, positions), k, v
 
-    def rotate(
-        self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None, *, bound: int
-    ) -> torch.Tensor:
-        """x: [H, T, D] before RoPE; positions: [T], each in [0, bound] (the caller's guarantee: nothing is read
-        back) -> x rotated to its positions (into ``out`` if given)."""
-        return self.kernels.rope(x, positions, self.rope, out=out, bound=bound)
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [H, T, D] before RoPE; positions: [T] (within ``kernels.bound`` when it is set: nothing is read back)
+        -> x rotated to its positions (into ``out`` if given)."""
+        return self.kernels.rope(x, positions, self.rope, out=out)
 
     def attend(self, q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """q: [Hq, M, D] rotated at q_pos: [M]; keys, values: [Hkv, N, D] (key j at position j) -> [Hq, M, D],

@@ -2,7 +2,7 @@
 server process, and their tokens. Registering a chunk again costs nothing; the admin is exempt. In memory: a
 replica counts what was registered through it, from its start.
 
-A ``prefix_cache`` request stores its prompt's blocks for later requests (``prefix_cache_entries``): each counts
+A ``prefix_cache`` request stores its prompt's token runs for later requests (``prefix_cache_entries``): each counts
 as a chunk, so the strategy is no way around the quota (a 4 KB prompt stored 48 MB of KV in Redis).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..store.keys import chain_key, scope_root
+from ..engine.strategies.prefix_cache import prefix_keys
 from .access import Caller
 
 
@@ -26,11 +26,8 @@ def prefix_cache_entries(fingerprint: str, blocks, scope: str | None) -> list[St
     """The entries a ``prefix_cache`` request of token ``blocks`` (``engine.blocks``) may store in registry
     ``scope``: every block but the last, under the key chain the engine stores it under (``store/keys.py``), so a
     prompt sent again is counted once."""
-    out, parent = [], scope_root(scope)
-    for block in blocks[:-1]:
-        parent = chain_key(fingerprint, parent, block.token_ids)
-        out.append(Stored(parent, len(block.token_ids)))
-    return out
+    keys = prefix_keys(fingerprint, blocks, scope)
+    return [Stored(key, len(run.token_ids)) for key, run in zip(keys, blocks)]
 
 
 class QuotaExceeded(Exception):

@@ -7,13 +7,14 @@ from .entry import CorruptEntry, TierUnavailable
 from .keys import chain_key, model_fingerprint
 from .kvstore import KVStore
 from .memory import MemoryTier
-from .pipeline import LazyChunk
+from .pipeline import ChunkReadError, LazyChunk
 from .redis_tier import RedisTier
 from .urls import parse_bytes, tier_from_url
 
 __all__ = [
     "ChunkHandle",
     "ChunkKV",
+    "ChunkReadError",
     "CorruptEntry",
     "DiskTier",
     "KVStore",

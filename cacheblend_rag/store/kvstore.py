@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 
 import torch
 
@@ -29,7 +28,7 @@ class KVStore:
     token count is not the one the caller asks for (``get(key, n_tokens)``, ``fetch(keys, n_tokens)``).
     pipelined: ``fetch`` reads blocks from tiers that serialize (disk, Redis) layer by layer in the
     background instead of whole before the prefill. layer_timeout_s: how long a prefill waits for one layer
-    before it recomputes the block instead.
+    before the block counts as failed (the engine computes it instead).
     """
 
     def __init__(
@@ -85,17 +84,12 @@ class KVStore:
         return read_or_miss(reader)
 
     def fetch(
-        self,
-        keys: Sequence[str],
-        n_tokens: Sequence[int | None] | None = None,
-        *,
-        fallback: Callable[[str], ChunkKV] | None = None,
+        self, keys: Sequence[str], n_tokens: Sequence[int | None] | None = None
     ) -> list[ChunkKV | LazyChunk | None]:
         """Per key: a ChunkKV from a fast tier, a LazyChunk being read in the background from a slow one
-        (see ``pipeline.py``), or None on a miss. Repeated keys get the same object. ``n_tokens``: per key, the
-        token count its entry must have (an entry of another count is a miss, and deleted). ``fallback(key)``
-        computes a block whose background read fails (without one, a failed read raises when the block is used).
-        """
+        (see ``pipeline.py``; a failed read raises ChunkReadError when the block is used), or None on a miss.
+        Repeated keys get the same object. ``n_tokens``: per key, the token count its entry must have (an entry of
+        another count is a miss, and deleted)."""
         tokens = dict(zip(keys, n_tokens)) if n_tokens is not None else {}
         if not self.pipelined:
             found = {key: self.get(key, tokens.get(key)) for key in dict.fromkeys(keys)}
@@ -126,8 +120,7 @@ class KVStore:
                     reader.close()
                     self._reject(tier, key, reader.meta.shape, want)
                     continue
-                recompute = partial(fallback, key) if fallback is not None else None
-                found[key] = chunk = LazyChunk(key, reader, tier.name, self.layer_timeout_s, recompute)
+                found[key] = chunk = LazyChunk(key, reader, tier.name, self.layer_timeout_s)
                 origin[key] = i
                 lazy.append(chunk)
                 break

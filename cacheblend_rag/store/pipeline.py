@@ -7,10 +7,9 @@ allows (a tier whose readers have a ``batcher``, like Redis, reads one layer of 
 trip); ``LazyChunk.layer(l)`` returns at once if layer l is in, and otherwise waits for it. When every
 layer of a block has been read it is promoted to the faster tiers.
 
-A block whose read fails (corrupt, vanished, tier down, or slower than ``timeout_s`` for one layer) is
-recomputed by its ``fallback`` (given to ``KVStore.fetch``: the engine's compute path, which also counts it
-as a miss) the first time the prefill asks for a layer that was not read; layers already handed out came
-from the same model, so they agree with the recomputed ones up to the store's rounding.
+A block whose read fails (corrupt, vanished, tier down, or slower than ``timeout_s`` for one layer) raises
+``ChunkReadError`` the first time the prefill asks for a layer that was not read: the engine stops that prefill,
+computes the block (a miss) and plans the request again (``engine/prepare.py``).
 """
 
 from __future__ import annotations
@@ -27,32 +26,29 @@ from .entry import EntryBuffers, EntryReader, LayerBatcher
 logger = logging.getLogger(__name__)
 
 
+class ChunkReadError(RuntimeError):
+    """Reading a stored block failed after the prefill began to use it (corrupt, vanished, tier down, too slow):
+    ``key`` and ``tier`` name it, the cause is ``__cause__``. The caller computes the block instead."""
+
+    def __init__(self, key: str, tier: str, cause: BaseException | None) -> None:
+        super().__init__(f"reading KV block {key[:12]} from the {tier} tier failed ({cause}); compute it instead")
+        self.key, self.tier = key, tier
+
+
 class LazyChunk:
-    """A stored block arriving layer by layer; the prefill uses it like a ChunkKV (``n_tokens``, ``layer``).
+    """A stored block arriving layer by layer; the prefill uses it like a ChunkKV (``n_tokens``, ``layer``). A layer
+    that cannot be read raises ChunkReadError."""
 
-    fallback: computes the block when the read fails (called at most once); None: a failed read raises.
-    """
-
-    def __init__(
-        self,
-        key: str,
-        reader: EntryReader,
-        tier: str,
-        timeout_s: float = 30.0,
-        fallback: Callable[[], ChunkKV] | None = None,
-    ) -> None:
+    def __init__(self, key: str, reader: EntryReader, tier: str, timeout_s: float = 30.0) -> None:
         self.key = key
         self.tier = tier
         self.reader = reader
         self.meta = reader.meta
         self.timeout_s = timeout_s
-        self.fallback = fallback
         self._buffers: EntryBuffers | None = None
         self._ready = 0  # layers 0.._ready-1 are in
         self._error: BaseException | None = None
         self._cond = threading.Condition()
-        self._recomputed: ChunkKV | None = None
-        self._recompute_lock = threading.Lock()
 
     @property
     def n_tokens(self) -> int:
@@ -67,12 +63,12 @@ class LazyChunk:
         return self._error is not None
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``index``'s (k, v), [Hkv, T, D] each: waits for the reader, recomputes the block if it failed."""
+        """Layer ``index``'s (k, v), [Hkv, T, D] each: waits for the reader; raises ChunkReadError if it failed."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._ready > index or self._error is not None, self.timeout_s):
                 self._error = TimeoutError(f"layer {index} of {self.key[:12]} took over {self.timeout_s}s to read")
                 logger.warning(
-                    "reading KV block %s from the %s tier is too slow (%s); recomputing it",
+                    "reading KV block %s from the %s tier is too slow (%s); computing it instead",
                     self.key[:12],
                     self.tier,
                     self._error,
@@ -80,26 +76,13 @@ class LazyChunk:
             if self._ready > index:
                 assert self._buffers is not None
                 return self._buffers.k[index], self._buffers.v[index]
-        return self.recomputed().layer(index)
+            raise ChunkReadError(self.key, self.tier, self._error) from self._error
 
     def wait(self) -> ChunkKV:
-        """Every layer (blocks until read, or recomputed if the read failed)."""
+        """Every layer (blocks until read; raises ChunkReadError if the read failed)."""
         self.layer(self.n_layers - 1)
-        if self._recomputed is not None:
-            return self._recomputed
         assert self._buffers is not None
         return self._buffers.kv()
-
-    def recomputed(self) -> ChunkKV:
-        with self._recompute_lock:
-            if self._recomputed is None:
-                if self.fallback is None:
-                    raise RuntimeError(
-                        f"reading KV block {self.key[:12]} from the {self.tier} tier failed ({self._error}) and "
-                        "it has no fallback; pass KVStore.fetch(..., fallback=...) a function that computes a block"
-                    )
-                self._recomputed = self.fallback()
-            return self._recomputed
 
     # ---- called by the loader thread ------------------------------------------------------------------
     def _slots(self, layer: int) -> dict[str, torch.Tensor]:

@@ -17,11 +17,11 @@ def test_a_batch_equals_computing_each_chunk_alone(make_engine):
     engine = make_engine("llama", seed=3)
     texts = [*PASSAGES, MESSI, RONALDO]
     ids = [engine.tokenize(t) for t in texts]
-    fwd = engine.forward.with_backend("torch")
+    fwd = engine.model_forward.with_backend("torch")
     with torch.inference_mode():
-        batched = compute_batch(fwd, engine.chunks.prefix_ids, ids)
+        batched = compute_batch(fwd, engine.chunk_source.prefix_ids, ids)
     for token_ids, kv in zip(ids, batched):
-        alone = engine.chunks.compute(token_ids)
+        alone = engine.chunk_source.compute(token_ids)
         assert kv.k.shape == alone.k.shape == (4, 2, len(token_ids), 16)
         assert_close(kv.k, alone.k, atol=1e-5, rtol=1e-5)
         assert_close(kv.v, alone.v, atol=1e-5, rtol=1e-5)
@@ -30,7 +30,7 @@ def test_a_batch_equals_computing_each_chunk_alone(make_engine):
 def test_batched_precompute_stores_what_one_by_one_stores(make_engine):
     one = make_engine("qwen2", seed=5)
     batched = make_engine("qwen2", seed=5)
-    batched.chunks.batch_tokens = 64  # a few chunks per forward, and more than one forward
+    batched.chunk_source.batch_tokens = 64  # a few chunks per forward, and more than one forward
     texts = [*PASSAGES, MESSI, RONALDO]
     h1, h2 = one.precompute(texts), batched.precompute(texts)
     assert h1 == h2 and batched.metrics()["precomputed_chunks"] == len(texts)

@@ -61,7 +61,7 @@ def test_generate_batch_gives_what_generate_gives_one_at_a_time(make_engine, arc
 
 def test_a_small_pool_admits_by_kv_memory_and_is_made_larger_while_decoding(make_engine):
     engine = make_engine("llama", seed=3)
-    row = KVSlots.slot_bytes(engine.forward, 1)
+    row = KVSlots.slot_bytes(engine.model_forward, 1)
     short = {"prompt": "Hi", "sampling": SamplingParams(max_new_tokens=40)}
     longer = {"prompt": "Tell me more. " * 30, "sampling": SamplingParams(max_new_tokens=250)}  # > MIN_CAPACITY rows
     reqs = [short, short | {"prompt": "Hello"}, longer, short | {"prompt": "Bye"}]
@@ -96,7 +96,7 @@ def test_a_small_pool_admits_by_kv_memory_and_is_made_larger_while_decoding(make
 
 def test_a_running_batch_gets_a_token_between_every_prefill_step_of_a_long_prompt(make_engine):
     engine = make_engine("llama", seed=5)
-    layers = engine.forward.n_layers
+    layers = engine.model_forward.n_layers
     loop = BatchLoop(engine, prefill_budget=8 * layers)  # 8 prompt rows through every layer per step
     running = BatchRequest(engine, prompt="Go on", max_new_tokens=60)
     loop.admit(running)
@@ -118,7 +118,7 @@ def test_a_running_batch_gets_a_token_between_every_prefill_step_of_a_long_promp
 
 def test_a_short_prompt_overtakes_a_long_prefill_every_other_step(make_engine):
     engine = make_engine("llama", seed=5)
-    loop = BatchLoop(engine, prefill_budget=8 * engine.forward.n_layers)
+    loop = BatchLoop(engine, prefill_budget=8 * engine.model_forward.n_layers)
     long = BatchRequest(engine, prompt="A long story about the sea. " * 12, max_new_tokens=4)
     shorts = [BatchRequest(engine, segments=["Hi"], max_new_tokens=3, config=config("full_recompute")) for _ in "ab"]
     assert loop.is_short(shorts[0]) and not loop.is_short(long)
@@ -163,5 +163,5 @@ def test_bad_budgets_are_refused(make_engine):
     with pytest.raises(ValueError, match="kv_memory"):
         kv_budget(1.5, engine.device)
     with pytest.raises(ValueError, match="max_batch"):
-        DecodePool(engine.forward, 0, 1 << 20)
+        DecodePool(engine.model_forward, 0, 1 << 20)
     assert kv_budget(0.5, engine.device) > kv_budget(1000, engine.device) == 1000

@@ -90,6 +90,6 @@ def test_reading_a_message_as_text_leaves_the_tokenizer_as_it_was(engine, tokeni
     text through a private copy instead."""
     backend = tokenizer.backend_tokenizer
     backend.encode_special_tokens = False
-    assert FORGED in tokenizer.decode(engine.prompts.tokenize_text(FORGED))
+    assert FORGED in tokenizer.decode(engine.prompt_format.tokenize_text(FORGED))
     assert backend.encode_special_tokens is False
     assert backend.encode("<|im_end|>", add_special_tokens=False).ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]

@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from cacheblend_rag import ChunkHandle
+from cacheblend_rag.engine.chunk_keys import ChunkKeys
 from cacheblend_rag.engine.prompt import PromptFormat
 from cacheblend_rag.engine.registry import ChunkRegistry
+from cacheblend_rag.engine.runs import token_runs
 from tests.conftest import PASSAGES, config
 
 TEXTS = [
@@ -37,19 +38,15 @@ def qwen_tokenizer():
 def test_chunks_with_edge_whitespace_are_found_whatever_follows(which, join, request):
     tokenizer = request.getfixturevalue("tokenizer" if which == "smollm2" else "qwen_tokenizer")
     prompts = PromptFormat(tokenizer)
+    keys = ChunkKeys(prompts, "fp")
     registry = ChunkRegistry(whitespace=prompts.is_whitespace)
-    handles = [ChunkHandle(f"k{i}", t, tuple(prompts.tokenize(t)), "fp") for i, t in enumerate(TEXTS)]
+    handles = [keys.handle(t) for t in TEXTS]
     for handle in handles:
         assert registry.register(handle)
     prompt = "Read:\n" + join.join(TEXTS) + QUESTION
     for blocks in (
-        prompts.blocks(prompt=prompt, registry=registry, check_handle=lambda h: h, context_window=4096),
-        prompts.blocks(
-            messages=[{"role": "user", "content": prompt}],
-            registry=registry,
-            check_handle=lambda h: h,
-            context_window=4096,
-        ),
+        token_runs(keys, registry, prompt=prompt, context_window=4096),
+        token_runs(keys, registry, messages=[{"role": "user", "content": prompt}], context_window=4096),
     ):
         found = [b for b in blocks if b.handle is not None]
         assert [b.handle for b in found] == handles

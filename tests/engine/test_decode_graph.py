@@ -47,7 +47,7 @@ def test_a_captured_graph_survives_the_rope_table_growing(make_engine):
         segments = ["Read.\n", *engine.precompute(PASSAGES), SEGMENTS_TAIL]
         stream = engine.stream(segments, max_new_tokens=24)
         pieces = [next(stream) for _ in range(3)]  # the graph is captured by now
-        fwd = engine.forward
+        fwd = engine.model_forward
         fwd.rope.tables(1 << 17, fwd.dtype, torch.device("cuda", torch.cuda.current_device()))  # grown: replaced
         torch.cuda.empty_cache()
         junk = torch.full((1 << 24,), float("nan"), device="cuda")  # reuses freed memory if any was freed

@@ -50,10 +50,14 @@ def test_handle_evicted_from_store_is_recomputed(engine):
         ({"strategy": "magic"}, "strategy must be one of full_recompute, prefix_cache, full_reuse, cacheblend"),
         ({"check_layers": (0,)}, "check_layers must be >= 1"),
         ({"check_layers": (2, 1)}, "strictly increasing"),
-        ({"check_layers": (1, 2), "check_ratios": (0.1, 0.2), "recompute_ratio": 0.2}, "must not increase"),
-        ({"check_layers": (1, 2), "check_ratios": (0.3,)}, "one ratio per check layer"),
+        (
+            {"selection": "deviation", "check_layers": (1, 2), "check_ratios": (0.1, 0.2), "recompute_ratio": 0.2},
+            "must not increase",
+        ),
+        ({"selection": "deviation", "check_layers": (1, 2), "check_ratios": (0.3,)}, "one ratio per check layer"),
+        ({"selection": "attention", "check_ratios": (0.3,)}, "the last check ratio is the recompute ratio"),
         ({"deviation": "q"}, "deviation must be .v. or .k."),
-        ({"selection": "oracle"}, "selection must be one of deviation, attention"),
+        ({"selection": "oracle"}, "selection must be one of query, deviation, attention"),
         ({"backend": "cuda"}, "backend must be one of"),
         ({"recompute_chunk_head": -1}, "recompute_chunk_head"),
     ],
@@ -65,7 +69,7 @@ def test_config_validation(kwargs, message):
 
 def test_check_layer_beyond_the_model(engine):
     with pytest.raises(ValueError, match="do not exist: the model has 4 layers"):
-        engine.generate(["hello"], config=BlendConfig(check_layers=(1, 9)))
+        engine.generate(["hello"], config=BlendConfig(selection="deviation", check_layers=(1, 9)))
 
 
 def test_bad_generation_arguments(engine):
@@ -99,7 +103,7 @@ def test_huge_max_new_tokens_sizes_the_cache_to_the_context_window(engine, monke
         return new_cache(capacity)
 
     monkeypatch.setattr(engine, "_new_cache", recording)
-    engine.eos_token_ids = frozenset(range(engine.forward.vocab_size))  # ends at once: only the sizing matters
+    engine.eos_token_ids = frozenset(range(engine.model_forward.vocab_size))  # ends at once: only the sizing matters
     result = engine.generate(["Hello there"], max_new_tokens=10**9)
     assert result.finish_reason == "eos" and max(capacities) <= engine.context_window + 1
     stream = engine.stream(["Hello there"], max_new_tokens=10**12)

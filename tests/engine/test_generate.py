@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cacheblend_rag import BlendConfig, GenerationResult, SamplingParams
-from cacheblend_rag.engine.decode import TextStreamer
 from cacheblend_rag.engine.sampling import Sampler
+from cacheblend_rag.engine.text_stream import TextStreamer
 from tests.conftest import PASSAGES, config
 
 
@@ -47,7 +47,7 @@ def test_streamer_holds_back_partial_stop(tokenizer):
 
 
 def test_eos_ends_generation(engine):
-    engine.eos_token_ids = frozenset(range(engine.forward.vocab_size))
+    engine.eos_token_ids = frozenset(range(engine.model_forward.vocab_size))
     result = engine.generate(["Hello"], max_new_tokens=10)
     assert result.finish_reason == "eos" and result.token_ids == [] and result.text == ""
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from cacheblend_rag.engine.planner import plan_request
+from cacheblend_rag.engine.chunk_reads import RequestChunks
+from cacheblend_rag.engine.kv_cache import KVCache
+from cacheblend_rag.engine.plan import PlanReport
 from cacheblend_rag.engine.prefill import prefill
-from cacheblend_rag.engine.query_selection import select_by_query
-from cacheblend_rag.engine.selection import Budget
-from cacheblend_rag.engine.stats import RequestStats
+from cacheblend_rag.engine.strategies import CacheBlend, reuse_chunks, strategy_for
 from cacheblend_rag.kernels import Kernels
 from tests.conftest import PASSAGES, config
 
@@ -70,14 +70,25 @@ def gpu_like(fwd):
 
 
 def run(engine, segments, cfg, fwd, guard):
+    """The request's host work (placement, chunk reads, forced rows) first, then, under ``guard``, what runs on the
+    device: the selection's plan (the query selection's probe pass) and the prefill."""
     blocks = engine.blocks(segments, None)
-    stats = RequestStats(strategy=cfg.strategy, prompt_tokens=blocks[-1].end)
-    plan, _ = plan_request(blocks, cfg, engine.chunks, stats)  # the host work, before the loop
-    cache = engine._new_cache(blocks[-1].end + 4)
+    strategy = strategy_for(cfg)
+    chunks = RequestChunks(engine.chunk_source, fwd)
+    cache = KVCache.for_model(fwd, blocks[-1].end + 4)
+    if isinstance(strategy, CacheBlend):
+        reused = reuse_chunks(blocks, chunks, cfg.recompute_chunk_head, PlanReport(strategy="cacheblend", blend=True))
+
+        def make_plan():
+            return strategy.selection.plan(reused, fwd, cache)
+    else:
+        ready = strategy.plan(blocks, chunks, fwd, cache)
+
+        def make_plan():
+            return ready
+
     with torch.inference_mode(), guard():
-        if cfg.strategy == "cacheblend" and cfg.selection == "query":
-            plan, _, _ = select_by_query(fwd, plan, cache, Budget.of(cfg))
-        result = prefill(fwd, plan, cache)
+        result = prefill(fwd, make_plan(), cache)
     return result
 
 
@@ -96,7 +107,7 @@ CONFIGS = [
 def test_the_layer_loop_reads_nothing_back_from_the_device(make_engine, cfg):
     engine = make_engine("llama", seed=11)
     segments = ["Read the passages.\n", *engine.precompute(PASSAGES), QUESTION]
-    result = run(engine, segments, cfg, gpu_like(engine.forward), no_host_reads)
+    result = run(engine, segments, cfg, gpu_like(engine.model_forward), no_host_reads)
     reference = engine.prepare(segments, config=cfg)  # the CPU path, free to read on the host
     assert_close(result.logits, reference.logits, atol=1e-5, rtol=1e-5)
     assert result.layer_rows == reference.stats.layer_rows
@@ -118,7 +129,7 @@ def test_no_cuda_sync_after_warm_up(make_engine, strategy, tier):
     engine = make_engine("llama", seed=11, model=_cuda_model(), store=[tier], store_dtype=torch.bfloat16)
     segments = ["Read the passages.\n", *engine.precompute(PASSAGES), QUESTION]
     cfg = config(strategy, backend="triton")
-    fwd = engine.forward.with_backend("triton")
+    fwd = engine.model_forward.with_backend("triton")
 
     @contextlib.contextmanager
     def sync_errors():

@@ -68,7 +68,7 @@ def test_the_system_prompt_is_never_matched(engine):
 
 
 def test_the_head_of_a_prompt(engine):
-    prompts = engine.prompts
+    prompts = engine.prompt_format
     prefix = engine.chunk_prefix_ids
     ids = engine.tokenize(engine.format_chat([{"role": "user", "content": "Hello there"}]))
     assert ids[: len(prefix)] == prefix and prompts.head_end(ids) == len(prefix)

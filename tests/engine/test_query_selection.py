@@ -5,8 +5,8 @@ import torch
 from torch.testing import assert_close
 
 from cacheblend_rag import BlendConfig
-from cacheblend_rag.engine.query_selection import TailAttention
 from cacheblend_rag.engine.selection import Budget
+from cacheblend_rag.engine.strategies.query import TailAttention
 from tests.conftest import PASSAGES, config
 
 QUESTION = "\nQuestion: which river reaches the Black Sea?"
@@ -100,4 +100,6 @@ def test_fidelity_target_validation():
         BlendConfig(min_ratio=0.6, max_ratio=0.5)
     with pytest.raises(ValueError, match="max_ratio must be a number"):
         BlendConfig(max_ratio=float("nan"))
-    assert BlendConfig(selection="query", fidelity_target=0.9, check_layers=(1, 2)).fidelity_target == 0.9
+    assert BlendConfig(selection="query", fidelity_target=0.9).fidelity_target == 0.9
+    with pytest.raises(ValueError, match=r"check_layers=\(1, 2\) does nothing with .*selection='query'"):
+        BlendConfig(selection="query", fidelity_target=0.9, check_layers=(1, 2))

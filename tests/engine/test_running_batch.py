@@ -12,10 +12,11 @@ from torch.testing import assert_close
 
 from cacheblend_rag import SamplingParams
 from cacheblend_rag.engine.batch_step import BatchStepper, batch_step, buckets, padded_inputs
-from cacheblend_rag.engine.decode import TextStreamer, decode_step
+from cacheblend_rag.engine.decode import decode_step
 from cacheblend_rag.engine.kv_slots import KVSlots
 from cacheblend_rag.engine.running_batch import RunningBatch
 from cacheblend_rag.engine.sampling import Sampler
+from cacheblend_rag.engine.text_stream import TextStreamer
 from tests.conftest import PASSAGES, config, tiny_model
 
 CUDA = torch.cuda.is_available()
@@ -67,7 +68,7 @@ def test_a_batch_decodes_what_each_request_decodes_alone(make_engine, arch):
     engine = make_engine(arch, seed=11)
     reqs = requests(engine)
     expected = [engine.generate(s, config=c, sampling=p) for s, c, p in reqs]
-    batch = RunningBatch(engine.forward, slots=8, capacity=160)
+    batch = RunningBatch(engine.model_forward, slots=8, capacity=160)
     seqs = [join(batch, engine, s, c, p) for s, c, p in reqs]
     pieces: dict = {}
     drain(batch, pieces)
@@ -81,7 +82,7 @@ def test_sequences_join_and_leave_between_steps_and_one_is_cancelled(make_engine
     engine = make_engine("llama", seed=11)
     reqs = requests(engine)
     expected = [engine.generate(s, config=c, sampling=p) for s, c, p in reqs]
-    batch = RunningBatch(engine.forward, slots=4, capacity=160)
+    batch = RunningBatch(engine.model_forward, slots=4, capacity=160)
     pieces: dict = {}
     seqs = [join(batch, engine, *reqs[0]), join(batch, engine, *reqs[1])]
     drain(batch, pieces, steps=3)
@@ -119,7 +120,7 @@ def test_stop_strings_eos_and_seeded_sampling_stay_per_sequence(make_engine):
     cases = [(reqs[i][0], reqs[i][1], p) for i, p in zip((0, 1, 2, 3), samplings, strict=True)]
     expected = [engine.generate(s, config=c, sampling=p) for s, c, p in cases]
     assert expected[0].finish_reason == "stop" and expected[2].finish_reason == "eos"
-    batch = RunningBatch(engine.forward, slots=4, capacity=160)
+    batch = RunningBatch(engine.model_forward, slots=4, capacity=160)
     seqs = [join(batch, engine, *case) for case in cases]
     pieces: dict = {}
     drain(batch, pieces)
@@ -141,13 +142,13 @@ def test_bf16_batch_step_logits_within_the_bf16_tolerance(make_engine):
 def check_teacher_forced(engine, atol: float, rtol: float) -> None:
     reqs = requests(engine)
     prepared = [engine.prepare(s, config=c, extra_capacity=12) for s, c, _ in reqs]
-    slots = KVSlots.for_model(engine.forward, slots=len(reqs), capacity=128)
+    slots = KVSlots.for_model(engine.model_forward, slots=len(reqs), capacity=128)
     for request in prepared:
         slots.add(request.cache, room=12)
-    stepper = BatchStepper(engine.forward, slots)
+    stepper = BatchStepper(engine.model_forward, slots)
     gen = torch.Generator().manual_seed(0)
     for _ in range(12):
-        tokens = torch.randint(0, engine.forward.vocab_size, (len(reqs),), generator=gen).tolist()
+        tokens = torch.randint(0, engine.model_forward.vocab_size, (len(reqs),), generator=gen).tolist()
         with torch.inference_mode():
             batched = stepper(tokens)
             alone = torch.stack([decode_step(r.fwd, r.cache, t) for r, t in zip(prepared, tokens, strict=True)])
@@ -158,7 +159,7 @@ def check_teacher_forced(engine, atol: float, rtol: float) -> None:
 def test_slots_stay_compact_and_keep_each_sequence_rows(make_engine):
     engine = make_engine("llama", seed=11)
     caches = [engine.prepare([text]).cache for text in ("One two three", PASSAGES[0], "Four", PASSAGES[2])]
-    slots = KVSlots.for_model(engine.forward, slots=4, capacity=64)
+    slots = KVSlots.for_model(engine.model_forward, slots=4, capacity=64)
     for cache in caches:
         slots.add(cache)
     assert slots.remove(1) == 3 and slots.lengths == [caches[0].length, caches[3].length, caches[2].length]
@@ -175,7 +176,7 @@ def test_slots_stay_compact_and_keep_each_sequence_rows(make_engine):
 def test_a_sequence_that_does_not_fit_is_refused_with_the_fix(make_engine):
     engine = make_engine("llama", seed=11)
     request = engine.prepare([PASSAGES[0]])
-    batch = RunningBatch(engine.forward, slots=1, capacity=request.cache.length + 4)
+    batch = RunningBatch(engine.model_forward, slots=1, capacity=request.cache.length + 4)
     args = (request.logits, Sampler(SamplingParams()), TextStreamer(engine.tokenizer, ()))
     assert not batch.fits(request.cache.length, 6) and batch.fits(request.cache.length, 5)
     with pytest.raises(ValueError, match="lower its max_new_tokens"):
@@ -192,7 +193,7 @@ def test_a_padded_batch_as_a_graph_runs_it_changes_only_its_rows_and_scratch(mak
     K/V of the unpadded step; the free slots, which a prefill may be filling, are left as they were."""
     engine = make_engine("llama", seed=11)
     caches = [engine.prepare([text]).cache for text in ("One two three", PASSAGES[0], PASSAGES[2])]
-    slots, padded = (KVSlots.for_model(engine.forward, slots=8, capacity=96) for _ in range(2))
+    slots, padded = (KVSlots.for_model(engine.model_forward, slots=8, capacity=96) for _ in range(2))
     for pool in (slots, padded):
         for cache in caches:
             pool.add(cache)
@@ -201,9 +202,9 @@ def test_a_padded_batch_as_a_graph_runs_it_changes_only_its_rows_and_scratch(mak
     free_k, free_v = padded.k[3:8].clone(), padded.v[3:8].clone()
     tokens, pos = [5, 17, 400], slots.lengths[:3]
     with torch.inference_mode():
-        want = BatchStepper(engine.forward, slots)(tokens)
+        want = BatchStepper(engine.model_forward, slots)(tokens)
         inputs = padded_inputs(tokens, pos, 8, padded.scratch)
-        got = batch_step(engine.forward, padded, inputs[0], inputs[1], write=inputs[2])
+        got = batch_step(engine.model_forward, padded, inputs[0], inputs[1], write=inputs[2])
     assert_close(got[:3], want, atol=1e-5, rtol=1e-5)
     assert torch.equal(padded.k[3:8], free_k) and torch.equal(padded.v[3:8], free_v)
     for i, n in enumerate(pos):
@@ -223,7 +224,7 @@ def test_graph_batches_equal_eager_batches(make_engine):
     for graphs in (True, False):
         engine = make_engine("llama", model=tiny_model("llama", seed=11).to("cuda"))
         reqs = requests(engine)
-        batch = RunningBatch(engine.forward, slots=4, capacity=160, graphs=graphs)
+        batch = RunningBatch(engine.model_forward, slots=4, capacity=160, graphs=graphs)
         pieces: dict = {}
         seqs = [join(batch, engine, *reqs[0])]
         drain(batch, pieces, steps=2)

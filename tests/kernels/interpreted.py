@@ -304,7 +304,7 @@ def test_engine_blended_prefill_triton_equals_torch(tokenizer, tmp_path, arch):
     segments = ["Read:\n", *handles, "\nWho scored?"]
     for cfg in (
         BlendConfig(strategy="cacheblend", recompute_ratio=0.3),
-        BlendConfig(strategy="cacheblend", recompute_ratio=0.15, check_layers=(1, 2), deviation="k"),
+        BlendConfig(selection="deviation", recompute_ratio=0.15, check_layers=(1, 2), deviation="k"),
         BlendConfig(strategy="full_recompute"),
     ):
         got = triton_engine.prepare(segments, config=cfg.replace(backend="triton"))
@@ -326,7 +326,7 @@ DECODE_SHAPES = [(4, 2, 32, 70, 0), (6, 2, 24, 70, 41), (8, 1, 16, 300, 299), (3
 @pytest.mark.parametrize("hq,hkv,d,n,pos", DECODE_SHAPES)
 def test_decode_attention_equals_reference(dtype, hq, hkv, d, n, pos):
     """One decoding query over keys 0..pos (rows after pos hold garbage that must not count), split over keys."""
-    from cacheblend_rag.kernels.decode import decode_attention, decode_attention_torch
+    from cacheblend_rag.kernels.decode_attention import decode_attention, decode_attention_torch
 
     gen = torch.Generator().manual_seed(pos + n)
     q = torch.randn(hq, 1, d, generator=gen).to(dtype)
@@ -375,16 +375,16 @@ def test_engine_batched_decoding_triton_equals_torch(tokenizer, tmp_path):
     """A RunningBatch on the Triton kernels (rotation and batched decoding attention) picks the tokens it picks on
     the torch references, sequences of different lengths joining between steps."""
     from cacheblend_rag import SamplingParams
-    from cacheblend_rag.engine.decode import TextStreamer
     from cacheblend_rag.engine.running_batch import RunningBatch
     from cacheblend_rag.engine.sampling import Sampler
+    from cacheblend_rag.engine.text_stream import TextStreamer
     from tests.conftest import MESSI, RONALDO
 
     engine = engines(tokenizer, tmp_path, "llama")[1]
     prompts = [[MESSI, "\nWho?"], ["Hi"], [RONALDO]]
     outcomes = []
     for backend in ("triton", "torch"):
-        batch = RunningBatch(engine.forward.with_backend(backend), slots=4, capacity=64)
+        batch = RunningBatch(engine.model_forward.with_backend(backend), slots=4, capacity=64)
         seqs = []
         for prompt in prompts:
             request = engine.prepare(prompt)

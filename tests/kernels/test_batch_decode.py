@@ -1,5 +1,5 @@
 """The batched decoding attention's torch reference (kernels/batch_decode.py, what CPU runs) equals the one-query
-reference (kernels/decode.py) for every sequence of the batch, over strided views of a slot pool."""
+reference (kernels/decode_attention.py) for every sequence of the batch, over strided views of a slot pool."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from cacheblend_rag.kernels.batch_decode import batch_decode_attention, batch_decode_attention_torch
-from cacheblend_rag.kernels.decode import decode_attention_torch
+from cacheblend_rag.kernels.decode_attention import decode_attention_torch
 
 
 def pool_batch(hq: int, hkv: int, d: int, n: int, positions: list[int], dtype: torch.dtype):

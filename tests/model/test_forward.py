@@ -24,7 +24,7 @@ def test_prefill_and_decode_logits_equal_hf(arch, make_engine):
         assert_close(logits, expected, atol=2e-5, rtol=1e-4)
         tokens.append(int(logits.argmax()))
         with torch.inference_mode():
-            logits = decode_step(engine.forward, req.cache, tokens[-1])
+            logits = decode_step(engine.model_forward, req.cache, tokens[-1])
 
 
 def test_qwen2_biases_are_used(make_engine):

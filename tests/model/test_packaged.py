@@ -89,7 +89,7 @@ def test_qwen_alias_loads_and_answers(tmp_path):
     from cacheblend_rag import CacheBlendEngine
 
     engine = CacheBlendEngine.from_pretrained("qwen2.5-coder-0.5b", store=["memory://"])
-    assert engine.forward.n_layers == 24 and engine.forward.n_kv_heads == 2
+    assert engine.model_forward.n_layers == 24 and engine.model_forward.n_kv_heads == 2
     handles = engine.precompute(["The capital of Wexland is Tarrow, a port on the east coast."])
     segments = engine.chat_segments(["Passage:\n", handles[0], "\nWhat is the capital of Wexland?"])
     result = engine.generate(segments, max_new_tokens=12)

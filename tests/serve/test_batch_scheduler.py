@@ -53,7 +53,7 @@ def test_the_fair_queue_serves_callers_in_turn_first_in_first_out_for_each():
 
 
 def test_requests_wait_for_kv_memory_and_run_once_it_frees(engine):
-    row = KVSlots.slot_bytes(engine.forward, 1)
+    row = KVSlots.slot_bytes(engine.model_forward, 1)
     gate, sizes = threading.Semaphore(0), []
     batch = BatchLoop(engine, max_batch=8, kv_memory=3 * MIN_CAPACITY * row)  # two slots of MIN_CAPACITY rows
 
@@ -107,7 +107,7 @@ def test_callers_take_turns_in_the_queue(engine):
 
 def test_a_running_stream_decodes_between_the_prefill_steps_of_a_long_prompt(engine):
     engine.eos_token_ids = frozenset()  # the running stream runs to its max_new_tokens
-    batch = BatchLoop(engine, max_batch=4, prefill_budget=8 * engine.forward.n_layers)
+    batch = BatchLoop(engine, max_batch=4, prefill_budget=8 * engine.model_forward.n_layers)
     running = BatchRequest(engine, prompt="Keep talking", max_new_tokens=80)
     long = BatchRequest(engine, prompt=LONG_PROMPT, max_new_tokens=3)
     want = [

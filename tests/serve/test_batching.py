@@ -134,7 +134,7 @@ def test_a_request_whose_kv_cannot_fit_the_budget_is_refused_with_the_option_nam
     from cacheblend_rag.engine.kv_slots import KVSlots
 
     engine = tiny_engine(tokenizer, tmp_path)
-    budget = 3 * MIN_CAPACITY * KVSlots.slot_bytes(engine.forward, 1)  # two slots of 256 rows and the scratch one
+    budget = 3 * MIN_CAPACITY * KVSlots.slot_bytes(engine.model_forward, 1)  # two slots of 256 rows and the scratch one
     with serving(engine, kv_memory=budget) as live:
         url = f"{live.url}/v1/chat/completions"
         fits = httpx.post(url, json=chat("Hi", max_tokens=100), timeout=120)

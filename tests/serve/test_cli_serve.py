@@ -59,6 +59,7 @@ def test_cacheblend_serve_command(model_dir, tmp_path, redis_url):
         chunks = httpx.post(f"{url}/v1/chunks", json={"texts": PASSAGES}, headers=admin, timeout=120).json()
         assert chunks["computed"] == 3 and chunks["model"] == "tiny"
         body = {"model": "tiny", "messages": [{"role": "user", "content": "Read:\n" + "\n".join(PASSAGES)}]}
+        body["cacheblend"] = {"exact_when_faster": False}  # so short a prompt would otherwise be computed in full
         answer = httpx.post(f"{url}/v1/chat/completions", json=body, headers=admin, timeout=120).json()
         usage = answer["usage"]
         assert usage["prompt_tokens_details"]["cached_tokens"] > 0 and usage["completion_tokens"] <= 4

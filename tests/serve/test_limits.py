@@ -25,13 +25,13 @@ def engine(tokenizer, tmp_path):
 def record_tokenizing(engine) -> list[tuple[str, int]]:
     """Wrap the engine's tokenizer: returns the list it fills with (thread name, characters) per call."""
     calls: list[tuple[str, int]] = []
-    tokenize = engine.prompts.tokenize
+    tokenize = engine.prompt_format.tokenize
 
     def recording(text):
         calls.append((threading.current_thread().name, len(text)))
         return tokenize(text)
 
-    engine.prompts.tokenize = recording
+    engine.prompt_format.tokenize = recording
     return calls
 
 

@@ -127,8 +127,10 @@ def test_blend_options_per_request(server, engine):
     unknown = post(server, "/v1/chat/completions", chat(CONTEXT, cacheblend={"ratio": 0.2}))
     assert unknown.status_code == 400 and "no field(s) ['ratio']" in unknown.json()["error"]["message"]
     assert unknown.json()["error"]["param"] == "cacheblend"
-    layers = report({"check_layers": [1, 2], "recompute_ratio": 0.2})["cacheblend"]
+    layers = report({"selection": "deviation", "check_layers": [1, 2], "recompute_ratio": 0.2})["cacheblend"]
     assert layers["reused_tokens"] == cached - round(0.2 * cached)
+    ignored = post(server, "/v1/chat/completions", chat(CONTEXT, cacheblend={"check_layers": [1, 2]}))
+    assert ignored.status_code == 400 and "check_layers=(1, 2) does nothing" in ignored.json()["error"]["message"]
     not_object = post(server, "/v1/chat/completions", chat(CONTEXT, cacheblend=["full_reuse"]))
     assert not_object.status_code == 400 and "cacheblend" in not_object.json()["error"]["message"]
 

@@ -109,7 +109,7 @@ def test_concurrent_misses_on_one_chunk_compute_it_once(make_engine):
 
 HAMMER = """
 import json, random, sys, torch
-from cacheblend_rag.store import ChunkKV, KVStore, LazyChunk, tier_from_url
+from cacheblend_rag.store import ChunkKV, ChunkReadError, KVStore, LazyChunk, tier_from_url
 url, writer, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 tier = tier_from_url(url, "f" * 64)
 store = KVStore([tier], dtype=torch.float16)
@@ -118,9 +118,6 @@ keys = [f"{i:02d}" * 32 for i in range(4)]
 def block(key, variant):  # two processes computing one chunk may round differently: variants of one key
     gen = torch.Generator().manual_seed(int(key[:2]) * 10 + variant)
     return ChunkKV(torch.randn(6, 2, 64, 32, generator=gen).half(), torch.randn(6, 2, 64, 32, generator=gen).half())
-
-def fail(key):
-    raise LookupError("read failed")
 
 expected = {(k, w): block(k, w) for k in keys for w in (0, 1)}
 rng = random.Random(writer)
@@ -132,11 +129,11 @@ for _ in range(n):
     elif roll < 0.45:
         tier.delete(key); counts["delete"] += 1
     else:
-        got = store.fetch([key], fallback=fail)[0] if roll < 0.75 else tier.get(key)
+        got = store.fetch([key])[0] if roll < 0.75 else tier.get(key)
         if isinstance(got, LazyChunk):
             try:
                 got = got.wait()
-            except LookupError:  # the read failed (replaced or deleted meanwhile): a miss, never a mix
+            except ChunkReadError:  # the read failed (replaced or deleted meanwhile): a miss, never a mix
                 got = None
         if got is None:
             counts["miss"] += 1

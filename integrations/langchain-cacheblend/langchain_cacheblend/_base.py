@@ -180,7 +180,8 @@ class CacheBlendParams(BaseModel):
             "stop": self.stop,
             "strategy": blend.strategy,
             "recompute_ratio": blend.recompute_ratio,
-            "check_layers": list(blend.check_layers),
+            "selection": blend.selection,
+            "check_layers": list(blend.check_layers) if blend.check_layers is not None else None,
             "deviation": blend.deviation,
             "recompute_chunk_head": blend.recompute_chunk_head,
         }

@@ -81,7 +81,7 @@ class ChatCacheBlend(CacheBlendParams, BaseChatModel):
         """Tokens of the prompt these messages make, chat template included."""
         if tools:
             raise ValueError("ChatCacheBlend has no tool calling; count the messages without tools")
-        return len(self._engine.prompts.chat_ids(to_chat_dicts(messages)))
+        return len(self._engine.prompt_format.chat_ids(to_chat_dicts(messages)))
 
     # ---- generation ---------------------------------------------------------------------------------
     def batch(

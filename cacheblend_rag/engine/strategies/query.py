@@ -22,14 +22,16 @@ summed share reaches the target fraction of the total, within ``[min_ratio, max_
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import torch
 
-from ..model.forward import ModelForward
-from .kv_cache import KVCache
-from .prefill import PrefillPlan, PrefillResult, cached_rows_mask, prefill
-from .selection import Budget, attention_mass, choose, mask_rows
+from ..plan import PrefillPlan
+from ..prefill import cached_rows_mask, prefill
+from ..selection import Budget, attention_mass, choose, mask_rows
+from .base import Selection
+from .reuse import ReusedChunks
 
 PROBE_BLOCK = 64  # probe rows per attention-mass block (bounds the [heads, probes, N] scores)
 MAX_PROBES = 512  # the last probe rows are enough to know what the question reads
@@ -65,48 +67,59 @@ class TailAttention:
         self.scores += mass / mass.sum().clamp_min(1e-30)
 
 
-def probe_start(plan: PrefillPlan) -> int:
-    """First row that may probe: the start of the first cached chunk (rows before it cannot see any chunk)."""
-    return min((span.start for span in plan.spans), default=0)
+class QuerySelection(Selection):
+    """Recompute, through every layer, the cached rows the probe pass saw the prompt's tail read most."""
 
+    name = "query"
 
-def select_by_query(
-    fwd: ModelForward, plan: PrefillPlan, cache: KVCache, budget: Budget
-) -> tuple[PrefillPlan, torch.Tensor, PrefillResult]:
-    """Run the probe pass of ``plan`` (a cacheblend plan: spans and forced rows) into ``cache`` and return the
-    plan that recomputes the forced rows plus the chosen cached rows through every layer, the scores [N] and the
-    probe pass's result (its FLOPs).
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.budget = Budget.of(config)
 
-    Row counts come from the plan on the host, so nothing is read from the device between the passes either;
-    only a fidelity target (how many rows reach it depends on the scores) reads the scores back, once."""
-    n = plan.ids.shape[0]
-    device = plan.ids.device
-    from_cache = cached_rows_mask(n, plan.spans, device)
-    n_cached = plan.n_cached
-    forced = plan.forced if plan.forced is not None else ~from_cache
-    n_forced, n_forced_cached = plan.forced_counts(from_cache)
-    initial = mask_rows(forced, n_forced)  # the rows the probe pass computes, sorted
-    # probe rows, as indices into ``initial``: the computed rows from the first chunk on. Every row before it is
-    # uncached, hence computed, so they are the computed rows after the first probe_start ones.
-    count = min(n_forced - probe_start(plan), MAX_PROBES)
-    if count > 0:
-        probes = torch.arange(n_forced - count, n_forced, device=device)
-    else:  # nothing uncached after the first chunk: the last row probes
-        probes = torch.arange(n_forced - 1, n_forced, device=device)
-    tail = TailAttention(from_cache, probes, fwd.scale, first_layer=int(FIRST_SCORED_LAYER * fwd.n_layers))
-    probe = replace(plan, initial=initial, checks={}, observe=tail, capture=None)
-    probe_result = prefill(fwd, probe, cache)
-    candidates = from_cache & ~forced  # [N] bool
-    n_candidates = n_cached - n_forced_cached
-    if budget.target is None:
-        keep_cached = round(budget.ratio * n_cached)
-    else:
-        keep_cached = budget.rows(tail.scores[candidates], n_cached, n_forced_cached)
-    k = max(0, min(keep_cached - n_forced_cached, n_candidates))
-    keep = choose(tail.scores, forced, candidates, k, n_forced)  # [n_forced + k] sorted rows
-    # the probe pass left every chunk's K/V rotated in the cache: the prefill proper writes only its own rows
-    mask = forced.clone().index_fill_(0, keep, True)
-    chosen = replace(
-        plan, initial=keep, forced=mask, n_forced=(n_forced + k, n_forced_cached + k), checks={}, cache_ready=True
-    )
-    return chosen, tail.scores, probe_result
+    def plan(self, reused: ReusedChunks, fwd, cache) -> PrefillPlan:
+        """Run the probe pass over ``reused`` into ``cache`` and return the plan that recomputes the forced rows
+        plus the chosen cached rows through every layer, on the K/V the probe pass left in ``cache``.
+
+        Row counts come from the host, so nothing is read from the device between the passes either; only a
+        fidelity target (how many rows reach it depends on the scores) reads the scores back, once."""
+        if not reused.spans:  # nothing cached: every row is computed, as the other selections compute it
+            return PrefillPlan(ids=reused.ids, forced=reused.forced, n_forced=reused.n_forced, report=reused.report)
+        t = time.perf_counter()
+        ids, spans, forced = reused.ids, reused.spans, reused.forced
+        n, device = ids.shape[0], ids.device
+        from_cache = cached_rows_mask(n, spans, device)
+        n_cached = reused.n_cached
+        n_forced, n_forced_cached = reused.n_forced
+        initial = mask_rows(forced, n_forced)  # the rows the probe pass computes, sorted
+        # probe rows, as indices into ``initial``: the computed rows from the first chunk on. Every row before it
+        # is uncached, hence computed, so they are the computed rows after the first probe_start ones.
+        count = min(n_forced - spans[0].start, MAX_PROBES)
+        if count > 0:
+            probes = torch.arange(n_forced - count, n_forced, device=device)
+        else:  # nothing uncached after the first chunk: the last row probes
+            probes = torch.arange(n_forced - 1, n_forced, device=device)
+        tail = TailAttention(from_cache, probes, fwd.scale, first_layer=int(FIRST_SCORED_LAYER * fwd.n_layers))
+        probe_plan = PrefillPlan(
+            ids=ids, spans=spans, initial=initial, forced=forced, n_forced=reused.n_forced, observe=tail
+        )
+        probe = prefill(fwd, probe_plan, cache)
+        candidates = from_cache & ~forced  # [N] bool
+        n_candidates = n_cached - n_forced_cached
+        if self.budget.target is None:
+            keep_cached = round(self.budget.ratio * n_cached)
+        else:
+            keep_cached = self.budget.rows(tail.scores[candidates], n_cached, n_forced_cached)
+        k = max(0, min(keep_cached - n_forced_cached, n_candidates))
+        keep = choose(tail.scores, forced, candidates, k, n_forced)  # [n_forced + k] sorted rows
+        # the probe pass left every chunk's K/V rotated in the cache: the prefill proper writes only its own rows
+        mask = forced.clone().index_fill_(0, keep, True)
+        report = replace(reused.report, probe=probe, probe_s=time.perf_counter() - t)
+        return PrefillPlan(
+            ids=ids,
+            spans=spans,
+            initial=keep,
+            forced=mask,
+            n_forced=(n_forced + k, n_forced_cached + k),
+            cache_ready=True,
+            report=report,
+        )

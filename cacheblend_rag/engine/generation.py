@@ -1,22 +1,18 @@
-"""A request's prefill run, then its decoding, streaming, and the final GenerationResult."""
+"""A request after its prefill: decoding, streaming, and the final GenerationResult."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from ..config import BlendConfig
-from ..model.forward import ModelForward
-from .decode import GRAPH_MIN_TOKENS, Decoder, TextStreamer
-from .kv_cache import KVCache
-from .prefill import PrefillPlan, PrefillResult, prefill_steps, run_to_end
-from .query_selection import select_by_query
+from .decode import GRAPH_MIN_TOKENS, Decoder
+from .prepare import PreparedRequest
 from .sampling import Sampler
-from .selection import Budget
 from .stats import RequestStats
+from .text_stream import TextStreamer
 
 
 @dataclass
@@ -27,62 +23,6 @@ class GenerationResult:
     stats: RequestStats
     finish_reason: str = "length"  # "eos", "stop" or "length"
     prompt_token_ids: list[int] = field(default_factory=list, repr=False)
-
-
-@dataclass
-class PreparedRequest:
-    """State right after the prefill: the fused cache, the logits of the first new token, and the forward
-    (on the request's kernels) that decoding continues with."""
-
-    cache: KVCache
-    logits: torch.Tensor  # [vocab] float32
-    stats: RequestStats
-    prompt_ids: list[int]
-    started: float  # perf_counter() when the request arrived
-    fwd: ModelForward
-
-
-def run_prefill(
-    fwd: ModelForward, plan: PrefillPlan, cache: KVCache, config: BlendConfig, stats: RequestStats
-) -> PrefillResult:
-    """Run ``plan`` into ``cache`` (after the probe pass of the query selection) and note it in ``stats``."""
-    return run_to_end(run_prefill_steps(fwd, plan, cache, config, stats))
-
-
-def run_prefill_steps(
-    fwd: ModelForward, plan: PrefillPlan, cache: KVCache, config: BlendConfig, stats: RequestStats
-) -> Generator[int, None, PrefillResult]:
-    """``run_prefill`` a layer at a time (``prefill_steps``; the query selection's probe pass, when it runs, is one
-    step before them): yields the rows each step computed. Each step runs under inference mode; ``stats.prefill_s``
-    counts the steps' time, not the time between them."""
-    t = time.perf_counter()
-    spent = 0.0
-    probe = None
-    with torch.inference_mode():
-        if config.strategy == "cacheblend" and config.selection == "query" and plan.spans:
-            plan, _, probe = select_by_query(fwd, plan, cache, Budget.of(config))
-            stats.probe_s = time.perf_counter() - t  # on a GPU: the time to queue it (nothing waits in between)
-    if probe is not None:  # the probe pass is one step of its own (its rows x layers)
-        spent += time.perf_counter() - t
-        yield sum(probe.layer_rows)
-        t = time.perf_counter()
-    steps = prefill_steps(fwd, plan, cache)
-    while True:
-        with torch.inference_mode():
-            try:
-                rows = next(steps)
-            except StopIteration as done:
-                result = done.value
-                # the first reads from the device since the plan was made: on a GPU, prefill_s includes the work
-                stats.note_prefill(result, plan.spans, blend=config.strategy == "cacheblend")
-                if probe is not None:
-                    stats.prefill_flops += probe.flops
-                break
-        spent += time.perf_counter() - t
-        yield rows
-        t = time.perf_counter()
-    stats.prefill_s = spent + time.perf_counter() - t
-    return result
 
 
 class GenerationStream:

@@ -1,0 +1,183 @@
+"""Where chunk KV comes from: the store, and the model on a miss (or for precompute).
+
+A chunk is computed alone, after the chunk prefix (``prefix_ids``: how the prompts it will be reused in begin),
+at positions 0..len-1; the prefix rows are dropped and the keys kept before RoPE, so the chunk can be placed
+anywhere. It is stored under its handle's key (``chunk_keys.py``). Concurrent misses on one chunk share one
+computation. What one request reads goes through ``chunk_reads.RequestChunks``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+
+import torch
+
+from ..model.forward import ModelForward
+from ..store import ChunkHandle, ChunkKV, KVStore, LazyChunk
+from .batch_compute import batches, compute_batch, default_batch_tokens
+from .chunk_keys import ChunkKeys
+from .kv_cache import KVCache
+from .plan import PrefillPlan
+from .prefill import prefill
+from .stats import EngineMetrics
+
+
+class ChunkSource:
+    """Precomputation and the KV of a request's chunks.
+
+    forward: computes missing chunks (on the kernels of ``backend``, or a request's); keys: the chunks' handles (and
+    the prompt format that tokenizes them); metrics: the engine's counters; context_window: the model's, which a
+    chunk and the prefix must fit in. batch_tokens: rows per precompute forward (several chunks each,
+    ``batch_compute.py``); 0 computes one chunk per forward. Default: ``default_batch_tokens`` (batched on CUDA, one
+    by one elsewhere).
+    """
+
+    def __init__(
+        self,
+        forward: ModelForward,
+        store: KVStore,
+        keys: ChunkKeys,
+        metrics: EngineMetrics,
+        *,
+        context_window: int,
+        backend: str = "auto",
+        batch_tokens: int | None = None,
+    ) -> None:
+        self.forward = forward
+        self.store = store
+        self.keys = keys
+        self.prefix_ids = keys.prefix_ids
+        self.metrics = metrics
+        self.context_window = context_window
+        self.backend = backend
+        self.batch_tokens = default_batch_tokens(forward.device) if batch_tokens is None else batch_tokens
+        self._computing: dict[str, Future] = {}  # chunk key -> its computation in progress (one per key)
+        self._computing_lock = threading.Lock()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.keys.fingerprint
+
+    # ---- computing ----------------------------------------------------------------------------------------
+    def precompute(self, texts: Iterable[str], progress: bool = False, scope: str | None = None) -> list[ChunkHandle]:
+        """Compute and store the KV of every chunk not already stored in ``scope``; return one handle per text."""
+        if isinstance(texts, str):
+            raise TypeError("precompute takes a list of texts; wrap a single text: precompute([text])")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is a {type(text).__name__}; precompute takes strings")
+        handles = [self.keys.handle(t, scope) for t in texts]
+        limit = self.context_window - len(self.prefix_ids)
+        for i, handle in enumerate(handles):
+            if not handle.token_ids:
+                raise ValueError(f"texts[{i}] has no tokens (empty text); drop it before precompute")
+            if handle.n_tokens > limit:
+                raise ValueError(
+                    f"texts[{i}] has {handle.n_tokens} tokens, more than a chunk can have in the model's "
+                    f"context window ({limit} of {self.context_window}); split it into smaller chunks"
+                )
+        todo = {h.key: h for h in handles if not self.store.contains(h.key)}
+        self.metrics.add(precompute_cache_hits=len(handles) - len(todo))
+        if self.batch_tokens > 0:
+            self._precompute_batched(list(todo.values()), progress)
+            return handles
+        items = todo.values()
+        if progress and todo:
+            from tqdm.auto import tqdm
+
+            items = tqdm(items, total=len(todo), desc="precompute KV", unit="chunk")
+        for handle in items:
+            self.store.put(handle.key, self.compute(handle.token_ids))
+            self.metrics.add(precomputed_chunks=1)
+        return handles
+
+    def _precompute_batched(self, handles: list[ChunkHandle], progress: bool) -> None:
+        """Compute ``handles`` several per forward (``batch_compute.py``), ``batch_tokens`` rows at most each."""
+        fwd = self.forward.with_backend(self.backend)
+        p = len(self.prefix_ids)
+        groups = batches([p + h.n_tokens for h in handles], self.batch_tokens)
+        bar = None
+        if progress and handles:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(handles), desc="precompute KV", unit="chunk")
+        for group in groups:
+            with torch.inference_mode():
+                kvs = compute_batch(fwd, self.prefix_ids, [handles[i].token_ids for i in group])
+            for i, kv in zip(group, kvs):
+                self.store.put(handles[i].key, kv)
+            self.metrics.add(precomputed_chunks=len(group))
+            if bar is not None:
+                bar.update(len(group))
+        if bar is not None:
+            bar.close()
+
+    def compute(self, token_ids: Sequence[int], fwd: ModelForward | None = None) -> ChunkKV:
+        """KV of ``prefix_ids + token_ids`` computed alone, prefix rows dropped, keys before RoPE; on ``fwd``'s kernels
+        (a request's), else on those of ``backend``."""
+        fwd = fwd if fwd is not None else self.forward.with_backend(self.backend)
+        ids = self.prefix_ids + list(token_ids)
+        p = len(self.prefix_ids)
+        ids_tensor = torch.tensor(ids, dtype=torch.long, device=fwd.device)
+        plan = PrefillPlan(ids=ids_tensor, capture=(p, len(ids)), need_logits=False)
+        with torch.inference_mode():
+            return prefill(fwd, plan, KVCache.for_model(fwd, len(ids))).captured
+
+    def compute_missing(self, handle: ChunkHandle, fwd: ModelForward | None = None) -> ChunkKV:
+        """Compute and store a chunk the store lacks (on ``fwd``, see ``compute``); concurrent misses on one chunk
+        share one computation."""
+        with self._computing_lock:
+            pending = self._computing.get(handle.key)
+            if pending is None:
+                mine = self._computing[handle.key] = Future()
+        if pending is not None:
+            return pending.result()
+        try:
+            self.metrics.add(computed_on_miss=1)
+            kv = self.store.put(handle.key, self.compute(handle.token_ids, fwd))
+            mine.set_result(kv)
+            return kv
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        finally:
+            with self._computing_lock:
+                del self._computing[handle.key]
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    def get(self, handle: ChunkHandle) -> tuple[ChunkKV, bool]:
+        """The stored KV of a chunk (read in full), computing and storing it on a miss. Returns (kv, was_hit)."""
+        kv = self.store.get(handle.key, handle.n_tokens)
+        if kv is not None:
+            return kv, True
+        return self.compute_missing(handle), False
+
+
+class KVRows:
+    """Rows ``offset`` .. ``offset + n - 1`` of a block that arrives layer by layer (a LazyChunk): what the prefill
+    reads of a chunk found without its edge whitespace (``n_tokens``, ``layer`` as a ChunkKV has them)."""
+
+    def __init__(self, kv: LazyChunk, offset: int, n: int) -> None:
+        self.kv, self.offset, self.n = kv, offset, n
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv.layer(index)  # [Hkv, T, D] each
+        return k[:, self.offset : self.offset + self.n], v[:, self.offset : self.offset + self.n]
+
+
+def kv_rows(kv: ChunkKV | LazyChunk, offset: int, n: int) -> ChunkKV | LazyChunk | KVRows:
+    """Rows ``offset`` .. ``offset + n - 1`` of a block's KV ([L, Hkv, T, D]; a view, nothing copied)."""
+    if offset == 0 and n == kv.n_tokens:
+        return kv
+    if offset < 0 or offset + n > kv.n_tokens:
+        raise ValueError(f"rows {offset}..{offset + n - 1} are not in a block of {kv.n_tokens} tokens")
+    if isinstance(kv, ChunkKV):
+        return ChunkKV(kv.k[:, :, offset : offset + n], kv.v[:, :, offset : offset + n])
+    return KVRows(kv, offset, n)
