@@ -149,10 +149,12 @@ class Server:
         self.log.close()
 
 
-def stream_one(url: str, msgs: list[dict], max_tokens: int) -> dict:
+def stream_one(url: str, msgs: list[dict], max_tokens: int, blend: dict | None = None) -> dict:
     """One streamed chat completion: when it was sent, when each content piece arrived, its usage."""
     body = {"model": "model", "messages": msgs, "max_tokens": max_tokens, "stream": True}
     body["stream_options"] = {"include_usage": True}
+    if blend:
+        body["cacheblend"] = blend
     record: dict = {"sent": time.perf_counter(), "pieces": [], "usage": None, "error": None}
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
@@ -182,7 +184,7 @@ def run_load(url: str, kind: str, clients: int, args, chunks: list[str]) -> list
 
     def client(c: int) -> None:
         for i in range(c, args.requests, clients):
-            record = stream_one(url, messages(kind, i, chunks), args.max_tokens)
+            record = stream_one(url, messages(kind, i, chunks), args.max_tokens, getattr(args, "blend", None))
             with lock:
                 records.append(record)
 
@@ -288,6 +290,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--kinds", default="rag,plain", type=lambda s: s.split(","))
     parser.add_argument("--prefill-budget", type=int, default=None, help="the server's --prefill-budget")
+    parser.add_argument(
+        "--blend",
+        type=json.loads,
+        default=None,
+        help='per-request blend options, e.g. \'{"selection": "deviation"}\' (the cacheblend body field)',
+    )
     parser.add_argument("--repeats", type=int, default=2, help="in-process lone runs (the best is kept)")
     parser.add_argument(
         "--server-repo",
@@ -299,7 +307,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     report: dict = {"model": args.model, "dtype": args.dtype, "requests": args.requests, "max_tokens": args.max_tokens}
-    report["server_repo"] = str(args.server_repo)
+    report["server_repo"], report["blend"] = str(args.server_repo), args.blend
     report["load_before"] = loadavg()
     report["lone"] = lone_in_process(args)
     chunks = paragraphs()
