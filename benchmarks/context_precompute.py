@@ -31,7 +31,6 @@ from pathlib import Path
 from cacheblend_rag import BlendConfig, CacheBlendEngine
 from cacheblend_rag.eval.datasets import load_examples
 from cacheblend_rag.eval.metrics import best_over, f1_score
-from cacheblend_rag.store import ChunkKV
 
 FIXED_TEXT = (
     "About these passages\n\nThe passages below were retrieved from a document collection for the question that "
@@ -77,16 +76,12 @@ def contexts(way: str, passages: list[str], fixed_text: str) -> dict[str, list[s
     raise SystemExit(f"unknown way {way!r}: use alone, fixed, similar:K or random:K")
 
 
-def precompute(engine, passages: list[str], context: dict[str, list[str]]) -> float:
-    """Store every passage's KV computed after its context, under the key its handle has; returns seconds."""
+def precompute(engine, passages: list[str], context: dict[str, list[str]]) -> tuple[float, dict]:
+    """Store every passage's KV computed after its context (``engine.precompute(context=...)``: the context is part
+    of the key, so each way's KV has its own); returns (seconds, passage -> handle)."""
     start = time.perf_counter()
-    for text in passages:
-        handle = engine.handle(text)
-        before = [t for c in context[text] for t in engine.tokenize(c)]
-        kv = engine.compute_chunk(before + list(handle.token_ids))  # [L, Hkv, C + T, D]
-        n = handle.n_tokens
-        engine.store.put(handle.key, ChunkKV(kv.k[:, :, -n:].clone(), kv.v[:, :, -n:].clone()))
-    return time.perf_counter() - start
+    handles = engine.precompute(passages, register=False, context=[context[p] for p in passages])
+    return time.perf_counter() - start, dict(zip(passages, handles))
 
 
 def answer(engine, segments, config: BlendConfig) -> dict:
@@ -172,14 +167,12 @@ def main() -> None:
         rows[i]["answered"] = rows[i]["full_recompute"]["f1"] >= ANSWERED
     labels, precompute_s = [], {}
     for way in ways:
-        for text in corpus:  # the previous way's KV
-            engine.store.delete(engine.handle(text).key)
-        precompute_s[way] = precompute(engine, corpus, contexts(way, corpus, args.fixed_text))
+        precompute_s[way], handles = precompute(engine, corpus, contexts(way, corpus, args.fixed_text))
         for name, config in configs(args.ratio).items():
             label = f"{way}/{name}"
             labels.append(label)
             for i, e in enumerate(examples):
-                segments = engine.chat_segments(e.user_segments([engine.handle(p) for p in e.passages]))
+                segments = engine.chat_segments(e.user_segments([handles[p] for p in e.passages]))
                 run = rows[i][label] = answer(engine, segments, config)
                 run["f1"] = best_over(f1_score, run["answer"], e.answers)
             print(f"{label}: done ({time.strftime('%H:%M:%S')})", flush=True)

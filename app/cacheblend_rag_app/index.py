@@ -4,7 +4,9 @@ The pipeline is LlamaIndex's own, with the pieces of this integration. Documents
 (``sections.py``); ``plan_ingest`` then says how many chunks and how much KV the ingest will compute and
 write, and ``build(max_kv_bytes=...)`` refuses before computing anything when that is over the cap.
 ``CacheBlendPrecompute`` computes every node's KV cache at ingestion (into the engine's store, by default
-memory then disk), and the query engine answers with ``CacheBlendLLM`` after ``CacheBlendNodePostprocessor``
+memory then disk), each after the texts of its ``context`` nearest nodes (MiniLM cosine, default 2: chunks computed
+among other passages of their corpus keep far more of full recompute's quality under reuse than chunks computed
+alone), and the query engine answers with ``CacheBlendLLM`` after ``CacheBlendNodePostprocessor``
 has registered the retrieved nodes, so each prompt reuses their KV. The index (docstore + faiss) persists to
 a folder; the KV lives in the engine's store, keyed by content, so a later process finds it again.
 
@@ -36,6 +38,7 @@ MANIFEST = "cacheblend_index.json"
 FORMAT = 1
 EMBEDDING = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_TOP_K = 8
+DEFAULT_CONTEXT = 2  # nearest nodes each node's KV is computed after (docs/BENCHMARKS.md 1.9)
 INSTALL = "pip install -e integrations/llama-index-cacheblend -e app (from the repository root)"
 
 
@@ -81,11 +84,13 @@ def kv_bytes_per_token(engine) -> int:
     return fwd.n_layers * fwd.n_kv_heads * per_head
 
 
-def plan_ingest(engine, nodes) -> IngestPlan:
-    """How many of ``nodes`` need their KV computed, and about how many bytes of KV that writes."""
-    from llama_index.postprocessor.cacheblend.handles import node_handles
+def plan_ingest(engine, nodes, context: int = 0) -> IngestPlan:
+    """How many of ``nodes`` need their KV computed (each after its ``context`` nearest neighbours: the nodes need
+    their embeddings then), and about how many bytes of KV that writes."""
+    from llama_index.postprocessor.cacheblend import CacheBlendPrecompute
 
-    handles = {handle.key: handle for _, handle in node_handles(engine, nodes)}
+    pairs = CacheBlendPrecompute(engine=engine, context=context).handles(nodes)
+    handles = {handle.key: handle for _, handle in pairs}
     new = [h for key, h in handles.items() if not engine.store.contains(key)]
     tokens = sum(h.n_tokens for h in new)
     return IngestPlan(len(nodes), len(new), tokens, tokens * kv_bytes_per_token(engine))
@@ -147,8 +152,10 @@ class RagIndex:
         embed_model=None,
         max_kv_bytes: int | None = None,
         on_plan: Callable[[IngestPlan], None] | None = None,
+        context: int = DEFAULT_CONTEXT,
     ) -> RagIndex:
-        """Split, embed and index ``documents``; compute and store every node's KV (progress bars if asked).
+        """Split, embed and index ``documents``; compute and store every node's KV (progress bars if asked), each
+        after the texts of its ``context`` nearest nodes (MiniLM cosine; 0: alone).
 
         After splitting, ``on_plan`` gets the IngestPlan (chunks, KV bytes to write); with ``max_kv_bytes``, a
         plan over it raises KVBudgetError before anything is computed."""
@@ -156,6 +163,8 @@ class RagIndex:
             raise ValueError("documents is empty: read some with read_documents(path) first")
         if chunk_overlap >= chunk_size:
             raise ValueError(f"chunk_overlap must be smaller than chunk_size, got {chunk_overlap} >= {chunk_size}")
+        if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+            raise ValueError(f"context must be an int >= 0 (nearest nodes each is computed after), got {context!r}")
         require_llama_index()
         from llama_index.core import Document, StorageContext, VectorStoreIndex
         from llama_index.postprocessor.cacheblend import CacheBlendPrecompute, faiss_vector_store
@@ -174,7 +183,10 @@ class RagIndex:
         ]
         # the steps of VectorStoreIndex.from_documents, run one by one so each shows its own progress bar
         nodes = split_nodes(engine, docs, chunk_size=chunk_size, chunk_overlap=chunk_overlap, progress=progress)
-        plan = plan_ingest(engine, nodes)
+        embed_model = embed_model or minilm()
+        if context:  # the neighbours come from the embeddings; VectorStoreIndex keeps them (it embeds no node twice)
+            nodes = embed_model(nodes, show_progress=progress)
+        plan = plan_ingest(engine, nodes, context)
         if on_plan is not None:
             on_plan(plan)
         if max_kv_bytes is not None and plan.kv_bytes > max_kv_bytes:
@@ -183,19 +195,18 @@ class RagIndex:
                 f"{plan.new_tokens:,} tokens), over the cap of {human_bytes(max_kv_bytes)}; nothing was computed. "
                 "Raise the cap (cacheblend ingest --max-kv-bytes), ingest fewer files, or use a larger --chunk-size"
             )
-        nodes = CacheBlendPrecompute(engine=engine)(nodes, show_progress=progress)
+        nodes = CacheBlendPrecompute(engine=engine, context=context)(nodes, show_progress=progress)
         storage = StorageContext.from_defaults(vector_store=faiss_vector_store())
         for doc in docs:
             storage.docstore.set_document_hash(doc.id_, doc.hash)
-        index = VectorStoreIndex(
-            nodes, storage_context=storage, embed_model=embed_model or minilm(), show_progress=progress
-        )
+        index = VectorStoreIndex(nodes, storage_context=storage, embed_model=embed_model, show_progress=progress)
         manifest = {
             "format": FORMAT,
             "embedding": EMBEDDING,
             "model": engine.name,
             "chunk_size": chunk_size,
             "chunk_overlap": chunk_overlap,
+            "context": context,
             "nodes": len(index.docstore.docs),
             "documents": sorted(d.name for d in documents),
         }

@@ -65,6 +65,13 @@ def ingest(
         help="Refuse (before computing anything) an ingest that would write more KV than this, e.g. 500MB, 2TB; "
         "'none' for no cap.",
     ),
+    context: int = typer.Option(
+        2,
+        "--context",
+        min=0,
+        help="Compute each chunk's KV after its K nearest chunks of the index (MiniLM), as a retrieved prompt holds "
+        "it among other passages; 0: each chunk alone.",
+    ),
 ) -> None:
     """Index documents and precompute each chunk's KV cache (replaces the index in --index-dir).
 
@@ -108,6 +115,7 @@ def ingest(
             progress=True,
             max_kv_bytes=cap,
             on_plan=show_plan,
+            context=context,
         )
     except rag.KVBudgetError as exc:
         raise fail(str(exc)) from None

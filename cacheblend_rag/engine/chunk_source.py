@@ -1,9 +1,10 @@
 """Where chunk KV comes from: the store, and the model on a miss (or for precompute).
 
-A chunk is computed alone, after the chunk prefix (``prefix_ids``: how the prompts it will be reused in begin),
-at positions 0..len-1; the prefix rows are dropped and the keys kept before RoPE, so the chunk can be placed
-anywhere. It is stored under its handle's key (``chunk_keys.py``). Concurrent misses on one chunk share one
-computation. What one request reads goes through ``chunk_reads.RequestChunks``.
+A chunk is computed after the chunk prefix (``prefix_ids``: how the prompts it will be reused in begin) and its
+context (``handle.context_ids``, the texts it was precomputed after; usually none), at positions 0..len-1; the
+prefix and context rows are dropped and the keys kept before RoPE, so the chunk can be placed anywhere. It is
+stored under its handle's key (``chunk_keys.py``). Concurrent misses on one chunk share one computation. What one
+request reads goes through ``chunk_reads.RequestChunks``.
 """
 
 from __future__ import annotations
@@ -61,36 +62,49 @@ class ChunkSource:
         return self.keys.fingerprint
 
     # ---- computing ----------------------------------------------------------------------------------------
-    def precompute(self, texts: Iterable[str], progress: bool = False, scope: str | None = None) -> list[ChunkHandle]:
-        """Compute and store the KV of every chunk not already stored in ``scope``; return one handle per text."""
+    def precompute(
+        self,
+        texts: Iterable[str],
+        progress: bool = False,
+        scope: str | None = None,
+        context: Sequence[Sequence[str]] | int | None = None,
+    ) -> list[ChunkHandle]:
+        """Compute and store the KV of every chunk not already stored in ``scope``; return one handle per text.
+
+        context: None (each chunk alone after the chunk prefix), one list of texts per text (its KV is computed
+        after them), or an int k (each text after the k texts before it in ``texts``, cyclic)."""
         if isinstance(texts, str):
             raise TypeError("precompute takes a list of texts; wrap a single text: precompute([text])")
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is a {type(text).__name__}; precompute takes strings")
-        handles = [self.keys.handle(t, scope) for t in texts]
+        contexts = context_texts(texts, context)
+        handles = [self.keys.handle(t, scope, self.keys.context_ids(c)) for t, c in zip(texts, contexts)]
         limit = self.context_window - len(self.prefix_ids)
         for i, handle in enumerate(handles):
             if not handle.token_ids:
                 raise ValueError(f"texts[{i}] has no tokens (empty text); drop it before precompute")
-            if handle.n_tokens > limit:
+            if handle.n_tokens + len(handle.context_ids) > limit:
+                after = f" after {len(handle.context_ids)} of context" if handle.context_ids else ""
                 raise ValueError(
-                    f"texts[{i}] has {handle.n_tokens} tokens, more than a chunk can have in the model's "
+                    f"texts[{i}] has {handle.n_tokens} tokens{after}, more than a chunk can have in the model's "
                     f"context window ({limit} of {self.context_window}); split it into smaller chunks"
+                    + (" or give it a shorter context" if after else "")
                 )
         todo = {h.key: h for h in handles if not self.store.contains(h.key)}
         self.metrics.add(precompute_cache_hits=len(handles) - len(todo))
-        if self.batch_tokens > 0:
-            self._precompute_batched(list(todo.values()), progress)
+        alone = [h for h in todo.values() if not h.context_ids]
+        if self.batch_tokens > 0 and len(alone) == len(todo):
+            self._precompute_batched(alone, progress)
             return handles
         items = todo.values()
         if progress and todo:
             from tqdm.auto import tqdm
 
             items = tqdm(items, total=len(todo), desc="precompute KV", unit="chunk")
-        for handle in items:
-            self.store.put(handle.key, self.compute(handle.token_ids))
+        for handle in items:  # chunks with a context are computed one by one
+            self.store.put(handle.key, self.compute(handle.token_ids, context_ids=handle.context_ids))
             self.metrics.add(precomputed_chunks=1)
         return handles
 
@@ -115,12 +129,14 @@ class ChunkSource:
         if bar is not None:
             bar.close()
 
-    def compute(self, token_ids: Sequence[int], fwd: ModelForward | None = None) -> ChunkKV:
-        """KV of ``prefix_ids + token_ids`` computed alone, prefix rows dropped, keys before RoPE; on ``fwd``'s kernels
-        (a request's), else on those of ``backend``."""
+    def compute(
+        self, token_ids: Sequence[int], fwd: ModelForward | None = None, context_ids: Sequence[int] = ()
+    ) -> ChunkKV:
+        """KV of ``prefix_ids + context_ids + token_ids``, prefix and context rows dropped, keys before RoPE; on
+        ``fwd``'s kernels (a request's), else on those of ``backend``."""
         fwd = fwd if fwd is not None else self.forward.with_backend(self.backend)
-        ids = self.prefix_ids + list(token_ids)
-        p = len(self.prefix_ids)
+        ids = self.prefix_ids + list(context_ids) + list(token_ids)
+        p = len(self.prefix_ids) + len(context_ids)
         ids_tensor = torch.tensor(ids, dtype=torch.long, device=fwd.device)
         plan = PrefillPlan(ids=ids_tensor, capture=(p, len(ids)), need_logits=False)
         with torch.inference_mode():
@@ -137,7 +153,7 @@ class ChunkSource:
             return pending.result()
         try:
             self.metrics.add(computed_on_miss=1)
-            kv = self.store.put(handle.key, self.compute(handle.token_ids, fwd))
+            kv = self.store.put(handle.key, self.compute(handle.token_ids, fwd, handle.context_ids))
             mine.set_result(kv)
             return kv
         except BaseException as exc:
@@ -181,3 +197,32 @@ def kv_rows(kv: ChunkKV | LazyChunk, offset: int, n: int) -> ChunkKV | LazyChunk
     if isinstance(kv, ChunkKV):
         return ChunkKV(kv.k[:, :, offset : offset + n], kv.v[:, :, offset : offset + n])
     return KVRows(kv, offset, n)
+
+
+def context_texts(texts: list[str], context: Sequence[Sequence[str]] | int | None) -> list[list[str]]:
+    """The context texts of each of ``texts`` (see ``ChunkSource.precompute``), checked."""
+    if context is None:
+        return [[] for _ in texts]
+    if isinstance(context, int):
+        if isinstance(context, bool) or context < 0:
+            raise ValueError(f"context=k takes a number of previous texts k >= 0, got {context!r}")
+        k = min(context, len(texts) - 1)
+        return [[texts[(i - j) % len(texts)] for j in range(k, 0, -1)] for i in range(len(texts))]
+    if isinstance(context, str) or not isinstance(context, Sequence):
+        raise ValueError(
+            f"context must be None, an int k or one list of context texts per text, got {type(context).__name__}"
+        )
+    if len(context) != len(texts):
+        raise ValueError(
+            f"context has {len(context)} lists for {len(texts)} texts; give one list of context texts per text "
+            "([] for a text computed alone)"
+        )
+    out = []
+    for i, items in enumerate(context):
+        if isinstance(items, str) or not isinstance(items, Sequence):
+            raise ValueError(f"context[{i}] is a {type(items).__name__}; give a list of texts (e.g. [neighbour])")
+        for j, item in enumerate(items):
+            if not isinstance(item, str):
+                raise ValueError(f"context[{i}][{j}] is a {type(item).__name__}; context texts are strings")
+        out.append(list(items))
+    return out

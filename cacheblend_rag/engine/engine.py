@@ -150,16 +150,28 @@ class CacheBlendEngine:
         """Token ids of ``text`` alone, without special tokens added."""
         return self.prompt_format.tokenize(text)
 
-    def handle(self, text: str, *, scope: str | None = None) -> ChunkHandle:
-        """The handle a chunk text would have in registry scope ``scope`` (computes nothing)."""
-        return self.chunk_source.keys.handle(text, scope)
+    def handle(self, text: str, *, scope: str | None = None, context_ids: Sequence[int] = ()) -> ChunkHandle:
+        """The handle a chunk text would have in registry scope ``scope``, computed after ``context_ids`` (computes
+        nothing)."""
+        return self.chunk_source.keys.handle(text, scope, context_ids)
 
     def precompute(
-        self, texts: Iterable[str], progress: bool = False, register: bool = True, *, scope: str | None = None
+        self,
+        texts: Iterable[str],
+        progress: bool = False,
+        register: bool = True,
+        *,
+        scope: str | None = None,
+        context: Sequence[Sequence[str]] | int | None = None,
     ) -> list[ChunkHandle]:
         """Compute and store the KV of every chunk not already stored in registry scope ``scope``; return one handle
-        per text (registered in ``scope`` for ``generate(prompt=...)`` unless ``register=False``)."""
-        handles = self.chunk_source.precompute(texts, progress, check_scope(scope))
+        per text (registered in ``scope`` for ``generate(prompt=...)`` unless ``register=False``).
+
+        context: None (each chunk computed alone after the chunk prefix), one list of texts per text (its KV is
+        computed after them, e.g. its neighbours in an index: chunks computed among other passages of their corpus
+        keep far more of full recompute's quality under reuse), or an int k (each text after the k texts before
+        it in ``texts``, cyclic). The context is part of the handle's key."""
+        handles = self.chunk_source.precompute(texts, progress, check_scope(scope), context)
         if register:
             registry = self.registry_for(scope)
             for handle in handles:

@@ -8,16 +8,20 @@ their next request.
 Layout: one Redis stream per model at ``<prefix>registry:<model fingerprint>`` beside the KV entries (the
 prefix of the engine's Redis tier), one entry per registered text (field ``t``). ``register`` adds the text
 locally and appends it to the stream; ``split`` first reads the entries appended since the engine last
-looked (one round trip, usually empty) into the local registry. Only texts travel: each engine builds the
-handle from the text with its own tokenizer, so an entry can never make it reuse a wrong KV; at worst the key
-is missing from the store and the chunk is computed. A registry of one *scope* (``scope="..."``) uses its own
-stream, ``<prefix>registry:<model fingerprint>:<scope>``, and sees no other scope's texts.
+looked (one round trip, usually empty) into the local registry. Only texts (and, for a chunk precomputed after
+a context, the context's token ids, field ``c``: unsigned 32-bit little-endian) travel: each engine builds the
+handle from them with its own tokenizer, so an entry can never make it reuse a wrong KV (the context is part of
+the key); at worst the key is missing from the store and the chunk is computed, after its context. A registry of
+one *scope* (``scope="..."``) uses its own stream, ``<prefix>registry:<model fingerprint>:<scope>``, and sees no
+other scope's texts.
 
 Untrusted input: whoever can write the Redis database can append anything to the stream, so every entry is
 checked before it is used, and a bad one is skipped and counted (``stats()["rejected"]``), never failing a
-start or a request: an entry without a ``t`` field, a text that is not UTF-8, empty, longer than
+start or a request: an entry without a ``t`` field, a context field that is over the byte bound, not whole
+32-bit ids or holds an id outside the vocabulary, a text that is not UTF-8, empty, longer than
 ``max_text_bytes`` (by default ``BYTES_PER_TOKEN`` bytes per token of the context window: such a text could
-never fit in a prompt), longer than the context window once tokenized, or too short to register. Sizes are
+never fit in a prompt), longer than the context window once tokenized (with its context), or too short to
+register. Sizes are
 checked inside Redis (a Lua script reads the stream): a text over the byte bound is never sent, decoded or
 tokenized, and one read sends at most about ``read_bytes`` of texts.
 
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -60,9 +65,10 @@ BYTES_PER_TOKEN = 16  # the byte bound on a text read from the stream, per token
 MAX_TEXT_BYTES = 1 << 20  # the byte bound when no context window is given
 SCOPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
-# Read up to ARGV[2] entries after ARGV[1] (inclusive), sending each entry's text (its first field "t") only if
-# it is at most ARGV[3] bytes (else its length, an integer; no such field: nil), and stopping once ARGV[4] bytes
-# of text are collected. Reply: {stream length, last entry id or "", more (1: read again), id, text, id, ...}.
+# Read up to ARGV[2] entries after ARGV[1] (inclusive), sending each entry's text (its first field "t") and context
+# (its first field "c") only if each is at most ARGV[3] bytes (else its length, an integer; no such field: nil),
+# and stopping once ARGV[4] bytes are collected. Reply: {stream length, last entry id or "", more (1: read again),
+# id, text, context, id, text, context, ...}.
 _READ = """
 local length = redis.call('XLEN', KEYS[1])
 if length == 0 then return {0, '', 0} end
@@ -72,17 +78,18 @@ local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', count)
 local out, used, more = {length, last, 0}, 0, 0
 if #entries == count then more = 1 end
 for i, entry in ipairs(entries) do
-  local text, fields = false, entry[2]
+  local text, context, fields = false, false, entry[2]
   for j = 1, #fields - 1, 2 do
-    if fields[j] == 't' then
-      text = fields[j + 1]
-      break
-    end
+    if fields[j] == 't' and not text then text = fields[j + 1] end
+    if fields[j] == 'c' and not context then context = fields[j + 1] end
   end
   if text and #text > limit then text = #text end
+  if context and #context > limit then context = #context end
   if type(text) == 'string' then used = used + #text end
+  if type(context) == 'string' then used = used + #context end
   out[#out + 1] = entry[1]
   out[#out + 1] = text
+  out[#out + 1] = context
   if used >= budget and i < #entries then
     more = 1
     break
@@ -99,7 +106,9 @@ class SharedChunkRegistry(ChunkRegistry):
     read or appended per round trip; min_tokens, whitespace: as ChunkRegistry's; context_window: the engine's (texts of
     more tokens are neither registered from the stream nor appended to it); max_text_bytes: the longest text
     read (default ``BYTES_PER_TOKEN`` x context_window); read_bytes: about the most text one read sends;
-    scope: None for the model's stream, else a name (letters, digits, ``_.-``) whose stream no other scope sees.
+    scope: None for the model's stream, else a name (letters, digits, ``_.-``) whose stream no other scope sees;
+    vocab_size: the model's (context token ids at or above it are refused). make_handle also takes
+    ``context_ids=`` for entries of chunks computed after a context.
     """
 
     def __init__(
@@ -117,6 +126,7 @@ class SharedChunkRegistry(ChunkRegistry):
         max_text_bytes: int | None = None,
         read_bytes: int = 8 << 20,
         scope: str | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         from redis.exceptions import ClusterError, ConnectionError, RedisClusterException, TimeoutError
 
@@ -129,6 +139,7 @@ class SharedChunkRegistry(ChunkRegistry):
         self.batch = batch
         self.touch_every = touch_every
         self.context_window = context_window
+        self.vocab_size = vocab_size
         if max_text_bytes is None:
             max_text_bytes = BYTES_PER_TOKEN * context_window if context_window else MAX_TEXT_BYTES
         self.max_text_bytes = max_text_bytes
@@ -157,7 +168,9 @@ class SharedChunkRegistry(ChunkRegistry):
     # ---- the registry's interface -----------------------------------------------------------------
     def register(self, handle: ChunkHandle) -> bool:
         """Register ``handle`` here and append its text to the shared stream (if it is new here)."""
-        new = handle.text not in self
+        with self._lock:
+            old = self._by_text.get(handle.text)
+        new = old is None or old.context_ids != handle.context_ids  # a text registered again with another context
         registered = super().register(handle)
         if registered and new and self._shareable(handle):
             with self._sync_lock:
@@ -219,7 +232,12 @@ class SharedChunkRegistry(ChunkRegistry):
         pipe = self.tier.client.pipeline(transaction=False)
         pipe.exists(self.key)
         for text in texts:
-            pipe.xadd(self.key, {"t": text.encode()}, maxlen=self.max_entries, approximate=True)
+            with self._lock:
+                handle = self._by_text.get(text)
+            fields = {"t": text.encode()}
+            if handle is not None and handle.context_ids:
+                fields["c"] = encode_context(handle.context_ids)
+            pipe.xadd(self.key, fields, maxlen=self.max_entries, approximate=True)
         if self.tier.ttl:
             pipe.expire(self.key, self.tier.ttl)
         return pipe.execute()
@@ -237,7 +255,7 @@ class SharedChunkRegistry(ChunkRegistry):
                 break
             try:
                 length, last, more = int(reply[0]), _entry_id(reply[1]) if reply[1] else None, bool(reply[2])
-                items = [(_entry_id(reply[i]), reply[i + 1]) for i in range(3, len(reply) - 1, 2)]
+                items = [(_entry_id(reply[i]), reply[i + 1], reply[i + 2]) for i in range(3, len(reply) - 2, 3)]
             except (TypeError, ValueError, IndexError) as exc:  # not the script's reply: stop reading
                 self._reject(f"an unreadable reply ({exc})")
                 break
@@ -246,10 +264,10 @@ class SharedChunkRegistry(ChunkRegistry):
                 if length == 0:
                     break
                 continue
-            for entry_id, raw in items:
+            for entry_id, raw, context in items:
                 self._cursor = max(self._cursor, entry_id)
                 self._seq += 1
-                received += self._accept(entry_id, raw)
+                received += self._accept(entry_id, raw, context)
             budget -= len(items)
             if not more or not items:
                 break
@@ -259,8 +277,9 @@ class SharedChunkRegistry(ChunkRegistry):
         self._touch()
         return received
 
-    def _accept(self, entry_id: tuple[int, int], raw) -> int:
-        """Register one entry's text (1), or skip a known text (0) or a bad entry (0, counted and logged)."""
+    def _accept(self, entry_id: tuple[int, int], raw, raw_context=None) -> int:
+        """Register one entry's text (computed after its context, if any) (1), or skip a known text (0) or a bad
+        entry (0, counted and logged)."""
         where = f"entry {entry_id[0]}-{entry_id[1]}"
         if raw is None:
             return self._reject(f"{where} has no text field 't'")
@@ -275,15 +294,22 @@ class SharedChunkRegistry(ChunkRegistry):
             return self._reject(f"{where} is not UTF-8 ({exc})")
         if not text:
             return self._reject(f"{where} holds an empty text")
+        try:
+            context_ids = decode_context(raw_context, self.max_text_bytes, self.vocab_size)
+        except ValueError as exc:
+            return self._reject(f"{where} has a bad context field 'c' ({exc})")
         self._seen[text] = self._seq
-        if self.lookup(text) is not None:  # known here: a use, so the text is evicted later
+        known = self.lookup(text)
+        if known is not None and known.context_ids == context_ids:  # known here: a use, so it is evicted later
             return 0
         try:
-            handle = self._make_handle(text)
+            handle = self._make_handle(text, context_ids=context_ids) if context_ids else self._make_handle(text)
         except Exception as exc:
             return self._reject(f"{where} cannot be tokenized ({type(exc).__name__}: {exc})")
-        if self.context_window is not None and handle.n_tokens > self.context_window:
-            return self._reject(f"{where} is {handle.n_tokens} tokens, over the context window")
+        if self.context_window is not None and handle.n_tokens + len(context_ids) > self.context_window:
+            return self._reject(
+                f"{where} is {handle.n_tokens} tokens after {len(context_ids)} of context, over the context window"
+            )
         if not super().register(handle):
             return self._reject(f"{where} is {handle.n_tokens} tokens, under min_tokens={self.min_tokens}")
         return 1
@@ -361,6 +387,25 @@ class SharedChunkRegistry(ChunkRegistry):
         return out
 
 
+def encode_context(context_ids) -> bytes:
+    """A context's token ids as a stream field: unsigned 32-bit little-endian integers."""
+    return struct.pack(f"<{len(context_ids)}I", *context_ids)
+
+
+def decode_context(raw, max_bytes: int, vocab_size: int | None) -> tuple[int, ...]:
+    """The token ids of a stream entry's context field (None: no context); ValueError when it is not one."""
+    if raw is None:
+        return ()
+    if isinstance(raw, int) or (isinstance(raw, bytes) and len(raw) > max_bytes):
+        raise ValueError(f"{raw if isinstance(raw, int) else len(raw)} bytes, over the bound of {max_bytes}")
+    if not isinstance(raw, bytes) or not raw or len(raw) % 4:
+        raise ValueError("not a non-empty run of 32-bit token ids")
+    ids = struct.unpack(f"<{len(raw) // 4}I", raw)
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise ValueError(f"token id {max(ids)} is not in the vocabulary of {vocab_size}")
+    return ids
+
+
 def _entry_id(raw) -> tuple[int, int]:
     """A stream entry id (``b"1700000000000-3"``) as (milliseconds, sequence)."""
     text = raw.decode("ascii") if isinstance(raw, bytes) else str(raw)
@@ -406,6 +451,7 @@ def shared_registry_for(engine, tier=None, scope: str | None = None) -> SharedCh
         whitespace=options["whitespace"],
         context_window=engine.context_window,
         scope=scope_salt(scope),
+        vocab_size=getattr(getattr(engine.model, "config", None), "vocab_size", None),
     )
     shared.sync()
     return shared

@@ -51,13 +51,15 @@ class ChunkHandle:
     """A reference to one precomputed chunk: pass it to ``engine.generate`` in place of the chunk's text.
 
     ``key`` addresses the KV in the store; ``token_ids`` let the engine recompute the KV if the store lost
-    it; ``model_fingerprint`` ties the handle to the model that made it.
+    it; ``model_fingerprint`` ties the handle to the model that made it. ``context_ids``: the tokens the chunk's
+    KV was computed after (between the chunk prefix and the chunk; empty: alone), part of the key.
     """
 
     key: str
     text: str = field(repr=False)
     token_ids: tuple[int, ...] = field(repr=False)
     model_fingerprint: str = field(repr=False)
+    context_ids: tuple[int, ...] = field(default=(), repr=False)
 
     @property
     def n_tokens(self) -> int:
@@ -65,8 +67,12 @@ class ChunkHandle:
 
     def __repr__(self) -> str:
         preview = self.text[:40] + ("..." if len(self.text) > 40 else "")
-        return f"ChunkHandle(key={self.key[:12]}..., n_tokens={self.n_tokens}, text={preview!r})"
+        context = f", context={len(self.context_ids)} tokens" if self.context_ids else ""
+        return f"ChunkHandle(key={self.key[:12]}..., n_tokens={self.n_tokens}{context}, text={preview!r})"
 
     def to_dict(self) -> dict:
         """JSON-safe form, e.g. for framework metadata."""
-        return {"key": self.key, "n_tokens": self.n_tokens, "model_fingerprint": self.model_fingerprint}
+        out = {"key": self.key, "n_tokens": self.n_tokens, "model_fingerprint": self.model_fingerprint}
+        if self.context_ids:
+            out["context_ids"] = list(self.context_ids)
+        return out

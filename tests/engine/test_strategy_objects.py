@@ -145,10 +145,10 @@ def test_a_late_read_failure_plans_again_without_a_prefill_inside_the_prefill(ma
         plans.append(1)
         return plan(self, *args)
 
-    def computing(token_ids, fwd=None):
+    def computing(token_ids, fwd=None, context_ids=()):
         frames = [f for f in inspect.stack() if f.function == "prefill" and f.filename.endswith("prefill.py")]
         computed.append(len(frames))
-        return compute(token_ids, fwd)
+        return compute(token_ids, fwd, context_ids)
 
     monkeypatch.setattr(CacheBlend, "plan", counting_plan)
     monkeypatch.setattr(engine.chunk_source, "compute", computing)

@@ -93,9 +93,14 @@ def test_ask_answers_from_the_index_and_reuses_kv(ingested, tmp_path):
 
 def test_ingest_again_finds_the_stored_kv(ingested):
     options, _, root = ingested
-    out = run("ingest", root / "docs" / "lighthouse.md", *options, "--index-dir", root / "one")
-    assert "indexed 1 documents as 1 chunks" in out and "0 chunks computed, 1 already stored" in out
+    out = run("ingest", root / "docs", *options, "--index-dir", root / "again")
+    assert "indexed 3 documents as 3 chunks" in out and "0 chunks computed, 3 already stored" in out
     assert "--index-dir" in out
+    # one document alone: its chunk has no other chunk to be computed after, so its KV is another (computed now)
+    out = run("ingest", root / "docs" / "lighthouse.md", *options, "--index-dir", root / "one")
+    assert "indexed 1 documents as 1 chunks" in out and "1 chunks computed, 0 already stored" in out
+    out = run("ingest", root / "docs", *options, "--context", "0", "--index-dir", root / "alone")
+    assert "2 chunks computed, 1 already stored" in out  # computed alone: lighthouse.md's, stored just above
 
 
 @pytest.mark.parametrize(

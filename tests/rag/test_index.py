@@ -97,3 +97,35 @@ def test_ask_rejects_bad_arguments(index, kwargs, message):
     kwargs = {"question": QUESTION, **kwargs}
     with pytest.raises(ValueError, match=message):
         index.ask(kwargs.pop("question"), **kwargs)
+
+
+def test_chunks_are_computed_after_their_nearest_chunks_and_reused_by_another_process(make_engine, docs_dir, tmp_path):
+    """The ingest computes each node after its 2 nearest nodes (the default context); an engine that never saw the
+    ingest (a later `cacheblend ask`) finds that KV through the handle recorded in the node, computing nothing."""
+    from llama_index.core.schema import MetadataMode
+
+    writer = make_engine("llama", seed=1, disk=True)
+    index = RagIndex.build(writer, read_documents(docs_dir), chunk_size=128, chunk_overlap=0)
+    assert index.manifest["context"] == 2
+    nodes = list(index.index.docstore.docs.values())
+    texts = {n.node_id: n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes}
+    for node in nodes:
+        recorded = node.metadata["cacheblend_kv"]
+        others = [t for i, t in texts.items() if i != node.node_id]
+        context = recorded["context_ids"]
+        assert sorted(context) == sorted(t for text in others for t in writer.tokenize(text))  # 3 nodes: the 2 others
+        assert recorded["key"] == writer.handle(texts[node.node_id], context_ids=context).key
+    folder = index.persist(tmp_path / "index")
+
+    reader = make_engine("llama", seed=1, disk=True)  # the same disk store, an empty registry
+    answer = RagIndex.load(reader, folder).ask(QUESTION, top_k=2, max_new_tokens=4)
+    assert answer.cache_hits == 2 and answer.cache_misses == 0 and answer.reused_tokens > 0
+    metrics = reader.metrics()
+    assert metrics["computed_on_miss"] == 0 and metrics["precomputed_chunks"] == 0
+
+
+def test_context_zero_computes_each_chunk_alone(engine, docs_dir):
+    index = RagIndex.build(engine, read_documents(docs_dir), chunk_size=128, chunk_overlap=0, context=0)
+    assert all("context_ids" not in n.metadata["cacheblend_kv"] for n in index.index.docstore.docs.values())
+    with pytest.raises(ValueError, match="context must be an int >= 0"):
+        RagIndex.build(engine, read_documents(docs_dir), context=-1)

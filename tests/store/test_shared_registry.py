@@ -11,6 +11,7 @@ import pytest
 from cacheblend_rag.engine.shared_registry import (
     BYTES_PER_TOKEN,
     SharedChunkRegistry,
+    encode_context,
     share_registry,
 )
 from cacheblend_rag.store.keys import scope_salt
@@ -148,7 +149,22 @@ def _over_the_context_window(engine):  # few enough bytes, too many tokens for a
     return {"t": (" 7" * (engine.context_window + 10)).encode()}
 
 
+def _context_not_whole_ids(engine):
+    return {"t": PASSAGES[0].encode() + b" ", "c": b"\x01\x02\x03"}
+
+
+def _context_outside_the_vocabulary(engine):
+    return {"t": PASSAGES[0].encode() + b" ", "c": encode_context([engine.model.config.vocab_size])}
+
+
+def _context_over_the_context_window(engine):
+    return {"t": PASSAGES[0].encode() + b" ", "c": encode_context([7] * engine.context_window)}
+
+
 BAD_ENTRIES = {
+    "context not whole token ids": _context_not_whole_ids,
+    "context outside the vocabulary": _context_outside_the_vocabulary,
+    "context over the context window": _context_over_the_context_window,
     "not UTF-8": _not_utf8,
     "no text field": _no_text_field,
     "empty text": _empty_text,
@@ -376,3 +392,23 @@ def test_a_shared_registry_finds_chunks_without_their_edge_whitespace(make_engin
     assert [b.handle.text for b in found] == texts
     scoped = [b for b in other.blocks(prompt=prompt, scope="s") if b.handle is not None]
     assert [b.handle.text for b in scoped] == texts[:1]
+
+
+def test_a_context_chunk_round_trips_between_engines(make_engine, redis_url):
+    """A chunk precomputed after a context by one engine is found by another with the same context (so the same
+    key: its KV comes from Redis, nothing is computed) from a prompt that holds only the chunk's text."""
+    store = ["memory://?max_bytes=1GB", redis_url]
+    a, b = make_engine(seed=7, store=store), make_engine(seed=7, store=store)
+    share_registry(a)
+    share_registry(b)
+    a.precompute([PASSAGES[0]])  # registered alone first, then again with a context: the context one wins
+    handles = a.precompute(PASSAGES, context=2)
+    prompt = a.format_chat([{"role": "user", "content": "Read.\n" + PASSAGES[1] + QUESTION}])
+    result = b.generate(prompt=prompt, max_new_tokens=2, config=config("full_reuse"))
+    assert result.stats.cache_hits == 1 and result.stats.cache_misses == 0
+    assert b.registry.lookup(PASSAGES[1]) == handles[1] and handles[1].context_ids
+    assert b.registry.lookup(PASSAGES[0]) == handles[0]
+    assert b.metrics()["computed_on_miss"] == 0 and b.metrics()["store"]["redis"]["hits"] == 1
+    late = make_engine(seed=7, store=store)
+    share_registry(late)
+    assert late.registry.lookup(PASSAGES[2]) == handles[2] and late.registry.stats()["rejected"] == 0

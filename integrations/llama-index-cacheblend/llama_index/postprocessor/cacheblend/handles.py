@@ -1,10 +1,13 @@
 """Chunk handles in node metadata: the text a node's KV is computed for, and where its handle is recorded.
 
 The KV of a node is computed for exactly ``node.get_content(metadata_mode=MetadataMode.LLM)``: the string
-LlamaIndex's response synthesizers put into the prompt. ``CacheBlendLLM`` finds that string again inside
+LlamaIndex's response synthesizers put into the prompt, after the context it was ingested with (its neighbours'
+texts, ``CacheBlendPrecompute(context=k)``; none by default). ``CacheBlendLLM`` finds that string again inside
 the prompt (the engine's chunk registry) and reuses its KV. The handle goes into the node's metadata under
 ``HANDLE_METADATA_KEY``, a key excluded from the LLM and embedding views, so recording it changes neither
-the prompt nor the embedding.
+the prompt nor the embedding. The recorded handle carries the context's token ids, so a later process (a query
+after the index was persisted) finds the same KV: ``node_handle`` rebuilds the handle from the node's text and
+the recorded context, and uses it only if it gives the recorded key.
 """
 
 from __future__ import annotations
@@ -51,13 +54,36 @@ def node_handle_key(node: BaseNode) -> str | None:
     return value.get("key") if isinstance(value, dict) else None
 
 
+MAX_CONTEXT_IDS = 1 << 20  # a recorded context longer than this is not read (no context window is that long)
+
+
+def node_handle(engine: CacheBlendEngine, node: BaseNode, text: str) -> ChunkHandle:
+    """The handle of ``node``'s LLM text ``text``: the one recorded at ingestion (computed after its context) if
+    the node's text and recorded context still give its recorded key, else the one the engine's registry holds
+    for the text, else the text's handle computed alone."""
+    recorded = node.metadata.get(HANDLE_METADATA_KEY)
+    if isinstance(recorded, dict):
+        context = recorded.get("context_ids")
+        if (
+            isinstance(context, list)
+            and 0 < len(context) <= MAX_CONTEXT_IDS
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in context)
+        ):
+            handle = engine.handle(text, context_ids=context)
+            if handle.key == recorded.get("key"):
+                return handle
+    known = engine.registry.lookup(text)
+    return known if known is not None else engine.handle(text)
+
+
 def node_handles(engine: CacheBlendEngine, nodes: Sequence[BaseNode]) -> list[tuple[BaseNode, ChunkHandle]]:
-    """(node, handle of its LLM text) for every node whose LLM text has tokens (an empty node has no KV)."""
+    """(node, handle of its LLM text, ``node_handle``) for every node whose LLM text has tokens (an empty node has
+    no KV)."""
     out = []
     for i, node in enumerate(nodes):
         if not isinstance(node, BaseNode):
             raise TypeError(f"nodes[{i}] is a {type(node).__name__}; expected a LlamaIndex node (BaseNode)")
-        handle = engine.handle(llm_text(node))
+        handle = node_handle(engine, node, llm_text(node))
         if handle.token_ids:
             out.append((node, handle))
     return out

@@ -1,0 +1,67 @@
+"""Nodes precomputed after their nearest neighbours (CacheBlendPrecompute(context=k)): the recorded handle names the
+context, and a retrieved node (read back from a docstore, by an engine whose registry never saw it) reuses that KV."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from llama_index.core import Document
+from llama_index.core.ingestion import IngestionPipeline
+from llama_index.core.node_parser import SentenceSplitter
+from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
+from llama_index.postprocessor.cacheblend import CacheBlendNodePostprocessor, CacheBlendPrecompute, node_handle_key
+from llama_index.postprocessor.cacheblend.neighbours import nearest
+
+pytestmark = pytest.mark.real_model
+
+TEXTS = [
+    "The Marlow glassworks opened in 1874 and made bottles for the breweries of the valley.",
+    "By 1900 the Marlow glassworks employed 300 people and ran four furnaces day and night.",
+    "The Fenwick orchard grows eleven kinds of apple on a south-facing slope above the river.",
+    "Fenwick apples are pressed each October into a cider sold at the village market.",
+]
+
+
+def test_nearest_is_least_similar_first_and_never_itself():
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.2, 0.9]], dtype=np.float32)
+    assert nearest(emb, 2) == [[3, 1], [3, 0], [1, 3], [1, 2]]
+    assert nearest(emb[:1], 2) == [[]]
+
+
+def test_a_retrieved_node_reuses_its_context_kv(engine, settings, embed_model, reuse):
+    transform = CacheBlendPrecompute(engine=engine, context=1)
+    splitter = SentenceSplitter(chunk_size=64, chunk_overlap=0, tokenizer=engine.tokenize)
+    pipeline = IngestionPipeline(transformations=[splitter, embed_model, transform])
+    nodes = pipeline.run(documents=[Document(text=t) for t in TEXTS])
+    assert len(nodes) == 4 and reuse()["precomputed_chunks"] == 4
+    texts = [n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes]
+    neighbour = {0: 1, 1: 0, 2: 3, 3: 2}  # same topic: the nearest node
+    planned = transform.handles(nodes)
+    for i, node in enumerate(nodes):
+        handle = engine.handle(texts[i], context_ids=engine.tokenize(texts[neighbour[i]]))
+        assert node_handle_key(node) == handle.key != engine.handle(texts[i]).key and planned[i][1] == handle
+        assert engine.store.contains(handle.key)
+
+    # what a query process sees: nodes read back from the docstore, a registry that never saw them
+    registry, engine.registry = engine.registry, engine.new_registry()
+    retrieved = [NodeWithScore(node=TextNode.from_json(n.to_json()), score=0.5) for n in nodes[:2]]
+    before = reuse()
+    try:
+        CacheBlendNodePostprocessor(engine=engine).postprocess_nodes(retrieved)
+    finally:
+        fresh, engine.registry = engine.registry, registry
+    after = reuse()
+    assert all(fresh.lookup(t) is not None and fresh.lookup(t).context_ids for t in texts[:2])
+    assert after["computed_on_miss"] == before["computed_on_miss"]  # the context KV was found, not recomputed
+    assert [node_handle_key(item.node) for item in retrieved] == [node_handle_key(n) for n in nodes[:2]]
+    prompt = engine.format_chat([{"role": "user", "content": "\n\n".join(texts[:2]) + "\nWhen did it open?"}])
+    for handle in [fresh.lookup(t) for t in texts[:2]]:
+        engine.register([handle])
+    stats = engine.generate(prompt=prompt, max_new_tokens=2).stats
+    assert stats.cache_hits == 2 and stats.cache_misses == 0 and stats.cached_tokens > 0
+    assert reuse()["computed_on_miss"] == before["computed_on_miss"]
+
+
+def test_context_needs_embeddings(engine):
+    with pytest.raises(ValueError, match="put the embedding model before CacheBlendPrecompute"):
+        CacheBlendPrecompute(engine=engine, context=2)([TextNode(text=TEXTS[0]), TextNode(text=TEXTS[1])])

@@ -1,0 +1,123 @@
+"""Chunks precomputed after a context (``precompute(context=...)``): their KV is the chunk's rows of a prefill of
+chunk prefix + context + chunk, their key names the context, a store miss recomputes them with it, and prompts reuse
+them."""
+
+import pytest
+import torch
+
+from cacheblend_rag.store import chain_key
+from tests.conftest import PASSAGES, config
+
+
+@pytest.fixture
+def engine(make_engine):
+    return make_engine("llama", seed=7)
+
+
+def chunk_rows(engine, context_ids, token_ids):
+    """The chunk's rows of one prefill of chunk prefix + context + chunk: [L, Hkv, T, D] each."""
+    kv = engine.compute_chunk(list(context_ids) + list(token_ids))  # [L, Hkv, C + T, D]
+    n = len(token_ids)
+    return kv.k[:, :, -n:], kv.v[:, :, -n:]
+
+
+def test_a_context_chunk_is_its_rows_of_a_full_prefill(engine):
+    (handle,) = engine.precompute([PASSAGES[0]], context=[[PASSAGES[1], PASSAGES[2]]])
+    want = engine.tokenize(PASSAGES[1]) + engine.tokenize(PASSAGES[2])
+    assert list(handle.context_ids) == want
+    kv, hit = engine.chunk_kv(handle)
+    assert hit
+    k, v = chunk_rows(engine, handle.context_ids, handle.token_ids)
+    torch.testing.assert_close(kv.k, k)
+    torch.testing.assert_close(kv.v, v)
+    alone, _ = engine.chunk_kv(engine.handle(PASSAGES[0]))  # computed on this miss
+    assert not torch.allclose(alone.v, kv.v)  # the context changed the KV
+
+
+def test_the_key_names_the_context(engine):
+    alone = engine.handle(PASSAGES[0])
+    a = engine.handle(PASSAGES[0], context_ids=engine.tokenize(PASSAGES[1]))
+    b = engine.handle(PASSAGES[0], context_ids=engine.tokenize(PASSAGES[2]))
+    assert len({alone.key, a.key, b.key}) == 3
+    fp = engine.fingerprint
+    prefix = chain_key(fp, None, engine.chunk_prefix_ids)
+    assert a.key == chain_key(fp, chain_key(fp, prefix, a.context_ids), a.token_ids)
+    assert alone.key == chain_key(fp, prefix, alone.token_ids) and alone.context_ids == ()
+    assert a.to_dict()["context_ids"] == list(a.context_ids) and "context_ids" not in alone.to_dict()
+
+
+def test_check_accepts_a_context_handle_in_its_scope_only(engine):
+    from dataclasses import replace
+
+    keys = engine.chunk_source.keys
+    (handle,) = engine.precompute([PASSAGES[0]], context=[[PASSAGES[1]]], scope="s")
+    assert keys.check(handle, "s") is handle
+    with pytest.raises(ValueError, match="registry scope"):
+        keys.check(handle, None)
+    tampered = replace(handle, context_ids=tuple(engine.tokenize(PASSAGES[2])))
+    with pytest.raises(ValueError, match="does not match its tokens and context"):
+        keys.check(tampered, "s")
+    with pytest.raises(ValueError, match="does not match"):
+        keys.check(replace(handle, context_ids=()), "s")
+
+
+def test_a_store_miss_recomputes_with_the_context(engine):
+    (handle,) = engine.precompute([PASSAGES[0]], context=[[PASSAGES[1]]])
+    stored, _ = engine.chunk_kv(handle)
+    stored = (stored.k.clone(), stored.v.clone())
+    engine.store.delete(handle.key)
+    assert not engine.store.contains(handle.key)
+    kv, hit = engine.chunk_kv(handle)
+    assert not hit and engine.metrics()["computed_on_miss"] == 1
+    torch.testing.assert_close(kv.k, stored[0])
+    torch.testing.assert_close(kv.v, stored[1])
+
+
+@pytest.mark.parametrize("strategy", ["full_reuse", "cacheblend"])
+def test_generate_reuses_a_context_handle(engine, strategy):
+    handles = engine.precompute(PASSAGES[:3], context=2)
+    result = engine.generate(["Q:\n", *handles, "\nA?"], config=config(strategy), max_new_tokens=3)
+    assert result.stats.cached_tokens == sum(h.n_tokens for h in handles)
+    assert engine.metrics()["computed_on_miss"] == 0
+    # a prompt string holding a chunk text finds its registered context handle
+    prompt = "Read:\n" + PASSAGES[1] + "\nQ: which river?"
+    result = engine.generate(prompt=prompt, config=config(strategy), max_new_tokens=1)
+    assert result.stats.cached_tokens == handles[1].n_tokens and engine.metrics()["computed_on_miss"] == 0
+    assert engine.registry.lookup(PASSAGES[1]) == handles[1]
+
+
+def test_context_k_picks_the_k_previous_texts_cyclic(engine):
+    texts = PASSAGES[:3]
+    handles = engine.precompute(texts, context=2, register=False)
+    for i, handle in enumerate(handles):
+        want = engine.tokenize(texts[(i - 2) % 3]) + engine.tokenize(texts[(i - 1) % 3])
+        assert list(handle.context_ids) == want
+    assert engine.precompute(texts, context=0, register=False) == engine.precompute(texts, register=False)
+    (only,) = engine.precompute(texts[:1], context=3, register=False)  # no other text: alone
+    assert only.context_ids == ()
+
+
+@pytest.mark.parametrize(
+    "context, match",
+    [
+        ([[PASSAGES[1]]], "context has 1 lists for 2 texts"),
+        ([[PASSAGES[1]], [3]], r"context\[1\]\[0\] is a int"),
+        ([[PASSAGES[1]], PASSAGES[2]], r"context\[1\] is a str"),
+        (-1, "k >= 0"),
+        ("abc", "context must be None, an int k or one list"),
+    ],
+)
+def test_bad_context_is_a_clear_error(engine, context, match):
+    with pytest.raises(ValueError, match=match):
+        engine.precompute(PASSAGES[:2], context=context)
+
+
+def test_batched_precompute_with_a_context_matches_one_by_one(make_engine):
+    batched = make_engine("llama", seed=7)
+    batched.chunk_source.batch_tokens = 4096
+    one = make_engine("llama", seed=7)
+    hb = batched.precompute(PASSAGES[:3], context=1)
+    ho = one.precompute(PASSAGES[:3], context=1)
+    assert hb == ho
+    for a, b in zip(hb, ho):
+        torch.testing.assert_close(batched.chunk_kv(a)[0].v, one.chunk_kv(b)[0].v)
