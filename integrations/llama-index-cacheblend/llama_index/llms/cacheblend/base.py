@@ -248,7 +248,7 @@ class CacheBlendLLM(CustomLLM):
     # query engine's async fan-out, asyncio.gather) share each decoding step -----------------------------------
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        request = await asyncio.to_thread(self._batch_request, self._request(prompt, formatted), kwargs)
+        request = await asyncio.to_thread(lambda: self._batch_request(self._request(prompt, formatted), kwargs))
         return _response(await _batched(self._engine, request))
 
     @llm_completion_callback()
@@ -258,11 +258,12 @@ class CacheBlendLLM(CustomLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        if self.messages_to_prompt != self._chat_messages_prompt:  # the caller's own formatting: a prompt string
-            text = self._request(self.messages_to_prompt(messages), True)
-        else:
-            text = {"messages": chat_dicts(messages)}
-        request = await asyncio.to_thread(self._batch_request, text, kwargs)
+        def text() -> dict[str, Any]:
+            if self.messages_to_prompt != self._chat_messages_prompt:  # the caller's own formatting: a prompt string
+                return self._request(self.messages_to_prompt(messages), True)
+            return {"messages": chat_dicts(messages)}
+
+        request = await asyncio.to_thread(lambda: self._batch_request(text(), kwargs))
         return completion_response_to_chat_response(_response(await _batched(self._engine, request)))
 
     @llm_chat_callback()
