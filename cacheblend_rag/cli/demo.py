@@ -73,6 +73,7 @@ def strategy_rows(engine, questions=STRATEGY_QUESTIONS, ratio: float = 0.15, max
                     "prompt_tokens": stats.prompt_tokens,
                     "reused_tokens": stats.reused_tokens,
                     "recomputed_tokens": stats.recomputed_tokens,
+                    "fallback": stats.fallback,
                 }
             )
     return rows
@@ -129,6 +130,9 @@ def demo(
             str(r["recomputed_tokens"]),
         )
     console.print(table)
+    exact = [r for r in rows if r["strategy"] == "cacheblend" and r.get("fallback")]
+    if exact:  # the cost estimate took the exact path: say so, so that 0 reused is not read as a failure
+        console.print(f"cacheblend on {len(exact)} of these prompts: {escape(exact[0]['fallback'])}.", highlight=False)
     payload: dict = {"rows": rows}
     if rag:
         payload["rag"] = rag_part(engine, ratio=ratio, max_new_tokens=max_new_tokens, questions=questions, top_k=top_k)
