@@ -28,7 +28,7 @@ import torch
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
 from cacheblend_rag.store import DiskTier
-from cacheblend_rag.testing import PASSAGES, tiny_model
+from cacheblend_rag.testing import PASSAGES, flip_tensor, tiny_model
 
 TIMINGS = {"load_s", "probe_s", "prefill_s", "ttft_s", "decode_s"}
 MAX_NEW_TOKENS = 8
@@ -109,14 +109,7 @@ def run_request(engine: CacheBlendEngine, kwargs: dict, config: BlendConfig) -> 
 def corrupt_midway(engine: CacheBlendEngine, key: str) -> None:
     """Flip a byte of layer 2's values in ``key``'s disk file: its read fails inside the prefill."""
     disk = next(t for t in engine.store.tiers if isinstance(t, DiskTier))
-    reader = disk.open(key)
-    offset = reader.offsets["v.2"]
-    reader.close()
-    with open(disk.path(key), "r+b") as f:
-        f.seek(offset + 5)
-        byte = f.read(1)
-        f.seek(offset + 5)
-        f.write(bytes([byte[0] ^ 0x5A]))
+    flip_tensor(disk, key, "v.2")
 
 
 def counters(engine: CacheBlendEngine) -> dict:

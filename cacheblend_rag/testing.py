@@ -139,3 +139,16 @@ def always_blend(request, monkeypatch):
     from cacheblend_rag.engine.strategies import CacheBlend
 
     monkeypatch.setattr(CacheBlend, "cost", CostModel(margin=float("inf")))
+
+
+def flip_tensor(disk, key: str, name: str) -> None:
+    """Corrupt one byte of tensor ``name`` (e.g. ``"v.2"``, layer 2's values) in ``key``'s file of the DiskTier
+    ``disk``: its checksum then fails when that layer is read (a corrupt cache file, for failure tests)."""
+    reader = disk.open(key)
+    offset = reader.offsets[name]
+    reader.close()
+    with open(disk.path(key), "r+b") as f:
+        f.seek(offset + 5)
+        byte = f.read(1)
+        f.seek(offset + 5)
+        f.write(bytes([byte[0] ^ 0x5A]))

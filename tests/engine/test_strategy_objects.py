@@ -33,6 +33,7 @@ from cacheblend_rag.engine.strategies import (
     QuerySelection,
     options_read,
 )
+from cacheblend_rag.testing import flip_tensor
 from tests.conftest import PASSAGES, config
 
 QUESTION = "\nQuestion: which river reaches the Black Sea?"
@@ -116,15 +117,6 @@ def test_a_plan_is_built_once_and_frozen(make_engine, cfg):
 
 
 # ---- a read that fails inside the prefill -------------------------------------------------------------------------
-def _flip_tensor(disk, key: str, name: str) -> None:
-    reader = disk.open(key)
-    offset = reader.offsets[name]
-    reader.close()
-    with open(disk.path(key), "r+b") as f:
-        f.seek(offset + 5)
-        byte = f.read(1)
-        f.seek(offset + 5)
-        f.write(bytes([byte[0] ^ 0x5A]))
 
 
 @pytest.mark.parametrize("selection", ["query", "deviation"])
@@ -137,7 +129,7 @@ def test_a_late_read_failure_plans_again_without_a_prefill_inside_the_prefill(ma
     reference = engine.prepare(segments(handles), config=cfg)
     memory, disk = engine.store.tiers
     memory.clear()  # every chunk is read from disk, layer by layer
-    _flip_tensor(disk, handles[1].key, "v.2")
+    flip_tensor(disk, handles[1].key, "v.2")
     plans, computed = [], []
     plan, compute = CacheBlend.plan, engine.chunk_source.compute
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cacheblend_rag.store import DiskTier, KVStore, LazyChunk, MemoryTier, TierUnavailable
+from cacheblend_rag.testing import flip_tensor
 from tests.conftest import PASSAGES, config
 
 from .helpers import FP, random_kv
@@ -122,17 +123,6 @@ def test_engine_result_from_the_disk_tier_equals_the_memory_tier(make_engine):
     assert whole.token_ids == lazy.token_ids and lazy.stats.cache_hits == 3
 
 
-def _flip_tensor(disk: DiskTier, key: str, name: str) -> None:
-    reader = disk.open(key)
-    offset = reader.offsets[name]
-    reader.close()
-    with open(disk.path(key), "r+b") as f:
-        f.seek(offset + 5)
-        byte = f.read(1)
-        f.seek(offset + 5)
-        f.write(bytes([byte[0] ^ 0x5A]))
-
-
 @pytest.mark.parametrize("failure", ["checksum of layer 2", "device gone at layer 2", "layer 2 too slow"])
 def test_a_read_failing_midway_is_recomputed_and_counted_as_a_miss(make_engine, caplog, failure):
     engine = make_engine("llama", seed=8, disk=True)
@@ -141,7 +131,7 @@ def test_a_read_failing_midway_is_recomputed_and_counted_as_a_miss(make_engine, 
     memory, disk = engine.store.tiers
     wrapped = None
     if failure == "checksum of layer 2":
-        _flip_tensor(disk, handles[1].key, "v.2")
+        flip_tensor(disk, handles[1].key, "v.2")
     else:
         wrapped = Wrapped(disk, fail_layer=2) if failure.startswith("device") else Wrapped(disk, gate_layer=2)
         engine.store.tiers[1] = wrapped
