@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 import torch
+from context_precompute import ANSWERED, contexts, precompute
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
 from cacheblend_rag.eval.datasets import load_examples
 from cacheblend_rag.eval.metrics import best_over, f1_score
-
-from context_precompute import ANSWERED, contexts, precompute
 
 MAX_NEW_TOKENS = 24
 
