@@ -27,6 +27,7 @@ with a deviation selection (how many rows to keep depends on the scores: one rea
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -88,6 +89,20 @@ def run_to_end(steps: Generator[object, None, T]) -> T:
             next(steps)
         except StopIteration as done:
             return done.value
+
+
+def timed_steps(steps: Generator[int, None, T]) -> Generator[int, None, tuple[T, float]]:
+    """Pass on the yields of ``steps``; return its value and the seconds spent inside its steps (not between them:
+    another request may run there)."""
+    spent = 0.0
+    while True:
+        t = time.perf_counter()
+        try:
+            rows = next(steps)
+        except StopIteration as done:
+            return done.value, spent + time.perf_counter() - t
+        spent += time.perf_counter() - t
+        yield rows
 
 
 def prefill_steps(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> Generator[int, None, PrefillResult]:

@@ -1,15 +1,16 @@
 """A request's prefill, driven: its strategy plans it, the prefill runs the plan, the strategy finishes.
 
-A chunk read lazily from a slow tier can still fail inside the layer loop (corrupt, vanished, too slow). The loop
-then stops with ChunkReadError; the request is planned again with that chunk computed (a miss), and the new plan
-runs from the start into the same cache. Nothing is computed inside the loop but the plan.
+A chunk read lazily from a slow tier can still fail inside a layer loop (the query selection's probe pass or the
+prefill; corrupt, vanished, too slow). The loop then stops with ChunkReadError; the request is planned again with
+that chunk computed (a miss), and the new plan runs from the start into the same cache. Nothing is computed inside
+the loop but the plan.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -19,10 +20,12 @@ from .chunk_reads import RequestChunks
 from .decode import decode_step
 from .kv_cache import KVCache
 from .plan import PrefillPlan
-from .prefill import PrefillResult, prefill_steps, run_to_end
+from .prefill import PrefillResult, prefill_steps, run_to_end, timed_steps
 from .segments import TokenRun
 from .stats import RequestStats, request_stats
 from .strategies import Strategy
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,33 +58,32 @@ def run_strategy(
 def run_strategy_steps(
     strategy: Strategy, runs: list[TokenRun], chunks: RequestChunks, fwd: ModelForward, cache: KVCache, store: KVStore
 ) -> Generator[int, None, tuple[PrefillPlan, PrefillResult, RequestStats]]:
-    """``run_strategy`` a step at a time, for a scheduler that interleaves prefills with decoding: the plan is one
-    step (a selection's probe pass runs in it: the step yields its rows x layers), then the prefill a layer per step
-    (``prefill_steps``: the rows each layer computed). Each step runs under inference mode, never across a yield;
-    ``stats.prefill_s`` counts the steps' time, not the time between them."""
+    """``run_strategy`` a step at a time, for a scheduler that interleaves prefills with decoding: the plan's steps
+    (``strategy.plan_steps``: a selection's probe pass, a layer per step), then the prefill a layer per step
+    (``prefill_steps``); each yields the rows its layer computed. Each step runs under inference mode, never across
+    a yield; ``stats.prefill_s`` counts the steps' time (the probe pass's and the prefill's, not the chunk reads),
+    not the time between them."""
     while True:
         try:
-            with torch.inference_mode():
-                plan = strategy.plan(runs, chunks, fwd, cache)  # a probe pass reads the chunks here
-            spent = plan.report.probe_s  # the prefill's time includes the probe pass, not the chunk reads
-            if plan.report.probe is not None:  # the probe pass was a step of its own
-                yield sum(plan.report.probe.layer_rows)
-            steps = prefill_steps(fwd, plan, cache)
-            while True:
-                t = time.perf_counter()
-                with torch.inference_mode():
-                    try:
-                        rows = next(steps)
-                    except StopIteration as done:
-                        result = done.value
-                        # the first reads from the device since the plan was made: on a GPU, this includes the work
-                        stats = request_stats(plan, result, spent + time.perf_counter() - t)
-                        break
-                spent += time.perf_counter() - t
-                yield rows
+            plan = yield from inference_steps(strategy.plan_steps(runs, chunks, fwd, cache))
+            result, spent = yield from inference_steps(timed_steps(prefill_steps(fwd, plan, cache)))
         except ChunkReadError as exc:  # read lazily, by the probe pass or the prefill: plan again with it computed
             chunks.read_failed(exc)
             continue
         break
+    with torch.inference_mode():  # the first reads from the device since the plan was made
+        stats = request_stats(plan, result, plan.report.probe_s + spent)
     strategy.finish(plan, result, store)
     return plan, result, stats
+
+
+def inference_steps(steps: Generator[int, None, T]) -> Generator[int, None, T]:
+    """Pass on the yields of ``steps``, running each of its steps under inference mode (never across a yield: the
+    mode is the thread's, and another request may run in between); return its value."""
+    while True:
+        with torch.inference_mode():
+            try:
+                rows = next(steps)
+            except StopIteration as done:
+                return done.value
+        yield rows

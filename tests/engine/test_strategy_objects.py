@@ -131,18 +131,19 @@ def test_a_late_read_failure_plans_again_without_a_prefill_inside_the_prefill(ma
     memory.clear()  # every chunk is read from disk, layer by layer
     flip_tensor(disk, handles[1].key, "v.2")
     plans, computed = [], []
-    plan, compute = CacheBlend.plan, engine.chunk_source.compute
+    plan_steps, compute = CacheBlend.plan_steps, engine.chunk_source.compute
 
-    def counting_plan(self, *args):
+    def counting_plan_steps(self, *args):
         plans.append(1)
-        return plan(self, *args)
+        return plan_steps(self, *args)
 
     def computing(token_ids, fwd=None, context_ids=()):
-        frames = [f for f in inspect.stack() if f.function == "prefill" and f.filename.endswith("prefill.py")]
+        loops = ("prefill", "prefill_steps")
+        frames = [f for f in inspect.stack() if f.function in loops and f.filename.endswith("prefill.py")]
         computed.append(len(frames))
         return compute(token_ids, fwd, context_ids)
 
-    monkeypatch.setattr(CacheBlend, "plan", counting_plan)
+    monkeypatch.setattr(CacheBlend, "plan_steps", counting_plan_steps)
     monkeypatch.setattr(engine.chunk_source, "compute", computing)
     again = engine.prepare(segments(handles), config=cfg)
     assert len(plans) == 2 and computed == [0]  # planned twice; the chunk computed once, outside any prefill loop

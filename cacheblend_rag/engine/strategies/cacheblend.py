@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 
 from ..cost import CostModel, ModelShape
 from ..plan import PlanReport, PrefillPlan
+from ..prefill import run_to_end
 from ..transfer import upload
 from .base import Selection, Strategy
 from .reuse import reuse_chunks
@@ -41,6 +44,10 @@ class CacheBlend(Strategy):
     cost = CostModel()
 
     def plan(self, runs, chunks, fwd, cache) -> PrefillPlan:
+        return run_to_end(self.plan_steps(runs, chunks, fwd, cache))
+
+    def plan_steps(self, runs, chunks, fwd, cache) -> Generator[int, None, PrefillPlan]:
+        """Place and read the chunks (in the first step), then the selection's steps (its probe pass, if any)."""
         self.selection.check_model(fwd)
         report = PlanReport(strategy=self.name, blend=True)
         placement = chunks.place(runs)
@@ -50,7 +57,7 @@ class CacheBlend(Strategy):
             ids = upload(torch.tensor([t for r in placed for t in r.token_ids], dtype=torch.long), fwd.device)  # [N]
             return PrefillPlan(ids=ids, report=PlanReport(strategy=self.name, unplaced=placement[1], fallback=exact))
         reused = reuse_chunks(runs, chunks, self.config.recompute_chunk_head, report, placement)
-        return self.selection.plan(reused, fwd, cache)
+        return (yield from self.selection.plan_steps(reused, fwd, cache))
 
     def exact_reason(self, runs, fwd) -> str | None:
         """Why the prompt of placed ``runs`` is computed in full instead (blending would be no faster), or None."""

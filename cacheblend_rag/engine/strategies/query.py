@@ -23,12 +23,13 @@ summed share reaches the target fraction of the total, within ``[min_ratio, max_
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import replace
 
 import torch
 
 from ..plan import PrefillPlan
-from ..prefill import cached_rows_mask, prefill
+from ..prefill import cached_rows_mask, prefill_steps, run_to_end, timed_steps
 from ..selection import Budget, attention_mass, choose, mask_rows
 from .base import Selection
 from .reuse import ReusedChunks
@@ -77,19 +78,44 @@ class QuerySelection(Selection):
         self.budget = Budget.of(config)
 
     def plan(self, reused: ReusedChunks, fwd, cache) -> PrefillPlan:
-        """Run the probe pass over ``reused`` into ``cache`` and return the plan that recomputes the forced rows
-        plus the chosen cached rows through every layer, on the K/V the probe pass left in ``cache``.
+        """``plan_steps`` run to its end: the probe pass and the plan in one go."""
+        return run_to_end(self.plan_steps(reused, fwd, cache))
+
+    def plan_steps(self, reused: ReusedChunks, fwd, cache) -> Generator[int, None, PrefillPlan]:
+        """Run the probe pass over ``reused`` into ``cache``, a layer per step (each yields the rows that layer
+        computed, as ``prefill_steps`` does), and return the plan that recomputes the forced rows plus the chosen
+        cached rows through every layer, on the K/V the probe pass left in ``cache``. The report's ``probe_s``
+        counts the time spent in these steps, not between them.
 
         Row counts come from the host, so nothing is read from the device between the passes either; only a
         fidelity target (how many rows reach it depends on the scores) reads the scores back, once."""
         if not reused.spans:  # nothing cached: every row is computed, as the other selections compute it
             return PrefillPlan(ids=reused.ids, forced=reused.forced, n_forced=reused.n_forced, report=reused.report)
         t = time.perf_counter()
+        probe_plan, tail = self.probe_plan(reused, fwd)
+        spent = time.perf_counter() - t
+        probe, probe_s = yield from timed_steps(prefill_steps(fwd, probe_plan, cache))
+        t = time.perf_counter()
+        keep, k = self.choose_rows(reused, tail)
+        report = replace(reused.report, probe=probe, probe_s=spent + probe_s + time.perf_counter() - t)
+        # the probe pass left every chunk's K/V rotated in the cache: the prefill proper writes only its own rows
+        n_forced, n_forced_cached = reused.n_forced
+        return PrefillPlan(
+            ids=reused.ids,
+            spans=reused.spans,
+            initial=keep,
+            forced=reused.forced.clone().index_fill_(0, keep, True),
+            n_forced=(n_forced + k, n_forced_cached + k),
+            cache_ready=True,
+            report=report,
+        )
+
+    def probe_plan(self, reused: ReusedChunks, fwd) -> tuple[PrefillPlan, TailAttention]:
+        """The probe pass's plan (``full_reuse``'s rows) and the observer that scores the cached rows in it."""
         ids, spans, forced = reused.ids, reused.spans, reused.forced
         n, device = ids.shape[0], ids.device
         from_cache = cached_rows_mask(n, spans, device)
-        n_cached = reused.n_cached
-        n_forced, n_forced_cached = reused.n_forced
+        n_forced = reused.n_forced[0]
         initial = mask_rows(forced, n_forced)  # the rows the probe pass computes, sorted
         # probe rows, as indices into ``initial``: the computed rows from the first chunk on. Every row before it
         # is uncached, hence computed, so they are the computed rows after the first probe_start ones.
@@ -99,27 +125,19 @@ class QuerySelection(Selection):
         else:  # nothing uncached after the first chunk: the last row probes
             probes = torch.arange(n_forced - 1, n_forced, device=device)
         tail = TailAttention(from_cache, probes, fwd.scale, first_layer=int(FIRST_SCORED_LAYER * fwd.n_layers))
-        probe_plan = PrefillPlan(
-            ids=ids, spans=spans, initial=initial, forced=forced, n_forced=reused.n_forced, observe=tail
-        )
-        probe = prefill(fwd, probe_plan, cache)
-        candidates = from_cache & ~forced  # [N] bool
+        plan = PrefillPlan(ids=ids, spans=spans, initial=initial, forced=forced, n_forced=reused.n_forced, observe=tail)
+        return plan, tail
+
+    def choose_rows(self, reused: ReusedChunks, tail: TailAttention) -> tuple[torch.Tensor, int]:
+        """After the probe pass: the rows the prefill proper computes ([n_forced + k] sorted: the forced rows and
+        the k cached ones ``tail`` scored highest, k within the budget), and k."""
+        n_cached = reused.n_cached
+        n_forced, n_forced_cached = reused.n_forced
+        candidates = tail.from_cache & ~reused.forced  # [N] bool
         n_candidates = n_cached - n_forced_cached
         if self.budget.target is None:
             keep_cached = round(self.budget.ratio * n_cached)
         else:
             keep_cached = self.budget.rows(tail.scores[candidates], n_cached, n_forced_cached)
         k = max(0, min(keep_cached - n_forced_cached, n_candidates))
-        keep = choose(tail.scores, forced, candidates, k, n_forced)  # [n_forced + k] sorted rows
-        # the probe pass left every chunk's K/V rotated in the cache: the prefill proper writes only its own rows
-        mask = forced.clone().index_fill_(0, keep, True)
-        report = replace(reused.report, probe=probe, probe_s=time.perf_counter() - t)
-        return PrefillPlan(
-            ids=ids,
-            spans=spans,
-            initial=keep,
-            forced=mask,
-            n_forced=(n_forced + k, n_forced_cached + k),
-            cache_ready=True,
-            report=report,
-        )
+        return choose(tail.scores, reused.forced, candidates, k, n_forced), k
