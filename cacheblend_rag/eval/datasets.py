@@ -9,9 +9,11 @@ documents among distractors, so that a small model can answer them and gold F1 m
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..neighbours import Embed, nearest_texts
 from ..store.chunk import ChunkHandle
 
 PREFIX = (
@@ -47,10 +49,28 @@ class Example:
         chunks = handles if handles is not None else self.passages
         return [PREFIX, *chunks, self.query()]
 
-    def prompt(self, engine, k: int | None = None) -> list:
+    def prompt(self, engine, k: int | None = None, context: Mapping[str, Sequence[str]] | None = None) -> list:
         """The chat-wrapped segments of this example with its first ``k`` passages (all by default) as
-        precomputed chunks: what every benchmark sends to ``engine.generate``."""
-        return engine.chat_segments(self.user_segments(engine.precompute(self.passages[:k])))
+        precomputed chunks: what every benchmark sends to ``engine.generate``.
+
+        context: None (each chunk computed alone) or, for every passage text, the texts its KV is computed after
+        (``passage_contexts``)."""
+        passages = self.passages[:k]
+        if context is None:
+            return engine.chat_segments(self.user_segments(engine.precompute(passages)))
+        missing = [i for i, p in enumerate(passages) if p not in context]
+        if missing:
+            raise ValueError(f"context has no entry for passage {missing[0]} of {self.question!r}")
+        handles = engine.precompute(passages, context=[list(context[p]) for p in passages])
+        return engine.chat_segments(self.user_segments(handles))
+
+
+def passage_contexts(examples: Sequence[Example], k: int, embed: Embed | None = None) -> dict[str, list[str]]:
+    """For every distinct passage of ``examples`` (the corpus), the texts of its ``k`` nearest passages of that
+    corpus, least similar first: the context its KV is computed after (k = 0: none, each chunk alone). The corpus
+    is embedded once (``embed``: N texts -> [N, E]; default all-MiniLM-L6-v2, see ``cacheblend_rag.neighbours``)."""
+    corpus = list(dict.fromkeys(p for e in examples for p in e.passages))
+    return dict(zip(corpus, nearest_texts(corpus, k, embed)))
 
 
 TOWN = "town"

@@ -19,7 +19,8 @@ import torch
 from ..config import BlendConfig
 from ..engine.research import teacher_force
 from ..engine.strategies import options_read
-from .datasets import Example
+from ..neighbours import MINILM, Embed
+from .datasets import Example, passage_contexts
 from .metrics import best_over, exact_match, f1_score, kl_divergence, rouge_l, top1_agreement
 from .ttft import run_info
 
@@ -101,16 +102,22 @@ def evaluate(
     max_new_tokens: int = 32,
     progress: bool = False,
     on_example: Callable[[dict], None] | None = None,
+    context: int = 0,
+    embed: Embed | None = None,
 ) -> dict:
     """Run every configuration on every example; returns per-example rows and a summary per configuration.
 
-    ``on_example`` receives the result so far after each example (the CLI writes it to disk, so a long
-    run that is interrupted keeps what it measured)."""
+    ``context``: each passage's KV is computed after its ``context`` nearest passages among every distinct passage
+    of ``examples`` (``passage_contexts``, embedded once by ``embed``, default all-MiniLM-L6-v2), as
+    ``cacheblend ingest`` computes chunks; 0: each alone. ``on_example`` receives the result so far after each
+    example (the CLI writes it to disk, so a long run that is interrupted keeps what it measured)."""
     rows = []
     labels = [c.label for c in configs]
+    contexts = passage_contexts(examples, context, embed) if context else None
+    neighbours = {"context": context, "context_embedding": context_embedding(context, embed)}
 
     def result(done: int) -> dict:
-        info = run_info(engine, n=done, max_new_tokens=max_new_tokens, configs=labels)
+        info = run_info(engine, n=done, max_new_tokens=max_new_tokens, configs=labels, **neighbours)
         return {"config": info, "examples": list(rows), "summary": summarize(rows, labels)}
 
     items = list(enumerate(examples))
@@ -119,7 +126,7 @@ def evaluate(
 
         items = tqdm(items, desc="eval", unit="example")
     for index, example in items:
-        segments = example.prompt(engine)
+        segments = example.prompt(engine, context=contexts)
         ref = _run(engine, segments, configs[0].config, max_new_tokens, None)
         for item in configs:
             run = ref if item.label == REFERENCE else _run(engine, segments, item.config, max_new_tokens, ref.tokens)
@@ -153,6 +160,22 @@ def evaluate(
         if on_example is not None and index + 1 < len(examples):
             on_example({**result(index + 1), "partial": True})
     return result(len(examples))
+
+
+def context_embedding(context: int, embed: Embed | None) -> str | None:
+    """What chose each passage's neighbours (None when chunks were computed alone)."""
+    if not context:
+        return None
+    return MINILM if embed is None else getattr(embed, "__qualname__", type(embed).__name__)
+
+
+def describe_context(config: dict) -> str:
+    """How the chunks of a result were precomputed, for a table: from its ``config`` block."""
+    k = config.get("context", 0)
+    if not k:
+        return "chunk KV computed alone (--context 0)"
+    by = config.get("context_embedding") or "embeddings"
+    return f"chunk KV computed after each passage's {k} nearest passages of the examples ({by}; --context {k})"
 
 
 def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:

@@ -98,6 +98,8 @@ def test_eval_json_keys_and_ranges(tiny_dir, data_file, tmp_path):
         "deviation,query",
         "--targets",
         "0.5",
+        "--context",
+        0,
         *common(tiny_dir, tmp_path),
         "--out",
         out_file,

