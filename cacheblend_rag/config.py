@@ -48,6 +48,11 @@ class BlendConfig:
     exact_when_faster: cacheblend only: where the cost estimate (engine/cost.py: cached and uncached tokens, the probe
         pass) says a full prefill is about as fast as blending (a short prompt, few cached tokens), compute the prompt
         in full instead: the same speed, the exact answer; ``stats.fallback`` says why. False: always blend.
+    guard_ratio: cacheblend with the query selection only: when the blend's first token differs from the one
+        ``full_reuse`` gives (the probe pass computes full_reuse's distribution anyway), blending changed the answer
+        and either may be wrong: the prefill is run again recomputing this share of the cached tokens (the rows the
+        probe ranked highest; 1.0: every row, i.e. full recompute) before answering; ``stats.guard`` says it
+        happened. None: never.
     backend: kernels to use: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
     """
 
@@ -63,6 +68,7 @@ class BlendConfig:
     min_ratio: float = 0.02
     max_ratio: float = 0.5
     exact_when_faster: bool = True
+    guard_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if not _is_number(self.recompute_ratio) or not 0.0 <= self.recompute_ratio <= 1.0:
@@ -102,6 +108,11 @@ class BlendConfig:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if not isinstance(self.exact_when_faster, bool):
             raise ValueError(f"exact_when_faster must be True or False, got {self.exact_when_faster!r}")
+        if self.guard_ratio is not None and (not _is_number(self.guard_ratio) or not 0.0 < self.guard_ratio <= 1.0):
+            raise ValueError(
+                f"guard_ratio must be a number in (0, 1] (the share recomputed when the guard fires) or None, "
+                f"got {self.guard_ratio!r}"
+            )
         if self.min_ratio > self.max_ratio:
             raise ValueError(f"min_ratio ({self.min_ratio}) must not exceed max_ratio ({self.max_ratio})")
         if self.backend not in BACKENDS:
@@ -126,6 +137,7 @@ class BlendConfig:
             "min_ratio": self.min_ratio,
             "max_ratio": self.max_ratio,
             "exact_when_faster": self.exact_when_faster,
+            "guard_ratio": self.guard_ratio,
         }
         unknown = set(changes) - set(fields)
         if unknown:

@@ -54,7 +54,8 @@ class CheckScorer(Protocol):
 class PlanReport:
     """What a plan knows for the request's stats: the strategy, chunk hits and misses, chunks computed because of
     where they stand (``unplaced``, ``fallback``), whether the cached share recomputed is reported (``blend``),
-    the query selection's probe pass (its result, for its FLOPs), and the time spent reading chunks and probing."""
+    the query selection's probe pass (its result, for its FLOPs), and the time spent reading chunks and probing;
+    when a guard ran the prefill again (``guard``: why), ``rejected`` is the result of the pass it set aside."""
 
     strategy: str = "custom"
     hits: int = 0
@@ -63,6 +64,8 @@ class PlanReport:
     fallback: str | None = None
     blend: bool = False
     probe: Any = None  # PrefillResult of a probe pass, or None
+    guard: str | None = None
+    rejected: Any = None  # PrefillResult of the prefill a guard ran again, or None
     load_s: float = 0.0
     probe_s: float = 0.0
 

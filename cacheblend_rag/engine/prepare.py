@@ -4,10 +4,14 @@ A chunk read lazily from a slow tier can still fail inside a layer loop (the que
 prefill; corrupt, vanished, too slow). The loop then stops with ChunkReadError; the request is planned again with
 that chunk computed (a miss), and the new plan runs from the start into the same cache. Nothing is computed inside
 the loop but the plan.
+
+After the prefill, the strategy may review its result before anything is answered (``Strategy.review``: the query
+selection's guard); a plan it returns then runs into the same cache, from the first layer, a layer per step too.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -67,6 +71,14 @@ def run_strategy_steps(
         try:
             plan = yield from inference_steps(strategy.plan_steps(runs, chunks, fwd, cache))
             result, spent = yield from inference_steps(timed_steps(prefill_steps(fwd, plan, cache)))
+            t = time.perf_counter()
+            with torch.inference_mode():
+                again = strategy.review(plan, result)  # a guard may find the answer suspect: a larger share then
+            spent += time.perf_counter() - t
+            if again is not None:
+                plan = again
+                result, more = yield from inference_steps(timed_steps(prefill_steps(fwd, plan, cache)))
+                spent += more
         except ChunkReadError as exc:  # read lazily, by the probe pass or the prefill: plan again with it computed
             chunks.read_failed(exc)
             continue

@@ -23,7 +23,9 @@ class RequestStats:
     selection's probe pass (part of prefill_s). graph_steps: decoding steps replayed from a CUDA graph.
     unplaced_chunks: chunks in the prompt computed instead of reused because their stored KV would be read out of
     the context it was computed in (the prompt's head or end: engine/placement.py); fallback: why a request that
-    holds chunks was computed in full, or None.
+    holds chunks was computed in full, or None. guard: why the prefill was run again with a larger share (the
+    blend's first token differed from full_reuse's: ``BlendConfig.guard_ratio``), or None; its FLOPs and time
+    count both passes.
     """
 
     strategy: str
@@ -44,6 +46,7 @@ class RequestStats:
     graph_steps: int = 0
     unplaced_chunks: int = 0
     fallback: str | None = None
+    guard: str | None = None
     layer_rows: list[int] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
@@ -59,7 +62,7 @@ def request_stats(plan: PrefillPlan, result: PrefillResult, prefill_s: float = 0
     ratio = None
     if report.blend and cached:  # a cacheblend prefill computes every uncached row: the rest were cached
         ratio = (recomputed - (n - cached)) / cached
-    flops = result.flops + (report.probe.flops if report.probe is not None else 0.0)
+    flops = result.flops + sum(r.flops for r in (report.probe, report.rejected) if r is not None)
     return RequestStats(
         strategy=report.strategy,
         prompt_tokens=n,
@@ -75,6 +78,7 @@ def request_stats(plan: PrefillPlan, result: PrefillResult, prefill_s: float = 0
         prefill_flops=flops,
         unplaced_chunks=report.unplaced,
         fallback=report.fallback,
+        guard=report.guard,
         layer_rows=list(result.layer_rows),
     )
 

@@ -48,6 +48,11 @@ class Strategy(ABC):
         return self.plan(runs, chunks, fwd, cache)
         yield  # a generator, whose only step is the plan
 
+    def review(self, plan: PrefillPlan, result: PrefillResult) -> PrefillPlan | None:
+        """After the prefill of ``plan``, before anything is answered: a plan to run instead (into the same cache,
+        from its first layer) when ``result`` looks wrong, or None to keep it. By default, None."""
+        return None
+
     def finish(self, plan: PrefillPlan, result: PrefillResult, store: KVStore) -> None:
         """After the prefill of ``plan``: nothing, unless the strategy stores what it computed."""
         return None
@@ -81,6 +86,10 @@ class Selection(ABC):
         """The plan that recomputes the rows this rule picks among ``reused``'s cached rows (and every forced row:
         ``reused.forced``), with ``reused.report`` as its report. Runs on ``fwd``; may fill ``cache`` (a probe
         pass), then the plan says ``cache_ready``."""
+
+    def review(self, plan: PrefillPlan, result: PrefillResult) -> PrefillPlan | None:
+        """``Strategy.review`` for this rule's plans (a guard on the blend's answer); by default, None."""
+        return None
 
     def plan_steps(self, reused: ReusedChunks, fwd: ModelForward, cache: KVCache) -> Generator[int, None, PrefillPlan]:
         """``plan`` a step at a time: yields the rows x layers each step computed, returns the plan. By default one

@@ -59,6 +59,10 @@ class CacheBlend(Strategy):
         reused = reuse_chunks(runs, chunks, self.config.recompute_chunk_head, report, placement)
         return (yield from self.selection.plan_steps(reused, fwd, cache))
 
+    def review(self, plan: PrefillPlan, result) -> PrefillPlan | None:
+        """The selection's guard on the blend's answer, if it has one."""
+        return self.selection.review(plan, result)
+
     def exact_reason(self, runs, fwd) -> str | None:
         """Why the prompt of placed ``runs`` is computed in full instead (blending would be no faster), or None."""
         config = self.config

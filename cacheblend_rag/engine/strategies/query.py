@@ -16,7 +16,9 @@ ProphetKV (Wang et al., 2026), selection runs in two passes over the same stored
    over those layers (plus every uncached row and any forced chunk heads).
 
 The probe pass costs about what ``full_reuse`` costs (a few percent of a full prefill); in exchange, no layer
-runs for every token. With ``fidelity_target`` the number of tokens is chosen per request: the fewest whose
+runs for every token. It also yields ``full_reuse``'s distribution of the first new token for free: with
+``guard_ratio`` set, a blend whose first token differs from it (blending changed the answer, and either may be
+wrong) is run again recomputing that larger share of the cached rows, the probe's highest ranked (``review``). With ``fidelity_target`` the number of tokens is chosen per request: the fewest whose
 summed share reaches the target fraction of the total, within ``[min_ratio, max_ratio]`` of the cached tokens.
 """
 
@@ -72,10 +74,12 @@ class QuerySelection(Selection):
     """Recompute, through every layer, the cached rows the probe pass saw the prompt's tail read most."""
 
     name = "query"
+    options = frozenset({"guard_ratio"})
 
     def __init__(self, config) -> None:
         super().__init__(config)
         self.budget = Budget.of(config)
+        self.scored: tuple[ReusedChunks, TailAttention] | None = None  # the request's probe pass, for ``review``
 
     def plan(self, reused: ReusedChunks, fwd, cache) -> PrefillPlan:
         """``plan_steps`` run to its end: the probe pass and the plan in one go."""
@@ -97,6 +101,7 @@ class QuerySelection(Selection):
         probe, probe_s = yield from timed_steps(prefill_steps(fwd, probe_plan, cache))
         t = time.perf_counter()
         keep, k = self.choose_rows(reused, tail)
+        self.scored = (reused, tail)
         report = replace(reused.report, probe=probe, probe_s=spent + probe_s + time.perf_counter() - t)
         # the probe pass left every chunk's K/V rotated in the cache: the prefill proper writes only its own rows
         n_forced, n_forced_cached = reused.n_forced
@@ -141,3 +146,33 @@ class QuerySelection(Selection):
             keep_cached = self.budget.rows(tail.scores[candidates], n_cached, n_forced_cached)
         k = max(0, min(keep_cached - n_forced_cached, n_candidates))
         return choose(tail.scores, reused.forced, candidates, k, n_forced), k
+
+    def review(self, plan: PrefillPlan, result) -> PrefillPlan | None:
+        """The guard: None if the blend's first token is full_reuse's (the probe pass's), or no guard is set, or it
+        would recompute no more rows; else the plan that recomputes ``guard_ratio`` of the cached rows (the probe's
+        highest ranked, and every row this plan computed) through every layer, on the same cache.
+
+        Reads the two argmaxes back from the device (one sync, after the prefill; the stats read it anyway)."""
+        ratio, probe = self.config.guard_ratio, plan.report.probe
+        if ratio is None or probe is None or self.scored is None or result.logits is None or probe.logits is None:
+            return None
+        blended, reused_first = int(result.logits.argmax()), int(probe.logits.argmax())
+        if blended == reused_first:
+            return None
+        reused, tail = self.scored
+        n_forced, n_forced_cached = reused.n_forced
+        candidates = tail.from_cache & ~reused.forced  # [N] bool
+        k = max(0, min(round(ratio * reused.n_cached) - n_forced_cached, reused.n_cached - n_forced_cached))
+        if n_forced_cached + k <= plan.n_forced[1]:  # no more rows than this plan computed
+            return None
+        mask = plan.forced.clone().index_fill_(0, choose(tail.scores, reused.forced, candidates, k, n_forced), True)
+        count = int(mask.sum())  # the rows this plan computed and the new ones may overlap only partly on ties
+        uncached = plan.n - plan.n_cached
+        why = f"first token {blended} differs from full_reuse's {reused_first}: recomputed {100 * ratio:.0f}% of the cached rows"
+        return replace(
+            plan,
+            initial=mask_rows(mask, count),
+            forced=mask,
+            n_forced=(count, count - uncached),
+            report=replace(plan.report, guard=why, rejected=result),
+        )
