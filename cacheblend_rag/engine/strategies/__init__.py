@@ -20,7 +20,8 @@ STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FullRecompute, Pref
 SELECTIONS: dict[str, type[Selection]] = {s.name: s for s in (QuerySelection, DeviationSelection, AttentionSelection)}
 
 
-OPTIONAL = ("check_layers", "check_ratios", "deviation", "fidelity_target", "guard_ratio")  # the options that default to None
+# the options that default to None
+OPTIONAL = ("check_layers", "check_ratios", "deviation", "fidelity_target", "guard_ratio")
 
 
 def lookup(table: dict, option: str, name: object) -> type:

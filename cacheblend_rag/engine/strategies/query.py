@@ -18,7 +18,8 @@ ProphetKV (Wang et al., 2026), selection runs in two passes over the same stored
 The probe pass costs about what ``full_reuse`` costs (a few percent of a full prefill); in exchange, no layer
 runs for every token. It also yields ``full_reuse``'s distribution of the first new token for free: with
 ``guard_ratio`` set, a blend whose first token differs from it (blending changed the answer, and either may be
-wrong) is run again recomputing that larger share of the cached rows, the probe's highest ranked (``review``). With ``fidelity_target`` the number of tokens is chosen per request: the fewest whose
+wrong) is run again recomputing that larger share of the cached rows, the probe's highest ranked (``review``).
+With ``fidelity_target`` the number of tokens is chosen per request: the fewest whose
 summed share reaches the target fraction of the total, within ``[min_ratio, max_ratio]`` of the cached tokens.
 """
 
@@ -168,7 +169,8 @@ class QuerySelection(Selection):
         mask = plan.forced.clone().index_fill_(0, choose(tail.scores, reused.forced, candidates, k, n_forced), True)
         count = int(mask.sum())  # the rows this plan computed and the new ones may overlap only partly on ties
         uncached = plan.n - plan.n_cached
-        why = f"first token {blended} differs from full_reuse's {reused_first}: recomputed {100 * ratio:.0f}% of the cached rows"
+        why = f"first token {blended} differs from full_reuse's {reused_first}"
+        why += f": recomputed {100 * ratio:.0f}% of the cached rows"
         return replace(
             plan,
             initial=mask_rows(mask, count),
