@@ -27,6 +27,14 @@ SECRET = " ".join(f"K1's private note {i}: account {i * 7919} holds {i * 31} uni
 QUESTIONS = ["What is the capital of Japan?", "Name a primary colour.", "What is 2 + 3?", "Which planet is red?"]
 KEYS = {"K1": "k1-" + "a" * 40, "K2": "k2-" + "b" * 40, "ADM": "adm-" + "c" * 40}
 PREFIX_CACHE = {"cacheblend": {"strategy": "prefix_cache"}}
+
+
+def blended(extra: dict) -> dict:
+    """A request's extra fields with ``exact_when_faster`` off: the probe's prompts are short, and the cost model
+    would compute them in full (reusing nothing, so no reuse to probe) unless a request says otherwise."""
+    return {**extra, "cacheblend": {"exact_when_faster": False, **extra.get("cacheblend", {})}}
+
+
 FULL = {"cacheblend": {"strategy": "full_recompute"}}
 UNSUPPORTED = json.loads(
     '{"top_logprobs": 2, "tool_choice": "auto", "function_call": "auto", "parallel_tool_calls": true, "logprobs": '
@@ -95,12 +103,11 @@ class Replica:
     def chat(self, messages, key=None, max_tokens=8, **extra):
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        return self.call(
-            "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": max_tokens, **extra}, key
-        )
+        body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, **blended(extra)}
+        return self.call("/v1/chat/completions", body, key)
 
     def complete(self, prompt: str, **extra):
-        return self.call("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 8, **extra})[1]
+        return self.call("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 8, **blended(extra)})[1]
 
     def health(self) -> dict:
         return self.call("/health")[1]
