@@ -51,6 +51,7 @@ from serve_probe_common import (  # the probe's constants, the replicas it start
     SECRET,
     UNSUPPORTED,
     Replica,
+    blended,
     cached,
     code,
     during,
@@ -103,7 +104,10 @@ def probe_whitespace(a: Replica, b: Replica) -> None:
         from langchain_openai import ChatOpenAI
     except ImportError:
         return row("13", "LangChain chain", "langchain-openai is not installed", True)
-    llm = ChatOpenAI(model=MODEL, base_url=f"{b.url}/v1", api_key="unused", max_tokens=4, temperature=0)
+    blend = blended({})  # a short prompt: blend it anyway, or nothing is reused to probe
+    llm = ChatOpenAI(
+        model=MODEL, base_url=f"{b.url}/v1", api_key="unused", max_tokens=4, temperature=0, extra_body=blend
+    )
     chain = ChatPromptTemplate.from_messages([("user", "Context:\n{context}Question: {q}")]) | llm
     for joiner in ("", "\n\n"):
         msg = chain.invoke({"context": joiner.join(texts), "q": "how many bridges?"})
