@@ -4,8 +4,10 @@
 capacity (engine/kv_slots.py: one strided view per layer for the batched attention), so the pool is made for the
 longest sequence it holds, rounded up to a power of two rows (at least ``MIN_CAPACITY``), with ``max_batch`` slots,
 or fewer when that many (plus the pool's scratch slot) would pass ``kv_memory`` bytes. When a longer sequence joins,
-the pool is made again larger and the running sequences are copied into it (for that moment both pools exist); it
-is never made smaller: its memory stays within the budget, and a decoding step reads only the rows in use.
+the pool is made again larger and the running sequences are copied into it (for that moment both pools exist). It is
+never made smaller while sequences run (its memory stays within the budget, and a decoding step reads only the
+rows in use), but a pool larger than ``MIN_CAPACITY`` rows is dropped when its last sequence leaves: after a long
+request, the next short ones get a pool of their own size, with all ``max_batch`` slots the budget allows.
 
 Admission asks ``fits(rows, admitted)``: whether a sequence of ``rows`` KV rows (prompt and new tokens) has a slot
 once the running sequences and those already admitted (``admitted``: their rows) have theirs. A sequence too long to
@@ -105,6 +107,7 @@ class DecodePool:
         for request in ended:
             self.requests.remove(request)
             request.finish()
+        self._release_if_empty()
         return pieces, ended
 
     def forward(self) -> None:
@@ -123,7 +126,13 @@ class DecodePool:
             assert self.batch is not None and request.seq is not None
             self.batch.cancel(request.seq)
             self.requests.remove(request)
+            self._release_if_empty()
         request.finish()
+
+    def _release_if_empty(self) -> None:
+        """Drop an empty pool made larger than the smallest (a long sequence's): the next one is sized for its own."""
+        if not self.requests and self.capacity > MIN_CAPACITY:
+            self.batch = None
 
     def fail_all(self) -> list[BatchRequest]:
         """Drop every request (a decoding step failed: the pool's state is unknown) and the pool; returns them."""

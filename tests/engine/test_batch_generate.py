@@ -90,6 +90,15 @@ def test_a_small_pool_admits_by_kv_memory_and_is_made_larger_while_decoding(make
         loop.step()
     for request, want in zip(made, expected, strict=True):
         same(request.result, want)
+    assert loop.pool.capacity == 0  # the long sequence's pool went with the last sequence
+    again = BatchRequest(engine, **short)
+    loop.admit(again)
+    while loop.pool.batch is None:
+        loop.step()
+    assert loop.pool.capacity == MIN_CAPACITY and loop.pool.batch.slots.slots == 8  # every slot of a short pool
+    while loop.busy:
+        loop.step()
+    same(again.result, expected[0])
     with pytest.raises(ValueError, match="kv_memory"):
         engine.generate_batch(["x " * 600], max_new_tokens=600, kv_memory=small)
 
