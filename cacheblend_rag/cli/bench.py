@@ -34,7 +34,7 @@ def bench_ttft_cmd(
     n: int = typer.Option(10, min=1, help="Number of examples."),
     strategies: str = typer.Option(
         "full_recompute,prefix_cache,full_reuse,cacheblend[query],cacheblend[deviation]",
-        help="Comma separated; cacheblend[selection] names a token selection.",
+        help="Comma separated; cacheblend[selection] names a token selection, cacheblend@0.1 its own ratio.",
     ),
     ratio: float = typer.Option(0.15, help="cacheblend recompute ratio."),
     repeats: int = typer.Option(1, min=1, help="Time each request this many times, keep the best."),

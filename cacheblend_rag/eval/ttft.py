@@ -13,7 +13,14 @@ from .datasets import Example
 
 
 def strategy_config(name: str, ratio: float, **kw) -> BlendConfig:
-    """The BlendConfig of a strategy name, which may name a cacheblend selection: ``cacheblend[deviation]``."""
+    """The BlendConfig of a strategy name, which may name a cacheblend selection and its own ratio:
+    ``cacheblend[deviation]``, ``cacheblend@0.1``, ``cacheblend[query]@0.05`` (``ratio`` otherwise)."""
+    name, at, own = name.partition("@")
+    if at:
+        try:
+            ratio = float(own)
+        except ValueError:
+            raise ValueError(f"{name}@{own}: the ratio after '@' must be a number, e.g. cacheblend@0.1") from None
     strategy, _, selection = name.partition("[")
     if selection:
         kw["selection"] = selection.removesuffix("]")
