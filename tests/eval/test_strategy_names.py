@@ -14,5 +14,5 @@ def test_a_name_may_carry_a_selection_and_a_ratio():
 
 
 def test_a_ratio_that_is_not_a_number_names_the_fix():
-    with pytest.raises(ValueError, match="must be a number, e.g. cacheblend@0.1"):
+    with pytest.raises(ValueError, match=r"must be a number, e\.g\. cacheblend@0\.1"):
         strategy_config("cacheblend@ten", 0.15)
