@@ -41,6 +41,8 @@ def blend_report(stats, reveal: bool = True, notes: dict | None = None) -> dict:
         "cache_misses": stats.cache_misses,
         "prefill_s": round(stats.prefill_s, 6),
         "ttft_s": round(stats.ttft_s, 6),
+        "fallback": stats.fallback,  # why a prompt with chunks was computed in full, or None
+        "guard": stats.guard,  # why the blend was run again with a larger share, or None
         **(notes or {}),
     }
 

@@ -122,6 +122,7 @@ def test_blend_options_per_request(server, engine):
     assert report({"recompute_ratio": 0.0})["cacheblend"]["reused_tokens"] == cached
     ratio = report({"strategy": "cacheblend", "recompute_ratio": 0.5})["cacheblend"]
     assert ratio["recompute_ratio"] == 0.5 and ratio["reused_tokens"] == cached - round(0.5 * cached)
+    assert ratio["fallback"] is None and ratio["guard"] is None  # blended, and no guard asked for
     bad = post(server, "/v1/chat/completions", chat(CONTEXT, cacheblend={"strategy": "fastest"}))
     assert bad.status_code == 400 and "full_recompute" in bad.json()["error"]["message"]
     unknown = post(server, "/v1/chat/completions", chat(CONTEXT, cacheblend={"ratio": 0.2}))
@@ -133,6 +134,16 @@ def test_blend_options_per_request(server, engine):
     assert ignored.status_code == 400 and "check_layers=(1, 2) does nothing" in ignored.json()["error"]["message"]
     not_object = post(server, "/v1/chat/completions", chat(CONTEXT, cacheblend=["full_reuse"]))
     assert not_object.status_code == 400 and "cacheblend" in not_object.json()["error"]["message"]
+
+
+@pytest.mark.cost_model
+def test_a_prompt_computed_in_full_says_why(server, engine):
+    """The real cost model: this short prompt costs less computed in full, and the response says so."""
+    body = chat(CONTEXT, max_tokens=2)
+    report = post(server, "/v1/chat/completions", body).json()["cacheblend"]
+    assert report["reused_tokens"] == 0 and "computed in full" in report["fallback"]
+    forced = post(server, "/v1/chat/completions", {**body, "cacheblend": {"exact_when_faster": False}}).json()
+    assert forced["cacheblend"]["fallback"] is None and forced["cacheblend"]["reused_tokens"] > 0
 
 
 @pytest.mark.parametrize(
