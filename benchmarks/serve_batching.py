@@ -27,37 +27,17 @@ import itertools
 import json
 import os
 import random
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
+from serve_common import REPO, ServeProcess, paragraphs, percentile, stream_chat
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO / "cacheblend_rag" / "data" / "corpus"
 RAG_ASK = "Using only the passages above, write a detailed summary of everything they say."
 PLAIN_ASK = "Write a long story about {topic}, with many details."
 TOPICS = ["a lighthouse keeper", "a fishing village", "a storm at sea", "an old harbour", "a ferry crossing"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def paragraphs() -> list[str]:
-    out = []
-    for path in sorted(CORPUS.glob("*.md")):
-        for block in path.read_text().split("\n\n"):
-            block = block.strip()
-            if len(block) >= 200 and not block.startswith("#"):
-                out.append(block)
-    return out
 
 
 def messages(kind: str, i: int, chunks: list[str]) -> list[dict]:
@@ -68,10 +48,7 @@ def messages(kind: str, i: int, chunks: list[str]) -> list[dict]:
 
 
 def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+    return percentile(values, q, "index")
 
 
 def lone_in_process(args) -> dict:
@@ -108,73 +85,25 @@ def lone_in_process(args) -> dict:
     return out
 
 
-class Server:
-    """``cacheblend serve`` in a subprocess on a free loopback port."""
+class Server(ServeProcess):
+    """The one replica: a memory tier, its own registry, as many active streams as the largest concurrency."""
 
     def __init__(self, args, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", "from cacheblend_rag.cli import main; main()", "serve", "--model", args.model]
-        cmd += ["--port", str(self.port), "--served-model-name", "model", "--dtype", args.dtype, "--device", "cpu"]
-        cmd += ["--store", "memory://?max_bytes=2GB", "--no-share-registry", "--log-level", "warning"]
-        cmd += ["--max-active", str(max(args.concurrency)), "--max-queue", "256", "--max-tokens", str(args.max_tokens)]
+        options = ["--model", args.model, "--served-model-name", "model", "--dtype", args.dtype, "--device", "cpu"]
+        options += ["--store", "memory://?max_bytes=2GB", "--no-share-registry", "--log-level", "warning"]
+        options += ["--max-active", str(max(args.concurrency)), "--max-queue", "256"]
+        options += ["--max-tokens", str(args.max_tokens)]
         if args.prefill_budget:
-            cmd += ["--prefill-budget", str(args.prefill_budget)]
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.log = (workdir / "server.log").open("w")
-        # python -c imports from its working directory first: --server-repo runs another checkout's server
-        self.proc = subprocess.Popen(cmd, cwd=args.server_repo, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                httpx.get(f"{self.url}/health", timeout=5).raise_for_status()
-                return
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not start in {timeout}s") from None
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        self.log.close()
+            options += ["--prefill-budget", str(args.prefill_budget)]
+        # --server-repo runs another checkout's server: python -c imports from its working directory first
+        env = {"OMP_WAIT_POLICY": "PASSIVE"}
+        super().__init__("server", options, workdir / "server.log", env=env, cwd=args.server_repo)
 
 
 def stream_one(url: str, msgs: list[dict], max_tokens: int, blend: dict | None = None) -> dict:
     """One streamed chat completion: when it was sent, when each content piece arrived, its usage."""
-    body = {"model": "model", "messages": msgs, "max_tokens": max_tokens, "stream": True}
-    body["stream_options"] = {"include_usage": True}
-    if blend:
-        body["cacheblend"] = blend
-    record: dict = {"sent": time.perf_counter(), "pieces": [], "usage": None, "error": None}
-    try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
-            if response.status_code != 200:
-                record["error"] = f"{response.status_code}: {response.read()[:200]!r}"
-                return record
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[len("data: ") :])
-                if event.get("usage"):
-                    record["usage"] = event["usage"]
-                for choice in event.get("choices", []):
-                    if choice.get("delta", {}).get("content"):
-                        record["pieces"].append(time.perf_counter())
-                if "error" in event:
-                    record["error"] = event["error"]["message"]
-    except httpx.HTTPError as exc:
-        record["error"] = repr(exc)
-    return record
+    extra = {"cacheblend": blend} if blend else None
+    return stream_chat(url, msgs, max_tokens, extra=extra, timeout=600)
 
 
 def run_load(url: str, kind: str, clients: int, args, chunks: list[str]) -> list[dict]:

@@ -27,7 +27,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,29 +35,11 @@ import time
 from pathlib import Path
 
 import httpx
+from serve_common import REPO, ServeProcess, free_port, paragraphs, percentile, stream_chat
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cacheblend_rag_app.sample_questions import QUESTIONS  # noqa: E402
-
-CORPUS = REPO / "cacheblend_rag" / "data" / "corpus"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def paragraphs() -> list[str]:
-    out = []
-    for path in sorted(CORPUS.glob("*.md")):
-        for block in path.read_text().split("\n\n"):
-            block = block.strip()
-            if len(block) >= 200 and not block.startswith("#"):
-                out.append(block)
-    return out
+from cacheblend_rag_app.sample_questions import QUESTIONS
 
 
 def words(text: str) -> set[str]:
@@ -75,66 +56,15 @@ def prompt_for(question: str, chunks: list[str], k: int) -> list[dict]:
     ]
 
 
-class Replica:
+class Replica(ServeProcess):
+    """A replica of the load check: ``stores`` its tiers, ``args`` its limits, device, dtype and torch threads."""
+
     def __init__(self, name: str, model: str, stores: list[str], workdir: Path, args) -> None:
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-c",
-            "from cacheblend_rag.cli import main; main()",
-            "serve",
-            "--model",
-            model,
-            "--port",
-            str(self.port),
-            "--served-model-name",
-            "model",
-            "--max-active",
-            str(args.max_active),
-            "--max-queue",
-            str(args.max_queue),
-            "--device",
-            args.device,
-            "--dtype",
-            args.dtype,
-            "--log-level",
-            "warning",
-        ]
-        for store in stores:
-            cmd += ["--store", store]
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": str(args.threads),
-            "OMP_WAIT_POLICY": "PASSIVE",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-        self.log = (workdir / f"replica-{name}.log").open("w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"replica {self.name} exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                httpx.get(f"{self.url}/health", timeout=5).raise_for_status()
-                return
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"replica {self.name} did not start in {timeout}s") from None
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        self.log.close()
+        options = ["--model", model, "--served-model-name", "model", "--max-active", str(args.max_active)]
+        options += ["--max-queue", str(args.max_queue), "--device", args.device, "--dtype", args.dtype]
+        options += ["--log-level", "warning", *(x for store in stores for x in ("--store", store))]
+        env = {"OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+        super().__init__(name, options, workdir / f"replica-{name}.log", env=env)
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -174,45 +104,13 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("redis-server did not start")
 
 
-def stream_chat(url: str, messages: list[dict], max_tokens: int, on_first=None, timeout: float = 300) -> dict:
+RECORDED = ("status", "ttft", "usage", "done", "error", "retry_after")  # what the JSON keeps of a stream
+
+
+def stream(url: str, messages: list[dict], max_tokens: int, on_first=None) -> dict:
     """One streamed chat completion: status, TTFT, usage, whether it ended with [DONE], the error if any."""
-    body = {
-        "model": "model",
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    out: dict = {"status": None, "ttft": None, "usage": None, "done": False, "error": None}
-    sent = time.perf_counter()
-    try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=timeout) as response:
-            out["status"] = response.status_code
-            if response.status_code != 200:
-                response.read()
-                out["retry_after"] = response.headers.get("retry-after")
-                out["error"] = response.json().get("error", {}).get("message")
-                return out
-            for line in response.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    out["done"] = True
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    out["error"] = event["error"]["message"]
-                    break
-                if event.get("usage"):
-                    out["usage"] = event["usage"]
-                if event["choices"] and event["choices"][0]["delta"].get("content") and out["ttft"] is None:
-                    out["ttft"] = time.perf_counter() - sent
-                    if on_first is not None:
-                        on_first()
-    except httpx.HTTPError as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-    return out
+    record = stream_chat(url, messages, max_tokens, on_first=on_first)
+    return {key: record[key] for key in RECORDED if key in record}
 
 
 def load_phase(replicas: list[Replica], chunks: list[str], args) -> list[dict]:
@@ -228,7 +126,7 @@ def load_phase(replicas: list[Replica], chunks: list[str], args) -> list[dict]:
             replica = replicas[(i + j) % len(replicas)]  # round-robin, as a load balancer would
             question = rng.choice(QUESTIONS).question
             for _attempt in range(5):
-                result = stream_chat(replica.url, prompt_for(question, chunks, args.k), args.max_tokens)
+                result = stream(replica.url, prompt_for(question, chunks, args.k), args.max_tokens)
                 result["replica"] = replica.name
                 with lock:
                     results.append(result)
@@ -256,7 +154,7 @@ def kill_phase(a: Replica, b: Replica, chunks: list[str], args) -> dict:
             started.wait()
 
         question = QUESTIONS[i % len(QUESTIONS)].question
-        result = stream_chat(replica.url, prompt_for(question, chunks, args.k), 128, on_first=on_first)
+        result = stream(replica.url, prompt_for(question, chunks, args.k), 128, on_first=on_first)
         if not first:  # failed before its first piece: do not keep the others waiting
             started.abort()
         results[replica.name].append(result)
@@ -269,15 +167,8 @@ def kill_phase(a: Replica, b: Replica, chunks: list[str], args) -> dict:
     os.kill(b.proc.pid, signal.SIGKILL)
     for t in threads:
         t.join()
-    after = [stream_chat(a.url, prompt_for(q.question, chunks, args.k), 8) for q in QUESTIONS[:4]]
+    after = [stream(a.url, prompt_for(q.question, chunks, args.k), 8) for q in QUESTIONS[:4]]
     return {"A": results["A"], "B": results["B"], "A after": after}
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
 
 
 def summarize(label: str, results: list[dict]) -> dict:
@@ -292,8 +183,8 @@ def summarize(label: str, results: list[dict]) -> dict:
         "ok": len(ok),
         "clean_429": len(clean_429),
         "errors": len(results) - len(ok) - len(clean_429),
-        "ttft_p50_s": percentile(ttfts, 50),
-        "ttft_p99_s": percentile(ttfts, 99),
+        "ttft_p50_s": percentile(ttfts, 50, "rank"),
+        "ttft_p99_s": percentile(ttfts, 99, "rank"),
         "reuse": cached / prompt if prompt else 0.0,
     }
 
@@ -343,7 +234,7 @@ def main() -> None:
         store = ["memory://?max_bytes=1GB", f"{redis_url}{'&' if '?' in redis_url else '?'}prefix={prefix}"]
         replicas = [Replica(name, args.model, store, workdir, args) for name in ("A", "B")]
         for replica in replicas:
-            replica.wait_ready()
+            replica.wait_ready(300)
         a, b = replicas
         prints = {httpx.get(f"{r.url}/health", timeout=30).json()["model_fingerprint"] for r in replicas}
         if len(prints) != 1:
@@ -395,7 +286,7 @@ def main() -> None:
             )
     finally:
         for replica in replicas:
-            replica.stop()
+            replica.stop(wait=30)
         if redis_proc is not None:
             redis_proc.kill()
             redis_proc.wait(10)

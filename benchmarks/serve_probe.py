@@ -36,6 +36,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from serve_common import free_port
 from serve_probe_common import (  # the probe's constants, the replicas it starts, the readers of answers
     CLI,
     DEFAULT_SYSTEM,
@@ -56,7 +57,6 @@ from serve_probe_common import (  # the probe's constants, the replicas it start
     code,
     during,
     error_shaped,
-    free_port,
     hits,
     registry_keys,
     row,
@@ -236,7 +236,7 @@ def phase_open(redis_url: str, r: redis.Redis, workdir: Path) -> None:
             status == 200,
         )
         c = Replica("C", redis_url, workdir, nofile=256)
-        started = c.wait_ready()
+        started = c.ready()
         health = c.health() if started else {}
         figure = (health.get("registered_chunks"), held, (health.get("shared_registry") or {}).get("rejected"))
         figure += (rss_mb(c.proc.pid) if started else None,)

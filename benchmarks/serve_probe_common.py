@@ -6,20 +6,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import redis
+from serve_common import REPO, SERVE, ServeProcess
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
-CLI = [sys.executable, "-c", "from cacheblend_rag.cli import main; main()", "serve", "--model", MODEL]
+CLI = [*SERVE, "--model", MODEL]
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # the template's default
 INSTRUCTION = "Answer the question in one short sentence, using only the facts given in the context."
 FACT = "The Eiffel Tower is in Paris, France. It was completed in 1889 and is 330 metres tall."
@@ -49,40 +45,20 @@ def row(item: str, probe: str, figure, ok: bool) -> None:
     print(f"[{'ok' if ok else 'FAIL'}] {item} {probe}: {figure}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_mb(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
     return next((int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS:")), -1)
 
 
-class Replica:
+class Replica(ServeProcess):
     """``cacheblend serve`` in a process: ``args`` are extra CLI options, ``nofile`` a ``ulimit -n``."""
 
     def __init__(self, name: str, redis_url: str, workdir: Path, args=(), nofile: int | None = None) -> None:
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cli = [*CLI, "--port", str(self.port), "--dtype", "bfloat16", "--store", "memory://?max_bytes=1GB"]
-        cli += ["--store", redis_url, *args]
-        cmd = ["bash", "-c", f'ulimit -n {nofile} && exec "$@"', "_", *cli] if nofile else cli
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        env["PYTHONPATH"] = f"{REPO}:{env.get('PYTHONPATH', '')}"
-        self.log_path = workdir / f"replica-{name}.log"
-        self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 600) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return True
-            time.sleep(0.5)
-        return False
+        options = ["--model", MODEL, "--dtype", "bfloat16", "--store", "memory://?max_bytes=1GB"]
+        options += ["--store", redis_url, *args]
+        wrap = ["bash", "-c", f'ulimit -n {nofile} && exec "$@"', "_"] if nofile else []
+        env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+        super().__init__(name, options, workdir / f"replica-{name}.log", env=env, wrap=wrap)
 
     def call(self, path: str, body=None, key: str | None = None, raw: bytes | None = None, timeout: float = 300):
         """(status, JSON or text, headers, seconds); GET without a body."""
@@ -112,20 +88,10 @@ class Replica:
     def health(self) -> dict:
         return self.call("/health")[1]
 
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        self.log.close()
-
 
 def start(*replicas: Replica) -> None:
     for r in replicas:
-        if not r.wait_ready():
+        if not r.ready():
             raise SystemExit(f"replica {r.name} did not start: see {r.log_path}")
 
 

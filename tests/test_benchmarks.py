@@ -8,9 +8,9 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MAX_LINES = 400
 # over the limit today, to be split by whoever owns it; remove an entry once its file is under MAX_LINES
-KNOWN_LONG = {"serve_load.py"}
+KNOWN_LONG: set[str] = set()
 # modules the scripts import, not scripts
-HELPERS = {"gpu_common.py", "gpu_profile.py", "serve_probe_common.py", "serve_probe_process.py"}
+HELPERS = {"gpu_common.py", "gpu_profile.py", "serve_common.py", "serve_probe_common.py", "serve_probe_process.py"}
 
 
 def test_no_benchmark_script_is_over_400_lines():
