@@ -11,7 +11,7 @@ The estimate counts, per layer, the FLOPs of the rows a pass computes (projectio
 work that does not shrink with the rows: launching the layer's operations on a GPU, the layer's Python and small
 operations on a CPU), plus, for the cached rows, the work of placing their stored K/V (``CACHED_ROW`` of a
 computed row's FLOPs: copying and rotating keys). The constants are properties of this implementation, measured
-with ``benchmarks/strategy_cost.py`` (short prompts on every strategy); docs/BENCHMARKS.md has the run.
+with ``benchmarks/strategy_cost.py`` (short prompts on every strategy); docs/BENCHMARKS.md 1.12 has the runs.
 """
 
 from __future__ import annotations
