@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
@@ -152,6 +153,10 @@ def test_abandoned_astream_stops_decoding(engine, monkeypatch, leave):
             await task
 
     asyncio.run(run())
+    # the batch stops the request at its next step, on its own thread: wait for it to be recorded
+    deadline = time.monotonic() + 60
+    while engine.metrics()["requests"] == before["requests"] and time.monotonic() < deadline:
+        time.sleep(0.02)
     after = engine.metrics()
     assert after["requests"] - before["requests"] == 1
     assert after["abandoned_requests"] - before["abandoned_requests"] == 1
@@ -230,10 +235,8 @@ def test_tool_messages_and_messages_without_text_are_refused_with_the_fix(engine
 
 
 def test_concurrent_async_calls_decode_together_in_the_engines_batch(engine, passage, monkeypatch):
-    """acomplete and achat calls made at once (asyncio.gather, as LlamaIndex's async fan-out does) share the engine's
-    batch (cacheblend_rag.engine.batch_worker) and answer what each gets alone."""
-    import time
-
+    """acomplete, achat and their streaming forms called at once (asyncio.gather, as LlamaIndex's async fan-out
+    does) share the engine's batch (cacheblend_rag.engine.batch_worker) and answer what each gets alone."""
     from cacheblend_rag.engine.batch_worker import batch_worker
 
     llm = CacheBlendLLM(engine=engine, max_new_tokens=12)
@@ -252,13 +255,30 @@ def test_concurrent_async_calls_decode_together_in_the_engines_batch(engine, pas
 
     monkeypatch.setattr(worker.loop, "before_decode", record)
 
-    async def main():
-        completions = await asyncio.gather(*(llm.acomplete(q) for q in questions))
-        worker.loop.before_decode = record
-        chats = await asyncio.gather(*(llm.achat([m]) for m in messages))
-        return completions, chats
+    async def streamed(responses) -> tuple[str, list]:
+        pieces = [r async for r in await responses]
+        return "".join(r.delta for r in pieces), pieces
 
-    completions, chats = asyncio.run(main())
+    phases: list[list[int]] = []  # the batch sizes seen at each decoding step, per gather
+
+    async def main():
+        out = []
+        for calls in (
+            [llm.acomplete(q) for q in questions],
+            [llm.achat([m]) for m in messages],
+            [streamed(llm.astream_complete(q)) for q in questions],
+            [streamed(llm.astream_chat([m])) for m in messages],
+        ):
+            worker.loop.before_decode = record
+            out.append(await asyncio.gather(*calls))
+            phases.append(list(sizes))
+            sizes.clear()
+        return out
+
+    completions, chats, streams, chat_streams = asyncio.run(main())
     assert [c.text for c in completions] == expected == [c.message.content for c in chats]
-    assert max(sizes) >= 2
+    assert [text for text, _ in streams] == expected == [text for text, _ in chat_streams]
+    for i, (_, pieces) in enumerate(streams):  # the last piece carries the stats
+        assert pieces[-1].additional_kwargs["reused_tokens"] == completions[i].additional_kwargs["reused_tokens"]
+    assert all(max(phase) >= 2 for phase in phases), phases  # every kind of call decoded in one batch
     assert completions[0].additional_kwargs["reused_tokens"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -164,6 +165,10 @@ def test_abandoned_astream_stops_decoding(make_tiny_engine, leave):
         return None
 
     asyncio.run(run())
+    # the worker thread stops at its next token, on its own: wait (a busy machine delays it) for the record
+    deadline = time.monotonic() + 60
+    while engine.metrics()["requests"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     metrics = engine.metrics()
     # the worker stopped a token or two after the consumer left, and the engine's stream was closed
     assert metrics["requests"] == 2 and metrics["abandoned_requests"] == 1

@@ -31,7 +31,7 @@ from llama_index.core.llms.custom import CustomLLM
 from cacheblend_rag import BlendConfig, CacheBlendEngine, GenerationResult, GenerationStream, SamplingParams
 from cacheblend_rag.engine.aio import iterate_in_thread
 from cacheblend_rag.engine.batch_request import BatchRequest
-from cacheblend_rag.engine.batch_worker import batch_worker
+from cacheblend_rag.engine.batch_worker import BatchHandle, batch_worker
 
 # options a call may override: llm.complete(prompt, max_new_tokens=8, strategy="full_recompute")
 CALL_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop", "strategy", "recompute_ratio")
@@ -62,8 +62,9 @@ class CacheBlendLLM(CustomLLM):
     ``prompt_tokens``, ``reused_tokens``, ``recomputed_tokens``, ``cache_hits``, ``ttft_s``, ... and
     ``finish_reason``; ``response.raw`` holds ``usage`` (for LlamaIndex's token counting), ``cacheblend``
     (all stats) and ``token_ids``. Streaming yields the text pieces, then one last response with ``delta=""``
-    that carries the statistics. ``acomplete`` and ``achat`` decode in the engine's shared batch: concurrent calls
-    (a query engine with ``use_async=True``, ``asyncio.gather``) share each decoding step.
+    that carries the statistics. ``acomplete``, ``achat``, ``astream_complete`` and ``astream_chat`` decode in the
+    engine's shared batch: concurrent calls (a query engine with ``use_async=True``, ``asyncio.gather``) share each
+    decoding step.
     """
 
     model_name: str = Field(default="", description="The engine's model (set from the engine).")
@@ -244,8 +245,8 @@ class CacheBlendLLM(CustomLLM):
 
     # ---- async: the prefill and the decoding run in worker threads, never on the event loop; a consumer
     # that stops early stops the decoding (cacheblend_rag.engine.aio, as in the LangChain integration). acomplete
-    # and achat decode in the engine's shared batch (cacheblend_rag.engine.batch_worker): calls made at once (a
-    # query engine's async fan-out, asyncio.gather) share each decoding step -----------------------------------
+    # and achat, and their streaming forms, decode in the engine's shared batch (cacheblend_rag.engine.batch_worker):
+    # calls made at once (a query engine's async fan-out, asyncio.gather) share each decoding step ---------------
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         request = await asyncio.to_thread(lambda: self._batch_request(self._request(prompt, formatted), kwargs))
@@ -253,23 +254,26 @@ class CacheBlendLLM(CustomLLM):
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        stream = await asyncio.to_thread(self._start, prompt, formatted, kwargs)
-        return iterate_in_thread(lambda: _stream_responses(stream))
+        request = await asyncio.to_thread(lambda: self._batch_request(self._request(prompt, formatted), kwargs))
+        handle = batch_worker(self._engine).submit(request)
+        return iterate_in_thread(lambda: _batch_responses(handle))
+
+    def _chat_text(self, messages: Sequence[ChatMessage]) -> dict[str, Any]:
+        """The request text of chat ``messages``: the messages for the template, or the caller's own formatting."""
+        if self.messages_to_prompt != self._chat_messages_prompt:  # the caller's own formatting: a prompt string
+            return self._request(self.messages_to_prompt(messages), True)
+        return {"messages": chat_dicts(messages)}
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        def text() -> dict[str, Any]:
-            if self.messages_to_prompt != self._chat_messages_prompt:  # the caller's own formatting: a prompt string
-                return self._request(self.messages_to_prompt(messages), True)
-            return {"messages": chat_dicts(messages)}
-
-        request = await asyncio.to_thread(lambda: self._batch_request(text(), kwargs))
+        request = await asyncio.to_thread(lambda: self._batch_request(self._chat_text(messages), kwargs))
         return completion_response_to_chat_response(_response(await _batched(self._engine, request)))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        stream = await asyncio.to_thread(self._start_chat, messages, kwargs)
-        return astream_completion_response_to_chat_response(iterate_in_thread(lambda: _stream_responses(stream)))
+        request = await asyncio.to_thread(lambda: self._batch_request(self._chat_text(messages), kwargs))
+        handle = batch_worker(self._engine).submit(request)
+        return astream_completion_response_to_chat_response(iterate_in_thread(lambda: _batch_responses(handle)))
 
 
 def chat_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
@@ -319,6 +323,20 @@ async def _batched(engine: CacheBlendEngine, request: BatchRequest) -> Generatio
     async for _ in iterate_in_thread(lambda: handle):
         pass
     return handle.result
+
+
+def _batch_responses(handle: BatchHandle) -> Iterator[CompletionResponse]:
+    """A batched request's pieces as responses (``text`` so far, ``delta``), then one with the statistics; closing
+    it early stops the request at the batch's next step."""
+    text = ""
+    pieces = iter(handle)
+    try:
+        for piece in pieces:
+            text += piece
+            yield CompletionResponse(text=text, delta=piece)
+        yield _response(handle.result, delta="")
+    finally:
+        pieces.close()  # the handle stops a request its consumer left
 
 
 def _stream_responses(stream: GenerationStream) -> Iterator[CompletionResponse]:
