@@ -9,6 +9,7 @@ from torch.testing import assert_close
 
 from cacheblend_rag import BlendConfig
 from tests.conftest import PASSAGES
+from tests.engine.test_plan_steps import step_all
 
 QUESTIONS = [
     "\nQuestion: which river reaches the Black Sea?",
@@ -73,14 +74,7 @@ def test_the_guard_recomputes_the_share_it_names(prompts):
 
 def test_a_guarded_request_steps_a_layer_at_a_time_through_both_passes(prompts):
     engine, segments, _ = next(p for p in prompts if p[2])
-    steps = engine.prepare_steps(segments, config=blend(guard_ratio=1.0))
-    yields = []
-    while True:
-        try:
-            yields.append(next(steps))
-        except StopIteration as done:
-            request = done.value
-            break
+    yields, request = step_all(engine.prepare_steps(segments, config=blend(guard_ratio=1.0)))
     layers = engine.model_forward.n_layers
     assert request.stats.guard is not None
     assert len(yields) == 3 * layers  # the probe pass, the blend set aside, the recompute

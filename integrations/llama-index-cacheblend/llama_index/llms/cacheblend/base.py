@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 from llama_index.core.base.llms.generic_utils import (
@@ -326,27 +326,26 @@ async def _batched(engine: CacheBlendEngine, request: BatchRequest) -> Generatio
 
 
 def _batch_responses(handle: BatchHandle) -> Iterator[CompletionResponse]:
-    """A batched request's pieces as responses (``text`` so far, ``delta``), then one with the statistics; closing
-    it early stops the request at the batch's next step."""
+    """A batched request's responses (``_responses``); closing early stops it at the batch's next step."""
+    pieces = iter(handle)  # closed early, the handle stops the request its consumer left
+    return _responses(pieces, lambda: handle.result, pieces.close)
+
+
+def _stream_responses(stream: GenerationStream) -> Iterator[CompletionResponse]:
+    """A stream's responses (``_responses``); closing early closes the stream (the engine stops decoding)."""
+    return _responses(stream, lambda: stream.result, stream.close)
+
+
+def _responses(
+    pieces: Iterable[str], result: Callable[[], GenerationResult], close: Callable[[], None]
+) -> Iterator[CompletionResponse]:
+    """The pieces as responses (``text`` so far, ``delta``), then one with the statistics of ``result()``; ``close``
+    runs at the end, or when the consumer stops early."""
     text = ""
-    pieces = iter(handle)
     try:
         for piece in pieces:
             text += piece
             yield CompletionResponse(text=text, delta=piece)
-        yield _response(handle.result, delta="")
+        yield _response(result(), delta="")
     finally:
-        pieces.close()  # the handle stops a request its consumer left
-
-
-def _stream_responses(stream: GenerationStream) -> Iterator[CompletionResponse]:
-    """The stream's pieces as responses (``text`` so far, ``delta``), then one with the statistics; closing
-    it early closes the stream (the engine stops decoding)."""
-    text = ""
-    try:
-        for piece in stream:
-            text += piece
-            yield CompletionResponse(text=text, delta=piece)
-        yield _response(stream.result, delta="")
-    finally:
-        stream.close()
+        close()
