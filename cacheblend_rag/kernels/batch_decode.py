@@ -29,8 +29,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .backend import round_to
-    from .decode_attention import decode_splits
+    from .decode_attention import decode_splits, split_softmax
 
 
 def batch_decode_attention_torch(
@@ -101,30 +100,24 @@ if HAVE_TRITON:
         pos = tl.load(pos_ptr + seq).to(tl.int32)
         start = split * keys_per_split
         end = tl.minimum(start + keys_per_split, pos + 1)  # keys start..end-1; none if the range is past pos
-        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-        offs = tl.arange(0, BLOCK_N)
         k_base = k_ptr + seq * stride_kb + kv_head * stride_kh + d[None, :] * stride_kd
         v_base = v_ptr + seq * stride_vb + kv_head * stride_vh + d[None, :] * stride_vd
-        for block in range(start, end, BLOCK_N):
-            keys = block + offs
-            live = keys < end
-            kv_mask = live[:, None] & d_ok[None, :]
-            k = tl.load(k_base + keys[:, None] * stride_kn, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + keys[:, None] * stride_vn, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(live[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block holds a live key
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if UPCAST:
-                p = round_to(p, p_dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(p_dtype).to(v.dtype), v)
-            m_i = m_new
+        acc, m_i, l_i = split_softmax(
+            q,
+            k_base,
+            v_base,
+            stride_kn,
+            stride_vn,
+            start,
+            end,
+            d_ok,
+            qk_scale,
+            p_dtype,
+            BLOCK_G,
+            BLOCK_D,
+            BLOCK_N,
+            UPCAST,
+        )
         part = (seq * N_HEADS + head) * SPLITS + split
         tl.store(o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
         tl.store(m_ptr + part, m_i, mask=g_ok)

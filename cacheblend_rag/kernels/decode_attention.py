@@ -59,6 +59,50 @@ def decode_attention_torch(
 if HAVE_TRITON:
 
     @triton.jit
+    def split_softmax(
+        q,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_vn,
+        start,
+        end,
+        d_ok,
+        qk_scale,
+        p_dtype: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """One split of a decoding query group: q [BLOCK_G, BLOCK_D] over keys start..end-1 (K/V rows at
+        ``k_base``/``v_base`` + key x stride) with the online softmax -> acc [BLOCK_G, BLOCK_D], m_i, l_i (float32,
+        unnormalised: ``combine`` merges the splits). Shared by the one-sequence and the batched decode kernels."""
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        offs = tl.arange(0, BLOCK_N)
+        for block in range(start, end, BLOCK_N):
+            keys = block + offs
+            live = keys < end
+            kv_mask = live[:, None] & d_ok[None, :]
+            k = tl.load(k_base + keys[:, None] * stride_kn, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_vn, mask=kv_mask, other=0.0)
+            if UPCAST:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(live[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block holds a live key
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if UPCAST:
+                p = round_to(p, p_dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(p_dtype).to(v.dtype), v)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
     def decode_kernel(
         q_ptr,
         pos_ptr,
@@ -102,30 +146,24 @@ if HAVE_TRITON:
         pos = tl.load(pos_ptr).to(tl.int32)
         start = split * keys_per_split
         end = tl.minimum(start + keys_per_split, pos + 1)  # keys start..end-1; none if the range is past pos
-        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-        offs = tl.arange(0, BLOCK_N)
         k_base = k_ptr + kv_head * stride_kh + d[None, :] * stride_kd
         v_base = v_ptr + kv_head * stride_vh + d[None, :] * stride_vd
-        for block in range(start, end, BLOCK_N):
-            keys = block + offs
-            live = keys < end
-            kv_mask = live[:, None] & d_ok[None, :]
-            k = tl.load(k_base + keys[:, None] * stride_kn, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + keys[:, None] * stride_vn, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(live[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block holds a live key
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if UPCAST:
-                p = round_to(p, p_dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(p_dtype).to(v.dtype), v)
-            m_i = m_new
+        acc, m_i, l_i = split_softmax(
+            q,
+            k_base,
+            v_base,
+            stride_kn,
+            stride_vn,
+            start,
+            end,
+            d_ok,
+            qk_scale,
+            p_dtype,
+            BLOCK_G,
+            BLOCK_D,
+            BLOCK_N,
+            UPCAST,
+        )
         part = head * SPLITS + split
         tl.store(o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
         tl.store(m_ptr + part, m_i, mask=g_ok)
