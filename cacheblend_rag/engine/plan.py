@@ -68,6 +68,7 @@ class PlanReport:
     rejected: Any = None  # PrefillResult of the prefill a guard ran again, or None
     load_s: float = 0.0
     probe_s: float = 0.0
+    kept: int = 0  # rows a probe pass computed exactly that the prefill proper keeps (the prompt's head)
 
 
 @dataclass(frozen=True, eq=False)

@@ -58,7 +58,8 @@ def request_stats(plan: PrefillPlan, result: PrefillResult, prefill_s: float = 0
     device: one sync, after the prefill). prefill_s: the prefill's time, the probe pass's included."""
     report = plan.report
     n, cached = plan.n, plan.n_cached
-    recomputed = int(result.rows.shape[0])  # rows computed through the last layer
+    # rows computed through the last layer, and those a probe pass computed exactly and the prefill kept
+    recomputed = int(result.rows.shape[0]) + report.kept
     ratio = None
     if report.blend and cached:  # a cacheblend prefill computes every uncached row: the rest were cached
         ratio = (recomputed - (n - cached)) / cached

@@ -103,18 +103,29 @@ class QuerySelection(Selection):
         t = time.perf_counter()
         keep, k = self.choose_rows(reused, tail)
         self.scored = (reused, tail)
-        report = replace(reused.report, probe=probe, probe_s=spent + probe_s + time.perf_counter() - t)
-        # the probe pass left every chunk's K/V rotated in the cache: the prefill proper writes only its own rows
+        head = reused.spans[0].start
+        report = replace(reused.report, probe=probe, probe_s=spent + probe_s + time.perf_counter() - t, kept=head)
+        # the probe pass left every chunk's K/V rotated in the cache, and the head's exact: the prefill proper
+        # writes only its own rows
         n_forced, n_forced_cached = reused.n_forced
         return PrefillPlan(
             ids=reused.ids,
             spans=reused.spans,
             initial=keep,
-            forced=reused.forced.clone().index_fill_(0, keep, True),
-            n_forced=(n_forced + k, n_forced_cached + k),
+            forced=self.proper_forced(reused).index_fill_(0, keep, True),
+            n_forced=(n_forced - head + k, n_forced_cached + k),
             cache_ready=True,
             report=report,
         )
+
+    @staticmethod
+    def proper_forced(reused: ReusedChunks) -> torch.Tensor:
+        """[N] bool: the forced rows the prefill proper computes: every one but the prompt's head (the rows before
+        the first chunk). The head sees only itself, all computed in the probe pass, so the K/V the probe pass
+        left there is the head's exact K/V: computing it again would only repeat it."""
+        forced = reused.forced.clone()
+        forced[: reused.spans[0].start] = False
+        return forced
 
     def probe_plan(self, reused: ReusedChunks, fwd) -> tuple[PrefillPlan, TailAttention]:
         """The probe pass's plan (``full_reuse``'s rows) and the observer that scores the cached rows in it."""
@@ -135,8 +146,8 @@ class QuerySelection(Selection):
         return plan, tail
 
     def choose_rows(self, reused: ReusedChunks, tail: TailAttention) -> tuple[torch.Tensor, int]:
-        """After the probe pass: the rows the prefill proper computes ([n_forced + k] sorted: the forced rows and
-        the k cached ones ``tail`` scored highest, k within the budget), and k."""
+        """After the probe pass: the rows the prefill proper computes ([n_forced - head + k] sorted: the forced rows
+        after the prompt's head and the k cached ones ``tail`` scored highest, k within the budget), and k."""
         n_cached = reused.n_cached
         n_forced, n_forced_cached = reused.n_forced
         candidates = tail.from_cache & ~reused.forced  # [N] bool
@@ -146,7 +157,8 @@ class QuerySelection(Selection):
         else:
             keep_cached = self.budget.rows(tail.scores[candidates], n_cached, n_forced_cached)
         k = max(0, min(keep_cached - n_forced_cached, n_candidates))
-        return choose(tail.scores, reused.forced, candidates, k, n_forced), k
+        head = reused.spans[0].start
+        return choose(tail.scores, self.proper_forced(reused), candidates, k, n_forced - head), k
 
     def review(self, plan: PrefillPlan, result) -> PrefillPlan | None:
         """The guard: None if the blend's first token is full_reuse's (the probe pass's), or no guard is set, or it
@@ -166,9 +178,11 @@ class QuerySelection(Selection):
         k = max(0, min(round(ratio * reused.n_cached) - n_forced_cached, reused.n_cached - n_forced_cached))
         if n_forced_cached + k <= plan.n_forced[1]:  # no more rows than this plan computed
             return None
-        mask = plan.forced.clone().index_fill_(0, choose(tail.scores, reused.forced, candidates, k, n_forced), True)
+        head = reused.spans[0].start
+        chosen = choose(tail.scores, self.proper_forced(reused), candidates, k, n_forced - head)
+        mask = plan.forced.clone().index_fill_(0, chosen, True)
         count = int(mask.sum())  # the rows this plan computed and the new ones may overlap only partly on ties
-        uncached = plan.n - plan.n_cached
+        uncached = plan.n - plan.n_cached - head  # the head's rows are the probe pass's, kept
         why = f"first token {blended} differs from full_reuse's {reused_first}"
         why += f": recomputed {100 * ratio:.0f}% of the cached rows"
         return replace(
