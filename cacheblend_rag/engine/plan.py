@@ -69,6 +69,8 @@ class PlanReport:
     load_s: float = 0.0
     probe_s: float = 0.0
     kept: int = 0  # rows a probe pass computed exactly that the prefill proper keeps (the prompt's head)
+    exact: int = 0  # rows whose exact K/V was read from the store (the prompt's head, stored by an earlier request)
+    head_key: str | None = None  # where to store the prompt's head after the prefill (its first pass captures it)
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,7 +82,8 @@ class PrefillPlan:
     pre-RoPE K and V to return (``store_after``: which of them the strategy stores, under which keys).
     cache_ready: the cache already holds every span's rotated K/V (a probe pass wrote them): only the computed rows
     are rotated and written. observe(layer, q, rows, keys): called at every layer with the rotated queries of the
-    rows it computes."""
+    rows it computes. exact: spans whose stored K/V is what computing them would give (the prompt's head): placed
+    like ``spans`` but not cached rows (never scored or recomputed; a plan's ``initial`` leaves them out)."""
 
     ids: torch.Tensor
     spans: tuple[CachedSpan, ...] = ()
@@ -96,9 +99,11 @@ class PrefillPlan:
     cache_ready: bool = False
     observe: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     report: PlanReport = PlanReport()
+    exact: tuple[CachedSpan, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spans", tuple(self.spans))
+        object.__setattr__(self, "exact", tuple(self.exact))
         object.__setattr__(self, "checks", MappingProxyType(dict(self.checks)))
         if self.checks and self.scorer is None:
             raise ValueError("a plan with check layers needs a scorer (the selection that scores the rows)")
@@ -123,7 +128,7 @@ class PrefillPlan:
     def check_spans(self) -> None:
         """Host-side validation of the spans, once per request: inside the prompt, in order, not overlapping."""
         end = 0
-        for span in self.spans:
+        for span in sorted((*self.exact, *self.spans), key=lambda span: span.start):
             if span.start < end or span.end > self.n or span.kv.n_tokens <= 0:
                 raise ValueError(f"cached spans must be ordered, non-empty and inside the {self.n} prompt rows")
             end = span.end

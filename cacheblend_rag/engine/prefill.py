@@ -138,7 +138,7 @@ def prefill_steps(fwd: ModelForward, plan: PrefillPlan, cache: KVCache) -> Gener
     captured_k: list[torch.Tensor] = []
     captured_v: list[torch.Tensor] = []
     cache.length = n
-    stored = StoredKV(plan.spans if not plan.cache_ready else [], cache)  # transfer.py: where each block comes from
+    stored = StoredKV((*plan.exact, *plan.spans) if not plan.cache_ready else [], cache)  # transfer.py: from where
     for layer in range(fwd.n_layers):
         keys, values = cache.layer(layer, n)  # [Hkv, N, D] views of the fused cache
         stored.layer(layer)

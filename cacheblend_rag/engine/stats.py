@@ -14,7 +14,9 @@ from .prefill import PrefillResult
 class RequestStats:
     """What one request reused and recomputed, and where its time went.
 
-    prompt_tokens: tokens in the prompt. cached_tokens: prompt tokens whose KV came from the store.
+    prompt_tokens: tokens in the prompt. cached_tokens: prompt tokens of chunks whose KV came from the store.
+    head_tokens: tokens of the prompt's head (the rows before its first chunk) whose exact KV an earlier request
+    stored (engine/strategies/reuse.py): reused, never recomputed; 0 when this request computed the head.
     recomputed_tokens: tokens computed through every layer (all uncached tokens plus the cached tokens a
     strategy chose to recompute). reused_tokens: prompt_tokens - recomputed_tokens.
     layer_rows: rows computed at each layer. prefill_flops: multiply-adds x 2 of the prefill.
@@ -31,6 +33,7 @@ class RequestStats:
     strategy: str
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    head_tokens: int = 0
     reused_tokens: int = 0
     recomputed_tokens: int = 0
     cache_hits: int = 0
@@ -61,13 +64,14 @@ def request_stats(plan: PrefillPlan, result: PrefillResult, prefill_s: float = 0
     # rows computed through the last layer, and those a probe pass computed exactly and the prefill kept
     recomputed = int(result.rows.shape[0]) + report.kept
     ratio = None
-    if report.blend and cached:  # a cacheblend prefill computes every uncached row: the rest were cached
-        ratio = (recomputed - (n - cached)) / cached
+    if report.blend and cached:  # every uncached row is computed (an exact head is read): the rest were cached
+        ratio = (recomputed - (n - cached - report.exact)) / cached
     flops = result.flops + sum(r.flops for r in (report.probe, report.rejected) if r is not None)
     return RequestStats(
         strategy=report.strategy,
         prompt_tokens=n,
         cached_tokens=cached,
+        head_tokens=report.exact,
         reused_tokens=n - recomputed,
         recomputed_tokens=recomputed,
         cache_hits=report.hits,

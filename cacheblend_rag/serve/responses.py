@@ -37,6 +37,7 @@ def blend_report(stats, reveal: bool = True, notes: dict | None = None) -> dict:
         "reused_tokens": stats.reused_tokens,
         "recomputed_tokens": stats.recomputed_tokens,
         "cached_tokens": stats.cached_tokens,
+        "head_tokens": stats.head_tokens,
         "cache_hits": stats.cache_hits,
         "cache_misses": stats.cache_misses,
         "prefill_s": round(stats.prefill_s, 6),

@@ -38,7 +38,8 @@ def same(got, want) -> None:
     assert got.token_ids == want.token_ids
     assert got.text == want.text and got.finish_reason == want.finish_reason
     assert got.stats.new_tokens == want.stats.new_tokens and got.stats.prompt_tokens == want.stats.prompt_tokens
-    assert got.stats.reused_tokens == want.stats.reused_tokens
+    # the prompt's head is read exact from the store once a request stored it, so who stored it may differ
+    assert got.stats.reused_tokens - got.stats.head_tokens == want.stats.reused_tokens - want.stats.head_tokens
     assert got.prompt_token_ids == want.prompt_token_ids
 
 

@@ -48,7 +48,10 @@ def test_query_selection_counts_and_stats(make_engine):
     heads = engine.prepare(
         segments, config=config("cacheblend", selection="query", recompute_ratio=0.2, recompute_chunk_head=3)
     )
-    assert heads.stats.recomputed_tokens == round(0.2 * cached) + uncached
+    # the prompt's head, stored by the first request, is read exact by the later ones
+    assert heads.stats.head_tokens == head and req.stats.head_tokens == 0
+    assert heads.stats.recomputed_tokens == round(0.2 * cached) + uncached - head
+    assert heads.stats.reused_tokens == cached - round(0.2 * cached) + head
 
 
 def test_tail_attention_scores_what_the_probes_read():

@@ -89,20 +89,23 @@ def test_selection_counts(make_engine):
     cached = sum(h.n_tokens for h in handles)
     req = engine.prepare(segments, config=config("cacheblend", selection="deviation", recompute_ratio=0.15))
     uncached = req.stats.prompt_tokens - cached
-    assert req.stats.cached_tokens == cached
+    assert req.stats.cached_tokens == cached and req.stats.head_tokens == 0  # the first request computes the head
     assert req.stats.recomputed_tokens == round(0.15 * cached) + uncached
     assert req.stats.layer_rows[:2] == [req.stats.prompt_tokens, req.stats.recomputed_tokens]
+    # the later ones read it exact from the store (the deviation selection computes it up to its check layer)
+    head = len(engine.tokenize(segments[0]))
     reuse = engine.prepare(segments, config=config("full_reuse"))
-    assert reuse.stats.recomputed_tokens == uncached and reuse.stats.reused_tokens == cached
+    assert reuse.stats.head_tokens == head
+    assert reuse.stats.recomputed_tokens == uncached - head and reuse.stats.reused_tokens == cached + head
     heads = engine.prepare(
         segments, config=config("cacheblend", selection="deviation", recompute_ratio=0.15, recompute_chunk_head=2)
     )
-    assert heads.stats.recomputed_tokens == round(0.15 * cached) + uncached
+    assert heads.stats.recomputed_tokens == round(0.15 * cached) + uncached - head
     gradual = engine.prepare(
         segments, config=config("cacheblend", selection="deviation", recompute_ratio=0.1, check_layers=(1, 2))
     )
-    assert gradual.stats.layer_rows[1] == round(0.2 * cached) + uncached
-    assert gradual.stats.layer_rows[2] == round(0.1 * cached) + uncached
+    assert gradual.stats.layer_rows[1] == round(0.2 * cached) + uncached - head
+    assert gradual.stats.layer_rows[2] == round(0.1 * cached) + uncached - head
 
 
 def test_a_chunk_that_ends_the_prompt_is_computed(make_engine):
@@ -113,7 +116,7 @@ def test_a_chunk_that_ends_the_prompt_is_computed(make_engine):
     for tail in ("", "\n\n"):
         segments = ["Read.\n", *handles, tail]
         reuse = engine.prepare(segments, config=config("full_reuse"))
-        assert reuse.stats.reused_tokens == reuse.stats.cached_tokens == handles[0].n_tokens
+        assert reuse.stats.reused_tokens - reuse.stats.head_tokens == reuse.stats.cached_tokens == handles[0].n_tokens
         assert reuse.stats.unplaced_chunks == 1 and reuse.stats.fallback is None
     # the prompt is only a chunk: computed in full, as full recompute computes it
     (only,) = engine.precompute([PASSAGES[2]])
@@ -141,8 +144,10 @@ def test_attention_selection_counts_and_ratio_one(make_engine):
     full = engine.prepare(segments, config=config("full_recompute"))
     att = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.2, selection="attention"))
     dev = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.2))
-    uncached = att.stats.prompt_tokens - cached
-    assert att.stats.recomputed_tokens == dev.stats.recomputed_tokens == round(0.2 * cached) + uncached
+    for req in (att, dev):  # the first computes the prompt's head and stores it, the second reads it exact
+        uncached = req.stats.prompt_tokens - cached - req.stats.head_tokens
+        assert req.stats.recomputed_tokens == round(0.2 * cached) + uncached
+    assert (att.stats.head_tokens, dev.stats.head_tokens) == (0, len(engine.tokenize(segments[0])))
     assert not torch.equal(att.logits, dev.logits)  # a different choice of tokens
     one = engine.prepare(segments, config=config("cacheblend", recompute_ratio=1.0, selection="attention"))
     assert_close(one.logits, full.logits, atol=1e-5, rtol=1e-5)

@@ -70,7 +70,8 @@ def test_full_disk_tier_skips_writes_and_requests_succeed(make_engine, tmp_path,
         expected = reference.generate(segments(ref_handles), max_new_tokens=4, config=config("cacheblend"))
         assert result.token_ids == expected.token_ids
         disk = engine.store.tiers[0]
-        assert disk.stats.errors >= 2 and 1 <= disk.stats.writes < len(BIG)
+        # the chunks and the prompt's head (engine/strategies/reuse.py): some of those blocks were never written
+        assert disk.stats.errors >= 2 and 1 <= disk.stats.writes < len(BIG) + 1
         assert len(write_warnings(caplog)) == 1  # rate-limited: one warning for every failed write
         assert "No space left on device" in write_warnings(caplog)[0]
         assert not list((tmp_path / "full").glob("??/.tmp-*"))  # no partial file left behind
@@ -337,7 +338,7 @@ def test_fifo_in_place_of_a_kv_file_is_a_miss_not_a_hang(make_engine, tmp_path, 
     with fifo_watchdog(path) as check:
         out = CliRunner().invoke(app, ["store", "stats", "--cache-dir", str(tmp_path), "--json"])
         check("cacheblend store stats")
-    assert out.exit_code == 0 and '"entries": 2' in out.output
+    assert out.exit_code == 0 and '"entries": 3' in out.output  # two chunks and the prompt's head
     with caplog.at_level(logging.WARNING), fifo_watchdog(path) as check:
         again = engine.generate(segments(handles), max_new_tokens=4)
         check("a request")

@@ -11,7 +11,7 @@ from ..plan import PlanReport, PrefillPlan
 from ..prefill import run_to_end
 from ..transfer import upload
 from .base import Selection, Strategy
-from .reuse import reuse_chunks
+from .reuse import reuse_chunks, store_head
 
 
 class CacheBlend(Strategy):
@@ -62,6 +62,10 @@ class CacheBlend(Strategy):
     def review(self, plan: PrefillPlan, result) -> PrefillPlan | None:
         """The selection's guard on the blend's answer, if it has one."""
         return self.selection.review(plan, result)
+
+    def finish(self, plan: PrefillPlan, result, store) -> None:
+        """Store the prompt's head if this request computed it (its first pass captured it)."""
+        store_head(plan, result, store)
 
     def exact_reason(self, runs, fwd) -> str | None:
         """Why the prompt of placed ``runs`` is computed in full instead (blending would be no faster), or None."""

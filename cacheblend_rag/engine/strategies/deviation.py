@@ -76,6 +76,8 @@ class DeviationSelection(Selection):
             scorer=self,
             budget=self.budget,
             report=reused.report,
+            exact=reused.exact,
+            capture=reused.capture,
         )
 
     def score(self, sel, k_new, v_new, keys, values, sel_cached, kernels) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..plan import PlanReport, PrefillPlan
 from .base import Strategy
-from .reuse import reuse_chunks
+from .reuse import reuse_chunks, store_head
 
 
 class FullReuse(Strategy):
@@ -20,4 +20,9 @@ class FullReuse(Strategy):
             forced=reused.forced,
             n_forced=reused.n_forced,
             report=reused.report,
+            exact=reused.exact,
+            capture=reused.capture,
         )
+
+    def finish(self, plan, result, store) -> None:
+        store_head(plan, result, store)

@@ -103,7 +103,7 @@ class QuerySelection(Selection):
         t = time.perf_counter()
         keep, k = self.choose_rows(reused, tail)
         self.scored = (reused, tail)
-        head = reused.spans[0].start
+        head = reused.computed_head
         report = replace(reused.report, probe=probe, probe_s=spent + probe_s + time.perf_counter() - t, kept=head)
         # the probe pass left every chunk's K/V rotated in the cache, and the head's exact: the prefill proper
         # writes only its own rows
@@ -124,7 +124,7 @@ class QuerySelection(Selection):
         the first chunk). The head sees only itself, all computed in the probe pass, so the K/V the probe pass
         left there is the head's exact K/V: computing it again would only repeat it."""
         forced = reused.forced.clone()
-        forced[: reused.spans[0].start] = False
+        forced[: reused.spans[0].start] = False  # the rows the probe pass computed there, and the exact ones
         return forced
 
     def probe_plan(self, reused: ReusedChunks, fwd) -> tuple[PrefillPlan, TailAttention]:
@@ -135,14 +135,24 @@ class QuerySelection(Selection):
         n_forced = reused.n_forced[0]
         initial = mask_rows(forced, n_forced)  # the rows the probe pass computes, sorted
         # probe rows, as indices into ``initial``: the computed rows from the first chunk on. Every row before it
-        # is uncached, hence computed, so they are the computed rows after the first probe_start ones.
-        count = min(n_forced - spans[0].start, MAX_PROBES)
+        # is uncached, hence computed (unless read exact from the store), so they are the computed rows after the
+        # first ``computed_head`` ones.
+        count = min(n_forced - reused.computed_head, MAX_PROBES)
         if count > 0:
             probes = torch.arange(n_forced - count, n_forced, device=device)
         else:  # nothing uncached after the first chunk: the last row probes
             probes = torch.arange(n_forced - 1, n_forced, device=device)
         tail = TailAttention(from_cache, probes, fwd.scale, first_layer=int(FIRST_SCORED_LAYER * fwd.n_layers))
-        plan = PrefillPlan(ids=ids, spans=spans, initial=initial, forced=forced, n_forced=reused.n_forced, observe=tail)
+        plan = PrefillPlan(
+            ids=ids,
+            spans=spans,
+            initial=initial,
+            forced=forced,
+            n_forced=reused.n_forced,
+            observe=tail,
+            exact=reused.exact,
+            capture=reused.capture,
+        )
         return plan, tail
 
     def choose_rows(self, reused: ReusedChunks, tail: TailAttention) -> tuple[torch.Tensor, int]:
@@ -157,7 +167,7 @@ class QuerySelection(Selection):
         else:
             keep_cached = self.budget.rows(tail.scores[candidates], n_cached, n_forced_cached)
         k = max(0, min(keep_cached - n_forced_cached, n_candidates))
-        head = reused.spans[0].start
+        head = reused.computed_head
         return choose(tail.scores, self.proper_forced(reused), candidates, k, n_forced - head), k
 
     def review(self, plan: PrefillPlan, result) -> PrefillPlan | None:
@@ -178,11 +188,11 @@ class QuerySelection(Selection):
         k = max(0, min(round(ratio * reused.n_cached) - n_forced_cached, reused.n_cached - n_forced_cached))
         if n_forced_cached + k <= plan.n_forced[1]:  # no more rows than this plan computed
             return None
-        head = reused.spans[0].start
+        head = reused.computed_head
         chosen = choose(tail.scores, self.proper_forced(reused), candidates, k, n_forced - head)
         mask = plan.forced.clone().index_fill_(0, chosen, True)
         count = int(mask.sum())  # the rows this plan computed and the new ones may overlap only partly on ties
-        uncached = plan.n - plan.n_cached - head  # the head's rows are the probe pass's, kept
+        uncached = plan.n - plan.n_cached - reused.spans[0].start  # the head's rows are kept as they are
         why = f"first token {blended} differs from full_reuse's {reused_first}"
         why += f": recomputed {100 * ratio:.0f}% of the cached rows"
         return replace(

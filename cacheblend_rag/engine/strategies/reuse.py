@@ -1,5 +1,11 @@
 """What full_reuse and cacheblend share: a request's chunks placed and their stored KV read, with the rows every plan
-of theirs computes (the uncached rows, forced chunk heads, the last row), all counted on the host."""
+of theirs computes (the uncached rows, forced chunk heads, the last row), all counted on the host.
+
+The prompt's head (the rows before its first chunk: the system prompt and the instructions, the same in every
+request of an app) sees only itself, so its K/V is exact wherever it is computed. It is stored after the first
+request that computes it, under a key of its tokens (chained from the registry scope's root, as prefix_cache's keys
+are), and later requests read it like a chunk, but as exact K/V: never a candidate for recomputation, never
+computed. A store that quantizes (``int8``) would make it inexact: it is then computed in every request."""
 
 from __future__ import annotations
 
@@ -8,9 +14,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ...store import ChunkKV, KVStore, chain_key
+from ...store.keys import scope_root
 from ..chunk_reads import RequestChunks
 from ..chunk_source import kv_rows
-from ..plan import CachedSpan, PlanReport
+from ..plan import CachedSpan, PlanReport, PrefillPlan
+from ..prefill import PrefillResult
 from ..segments import TokenRun
 from ..transfer import upload
 
@@ -18,9 +27,10 @@ from ..transfer import upload
 @dataclass(frozen=True, eq=False)
 class ReusedChunks:
     """ids: [N] token ids; spans: the reused chunks' rows; forced: [N] bool, the rows every plan computes through
-    every layer (the uncached rows, the first ``head`` rows of every chunk, the last row); forced_rows: [F] those
-    rows, sorted; n_forced: (forced rows, forced rows that are cached), counted on the host; report: the hits,
-    misses, unplaced chunks and read time so far."""
+    every layer (the uncached rows but a stored head, the first ``head`` rows of every chunk, the last row);
+    forced_rows: [F] those rows, sorted; n_forced: (forced rows, forced rows that are cached), counted on the host;
+    report: the hits, misses, unplaced chunks and read time so far, and the head's key when it is to be stored;
+    exact: the prompt's head read from the store (rows 0..T-1, exact K/V), or nothing."""
 
     ids: torch.Tensor
     spans: tuple[CachedSpan, ...]
@@ -28,6 +38,17 @@ class ReusedChunks:
     forced_rows: torch.Tensor
     n_forced: tuple[int, int]
     report: PlanReport
+    exact: tuple[CachedSpan, ...] = ()
+
+    @property
+    def computed_head(self) -> int:
+        """Rows before the first chunk that a plan computes (none when the head was read from the store)."""
+        return self.spans[0].start - self.report.exact if self.spans else 0
+
+    @property
+    def capture(self) -> tuple[int, int] | None:
+        """The rows whose K/V the first pass over the model captures for ``store_head`` (the head, on a miss)."""
+        return (0, self.spans[0].start) if self.report.head_key is not None else None
 
     @property
     def n_cached(self) -> int:
@@ -49,6 +70,7 @@ def reuse_chunks(
     # chunks in a slow tier arrive layer by layer while the prefill runs (store/pipeline.py)
     kvs, hits, misses = chunks.fetch([r.handle for r in cached])
     spans = tuple(CachedSpan(r.start, kv_rows(kv, r.offset, len(r.token_ids))) for r, kv in zip(cached, kvs))
+    exact, head_key = read_head(runs, chunks, spans[0].start if spans else 0)
     load_s = time.perf_counter() - t
     # built on the host, so the counts the layer loop needs are known without reading the device
     forced = torch.ones(n, dtype=torch.bool)  # [N]: the rows a check layer must keep
@@ -56,8 +78,41 @@ def reuse_chunks(
     for span in spans:
         forced[span.start + head : span.end] = False
         from_cache[span.start : span.end] = True
+    for span in exact:
+        forced[span.start : span.end] = False
     forced[n - 1] = True
     counts = (int(forced.sum()), int((forced & from_cache).sum()))
     forced_rows = upload(forced.nonzero().squeeze(1), device)  # [F] sorted
-    report = replace(report, hits=hits, misses=misses, unplaced=unplaced, fallback=fallback, load_s=load_s)
-    return ReusedChunks(ids, spans, upload(forced, device), forced_rows, counts, report)
+    exact_rows = sum(span.kv.n_tokens for span in exact)
+    report = replace(
+        report,
+        hits=hits,
+        misses=misses,
+        unplaced=unplaced,
+        fallback=fallback,
+        load_s=load_s,
+        head_key=head_key,
+        exact=exact_rows,
+    )
+    return ReusedChunks(ids, spans, upload(forced, device), forced_rows, counts, report, exact)
+
+
+def read_head(runs: list[TokenRun], chunks: RequestChunks, end: int) -> tuple[tuple[CachedSpan, ...], str | None]:
+    """The prompt's head, rows 0..end-1 (the rows before the first chunk): (its stored K/V as an exact span, None)
+    on a hit, ((), the key to store it under) on a miss, ((), None) when there is no head or the store quantizes."""
+    store = chunks.store
+    if end == 0 or store.dtype == torch.int8:
+        return (), None
+    ids = [t for r in runs for t in r.token_ids][:end]
+    key = chain_key(chunks.fingerprint, scope_root(chunks.scope), ids)
+    kv = store.get(key, end)
+    return ((CachedSpan(0, kv),), None) if kv is not None else ((), key)
+
+
+def store_head(plan: PrefillPlan, result: PrefillResult, store: KVStore) -> None:
+    """After a prefill whose first pass (the probe pass, when there is one) captured the prompt's head: store it."""
+    key = plan.report.head_key
+    first = plan.report.probe if plan.report.probe is not None else result
+    if key is None or first is None or first.captured is None:
+        return
+    store.put(key, ChunkKV(first.captured.k, first.captured.v))
