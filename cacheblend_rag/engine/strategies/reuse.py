@@ -5,7 +5,8 @@ The prompt's head (the rows before its first chunk: the system prompt and the in
 request of an app) sees only itself, so its K/V is exact wherever it is computed. It is stored after the first
 request that computes it, under a key of its tokens (chained from the registry scope's root, as prefix_cache's keys
 are), and later requests read it like a chunk, but as exact K/V: never a candidate for recomputation, never
-computed. A store that quantizes (``int8``) would make it inexact: it is then computed in every request."""
+computed. A store that keeps less precision than the model computes in (``int8``, or float16 under a float32 model)
+would make it inexact: the head is then computed in every request."""
 
 from __future__ import annotations
 
@@ -99,9 +100,10 @@ def reuse_chunks(
 
 def read_head(runs: list[TokenRun], chunks: RequestChunks, end: int) -> tuple[tuple[CachedSpan, ...], str | None]:
     """The prompt's head, rows 0..end-1 (the rows before the first chunk): (its stored K/V as an exact span, None)
-    on a hit, ((), the key to store it under) on a miss, ((), None) when there is no head or the store quantizes."""
+    on a hit, ((), the key to store it under) on a miss, ((), None) when there is no head or the store would round it
+    (it keeps neither the model's dtype nor float32)."""
     store = chunks.store
-    if end == 0 or store.dtype == torch.int8:
+    if end == 0 or store.dtype not in (chunks.fwd.dtype, torch.float32):
         return (), None
     ids = [t for r in runs for t in r.token_ids][:end]
     key = chain_key(chunks.fingerprint, scope_root(chunks.scope), ids)
