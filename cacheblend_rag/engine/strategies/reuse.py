@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ...store import ChunkKV, KVStore, chain_key
+from ...store import KVStore, chain_key
 from ...store.keys import scope_root
 from ..chunk_reads import RequestChunks
 from ..chunk_source import kv_rows
@@ -64,14 +64,15 @@ def reuse_chunks(
     happened."""
     runs, unplaced, fallback = placement if placement is not None else chunks.place(runs)
     device = chunks.fwd.device
-    ids = upload(torch.tensor([t for r in runs for t in r.token_ids], dtype=torch.long), device)  # [N]
+    tokens = [t for r in runs for t in r.token_ids]
+    ids = upload(torch.tensor(tokens, dtype=torch.long), device)  # [N]
     n = ids.shape[0]
     t = time.perf_counter()
     cached = [r for r in runs if r.handle is not None]
     # chunks in a slow tier arrive layer by layer while the prefill runs (store/pipeline.py)
     kvs, hits, misses = chunks.fetch([r.handle for r in cached])
     spans = tuple(CachedSpan(r.start, kv_rows(kv, r.offset, len(r.token_ids))) for r, kv in zip(cached, kvs))
-    exact, head_key = read_head(runs, chunks, spans[0].start if spans else 0)
+    exact, head_key = read_head(tokens[: spans[0].start] if spans else [], chunks)
     load_s = time.perf_counter() - t
     # built on the host, so the counts the layer loop needs are known without reading the device
     forced = torch.ones(n, dtype=torch.bool)  # [N]: the rows a check layer must keep
@@ -98,16 +99,15 @@ def reuse_chunks(
     return ReusedChunks(ids, spans, upload(forced, device), forced_rows, counts, report, exact)
 
 
-def read_head(runs: list[TokenRun], chunks: RequestChunks, end: int) -> tuple[tuple[CachedSpan, ...], str | None]:
-    """The prompt's head, rows 0..end-1 (the rows before the first chunk): (its stored K/V as an exact span, None)
+def read_head(head: list[int], chunks: RequestChunks) -> tuple[tuple[CachedSpan, ...], str | None]:
+    """The prompt's head, the token ids of the rows before the first chunk: (its stored K/V as an exact span, None)
     on a hit, ((), the key to store it under) on a miss, ((), None) when there is no head or the store would round it
     (it keeps neither the model's dtype nor float32)."""
     store = chunks.store
-    if end == 0 or store.dtype not in (chunks.fwd.dtype, torch.float32):
+    if not head or store.dtype not in (chunks.fwd.dtype, torch.float32):
         return (), None
-    ids = [t for r in runs for t in r.token_ids][:end]
-    key = chain_key(chunks.fingerprint, scope_root(chunks.scope), ids)
-    kv = store.get(key, end)
+    key = chain_key(chunks.fingerprint, scope_root(chunks.scope), head)
+    kv = store.get(key, len(head))
     return ((CachedSpan(0, kv),), None) if kv is not None else ((), key)
 
 
@@ -117,4 +117,4 @@ def store_head(plan: PrefillPlan, result: PrefillResult, store: KVStore) -> None
     first = plan.report.probe if plan.report.probe is not None else result
     if key is None or first is None or first.captured is None:
         return
-    store.put(key, ChunkKV(first.captured.k, first.captured.v))
+    store.put(key, first.captured)
