@@ -10,6 +10,7 @@ request reads goes through ``chunk_reads.RequestChunks``.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 
@@ -23,6 +24,8 @@ from .kv_cache import KVCache
 from .plan import PrefillPlan
 from .prefill import prefill
 from .stats import EngineMetrics
+
+HEADS_REMEMBERED = 4096  # prompt heads whose keys ``head_seen`` remembers (the least recent forgotten first)
 
 
 class ChunkSource:
@@ -56,6 +59,8 @@ class ChunkSource:
         self.batch_tokens = default_batch_tokens(forward.device) if batch_tokens is None else batch_tokens
         self._computing: dict[str, Future] = {}  # chunk key -> its computation in progress (one per key)
         self._computing_lock = threading.Lock()
+        self._heads_seen: OrderedDict[str, None] = OrderedDict()  # keys of recent prompt heads (``head_seen``)
+        self._heads_lock = threading.Lock()
 
     @property
     def fingerprint(self) -> str:
@@ -170,6 +175,18 @@ class ChunkSource:
         if kv is not None:
             return kv, True
         return self.compute_missing(handle), False
+
+    def head_seen(self, key: str) -> bool:
+        """Whether a prompt head (the text before a prompt's first chunk) with store key ``key`` came in a recent
+        request already; remembers it. A head is stored from its second request on, so an app whose heads never
+        repeat (a question put before the passages) writes nothing per request and evicts no chunk for it."""
+        with self._heads_lock:
+            seen = key in self._heads_seen
+            self._heads_seen[key] = None
+            self._heads_seen.move_to_end(key)
+            if len(self._heads_seen) > HEADS_REMEMBERED:
+                self._heads_seen.popitem(last=False)
+        return seen
 
 
 class KVRows:

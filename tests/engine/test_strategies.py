@@ -92,11 +92,11 @@ def test_selection_counts(make_engine):
     assert req.stats.cached_tokens == cached and req.stats.head_tokens == 0  # the first request computes the head
     assert req.stats.recomputed_tokens == round(0.15 * cached) + uncached
     assert req.stats.layer_rows[:2] == [req.stats.prompt_tokens, req.stats.recomputed_tokens]
+    reuse = engine.prepare(segments, config=config("full_reuse"))  # the second computes it too, and stores it
+    assert reuse.stats.head_tokens == 0
+    assert reuse.stats.recomputed_tokens == uncached and reuse.stats.reused_tokens == cached
     # the later ones read it exact from the store (the deviation selection computes it up to its check layer)
     head = len(engine.tokenize(segments[0]))
-    reuse = engine.prepare(segments, config=config("full_reuse"))
-    assert reuse.stats.head_tokens == head
-    assert reuse.stats.recomputed_tokens == uncached - head and reuse.stats.reused_tokens == cached + head
     heads = engine.prepare(
         segments, config=config("cacheblend", selection="deviation", recompute_ratio=0.15, recompute_chunk_head=2)
     )
@@ -144,10 +144,9 @@ def test_attention_selection_counts_and_ratio_one(make_engine):
     full = engine.prepare(segments, config=config("full_recompute"))
     att = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.2, selection="attention"))
     dev = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.2))
-    for req in (att, dev):  # the first computes the prompt's head and stores it, the second reads it exact
-        uncached = req.stats.prompt_tokens - cached - req.stats.head_tokens
-        assert req.stats.recomputed_tokens == round(0.2 * cached) + uncached
-    assert (att.stats.head_tokens, dev.stats.head_tokens) == (0, len(engine.tokenize(segments[0])))
+    uncached = att.stats.prompt_tokens - cached
+    assert att.stats.recomputed_tokens == dev.stats.recomputed_tokens == round(0.2 * cached) + uncached
+    assert att.stats.head_tokens == dev.stats.head_tokens == 0  # the head's first two requests compute it
     assert not torch.equal(att.logits, dev.logits)  # a different choice of tokens
     one = engine.prepare(segments, config=config("cacheblend", recompute_ratio=1.0, selection="attention"))
     assert_close(one.logits, full.logits, atol=1e-5, rtol=1e-5)
@@ -167,3 +166,19 @@ def test_attention_mass_is_a_causal_attention_sum():
             expected[: p + 1] += w
     assert_close(mass, expected, atol=1e-5, rtol=1e-5)
     assert mass.sum().item() == pytest.approx(4 * 3, rel=1e-5)
+
+
+def test_the_prompt_head_is_stored_from_its_second_request(make_engine):
+    """A head seen once (here one holding the question) is never written; a repeated one is, then read exact."""
+    engine = make_engine("llama", seed=9)
+    handles = engine.precompute(PASSAGES)
+    entries = len(engine.store.tiers[0])
+    for question in ("Which river is longest?\n", "Which desert is largest?\n"):
+        once = engine.prepare([question, *handles, QUESTION], config=config("cacheblend"))
+        assert once.stats.head_tokens == 0
+    assert len(engine.store.tiers[0]) == entries  # each head seen once: nothing stored for it
+    segments = ["Read.\n", *handles, QUESTION]
+    runs = [engine.prepare(segments, config=config("full_reuse")) for _ in range(3)]
+    assert [r.stats.head_tokens for r in runs] == [0, 0, len(engine.tokenize("Read.\n"))]
+    assert len(engine.store.tiers[0]) == entries + 1
+    assert_close(runs[2].logits, runs[1].logits, atol=1e-5, rtol=1e-5)  # the stored head is the computed one

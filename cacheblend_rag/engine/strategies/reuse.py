@@ -2,11 +2,12 @@
 of theirs computes (the uncached rows, forced chunk heads, the last row), all counted on the host.
 
 The prompt's head (the rows before its first chunk: the system prompt and the instructions, the same in every
-request of an app) sees only itself, so its K/V is exact wherever it is computed. It is stored after the first
-request that computes it, under a key of its tokens (chained from the registry scope's root, as prefix_cache's keys
-are), and later requests read it like a chunk, but as exact K/V: never a candidate for recomputation, never
-computed. A store that keeps less precision than the model computes in (``int8``, or float16 under a float32 model)
-would make it inexact: the head is then computed in every request."""
+request of an app) sees only itself, so its K/V is exact wherever it is computed. The second request that computes
+it stores it (a head seen once, such as one that holds the question, is never written), under a key of its tokens
+(chained from the registry scope's root, as prefix_cache's keys are), and later requests read it like a chunk, but
+as exact K/V: never a candidate for recomputation, never computed. A store that keeps less precision than the
+model computes in (``int8``, or float16 under a float32 model) would make it inexact: the head is then computed in
+every request."""
 
 from __future__ import annotations
 
@@ -101,14 +102,16 @@ def reuse_chunks(
 
 def read_head(head: list[int], chunks: RequestChunks) -> tuple[tuple[CachedSpan, ...], str | None]:
     """The prompt's head, the token ids of the rows before the first chunk: (its stored K/V as an exact span, None)
-    on a hit, ((), the key to store it under) on a miss, ((), None) when there is no head or the store would round it
-    (it keeps neither the model's dtype nor float32)."""
+    on a hit; on a miss ((), the key to store it under) if a recent request had the same head, else ((), None); and
+    ((), None) when there is no head or the store would round it (it keeps neither the model's dtype nor float32)."""
     store = chunks.store
     if not head or store.dtype not in (chunks.fwd.dtype, torch.float32):
         return (), None
     key = chain_key(chunks.fingerprint, scope_root(chunks.scope), head)
     kv = store.get(key, len(head))
-    return ((CachedSpan(0, kv),), None) if kv is not None else ((), key)
+    if kv is not None:
+        return (CachedSpan(0, kv),), None
+    return (), key if chunks.source.head_seen(key) else None  # stored from its second request on
 
 
 def store_head(plan: PrefillPlan, result: PrefillResult, store: KVStore) -> None:
