@@ -344,3 +344,21 @@ def test_fifo_in_place_of_a_kv_file_is_a_miss_not_a_hang(make_engine, tmp_path, 
         check("a request")
     assert again.token_ids == clean.token_ids and again.stats.cache_misses == 1
     assert "not a regular file" in caplog.text and path.is_file()  # the FIFO was replaced by the recomputed file
+
+
+def test_a_corrupt_stored_prompt_head_is_a_miss_and_the_answer_stays(make_engine, tmp_path):
+    """The prompt's head is a store entry like a chunk: garbage in its file is a miss (the head is computed again,
+    and stored again), never a wrong answer or a crash."""
+    engine = make_engine("llama", seed=6, store=[f"file://{tmp_path / 'kv'}"])
+    handles = engine.precompute(PASSAGES)
+    disk = engine.store.tiers[0]
+    before = set((tmp_path / "kv").rglob("*.safetensors"))
+    runs = [engine.generate(segments(handles), max_new_tokens=4, config=config("cacheblend")) for _ in range(3)]
+    assert [r.stats.head_tokens for r in runs][2] > 0  # stored by the second request, read by the third
+    (head_file,) = set((tmp_path / "kv").rglob("*.safetensors")) - before
+    head_file.write_bytes(b"\x00garbage" * 64)
+    again = engine.generate(segments(handles), max_new_tokens=4, config=config("cacheblend"))
+    assert again.stats.head_tokens == 0 and again.token_ids == runs[0].token_ids
+    assert disk.stats.corrupt == 1  # read, found garbage, dropped
+    healed = engine.generate(segments(handles), max_new_tokens=4, config=config("cacheblend"))
+    assert healed.stats.head_tokens > 0 and healed.token_ids == runs[0].token_ids  # written again: read again
