@@ -145,7 +145,7 @@ def main() -> None:
     spec = json.loads((Path(__file__).resolve().parents[1] / "cacheblend_rag/data/town_questions.json").read_text())
     kinds = ["two" if len(q["documents"]) > 1 else "one" for q in spec["questions"]]
     corpus = sorted({p for e in examples for p in e.passages})
-    _, handles = precompute(engine, corpus, contexts(args.way, corpus, ""))
+    _, handles = precompute(engine, corpus, contexts(args.way, corpus, "", [e.passages for e in examples]))
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     configs = {
         "full_recompute": BlendConfig(strategy="full_recompute"),

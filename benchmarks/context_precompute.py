@@ -10,7 +10,10 @@ one-passage and two-passage questions apart:
 - ``alone``: today's chunks (computed after the chunk prefix only);
 - ``similar:K``: after the K passages of the corpus most similar to it (MiniLM cosine), least similar first;
 - ``random:K``: after K other passages of the corpus picked at random (seeded by the chunk);
-- ``fixed``: after one fixed, topic-free text (the same for every chunk): ``--fixed-text`` or a built-in one.
+- ``fixed``: after one fixed, topic-free text (the same for every chunk): ``--fixed-text`` or a built-in one;
+- ``retrieved:K``: after the K passages before it (cyclic) in the first prompt that holds it: what a retriever
+  that computes each new document among the ones retrieved with it stores (``engine.attach``: the LangChain
+  retriever, the LlamaIndex postprocessor), later prompts reusing that KV as it is.
 
 Every chunk of the corpus is precomputed once per way (the town corpus: 29 short documents), then every question
 runs against those chunks. ``flops`` is the prefill's FLOPs over full recompute's (probe pass included).
@@ -49,8 +52,11 @@ def configs(ratio: float) -> dict[str, BlendConfig]:
     }
 
 
-def contexts(way: str, passages: list[str], fixed_text: str) -> dict[str, list[str]]:
-    """For every passage, the texts its KV is computed after (beyond the chunk prefix)."""
+def contexts(
+    way: str, passages: list[str], fixed_text: str, prompts: list[list[str]] | None = None
+) -> dict[str, list[str]]:
+    """For every passage, the texts its KV is computed after (beyond the chunk prefix); ``prompts``: each example's
+    passages in prompt order (for ``retrieved:K``)."""
     name, _, k = way.partition(":")
     if name == "alone":
         return {p: [] for p in passages}
@@ -65,7 +71,15 @@ def contexts(way: str, passages: list[str], fixed_text: str) -> dict[str, list[s
         return out
     if name == "similar":
         return dict(zip(passages, nearest_texts(passages, k)))  # MiniLM cosine, least similar first
-    raise SystemExit(f"unknown way {way!r}: use alone, fixed, similar:K or random:K")
+    if name == "retrieved":
+        out = {}
+        for group in prompts or []:
+            n = len(group)
+            for i, p in enumerate(group):
+                if p not in out:
+                    out[p] = [group[(i - j) % n] for j in range(min(k, n - 1), 0, -1)]
+        return {p: out.get(p, []) for p in passages}
+    raise SystemExit(f"unknown way {way!r}: use alone, fixed, similar:K, random:K or retrieved:K")
 
 
 def precompute(engine, passages: list[str], context: dict[str, list[str]]) -> tuple[float, dict]:
@@ -159,7 +173,9 @@ def main() -> None:
         rows[i]["answered"] = rows[i]["full_recompute"]["f1"] >= ANSWERED
     labels, precompute_s = [], {}
     for way in ways:
-        precompute_s[way], handles = precompute(engine, corpus, contexts(way, corpus, args.fixed_text))
+        precompute_s[way], handles = precompute(
+            engine, corpus, contexts(way, corpus, args.fixed_text, [e.passages for e in examples])
+        )
         for name, config in configs(args.ratio).items():
             label = f"{way}/{name}"
             labels.append(label)

@@ -86,6 +86,21 @@ class ChunkSource:
                 raise TypeError(f"texts[{i}] is a {type(text).__name__}; precompute takes strings")
         contexts = context_texts(texts, context)
         handles = [self.keys.handle(t, scope, self.keys.context_ids(c)) for t, c in zip(texts, contexts)]
+        self.store_missing(handles, progress)
+        return handles
+
+    def fitting_context(self, text: str, context: Sequence[str]) -> list[str]:
+        """``context`` without its first texts while ``text`` would not fit the context window after it (down to
+        none)."""
+        limit = self.context_window - len(self.prefix_ids) - len(self.keys.prompt_format.tokenize(text))
+        context = list(context)
+        while context and len(self.keys.context_ids(context)) > limit:
+            context = context[1:]
+        return context
+
+    def store_missing(self, handles: list[ChunkHandle], progress: bool = False) -> None:
+        """Compute and store every one of ``handles`` (each after its ``context_ids``) the store lacks; a handle that
+        could not be computed (no tokens, or too long for the context window with its context) raises first."""
         limit = self.context_window - len(self.prefix_ids)
         for i, handle in enumerate(handles):
             if not handle.token_ids:
@@ -102,7 +117,7 @@ class ChunkSource:
         alone = [h for h in todo.values() if not h.context_ids]
         if self.batch_tokens > 0 and len(alone) == len(todo):
             self._precompute_batched(alone, progress)
-            return handles
+            return
         items = todo.values()
         if progress and todo:
             from tqdm.auto import tqdm
@@ -111,7 +126,6 @@ class ChunkSource:
         for handle in items:  # chunks with a context are computed one by one
             self.store.put(handle.key, self.compute(handle.token_ids, context_ids=handle.context_ids))
             self.metrics.add(precomputed_chunks=1)
-        return handles
 
     def _precompute_batched(self, handles: list[ChunkHandle], progress: bool) -> None:
         """Compute ``handles`` several per forward (``batch_compute.py``), ``batch_tokens`` rows at most each."""

@@ -31,7 +31,7 @@ from ..store.keys import check_scope
 from .batch_generate import generate_batch
 from .chunk_keys import ChunkKeys
 from .chunk_reads import RequestChunks
-from .chunk_source import ChunkSource
+from .chunk_source import ChunkSource, context_texts
 from .generation import GenerationResult, GenerationStream
 from .kv_cache import KVCache
 from .prefill import run_to_end
@@ -177,6 +177,54 @@ class CacheBlendEngine:
             for handle in handles:
                 registry.register(handle)
         return handles
+
+    def attach(
+        self,
+        texts: Iterable[str],
+        *,
+        context: int = 2,
+        scope: str | None = None,
+        handles: Sequence[ChunkHandle | None] | None = None,
+    ) -> list[ChunkHandle]:
+        """Store and register the chunks of texts a retriever returned together (the passages of one prompt); one
+        handle per text, its KV in the store.
+
+        A text keeps the handle it already has: ``handles[i]`` where given (e.g. one recorded at ingestion), else the
+        one registered for it in ``scope``. Any other is computed after the ``context`` texts before it in ``texts``
+        (cyclic; fewer where a chunk and its context would not fit the context window) and registered, so later
+        prompts reuse that KV whatever it is retrieved with. A chunk computed among the passages it is retrieved
+        with keeps far more of full recompute's quality under reuse than one computed alone (docs/BENCHMARKS.md 1.9);
+        ``context=0`` computes each alone."""
+        if isinstance(texts, str):
+            raise TypeError("attach takes a list of texts; wrap a single text: attach([text])")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is a {type(text).__name__}; attach takes strings")
+        given = [None] * len(texts) if handles is None else list(handles)
+        if len(given) != len(texts):
+            raise ValueError(f"handles has {len(given)} entries for {len(texts)} texts; give one (or None) per text")
+        contexts = context_texts(texts, context)
+        source, registry = self.chunk_source, self.registry_for(scope)
+        for i, handle in enumerate(given):
+            if handle is not None and source.keys.check(handle, scope).text != texts[i]:
+                raise ValueError(f"handles[{i}] is the handle of another text than texts[{i}]")
+        known = [h if h is not None else registry.lookup(t) for h, t in zip(given, texts)]
+        out = list(known)
+        for i in [i for i, h in enumerate(known) if h is None]:
+            fitting = source.fitting_context(texts[i], contexts[i])
+            out[i] = source.keys.handle(texts[i], scope, source.keys.context_ids(fitting))
+        source.store_missing(out)
+        for handle in out:
+            registry.register(handle)  # again for a known one: the registry keeps it as recently used
+        return out
+
+    def chunk_contexts(self, texts: Sequence[str], context: int) -> list[list[str]]:
+        """For each of ``texts``, the ``context`` texts before it (cyclic), fewer (the first dropped) where the chunk
+        and its context would not fit the model's context window together: what ``attach`` computes a new text
+        after, and what ``precompute(texts, context=...)`` takes."""
+        texts = list(texts)
+        return [self.chunk_source.fitting_context(t, c) for t, c in zip(texts, context_texts(texts, context))]
 
     def register(self, handles: Iterable[ChunkHandle], *, scope: str | None = None) -> None:
         """Make ``generate(prompt=...)`` in registry scope ``scope`` recognise these chunks' texts (handles made in

@@ -5,7 +5,10 @@ its number of texts (``max_chunk_texts``, before the body is validated), their b
 off the engine's thread (``max_chunk_tokens``): 413 naming the option; then the caller's quota (``quota.py``):
 429. The texts are computed a few at a time, one step per scheduler turn (``ChunkJob``), so decoding requests keep
 their turns and a client that leaves stops the job between steps (what was computed before stays stored and
-registered).
+registered). A text already registered in the caller's scope keeps its KV; any other is computed after the
+``context`` texts before it in the request (default 2; 0: alone; ``engine.chunk_contexts``): chunks computed among
+other passages keep far more of full recompute's quality under reuse. The limits count the texts' own tokens;
+computing a text after k others costs about k + 1 texts' compute.
 """
 
 from __future__ import annotations
@@ -27,23 +30,33 @@ STEP_TOKENS = 4096  # chunk tokens computed per scheduler turn (at least one tex
 
 
 class ChunkJob:
-    """An iterator the scheduler steps: each ``next`` precomputes the next group of texts through the engine's
-    public ``precompute`` (registering them in registry ``scope``) and returns how many texts are done."""
+    """An iterator the scheduler steps: each ``next`` stores the next group of texts' KV through the engine's public
+    ``attach`` (computing what the store lacks, registering them in registry ``scope``) and returns how many texts
+    are done.
+
+    handles: one per text, as ``checked_handles`` made them (None: the text alone); sizes: the tokens computing each
+    costs (its own and its context's)."""
 
     def __init__(
-        self, engine, texts: list[str], sizes: list[int], step_tokens: int = STEP_TOKENS, scope: str | None = None
+        self,
+        engine,
+        texts: list[str],
+        sizes: list[int],
+        step_tokens: int = STEP_TOKENS,
+        scope: str | None = None,
+        handles: list | None = None,
     ) -> None:
         self.engine = engine
         self.scope = scope
         self.handles: list = []
         self.computed = 0
-        self._groups: deque[list[str]] = deque()
+        self._groups: deque[list[tuple[str, object]]] = deque()
         group, tokens = [], 0
-        for text, n in zip(texts, sizes):
+        for text, handle, n in zip(texts, handles or [None] * len(texts), sizes):
             if group and tokens + n > step_tokens:
                 self._groups.append(group)
                 group, tokens = [], 0
-            group.append(text)
+            group.append((text, handle))
             tokens += n
         if group:
             self._groups.append(group)
@@ -54,9 +67,10 @@ class ChunkJob:
     def __next__(self) -> int:
         if not self._groups:
             raise StopIteration
-        texts = self._groups.popleft()
+        group = self._groups.popleft()
         before = self.engine.metrics()["precomputed_chunks"]
-        self.handles += self.engine.precompute(texts, scope=self.scope)
+        texts, handles = [t for t, _ in group], [h for _, h in group]
+        self.handles += self.engine.attach(texts, context=0, scope=self.scope, handles=handles)
         self.computed += self.engine.metrics()["precomputed_chunks"] - before
         return len(self.handles)
 
@@ -76,7 +90,8 @@ async def register_chunks(request: Request) -> Response:
         return client_closed().response()
     except Exception as exc:
         return api_error(exc).response()
-    job = ChunkJob(state.engine, body.texts, [h.n_tokens for h in handles], scope=scope)
+    sizes = [h.n_tokens + len(h.context_ids) for h in handles]
+    job = ChunkJob(state.engine, body.texts, sizes, scope=scope, handles=handles)
     outcome = await run_job(request, state, job)
     if outcome is not None:
         done = {h.key for h in job.handles}
@@ -91,7 +106,8 @@ async def register_chunks(request: Request) -> Response:
 
 
 async def checked_handles(state: ServerState, body: ChunksRequest, scope: str | None) -> list:
-    """The texts' handles (tokenized off the engine's thread), once every limit is checked."""
+    """The texts' handles (made off the engine's thread), once every limit is checked: the one registered for a
+    text in ``scope`` already, else the text computed after its context (``body.context``)."""
     state.check_model(body.model)
     body.check()
     options, engine = state.options, state.engine
@@ -113,7 +129,19 @@ async def checked_handles(state: ServerState, body: ChunksRequest, scope: str | 
                 f"({room} of {engine.context_window}); split it into smaller chunks",
                 param=f"texts[{i}]",
             )
-    return handles
+
+    def final() -> list:
+        registry = engine.registry_for(scope)
+        known = [registry.lookup(t) for t in body.texts]
+        contexts = engine.chunk_contexts(body.texts, body.context)
+        return [
+            h
+            if h is not None
+            else engine.handle(t, scope=scope, context_ids=[i for c in ctx for i in engine.tokenize(c)])
+            for h, t, ctx in zip(known, body.texts, contexts)
+        ]
+
+    return await state.off_thread(final)
 
 
 def check_count(max_texts: int, data: dict) -> None:

@@ -121,3 +121,64 @@ def test_batched_precompute_with_a_context_matches_one_by_one(make_engine):
     assert hb == ho
     for a, b in zip(hb, ho):
         torch.testing.assert_close(batched.chunk_kv(a)[0].v, one.chunk_kv(b)[0].v)
+
+
+MORE = [
+    "The Nile delta holds farms on both banks, watered by canals that carry the river's flood to the fields.",
+    "Lake Baikal in Siberia is the deepest lake in the world, more than 1,600 metres at its deepest point.",
+    "The Atacama desert in Chile is one of the driest places on Earth, with some stations never recording rain.",
+]
+
+
+def context_of(engine, texts):
+    return [t for text in texts for t in engine.tokenize(text)]
+
+
+def test_attach_computes_new_texts_among_the_others_and_keeps_known_ones(engine):
+    texts = PASSAGES[:3]
+    handles = engine.attach(texts)  # nothing known yet: each after the 2 texts before it, cyclic
+    for i, handle in enumerate(handles):
+        assert list(handle.context_ids) == context_of(engine, [texts[(i - 2) % 3], texts[(i - 1) % 3]])
+        assert engine.store.contains(handle.key) and engine.registry.lookup(texts[i]) == handle
+    computed = engine.metrics()["precomputed_chunks"]
+    assert computed == 3
+    # retrieved again with another text: the registered ones keep their KV, the new one is computed after them
+    again = engine.attach([texts[2], MORE[0], texts[0]])
+    assert again[0] == handles[2] and again[2] == handles[0]
+    assert list(again[1].context_ids) == context_of(engine, [texts[0], texts[2]])
+    assert engine.metrics()["precomputed_chunks"] == computed + 1
+    # a handle given (e.g. recorded at ingestion) wins over the registry, and is registered
+    given = engine.handle(MORE[1], context_ids=engine.tokenize(PASSAGES[0]))
+    (out,) = engine.attach([MORE[1]], handles=[given])
+    assert out == given and engine.registry.lookup(MORE[1]) == given and engine.store.contains(given.key)
+    # context=0: alone; a store miss on a known handle is computed again with its context
+    assert engine.attach([MORE[2], PASSAGES[0]], context=0)[0] == engine.handle(MORE[2])
+    engine.store.delete(handles[1].key)
+    assert engine.attach([texts[1]]) == [handles[1]] and engine.store.contains(handles[1].key)
+    kv, _ = engine.chunk_kv(handles[1])
+    k, v = chunk_rows(engine, handles[1].context_ids, handles[1].token_ids)
+    torch.testing.assert_close((kv.k, kv.v), (k, v))
+
+
+def test_attach_drops_context_that_would_not_fit_the_window(make_engine):
+    engine = make_engine("llama", seed=7)
+    window = engine.context_window - len(engine.chunk_prefix_ids)
+    sizes = [len(engine.tokenize(p)) for p in PASSAGES[:3]]
+    engine.chunk_source.context_window = len(engine.chunk_prefix_ids) + sizes[2] + sizes[1] + 1  # room for one text
+    assert window > sizes[2] + sizes[1] + sizes[0]
+    handles = engine.attach(PASSAGES[:3])
+    assert list(handles[2].context_ids) == engine.tokenize(PASSAGES[1])  # its first context text dropped
+    assert engine.chunk_contexts(PASSAGES[:3], 2)[2] == [PASSAGES[1]]
+
+
+def test_attach_rejects_bad_input_clearly(engine):
+    with pytest.raises(TypeError, match="wrap a single text"):
+        engine.attach(PASSAGES[0])
+    with pytest.raises(ValueError, match="handles has 1 entries for 2 texts"):
+        engine.attach(PASSAGES[:2], handles=[None])
+    with pytest.raises(ValueError, match="handle of another text"):
+        engine.attach(PASSAGES[:1], handles=[engine.handle(PASSAGES[1])])
+    with pytest.raises(ValueError, match="k >= 0"):
+        engine.attach(PASSAGES[:2], context=-1)
+    with pytest.raises(ValueError, match="no tokens"):
+        engine.attach(["", PASSAGES[0]])

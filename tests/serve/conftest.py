@@ -139,10 +139,10 @@ class PacedEngine(CacheBlendEngine):
                 raise RuntimeError(f"the test gave no permit to {what} on")
             self.taken += 1
 
-    def precompute(self, texts, *args, **kwargs):
+    def attach(self, texts, *args, **kwargs):
         """Each call (one step of a /v1/chunks job) waits for a permit too."""
-        self.wait_permit("precompute")
-        return super().precompute(texts, *args, **kwargs)
+        self.wait_permit("attach")
+        return super().attach(texts, *args, **kwargs)
 
 
 def wait_until(check, what: str, timeout: float = 60.0) -> None:

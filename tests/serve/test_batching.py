@@ -64,7 +64,7 @@ def test_a_batch_of_requests_answers_what_each_gets_alone_while_one_is_cancelled
         url = f"{live.url}/v1/chat/completions"
         chunks = {"json": {"texts": ["x"]}, "timeout": 120}
         hold = threading.Thread(target=httpx.post, args=(f"{live.url}/v1/chunks",), kwargs=chunks)
-        hold.start()  # its job waits in precompute for a permit: nothing else runs meanwhile
+        hold.start()  # its job waits in attach for a permit: nothing else runs meanwhile
         wait_until(lambda: live.app.state.server.scheduler.active == 1, "the chunk job to hold the worker")
         out: dict = {}
         clients = [threading.Thread(target=ask, args=(url, b, s, out, i)) for i, (b, s) in enumerate(cases())]

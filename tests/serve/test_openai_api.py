@@ -37,11 +37,18 @@ def post(server, path: str, body: dict, **kw) -> httpx.Response:
 
 
 def test_chunks_are_precomputed_registered_and_reported(server, engine):
-    response = post(server, "/v1/chunks", {"texts": [*PASSAGES, "A new chunk about the Nile delta and its farms."]})
+    new = "A new chunk about the Nile delta and its farms."
+    response = post(server, "/v1/chunks", {"texts": [*PASSAGES, new]})
     body = response.json()
-    assert response.status_code == 200 and [d["key"] for d in body["data"][:3]] == [
-        engine.handle(p).key for p in PASSAGES
-    ]
+
+    def after(text: str, context: list[str]) -> str:
+        return engine.handle(text, context_ids=[t for c in context for t in engine.tokenize(c)]).key
+
+    # at start each passage was computed after the 2 texts before it in its request (cyclic); registered, they keep
+    # that KV; the new text is computed after the 2 texts before it in this request
+    expected = [after(p, c) for p, c in zip(PASSAGES, engine.chunk_contexts(PASSAGES, 2))]
+    assert response.status_code == 200 and [d["key"] for d in body["data"]] == [*expected, after(new, PASSAGES[1:])]
+    assert expected[0] == after(PASSAGES[0], PASSAGES[1:]) != engine.handle(PASSAGES[0]).key
     assert body["computed"] == 1 and body["already_stored"] == 3  # the three passages were registered at start
     assert all(engine.registry.lookup(p) is not None for p in PASSAGES)
     assert body["data"][3]["n_tokens"] == len(engine.tokenize("A new chunk about the Nile delta and its farms."))
@@ -224,6 +231,20 @@ def test_empty_chunk_texts(server):
     assert empty.json()["error"]["param"] == "texts[1]"
     none = post(server, "/v1/chunks", {"texts": []})
     assert none.status_code == 400 and none.json()["error"]["param"] == "texts"
+
+
+def test_chunk_context_option(server, engine):
+    texts = ["Lake Orla is 41 metres deep at its centre, fed by two cold springs.", "The Sela ferry takes 35 minutes."]
+    alone = post(server, "/v1/chunks", {"texts": texts, "context": 0})
+    assert alone.status_code == 200 and [d["key"] for d in alone.json()["data"]] == [
+        engine.handle(t).key for t in texts
+    ]
+    # registered already: posted again with a context, they keep the KV they have
+    again = post(server, "/v1/chunks", {"texts": texts})
+    assert again.json()["data"] == alone.json()["data"] and again.json()["computed"] == 0
+    for bad in (-1, 5, "two"):
+        response = post(server, "/v1/chunks", {"texts": texts, "context": bad})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "context", response.text
 
 
 def test_tiny_temperatures_and_top_p_are_greedy(server):

@@ -8,7 +8,7 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 from cacheblend_rag import CacheBlendEngine
 
@@ -16,8 +16,9 @@ from cacheblend_rag import CacheBlendEngine
 class CacheBlendRetriever(BaseRetriever):
     """Wraps any retriever; stores and registers the KV of every document it returns.
 
-    For each document the KV of its ``page_content`` is computed if the store does not have it yet, and the
-    text is registered with ``engine``, so a ChatCacheBlend or CacheBlendLLM on the same engine reuses it
+    For each document the KV of its ``page_content`` is computed if the store does not have it yet (the first
+    time, after the ``context`` documents returned before it: ``engine.attach``), and the text is registered with
+    ``engine``, so a ChatCacheBlend or CacheBlendLLM on the same engine reuses it
     wherever the text appears verbatim in the prompt. The chunk's handle (``ChunkHandle.to_dict()``: key,
     token count, model fingerprint) is recorded in ``metadata[metadata_key]``. A document whose text the
     chain later reformats is simply computed instead of reused.
@@ -40,6 +41,11 @@ class CacheBlendRetriever(BaseRetriever):
     """The engine of the model that reads the documents (e.g. ``llm.engine``)."""
     metadata_key: str = "cacheblend"
     """Metadata key of the chunk handle."""
+    context: int = Field(default=2, ge=0)
+    """A document whose text has no KV yet is computed after the ``context`` documents returned before it (cyclic),
+    then registered, so later prompts reuse that KV whatever they retrieve with it; 0: alone. A chunk computed
+    among the passages it is retrieved with keeps far more of full recompute's quality under reuse
+    (``engine.attach``)."""
 
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
@@ -61,7 +67,7 @@ class CacheBlendRetriever(BaseRetriever):
                     f"the wrapped retriever returned a {type(doc).__name__} at position {i}, not a Document"
                 )
         texts = [doc.page_content for doc in documents if doc.page_content]
-        handles = iter(self.engine.precompute(texts))
+        handles = iter(self.engine.attach(texts, context=self.context))
         out = []
         for doc in documents:
             if not doc.page_content:

@@ -46,16 +46,18 @@ def test_nodes_keep_order_scores_and_views(postprocessor, engine, reuse):
     assert all(a is b for a, b in zip(out, nodes))
     assert "src: a.txt" in views(out[0].node)[0]  # the cached text is the LLM view, metadata included
     assert HANDLE_METADATA_KEY not in out[2].node.metadata  # an empty text has nothing to cache
-    for item in (out[0], out[1], out[3]):
-        text = item.node.get_content(metadata_mode=MetadataMode.LLM)
-        handle = engine.handle(text)
+    texts = [item.node.get_content(metadata_mode=MetadataMode.LLM) for item in (out[0], out[1], out[3])]
+    for i, item in enumerate((out[0], out[1], out[3])):
+        text = texts[i]
+        # a node with no KV yet is computed after the 2 nodes (with text) retrieved before it, cyclic
+        context = [texts[(i - 2) % 3], texts[(i - 1) % 3]]
+        handle = engine.handle(text, context_ids=[t for c in context for t in engine.tokenize(c)])
         assert item.node.metadata[HANDLE_METADATA_KEY] == handle.to_dict() and node_handle_key(item.node) == handle.key
         assert HANDLE_METADATA_KEY in item.node.excluded_llm_metadata_keys
         assert HANDLE_METADATA_KEY in item.node.excluded_embed_metadata_keys
         assert engine.store.contains(handle.key) and engine.registry.lookup(text) == handle
-    assert reuse()["precomputed_chunks"] == 0  # the postprocessor computed through engine.chunk_kv, not precompute
+    assert reuse()["precomputed_chunks"] == 3
 
-    texts = [item.node.get_content(metadata_mode=MetadataMode.LLM) for item in (out[0], out[1], out[3])]
     prompt = engine.format_chat([{"role": "user", "content": "\n\n".join(texts) + "\nHow deep is Orchid Lake?"}])
     result = engine.generate(prompt=prompt, max_new_tokens=4)
     assert result.stats.cache_hits == 3 and result.stats.cache_misses == 0 and result.stats.reused_tokens > 0

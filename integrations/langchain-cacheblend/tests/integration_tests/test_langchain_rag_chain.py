@@ -131,7 +131,10 @@ def test_retriever_finds_the_answering_passage(faiss_retriever, llm, questions):
     for question, keyword in questions.items():
         docs = retriever.invoke(question)
         assert len(docs) == 3 and keyword in docs[0].page_content.lower()
-        assert [d.metadata["cacheblend"] for d in docs] == [llm.engine.handle(d.page_content).to_dict() for d in docs]
+        assert [d.metadata["cacheblend"] for d in docs] == [
+            llm.engine.registry.lookup(d.page_content).to_dict() for d in docs
+        ]
+        assert all(d.metadata["cacheblend"]["context_ids"] for d in docs)  # computed among the others
 
 
 def test_full_recompute_reads_nothing_from_the_cache(example, faiss_retriever, llm, questions):

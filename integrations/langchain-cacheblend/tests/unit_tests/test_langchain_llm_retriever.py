@@ -36,8 +36,12 @@ def test_retriever_precomputes_registers_and_records_handles(make_tiny_engine, c
     inner = KeywordRetriever(documents=corpus).invoke(query)
     docs = retriever.invoke(query)
     assert [d.id for d in docs] == [d.id for d in inner] and len(docs) >= 2  # same documents, same order
-    for doc, original in zip(docs, inner):
-        handle = engine.handle(doc.page_content)
+    texts = [d.page_content for d in docs]
+    # each new document computed after the 2 returned before it (cyclic)
+    contexts = [[texts[(i - j) % len(texts)] for j in range(min(2, len(texts) - 1), 0, -1)] for i in range(len(texts))]
+    for doc, original, context in zip(docs, inner, contexts):
+        handle = engine.handle(doc.page_content, context_ids=[t for c in context for t in engine.tokenize(c)])
+        assert handle.context_ids
         assert doc.page_content == original.page_content
         assert doc.metadata == {**original.metadata, "cacheblend": handle.to_dict()}
         assert "cacheblend" not in original.metadata  # the wrapped retriever's documents are not modified
@@ -56,7 +60,9 @@ def test_retriever_async_and_edge_cases(make_tiny_engine, corpus):
         retriever=KeywordRetriever(documents=[*corpus, blank]), engine=engine, metadata_key="kv"
     )
     docs = asyncio.run(retriever.ainvoke("highest mountain in Africa"))
-    assert docs and all(d.metadata["kv"] == engine.handle(d.page_content).to_dict() for d in docs)
+    assert docs and all(d.metadata["kv"] == engine.registry.lookup(d.page_content).to_dict() for d in docs)
+    alone = CacheBlendRetriever(retriever=KeywordRetriever(documents=corpus), engine=make_tiny_engine(), context=0)
+    assert all(d.metadata["cacheblend"] == alone.engine.handle(d.page_content).to_dict() for d in alone.invoke("river"))
     assert retriever.invoke("zebra") == []
     assert len(retriever.invoke("the river", k=1)) == 1  # invoke kwargs reach the wrapped retriever
     assert retriever.attach([blank, corpus[0]])[0] == blank  # empty text: passed through, no handle

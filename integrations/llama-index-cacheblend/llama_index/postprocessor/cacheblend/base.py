@@ -22,6 +22,10 @@ class CacheBlendNodePostprocessor(BaseNodePostprocessor):
     loads its KV from the store or computes what is missing (a corrupt or lost cache file is recomputed),
     registers the text so that ``CacheBlendLLM`` reuses the KV wherever the text appears in a prompt, and
     records the handle in ``node.metadata["cacheblend_kv"]`` (excluded from the LLM and embedding views).
+    A node with no KV yet (not ingested with ``CacheBlendPrecompute``, its text never registered) is computed
+    after the ``context`` nodes retrieved before it (default 2), as ``CacheBlendPrecompute(context=k)`` computes
+    a node after its neighbours: a chunk's KV computed among other passages keeps far more of full recompute's
+    quality under reuse than one computed alone.
 
     Nodes keep their order and scores; none is dropped or rewritten. A node with an empty text gets no
     handle. Put it last in ``node_postprocessors`` so it sees the texts the synthesizer will format::
@@ -31,6 +35,13 @@ class CacheBlendNodePostprocessor(BaseNodePostprocessor):
     """
 
     model_name: str = Field(default="", description="The engine's model (informational; set from the engine).")
+    context: int = Field(
+        default=2,
+        ge=0,
+        description="Compute a node that has no stored KV yet (none recorded at ingestion, its text not registered) "
+        "after the LLM texts of the `context` nodes retrieved before it (cyclic); 0: alone. Chunks computed among "
+        "the passages they are retrieved with keep far more of full recompute's quality under reuse.",
+    )
     _engine: CacheBlendEngine = PrivateAttr()
 
     def __init__(self, engine: CacheBlendEngine, **kwargs) -> None:
@@ -55,13 +66,13 @@ class CacheBlendNodePostprocessor(BaseNodePostprocessor):
             if not isinstance(item, NodeWithScore):
                 raise TypeError(f"nodes[{i}] is a {type(item).__name__}; postprocessors take NodeWithScore items")
         engine = self._engine
-        pairs = node_handles(engine, [item.node for item in nodes])
-        computed = 0
+        before = engine.metrics()["precomputed_chunks"]
+        pairs = node_handles(engine, [item.node for item in nodes], self.context)  # stored and registered
+        computed = engine.metrics()["precomputed_chunks"] - before
         for node, handle in pairs:
-            # chunk_kv reads (and validates) the stored KV, recomputing it on a miss; the blend needs it next
+            # chunk_kv reads (and validates) the stored KV, recomputing a corrupt one; the blend needs it next
             _, hit = engine.chunk_kv(handle)
             computed += not hit
             record_handle(node, handle)
-        engine.register([handle for _, handle in pairs])
         logger.debug("postprocessed %d nodes: %d with KV, %d computed now", len(nodes), len(pairs), computed)
         return list(nodes)

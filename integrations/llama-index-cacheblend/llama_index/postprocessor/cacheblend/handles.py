@@ -6,8 +6,9 @@ texts, ``CacheBlendPrecompute(context=k)``; none by default). ``CacheBlendLLM`` 
 the prompt (the engine's chunk registry) and reuses its KV. The handle goes into the node's metadata under
 ``HANDLE_METADATA_KEY``, a key excluded from the LLM and embedding views, so recording it changes neither
 the prompt nor the embedding. The recorded handle carries the context's token ids, so a later process (a query
-after the index was persisted) finds the same KV: ``node_handle`` rebuilds the handle from the node's text and
-the recorded context, and uses it only if it gives the recorded key.
+after the index was persisted) finds the same KV: ``recorded_handle`` rebuilds the handle from the node's text and
+the recorded context, and uses it only if it gives the recorded key. A node that comes without one is computed
+after the nodes retrieved with it (``CacheBlendNodePostprocessor(context=k)``) and registered.
 """
 
 from __future__ import annotations
@@ -57,33 +58,38 @@ def node_handle_key(node: BaseNode) -> str | None:
 MAX_CONTEXT_IDS = 1 << 20  # a recorded context longer than this is not read (no context window is that long)
 
 
-def node_handle(engine: CacheBlendEngine, node: BaseNode, text: str) -> ChunkHandle:
-    """The handle of ``node``'s LLM text ``text``: the one recorded at ingestion (computed after its context) if
-    the node's text and recorded context still give its recorded key, else the one the engine's registry holds
-    for the text, else the text's handle computed alone."""
+def recorded_handle(engine: CacheBlendEngine, node: BaseNode, text: str) -> ChunkHandle | None:
+    """The handle recorded in ``node``'s metadata at ingestion (computed after its context) if the node's LLM text
+    ``text`` and the recorded context still give its recorded key, else None."""
     recorded = node.metadata.get(HANDLE_METADATA_KEY)
-    if isinstance(recorded, dict):
-        context = recorded.get("context_ids")
-        if (
-            isinstance(context, list)
-            and 0 < len(context) <= MAX_CONTEXT_IDS
-            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in context)
-        ):
-            handle = engine.handle(text, context_ids=context)
-            if handle.key == recorded.get("key"):
-                return handle
-    known = engine.registry.lookup(text)
-    return known if known is not None else engine.handle(text)
+    if not isinstance(recorded, dict):
+        return None
+    context = recorded.get("context_ids")
+    if (
+        isinstance(context, list)
+        and 0 < len(context) <= MAX_CONTEXT_IDS
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in context)
+    ):
+        handle = engine.handle(text, context_ids=context)
+        if handle.key == recorded.get("key"):
+            return handle
+    return None
 
 
-def node_handles(engine: CacheBlendEngine, nodes: Sequence[BaseNode]) -> list[tuple[BaseNode, ChunkHandle]]:
-    """(node, handle of its LLM text, ``node_handle``) for every node whose LLM text has tokens (an empty node has
-    no KV)."""
-    out = []
+def node_handles(
+    engine: CacheBlendEngine, nodes: Sequence[BaseNode], context: int = 0
+) -> list[tuple[BaseNode, ChunkHandle]]:
+    """(node, handle of its LLM text) for every node whose LLM text has tokens (an empty node has no KV), each KV
+    stored and its text registered (``engine.attach``): the handle recorded at ingestion if it still holds, else
+    the one the engine's registry holds for the text, else the text computed after the LLM texts of the
+    ``context`` nodes before it among ``nodes`` (cyclic)."""
+    kept, texts, recorded = [], [], []
     for i, node in enumerate(nodes):
         if not isinstance(node, BaseNode):
             raise TypeError(f"nodes[{i}] is a {type(node).__name__}; expected a LlamaIndex node (BaseNode)")
-        handle = node_handle(engine, node, llm_text(node))
-        if handle.token_ids:
-            out.append((node, handle))
-    return out
+        text = llm_text(node)
+        if engine.tokenize(text):
+            kept.append(node)
+            texts.append(text)
+            recorded.append(recorded_handle(engine, node, text))
+    return list(zip(kept, engine.attach(texts, context=context, handles=recorded)))
