@@ -118,11 +118,11 @@ def print_table(summary: list[dict], n: int) -> None:
         return f"{100 * x['kept']:.0f}% ({x['n']})" if x.get("kept") is not None else "-"
 
     print(f"\n{n} questions; gold F1 kept vs full recompute on the questions it answers (count); mean-TTFT speedup")
-    head = f"{'config':<19} {'guard':<40} {'fires':>5} {'hit':>4} {'miss':>4}"
+    head = f"{'config':<12} {'guard':<40} {'fires':>5} {'hit':>4} {'miss':>4}"
     print(f"{head} {'one-passage':>12} {'two-passage':>12} {'all':>10} {'worse':>6} {'TTFT':>6}")
     for s in summary:
         print(
-            f"{s['config']:<19} {s['guard']:<40} {s['fires']:>5} {s['fired_wrong_first']:>4} "
+            f"{s['config']:<12} {s['guard']:<40} {s['fires']:>5} {s['fired_wrong_first']:>4} "
             f"{s['missed_wrong_first']:>4} {pct(s['one']):>12} {pct(s['two']):>12} {pct(s['all']):>10} "
             f"{s['worse_than_reuse']:>6} {s['ttft_speedup']:>5.1f}x"
         )
@@ -136,11 +136,6 @@ def main() -> None:
     parser.add_argument("--way", default="similar:2", help="how chunks are precomputed (context_precompute.py)")
     parser.add_argument("--ratios", default="0.05,0.1,0.15", help="query-selection shares to answer with")
     parser.add_argument("--escalate", type=float, default=0.5, help="the share a guarded request escalates to")
-    parser.add_argument(
-        "--units",
-        default="sentence",
-        help="what the query selection recomputes: sentence, token, or both (sentence,token)",
-    )
     parser.add_argument("--threshold", type=float, default=0.5, help="first-token probability below which 'unsure'")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -156,16 +151,8 @@ def main() -> None:
         "full_recompute": BlendConfig(strategy="full_recompute"),
         "full_reuse": BlendConfig(strategy="full_reuse"),
     }
-    units = [u.strip() for u in args.units.split(",") if u.strip()]
-    labels = []
-    for r in ratios:
-        for unit in units:  # the first unit unnamed in the label
-            labels.append(f"query@{r:g}" + (f"/{unit}" if unit != units[0] else ""))
-            configs[labels[-1]] = BlendConfig(recompute_ratio=r, select_unit=unit, exact_when_faster=False)
-    escalate = f"query@{args.escalate:g}"
-    configs.setdefault(
-        escalate, BlendConfig(recompute_ratio=args.escalate, select_unit=units[0], exact_when_faster=False)
-    )
+    for r in [*ratios, args.escalate]:
+        configs[f"query@{r:g}"] = BlendConfig(strategy="cacheblend", recompute_ratio=r, exact_when_faster=False)
     rows = []
     for i, e in enumerate(examples):
         segments = engine.chat_segments(e.user_segments([handles[p] for p in e.passages]))
@@ -181,7 +168,8 @@ def main() -> None:
             args.out.write_text(
                 json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
             )
-    summary = summarize(rows, labels, [escalate, "full_recompute"], args.threshold)
+    labels = [f"query@{r:g}" for r in ratios]
+    summary = summarize(rows, labels, [f"query@{args.escalate:g}", "full_recompute"], args.threshold)
     print_table(summary, len(rows))
     if args.out:
         payload = {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "rows": rows}

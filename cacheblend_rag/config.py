@@ -11,7 +11,6 @@ from .kernels.backend import BACKENDS
 
 STRATEGIES = ("full_recompute", "prefix_cache", "full_reuse", "cacheblend")
 DEVIATIONS = ("v", "k")
-UNITS = ("sentence", "token")
 
 
 def _is_number(x: object) -> bool:
@@ -54,9 +53,6 @@ class BlendConfig:
         and either may be wrong: the prefill is run again recomputing this share of the cached tokens (the rows the
         probe ranked highest; 1.0: every row, i.e. full recompute) before answering; ``stats.guard`` says it
         happened. None: never.
-    select_unit: cacheblend with the query selection only: what it recomputes, ``"sentence"`` (the default: whole
-        sentences of a chunk, ranked by their tokens' mean score, so a fact is recomputed with the words that say
-        what it is about) or ``"token"`` (the highest-scoring tokens wherever they are).
     backend: kernels to use: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
     """
 
@@ -73,7 +69,6 @@ class BlendConfig:
     max_ratio: float = 0.5
     exact_when_faster: bool = True
     guard_ratio: float | None = None
-    select_unit: str | None = None
 
     def __post_init__(self) -> None:
         if not _is_number(self.recompute_ratio) or not 0.0 <= self.recompute_ratio <= 1.0:
@@ -118,8 +113,6 @@ class BlendConfig:
                 f"guard_ratio must be a number in (0, 1] (the share recomputed when the guard fires) or None, "
                 f"got {self.guard_ratio!r}"
             )
-        if self.select_unit is not None and self.select_unit not in UNITS:
-            raise ValueError(f"select_unit must be one of {', '.join(UNITS)} or None, got {self.select_unit!r}")
         if self.min_ratio > self.max_ratio:
             raise ValueError(f"min_ratio ({self.min_ratio}) must not exceed max_ratio ({self.max_ratio})")
         if self.backend not in BACKENDS:
@@ -145,7 +138,6 @@ class BlendConfig:
             "max_ratio": self.max_ratio,
             "exact_when_faster": self.exact_when_faster,
             "guard_ratio": self.guard_ratio,
-            "select_unit": self.select_unit,
         }
         unknown = set(changes) - set(fields)
         if unknown:

@@ -21,7 +21,6 @@ logger = logging.getLogger(__name__)
 
 SENTINEL = "\u2063CACHEBLEND-SEGMENTS\u2063"  # stands for the user message while the chat template is applied
 SYSTEM_SENTINEL = "\u2063CACHEBLEND-SYSTEM\u2063"  # ... and for the system message's content
-SENTENCE_ENDS = frozenset(".!?\n\u3002\uff01\uff1f")  # what ends a sentence in a token's text (ends_sentence)
 
 
 class PromptFormat:
@@ -35,7 +34,6 @@ class PromptFormat:
         self.eos_ids = eos_ids(tokenizer, generation_config)
         self.chunk_prefix: list[int] = []  # what the engine computes chunks after (``head_end`` reads it)
         self._whitespace: dict[int, bool] = {}
-        self._sentence_end: dict[int, bool] = {}
         self._text_backend = text_backend(tokenizer)
         self._text_lock = threading.Lock()
 
@@ -68,16 +66,6 @@ class PromptFormat:
         if known is None:
             text = self.tokenizer.decode([token_id])
             known = self._whitespace[token_id] = bool(text) and text.isspace()
-        return known
-
-    def ends_sentence(self, token_id: int) -> bool:
-        """Whether a sentence ends with this token: its text (decoded alone) holds a full stop, a question or an
-        exclamation mark, or a line break (CJK stops too); special tokens end one as well."""
-        known = self._sentence_end.get(token_id)
-        if known is None:
-            text = self.tokenizer.decode([token_id])
-            known = token_id in self.special_ids or any(c in SENTENCE_ENDS for c in text)
-            self._sentence_end[token_id] = known
         return known
 
     @cached_property

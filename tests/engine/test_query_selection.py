@@ -5,10 +5,8 @@ import torch
 from torch.testing import assert_close
 
 from cacheblend_rag import BlendConfig
-from cacheblend_rag.engine.plan import CachedSpan
-from cacheblend_rag.engine.selection import Budget, choose
-from cacheblend_rag.engine.strategies.query import TailAttention, sentence_scores
-from cacheblend_rag.engine.strategies.reuse import MAX_SENTENCE, sentence_ids
+from cacheblend_rag.engine.selection import Budget
+from cacheblend_rag.engine.strategies.query import TailAttention
 from tests.conftest import PASSAGES, config
 
 QUESTION = "\nQuestion: which river reaches the Black Sea?"
@@ -19,15 +17,14 @@ def prompt(engine):
     return ["Read the passages.\n", *handles, QUESTION], sum(h.n_tokens for h in handles)
 
 
-@pytest.mark.parametrize(("arch", "unit"), [("llama", "sentence"), ("qwen2", "sentence"), ("llama", "token")])
-def test_query_selection_spans_full_reuse_to_full_recompute(arch, unit, make_engine):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_query_selection_spans_full_reuse_to_full_recompute(arch, make_engine):
     engine = make_engine(arch, seed=11)
     segments, _ = prompt(engine)
     full = engine.prepare(segments, config=config("full_recompute"))
     reuse = engine.prepare(segments, config=config("full_reuse"))
-    query = {"selection": "query", "select_unit": unit}
-    none = engine.prepare(segments, config=config("cacheblend", recompute_ratio=0.0, **query))
-    every = engine.prepare(segments, config=config("cacheblend", recompute_ratio=1.0, **query))
+    none = engine.prepare(segments, config=config("cacheblend", selection="query", recompute_ratio=0.0))
+    every = engine.prepare(segments, config=config("cacheblend", selection="query", recompute_ratio=1.0))
     # the same rows, but the head's in the probe pass, so in matmuls of other sizes: fp32 summation order apart
     assert_close(none.logits, reuse.logits, atol=1e-5, rtol=1e-5)
     assert_close(every.logits, full.logits, atol=1e-5, rtol=1e-5)
@@ -71,46 +68,6 @@ def test_tail_attention_scores_what_the_probes_read():
     assert int(tail.scores.argmax()) == 4
     assert tail.scores[~from_cache].abs().sum() == 0
     assert tail.scores.sum().item() == pytest.approx(1.0)  # shares of one layer
-
-
-def test_sentence_ids_split_at_sentence_ends_chunks_and_uncached_rows():
-    # rows 0-1 uncached, chunk A at 2..8 (a sentence ends with token 9 at row 4), row 9 uncached, chunk B at 10..13
-    tokens = [1, 2, 3, 4, 9, 5, 6, 7, 9, 1, 5, 5, 5, 5]
-    cached = torch.zeros(len(tokens), dtype=torch.bool)
-    cached[2:9] = cached[10:14] = True
-    spans = [CachedSpan(2, type("KV", (), {"n_tokens": 7})()), CachedSpan(10, type("KV", (), {"n_tokens": 4})())]
-    ids = sentence_ids(tokens, cached, spans, lambda t: t == 9)
-    assert ids.tolist() == [0, 1, 2, 2, 2, 3, 3, 3, 3, 4, 5, 5, 5, 5]
-    # adjacent chunks are never one sentence; a run without a sentence end is cut every MAX_SENTENCE tokens
-    n = 2 * MAX_SENTENCE + 10
-    cached = torch.ones(n, dtype=torch.bool)
-    spans = [CachedSpan(0, type("KV", (), {"n_tokens": 6})()), CachedSpan(6, type("KV", (), {"n_tokens": n - 6})())]
-    ids = sentence_ids([5] * n, cached, spans, lambda t: False)
-    assert ids[:6].tolist() == [0] * 6 and ids[6] == 1
-    assert ids[6 + MAX_SENTENCE] == 2 and ids[6 + 2 * MAX_SENTENCE] == 3 and int(ids[-1]) == 3
-
-
-def test_sentence_scores_rank_whole_sentences():
-    # sentence 1 (rows 3-5) is read a little everywhere; sentence 2 (rows 6-9) has the single most-read row
-    scores = torch.tensor([0.0, 0.1, 0.1, 0.5, 0.5, 0.5, 0.9, 0.0, 0.0, 0.1])
-    sentences = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
-    candidates = torch.ones(10, dtype=torch.bool)
-    candidates[0] = False  # a forced row does not count towards its sentence's mean
-    ranked = sentence_scores(scores, sentences, 3, candidates)
-    none = torch.zeros(10, dtype=torch.bool)
-    assert choose(scores, none, candidates, 3, 0).tolist() == [3, 4, 6]  # tokens: the top 3 wherever they are
-    assert choose(ranked, none, candidates, 3, 0).tolist() == [3, 4, 5]  # sentences: the best whole one
-    # then the sentence with the higher mean (0.25 against 0.1); a budget ending inside it keeps its most-read rows
-    assert choose(ranked, none, candidates, 5, 0).tolist() == [3, 4, 5, 6, 9]
-    assert choose(ranked, none, candidates, 8, 0).tolist() == [1, 3, 4, 5, 6, 7, 8, 9]
-
-
-def test_select_unit_validation():
-    with pytest.raises(ValueError, match="select_unit must be one of sentence, token"):
-        BlendConfig(select_unit="word")
-    with pytest.raises(ValueError, match=r"select_unit='token' does nothing with .*selection='deviation'"):
-        BlendConfig(selection="deviation", select_unit="token")
-    assert BlendConfig(select_unit="token").replace(recompute_ratio=0.3).select_unit == "token"
 
 
 def test_budget_rows():

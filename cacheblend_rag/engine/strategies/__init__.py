@@ -21,7 +21,7 @@ SELECTIONS: dict[str, type[Selection]] = {s.name: s for s in (QuerySelection, De
 
 
 # the options that default to None
-OPTIONAL = ("check_layers", "check_ratios", "deviation", "fidelity_target", "guard_ratio", "select_unit")
+OPTIONAL = ("check_layers", "check_ratios", "deviation", "fidelity_target", "guard_ratio")
 
 
 def lookup(table: dict, option: str, name: object) -> type:

@@ -13,12 +13,7 @@ ProphetKV (Wang et al., 2026), selection runs in two passes over the same stored
    meaning, and those are what the answer reads: on Qwen2.5-0.5B, summing the second half chose better than
    summing all layers or taking each token's maximum, see docs/BENCHMARKS.md);
 2. the prefill proper, which recomputes through every layer the cached tokens with the largest share summed
-   over those layers (plus every uncached row and any forced chunk heads). By default whole sentences are
-   recomputed, ranked by their tokens' mean share (``select_unit="sentence"``): a fact read by the question is
-   recomputed with the words that say what it is about, so the fresh KV of "28" also knows it counts the beds of
-   the inn the question names. On a two-passage question whose bridge fact sat in another chunk, the top 15% of
-   tokens kept full_reuse's wrong number while the same share as whole sentences found full recompute's
-   (docs/BENCHMARKS.md).
+   over those layers (plus every uncached row and any forced chunk heads).
 
 The probe pass costs about what ``full_reuse`` costs (a few percent of a full prefill); in exchange, no layer
 runs for every token. It also yields ``full_reuse``'s distribution of the first new token for free: with
@@ -45,21 +40,6 @@ from .reuse import ReusedChunks
 PROBE_BLOCK = 64  # probe rows per attention-mass block (bounds the [heads, probes, N] scores)
 MAX_PROBES = 512  # the last probe rows are enough to know what the question reads
 FIRST_SCORED_LAYER = 0.5  # score the layers from this fraction of the depth on
-DEFAULT_UNIT = "sentence"  # what the selection recomputes when BlendConfig.select_unit is None
-TIE_BREAK = 1e-3  # within a sentence, rows rank by their own score, never above a sentence with a 0.1% higher mean
-
-
-def sentence_scores(scores: torch.Tensor, sentences: torch.Tensor, count: int, candidates: torch.Tensor):
-    """Each row's sentence's mean score over its candidate rows, nudged by the row's own score so that a budget
-    ending inside a sentence keeps its best rows: ranking rows by it recomputes whole sentences, the most-read first.
-
-    scores: [N] float32; sentences: [N] int64 in [0, count); candidates: [N] bool. -> [N] float32. No host sync."""
-    weight = candidates.float()
-    total = torch.zeros(count, dtype=torch.float32, device=scores.device).index_add_(0, sentences, scores * weight)
-    size = torch.zeros(count, dtype=torch.float32, device=scores.device).index_add_(0, sentences, weight)
-    mean = (total / size.clamp_min(1.0))[sentences]
-    own = scores / scores.max().clamp_min(1e-30)
-    return mean * (1.0 + TIE_BREAK * own)
 
 
 class TailAttention:
@@ -95,12 +75,11 @@ class QuerySelection(Selection):
     """Recompute, through every layer, the cached rows the probe pass saw the prompt's tail read most."""
 
     name = "query"
-    options = frozenset({"guard_ratio", "select_unit"})
+    options = frozenset({"guard_ratio"})
 
     def __init__(self, config) -> None:
         super().__init__(config)
         self.budget = Budget.of(config)
-        self.unit = config.select_unit or DEFAULT_UNIT
         self.scored: tuple[ReusedChunks, TailAttention] | None = None  # the request's probe pass, for ``review``
 
     def plan(self, reused: ReusedChunks, fwd, cache) -> PrefillPlan:
@@ -189,14 +168,7 @@ class QuerySelection(Selection):
             keep_cached = self.budget.rows(tail.scores[candidates], n_cached, n_forced_cached)
         k = max(0, min(keep_cached - n_forced_cached, n_candidates))
         head = reused.computed_head
-        return choose(self.ranking(reused, tail), self.proper_forced(reused), candidates, k, n_forced - head), k
-
-    def ranking(self, reused: ReusedChunks, tail: TailAttention) -> torch.Tensor:
-        """[N] the score each cached row is ranked by: its own (``select_unit="token"``), or its sentence's."""
-        if self.unit == "token" or reused.sentences is None:
-            return tail.scores
-        candidates = tail.from_cache & ~reused.forced
-        return sentence_scores(tail.scores, reused.sentences, reused.n_sentences, candidates)
+        return choose(tail.scores, self.proper_forced(reused), candidates, k, n_forced - head), k
 
     def review(self, plan: PrefillPlan, result) -> PrefillPlan | None:
         """The guard: None if the blend's first token is full_reuse's (the probe pass's), or no guard is set, or it
@@ -217,7 +189,7 @@ class QuerySelection(Selection):
         if n_forced_cached + k <= plan.n_forced[1]:  # no more rows than this plan computed
             return None
         head = reused.computed_head
-        chosen = choose(self.ranking(reused, tail), self.proper_forced(reused), candidates, k, n_forced - head)
+        chosen = choose(tail.scores, self.proper_forced(reused), candidates, k, n_forced - head)
         mask = plan.forced.clone().index_fill_(0, chosen, True)
         count = int(mask.sum())  # the rows this plan computed and the new ones may overlap only partly on ties
         uncached = plan.n - plan.n_cached - reused.spans[0].start  # the head's rows are kept as they are

@@ -25,8 +25,6 @@ from ..prefill import PrefillResult
 from ..segments import TokenRun
 from ..transfer import upload
 
-MAX_SENTENCE = 48  # tokens: a longer run without a sentence end (a table, code) is cut into pieces this long
-
 
 @dataclass(frozen=True, eq=False)
 class ReusedChunks:
@@ -34,8 +32,7 @@ class ReusedChunks:
     every layer (the uncached rows but a stored head, the first ``head`` rows of every chunk, the last row);
     forced_rows: [F] those rows, sorted; n_forced: (forced rows, forced rows that are cached), counted on the host;
     report: the hits, misses, unplaced chunks and read time so far, and the head's key when it is to be stored;
-    exact: the prompt's head read from the store (rows 0..T-1, exact K/V), or nothing; sentences: [N] int64, the
-    sentence of each row (``sentence_ids``), and n_sentences how many there are (counted on the host)."""
+    exact: the prompt's head read from the store (rows 0..T-1, exact K/V), or nothing."""
 
     ids: torch.Tensor
     spans: tuple[CachedSpan, ...]
@@ -44,8 +41,6 @@ class ReusedChunks:
     n_forced: tuple[int, int]
     report: PlanReport
     exact: tuple[CachedSpan, ...] = ()
-    sentences: torch.Tensor | None = None
-    n_sentences: int = 0
 
     @property
     def computed_head(self) -> int:
@@ -102,30 +97,7 @@ def reuse_chunks(
         head_key=head_key,
         exact=exact_rows,
     )
-    sentences = sentence_ids(tokens, from_cache, spans, chunks.source.keys.prompt_format.ends_sentence)
-    n_sentences = int(sentences[-1]) + 1 if n else 0
-    return ReusedChunks(
-        ids, spans, upload(forced, device), forced_rows, counts, report, exact, upload(sentences, device), n_sentences
-    )
-
-
-def sentence_ids(tokens: list[int], from_cache: torch.Tensor, spans, ends_sentence) -> torch.Tensor:
-    """[N] int64: which sentence each row is in, numbered from 0 in order. A sentence of a cached chunk runs to the
-    token that ends it (``ends_sentence(token_id)``), the chunk's end, or MAX_SENTENCE tokens, whichever is first;
-    every uncached row is a sentence of its own. tokens: the N token ids; from_cache: [N] bool (host)."""
-    n = len(tokens)
-    if n == 0:
-        return torch.zeros(0, dtype=torch.long)
-    ends = torch.tensor([ends_sentence(t) for t in tokens], dtype=torch.bool)
-    start = ~from_cache.clone()
-    start[0] = True
-    start[1:] |= ends[:-1] | ~from_cache[:-1]
-    for span in spans:
-        start[span.start] = True
-    group = start.cumsum(0) - 1
-    offset = torch.arange(n) - start.nonzero().squeeze(1)[group]  # each row's place in its sentence
-    start |= offset % MAX_SENTENCE == 0
-    return start.cumsum(0) - 1
+    return ReusedChunks(ids, spans, upload(forced, device), forced_rows, counts, report, exact)
 
 
 def read_head(head: list[int], chunks: RequestChunks) -> tuple[tuple[CachedSpan, ...], str | None]:
