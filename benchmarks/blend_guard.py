@@ -134,7 +134,8 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-coder-1.5b")
     parser.add_argument("--n", type=int, default=None, help="first n town questions (default: all)")
     parser.add_argument("--way", default="similar:2", help="how chunks are precomputed (context_precompute.py)")
-    parser.add_argument("--ratios", default="0.05,0.1,0.15", help="query-selection shares to answer with")
+    parser.add_argument("--ratios", default="0.05,0.1,0.15", help="shares to answer with")
+    parser.add_argument("--selections", default="query", help="cacheblend selections to answer with (query, bridge)")
     parser.add_argument("--escalate", type=float, default=0.5, help="the share a guarded request escalates to")
     parser.add_argument("--threshold", type=float, default=0.5, help="first-token probability below which 'unsure'")
     parser.add_argument("--out", type=Path, default=None)
@@ -151,8 +152,13 @@ def main() -> None:
         "full_recompute": BlendConfig(strategy="full_recompute"),
         "full_reuse": BlendConfig(strategy="full_reuse"),
     }
-    for r in [*ratios, args.escalate]:
-        configs[f"query@{r:g}"] = BlendConfig(strategy="cacheblend", recompute_ratio=r, exact_when_faster=False)
+    selections = [s for s in args.selections.split(",") if s.strip()]
+    labels = [f"{selection}@{r:g}" for selection in selections for r in ratios]
+    for label in [*labels, f"query@{args.escalate:g}"]:
+        selection, _, r = label.partition("@")
+        configs[label] = BlendConfig(
+            strategy="cacheblend", selection=selection, recompute_ratio=float(r), exact_when_faster=False
+        )
     rows = []
     for i, e in enumerate(examples):
         segments = engine.chat_segments(e.user_segments([handles[p] for p in e.passages]))
@@ -168,7 +174,6 @@ def main() -> None:
             args.out.write_text(
                 json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
             )
-    labels = [f"query@{r:g}" for r in ratios]
     summary = summarize(rows, labels, [f"query@{args.escalate:g}", "full_recompute"], args.threshold)
     print_table(summary, len(rows))
     if args.out:

@@ -64,11 +64,12 @@ class PlanReport:
     fallback: str | None = None
     blend: bool = False
     probe: Any = None  # PrefillResult of a probe pass, or None
+    hop: Any = None  # PrefillResult of the bridge selection's hop pass, or None
     guard: str | None = None
     rejected: Any = None  # PrefillResult of the prefill a guard ran again, or None
     load_s: float = 0.0
     probe_s: float = 0.0
-    kept: int = 0  # rows a probe pass computed exactly that the prefill proper keeps (the prompt's head)
+    kept: int = 0  # rows an earlier pass computed that the prefill proper keeps (the prompt's head; hop 1 of a bridge)
     exact: int = 0  # rows whose exact K/V was read from the store (the prompt's head, stored by an earlier request)
     head_key: str | None = None  # where to store the prompt's head after the prefill (its first pass captures it)
 

@@ -43,6 +43,27 @@ def attention_mass(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, sca
     return torch.softmax(scores, dim=-1).sum(dim=(0, 1, 2))
 
 
+def cross_chunk_shares(
+    q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, scale: float, chunk_of: torch.Tensor
+) -> torch.Tensor:
+    """Per key, the share of each query's attention to the cached keys of other chunks than the query's own that the
+    key gets (attention summed over heads, then normalised per query), summed over the queries.
+
+    q: [Hq, P, D] rotated queries at positions q_pos: [P] (row j at position j); keys: [Hkv, N, D] rotated;
+    chunk_of: [N] int64, each row's chunk (-1: not cached). Returns [N] float32 (0 on uncached rows and on each
+    query's own chunk)."""
+    hq, p, d = q.shape
+    hkv, n, _ = keys.shape
+    qg = q.float().reshape(hkv, (hq // hkv) * p, d)
+    scores = (qg @ keys.float().transpose(1, 2)) * scale  # [Hkv, G*P, N]
+    hidden = torch.arange(n, device=q.device)[None, :] > q_pos[:, None]  # [P, N]
+    scores = scores.view(hkv, hq // hkv, p, n).masked_fill_(hidden, float("-inf"))
+    mass = torch.softmax(scores, dim=-1).sum(dim=(0, 1))  # [P, N]
+    other = (chunk_of[None, :] >= 0) & (chunk_of[None, :] != chunk_of[q_pos][:, None])  # [P, N]
+    mass = mass * other
+    return (mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30)).sum(dim=0)
+
+
 def probe_span(m: int, n: int, last_cached_end: int) -> tuple[int, int]:
     """Where, among the ``m`` sorted rows computed at a check layer, the probe rows are: the uncached rows after the
     last cached chunk (at most MAX_PROBES, the last ones), or the last row if there are none. Those rows are always

@@ -66,7 +66,7 @@ def request_stats(plan: PrefillPlan, result: PrefillResult, prefill_s: float = 0
     ratio = None
     if report.blend and cached:  # every uncached row is computed (an exact head is read): the rest were cached
         ratio = (recomputed - (n - cached - report.exact)) / cached
-    flops = result.flops + sum(r.flops for r in (report.probe, report.rejected) if r is not None)
+    flops = result.flops + sum(r.flops for r in (report.probe, report.hop, report.rejected) if r is not None)
     return RequestStats(
         strategy=report.strategy,
         prompt_tokens=n,

@@ -57,7 +57,7 @@ def test_handle_evicted_from_store_is_recomputed(engine):
         ({"selection": "deviation", "check_layers": (1, 2), "check_ratios": (0.3,)}, "one ratio per check layer"),
         ({"selection": "attention", "check_ratios": (0.3,)}, "the last check ratio is the recompute ratio"),
         ({"deviation": "q"}, "deviation must be .v. or .k."),
-        ({"selection": "oracle"}, "selection must be one of query, deviation, attention"),
+        ({"selection": "oracle"}, "selection must be one of query, bridge, deviation, attention"),
         ({"backend": "cuda"}, "backend must be one of"),
         ({"recompute_chunk_head": -1}, "recompute_chunk_head"),
     ],

@@ -98,6 +98,7 @@ CONFIGS = [
     config("cacheblend", selection="deviation", recompute_ratio=0.3),
     config("cacheblend", selection="deviation", recompute_ratio=0.3, check_layers=(1, 2), deviation="k"),
     config("cacheblend", selection="attention", recompute_ratio=0.3),
+    config("cacheblend", selection="bridge", recompute_ratio=0.3),  # probe, hop and prefill proper
     config("cacheblend", recompute_ratio=1.0),
     config("full_recompute"),
 ]

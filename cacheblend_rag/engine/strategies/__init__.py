@@ -8,6 +8,7 @@ then reads: token runs -> ``strategy.plan`` (chunk KV resolved, misses computed,
 from __future__ import annotations
 
 from .base import Selection, Strategy
+from .bridge import BridgeSelection
 from .cacheblend import CacheBlend
 from .deviation import AttentionSelection, DeviationSelection
 from .full_recompute import FullRecompute
@@ -17,7 +18,9 @@ from .query import QuerySelection
 from .reuse import ReusedChunks, reuse_chunks
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FullRecompute, PrefixCache, FullReuse, CacheBlend)}
-SELECTIONS: dict[str, type[Selection]] = {s.name: s for s in (QuerySelection, DeviationSelection, AttentionSelection)}
+SELECTIONS: dict[str, type[Selection]] = {
+    s.name: s for s in (QuerySelection, BridgeSelection, DeviationSelection, AttentionSelection)
+}
 
 
 # the options that default to None
@@ -71,6 +74,7 @@ __all__ = [
     "SELECTIONS",
     "STRATEGIES",
     "AttentionSelection",
+    "BridgeSelection",
     "CacheBlend",
     "DeviationSelection",
     "FullRecompute",

@@ -1,0 +1,86 @@
+"""The bridge selection: the query selection's budget split between what the tail reads and what that reads."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from cacheblend_rag.engine.selection import cross_chunk_shares
+from cacheblend_rag.engine.strategies.bridge import HOP_SHARE, CrossChunkReads
+from tests.conftest import PASSAGES, config
+
+QUESTION = "\nQuestion: which river reaches the Black Sea?"
+
+
+def prompt(engine):
+    handles = engine.precompute(PASSAGES)
+    return ["Read the passages.\n", *handles, QUESTION], sum(h.n_tokens for h in handles)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bridge_spans_full_reuse_to_full_recompute(arch, make_engine):
+    engine = make_engine(arch, seed=21)
+    segments, _ = prompt(engine)
+    full = engine.prepare(segments, config=config("full_recompute"))
+    reuse = engine.prepare(segments, config=config("full_reuse"))
+    none = engine.prepare(segments, config=config("cacheblend", selection="bridge", recompute_ratio=0.0))
+    every = engine.prepare(segments, config=config("cacheblend", selection="bridge", recompute_ratio=1.0))
+    assert_close(none.logits, reuse.logits, atol=1e-5, rtol=1e-5)
+    assert_close(every.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert every.stats.recompute_ratio == 1.0 and none.stats.recompute_ratio == 0.0
+
+
+def test_bridge_recomputes_as_many_rows_as_the_query_selection(make_engine):
+    engine = make_engine("llama", seed=22)
+    segments, cached = prompt(engine)
+    query = engine.prepare(segments, config=config("cacheblend", selection="query", recompute_ratio=0.3))
+    bridge = engine.prepare(segments, config=config("cacheblend", selection="bridge", recompute_ratio=0.3))
+    k = round(0.3 * cached)
+    assert bridge.stats.recomputed_tokens == query.stats.recomputed_tokens
+    assert bridge.stats.recompute_ratio == pytest.approx(k / cached)
+    head = len(engine.tokenize(segments[0]))
+    uncached_after_head = bridge.stats.prompt_tokens - cached - head
+    # the prefill proper computes the forced rows and hop 2; hop 1 was computed by the hop pass and kept
+    assert set(bridge.stats.layer_rows) == {uncached_after_head + k - round(HOP_SHARE * k)}
+    # three passes: more FLOPs than the query selection's two, by about one pass over the uncached rows
+    assert query.stats.prefill_flops < bridge.stats.prefill_flops < 1.5 * query.stats.prefill_flops
+    assert not torch.equal(bridge.logits, query.logits)
+    assert 0 < bridge.stats.probe_s <= bridge.stats.prefill_s
+
+
+def test_bridge_refuses_the_guard(make_engine):
+    engine = make_engine("llama", seed=23)
+    segments, _ = prompt(engine)
+    with pytest.raises(ValueError, match="guard_ratio"):
+        engine.prepare(segments, config=config("cacheblend", selection="bridge", guard_ratio=0.5))
+
+
+def test_cross_chunk_shares_count_other_chunks_only():
+    gen = torch.Generator().manual_seed(0)
+    n, d = 10, 8
+    keys = torch.randn(1, n, d, generator=gen)
+    q = torch.randn(2, 2, d, generator=gen)
+    chunk_of = torch.tensor([-1, 0, 0, 0, 1, 1, 1, -1, 2, 2])
+    q_pos = torch.tensor([5, 9])  # a row of chunk 1 and one of chunk 2
+    got = cross_chunk_shares(q, q_pos, keys, 0.5, chunk_of)
+    want = torch.zeros(n)
+    for i, pos in enumerate(q_pos.tolist()):
+        probs = torch.softmax((q[:, i] @ keys[0, : pos + 1].T) * 0.5, dim=-1).sum(0)  # [pos + 1]
+        other = torch.tensor([c >= 0 and c != chunk_of[pos] for c in chunk_of[: pos + 1].tolist()])
+        share = probs * other
+        want[: pos + 1] += share / share.sum()
+    assert_close(got, want)
+    assert got[[0, 7, 8, 9]].abs().sum() == 0 and got.sum().item() == pytest.approx(2.0)  # uncached, own chunk
+
+
+def test_cross_chunk_reads_skip_the_first_half_and_score_only_readers():
+    gen = torch.Generator().manual_seed(1)
+    n, d = 10, 8
+    keys = torch.randn(1, n, d, generator=gen)
+    q = torch.randn(2, 3, d, generator=gen)
+    chunk_of = torch.tensor([-1, 0, 0, 0, 1, 1, 1, -1, 2, 2])
+    rows = torch.tensor([2, 5, 9])
+    reads = CrossChunkReads(chunk_of, readers=torch.tensor([1]), scale=0.5, first_layer=2)
+    reads(1, q, rows, keys)
+    assert reads.scores.abs().sum() == 0
+    reads(2, q, rows, keys)
+    assert_close(reads.scores, cross_chunk_shares(q[:, 1:2], rows[1:2], keys, 0.5, chunk_of))
