@@ -12,6 +12,9 @@ selection's probe pass computes it anyway); the reference never decides.
 
     python benchmarks/blend_guard.py --model qwen2.5-coder-1.5b --ratios 0.05,0.1,0.15 --escalate 0.5 \\
         --out results/blend_guard.json
+
+``--selections query,bridge`` answers with each selection at each share; ``--reference`` reuses full recompute's and
+full_reuse's answers and TTFTs from an earlier run of the same ``--way`` (its TTFT speedups then compare runs).
 """
 
 from __future__ import annotations
@@ -138,6 +141,12 @@ def main() -> None:
     parser.add_argument("--selections", default="query", help="cacheblend selections to answer with (query, bridge)")
     parser.add_argument("--escalate", type=float, default=0.5, help="the share a guarded request escalates to")
     parser.add_argument("--threshold", type=float, default=0.5, help="first-token probability below which 'unsure'")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="take full recompute's and full_reuse's answers (and TTFTs) from this earlier run of the same --way",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -159,11 +168,17 @@ def main() -> None:
         configs[label] = BlendConfig(
             strategy="cacheblend", selection=selection, recompute_ratio=float(r), exact_when_faster=False
         )
+    reference = json.loads(args.reference.read_text())["rows"] if args.reference else None
     rows = []
     for i, e in enumerate(examples):
         segments = engine.chat_segments(e.user_segments([handles[p] for p in e.passages]))
         row = {"question": e.question, "gold": e.answers, "kind": kinds[i]}
         for label, config in configs.items():
+            if reference is not None and label in ("full_recompute", "full_reuse"):
+                if reference[i]["question"] != e.question:
+                    raise SystemExit(f"--reference row {i} is another question: give a run of the same questions")
+                row[label] = reference[i][label]
+                continue
             row[label] = answer(engine, segments, config)
             row[label]["f1"] = best_over(f1_score, row[label]["answer"], e.answers)
         row["answered"] = row["full_recompute"]["f1"] >= ANSWERED
