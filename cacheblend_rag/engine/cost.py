@@ -89,11 +89,10 @@ class CostModel:
         per_layer = (rows + self.pass_rows + self.cached_row * cached) * shape.row_flops
         return shape.n_layers * (per_layer + (positions + rows) * shape.key_flops)
 
-    def estimate(self, shape: ModelShape, n: int, cached_spans: list[tuple[int, int]], ratio: float, probe: bool | int):
+    def estimate(self, shape: ModelShape, n: int, cached_spans: list[tuple[int, int]], ratio: float, probe: bool):
         """Costs of a prompt of ``n`` rows whose rows ``start..end-1`` of each of ``cached_spans`` are cached,
-        blended at ``ratio`` of the cached rows, against computing it in full. ``probe``: passes over the uncached
-        rows besides the prefill proper (True or 1: the query selection's probe pass; 2: the bridge selection's
-        probe and hop passes, the hop's cached rows being part of ``ratio``)."""
+        blended at ``ratio`` of the cached rows (``probe``: with the query selection's probe pass), against
+        computing it in full."""
         all_positions = n * (n - 1) // 2
         full = self.pass_cost(shape, n, all_positions, 0)
         n_cached = sum(end - start for start, end in cached_spans)
@@ -105,5 +104,5 @@ class CostModel:
         uncached_positions = all_positions - cached_positions
         blend = self.pass_cost(shape, uncached + chosen, int(uncached_positions + chosen * mean_cached), n_cached)
         if probe:
-            blend += int(probe) * self.pass_cost(shape, uncached, uncached_positions, n_cached)
+            blend += self.pass_cost(shape, uncached, uncached_positions, n_cached)
         return Estimate(full=full, blend=blend, margin=self.margin)

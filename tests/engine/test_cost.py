@@ -37,9 +37,7 @@ def test_cost_grows_with_the_ratio_and_the_probe():
     low = model.estimate(QWEN_1_5B, 1100, spans, ratio=0.05, probe=False).blend
     high = model.estimate(QWEN_1_5B, 1100, spans, ratio=0.5, probe=False).blend
     probed = model.estimate(QWEN_1_5B, 1100, spans, ratio=0.05, probe=True).blend
-    bridged = model.estimate(QWEN_1_5B, 1100, spans, ratio=0.05, probe=2).blend  # the bridge's probe and hop passes
-    assert low < high and low < probed < bridged
-    assert bridged - probed == pytest.approx(probed - low)
+    assert low < high and low < probed
     assert (
         model.estimate(QWEN_1_5B, 1100, spans, ratio=1.0, probe=False).blend
         > model.estimate(QWEN_1_5B, 1100, spans, ratio=1.0, probe=False).full * 0.99

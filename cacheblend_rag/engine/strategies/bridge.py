@@ -8,13 +8,14 @@ budget: three passes over the layers, each on the cache the one before left.
 
 1. the probe pass of the query selection (``full_reuse``'s rows; the tail's attention to each cached row, second
    half of the layers);
-2. the hop pass: the forced rows plus the ``HOP_SHARE`` of the budget the probe ranked highest (hop 1), computed
-   through every layer on the stored KV, measuring for each hop-1 row the share of its attention to the cached rows
+2. the hop pass: the ``HOP_SHARE`` of the budget the probe ranked highest (hop 1), alone, computed through every
+   layer on the cache the probe left (hop-1 rows read only rows before them: chunks, and the uncached rows between
+   chunks as the probe computed them), measuring for each hop-1 row the share of its attention to the cached rows
    of *other* chunks that each row gets (second half of the layers); hop 1's K/V stays in the cache;
 3. the prefill proper: the forced rows plus the rest of the budget by that share (hop 2), on that cache.
 
-The cached rows computed are as many as the query selection's (the forced rows are computed once more, a few
-percent of a prefill); hop 1 never sees hop 2 fresh (as every recomputed row in CacheBlend never sees the rows
+The rows computed are the query selection's, as many and as often (hop 1 in the hop pass, the forced rows and
+hop 2 in the prefill proper); hop 1 never sees hop 2 fresh (as every recomputed row in CacheBlend never sees the rows
 left stale). So with every cached row recomputed the plan is the query selection's (nothing is left to choose, and
 one pass over all of them is exact). Measured in docs/BENCHMARKS.md (1.10).
 """
@@ -29,7 +30,7 @@ import torch
 
 from ..plan import PrefillPlan
 from ..prefill import prefill_steps, timed_steps
-from ..selection import choose, cross_chunk_shares, mask_rows
+from ..selection import choose, cross_chunk_shares
 from ..transfer import upload
 from .query import FIRST_SCORED_LAYER, PROBE_BLOCK, QuerySelection
 from .reuse import ReusedChunks
@@ -97,17 +98,17 @@ class BridgeSelection(QuerySelection):
             return self.proper_plan(reused, keep, k, report)
         proper = self.proper_forced(reused)  # [N] bool
         candidates = tail.from_cache & ~reused.forced  # [N] bool
-        rows1 = choose(tail.scores, proper, candidates, hop1, n_forced - head)  # [F + k1] sorted
-        computed = torch.zeros_like(proper).index_fill_(0, rows1, True)
-        is_hop1 = computed & ~proper  # [N] bool: the k1 chosen rows
-        readers = mask_rows(is_hop1[rows1], hop1)  # [k1] indices into rows1
+        nothing = torch.zeros_like(proper)
+        rows1 = choose(tail.scores, nothing, candidates, hop1, 0)  # [k1] sorted: hop 1 alone
+        is_hop1 = nothing.index_fill_(0, rows1, True)  # [N] bool
+        readers = torch.arange(hop1, device=rows1.device)  # every row the hop pass computes reads
         reads = CrossChunkReads(chunk_index(reused), readers, fwd.scale, int(FIRST_SCORED_LAYER * fwd.n_layers))
         hop_plan = PrefillPlan(
             ids=reused.ids,
             spans=reused.spans,
             initial=rows1,
-            forced=computed,
-            n_forced=(n_forced - head + hop1, n_forced_cached + hop1),
+            forced=is_hop1,
+            n_forced=(hop1, hop1),
             cache_ready=True,
             need_logits=False,
             observe=reads,

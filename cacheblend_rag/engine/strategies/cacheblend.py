@@ -70,13 +70,14 @@ class CacheBlend(Strategy):
     def exact_reason(self, runs, fwd) -> str | None:
         """Why the prompt of placed ``runs`` is computed in full instead (blending would be no faster), or None."""
         config = self.config
-        passes = {"query": 1, "bridge": 2}.get(self.selection.name)  # the cost model knows these rules' passes
-        if not config.exact_when_faster or passes is None:
+        # the cost model knows the passes of these rules (the bridge's hop pass computes only rows the query's
+        # prefill proper would: the cached ones it keeps)
+        if not config.exact_when_faster or self.selection.name not in ("query", "bridge"):
             return None
         spans = [(r.start, r.end) for r in runs if r.handle is not None]
         if not spans:
             return None
         ratio = config.recompute_ratio if config.fidelity_target is None else config.min_ratio
         ratio = max(ratio, config.recompute_chunk_head * len(spans) / sum(b - a for a, b in spans))
-        estimate = self.cost.estimate(ModelShape.of(fwd), runs[-1].end, spans, ratio, probe=passes)
+        estimate = self.cost.estimate(ModelShape.of(fwd), runs[-1].end, spans, ratio, probe=True)
         return None if estimate.blend_wins else estimate.reason
