@@ -147,7 +147,8 @@ def eval_cmd(
     strategies: str = typer.Option("full_recompute,prefix_cache,full_reuse,cacheblend", help="Comma separated."),
     ratios: str = typer.Option("0.05,0.1,0.15,0.25,0.5", help="cacheblend recompute ratios, comma separated."),
     selections: str = typer.Option(
-        "query,deviation", help="cacheblend token selections to compare, comma separated: query, deviation, attention."
+        "query,deviation",
+        help="cacheblend token selections to compare, comma separated: query, bridge, deviation, attention.",
     ),
     targets: str = typer.Option("", help="cacheblend fidelity targets (per-request ratio), comma separated."),
     chunk_heads: int = typer.Option(0, min=0, help="Always recompute each chunk's first N tokens (EPIC)."),

@@ -81,7 +81,7 @@ def test_budget_rows():
     assert Budget(0.0, target=0.1, min_ratio=0.5).rows(scores, 8, 0) == 4  # floored
 
 
-@pytest.mark.parametrize("selection", ["query", "deviation"])
+@pytest.mark.parametrize("selection", ["query", "bridge", "deviation"])
 def test_fidelity_target_chooses_the_ratio(selection, make_engine):
     engine = make_engine("llama", seed=13)
     segments, _ = prompt(engine)

@@ -119,7 +119,7 @@ def test_a_plan_is_built_once_and_frozen(make_engine, cfg):
 # ---- a read that fails inside the prefill -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("selection", ["query", "deviation"])
+@pytest.mark.parametrize("selection", ["query", "bridge", "deviation"])
 def test_a_late_read_failure_plans_again_without_a_prefill_inside_the_prefill(make_engine, monkeypatch, selection):
     """The query selection reads the chunks in its probe pass (inside the plan), the deviation selection in the
     prefill proper: either way the failed chunk is computed between two plans, never from inside a prefill."""
