@@ -38,6 +38,7 @@ def step_all(steps) -> tuple[list[int], object]:
     "cfg, probes",
     [
         (config("cacheblend"), True),  # the default: query selection
+        (config("cacheblend", selection="bridge"), True),  # probe, hop (all but its last layer) and prefill proper
         (config("cacheblend", selection="deviation"), False),
         (config("full_reuse"), False),
     ],
@@ -54,21 +55,26 @@ def test_the_probe_pass_and_the_prefill_each_run_a_layer_per_step(make_engine, c
     probe = plan.report.probe
     assert (probe is not None) == probes and plan.report.hits == 3
     probe_rows = probe.layer_rows if probes else []
-    assert len(yields) == len(probe_rows) + len(result.layer_rows) == (2 if probes else 1) * fwd.n_layers
-    assert yields == probe_rows + result.layer_rows  # each step yields the rows its layer computed
+    hop = plan.report.hop
+    hop_rows = hop.layer_rows[:-1] if hop is not None else []  # no step after its last K/V is written
+    assert (hop is not None) == (cfg.selection == "bridge")
+    assert len(yields) == len(probe_rows) + len(hop_rows) + len(result.layer_rows)
+    assert len(probe_rows) + len(result.layer_rows) == (2 if probes else 1) * fwd.n_layers
+    assert yields == probe_rows + hop_rows + result.layer_rows  # each step yields the rows its layer computed
     if probes:  # the probe pass computes the uncached rows at every layer
         uncached = runs[-1].end - sum(h.n_tokens for h in handles)
         assert probe_rows == [uncached] * fwd.n_layers
         assert 0 < stats.probe_s <= stats.prefill_s
 
 
-def test_stepped_interleaved_with_another_request_equals_the_unstepped_plan_and_prefill(make_engine):
-    """The query selection with reused chunks, stepped through ``engine.prepare_steps`` alternately with another
-    request's steps, fills the same cache and gives the same logits, bit for bit, as its plan and prefill run
-    in one go."""
+@pytest.mark.parametrize("selection", ["query", "bridge"])
+def test_stepped_interleaved_with_another_request_equals_the_unstepped_plan_and_prefill(make_engine, selection):
+    """The query selection (and the bridge's three passes) with reused chunks, stepped through
+    ``engine.prepare_steps`` alternately with another request's steps, fills the same cache and gives the same
+    logits, bit for bit, as its plan and prefill run in one go."""
     engine = make_engine("llama", seed=4)
     handles = engine.precompute(PASSAGES)
-    cfg = config("cacheblend", recompute_ratio=0.3)
+    cfg = config("cacheblend", recompute_ratio=0.3, selection=selection)
     runs = engine.blocks(segments(handles))
     fwd = engine.model_forward
     n = runs[-1].end
