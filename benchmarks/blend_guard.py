@@ -58,6 +58,22 @@ def answer(engine, segments, config: BlendConfig) -> dict:
     }
 
 
+def load_reference(path: Path | None, args) -> list[dict] | None:
+    """The rows of an earlier run to take full recompute's and full_reuse's answers from: refused unless it ran the
+    same model on chunks computed the same way (both decide those answers)."""
+    if path is None:
+        return None
+    earlier = json.loads(path.read_text())
+    ran = earlier.get("args", {})
+    for option in ("model", "way"):
+        if ran.get(option) != str(getattr(args, option)):
+            raise SystemExit(
+                f"--reference {path} ran --{option} {ran.get(option)!r}, this run {getattr(args, option)!r}: "
+                "give a run of the same model and way"
+            )
+    return earlier["rows"]
+
+
 def kept(rows: list[dict], pick, kind: str | None) -> dict:
     """Gold F1 of the answers ``pick(row)`` chooses over full recompute's, on the answered questions of a kind."""
     mine = [r for r in rows if r["answered"] and (kind is None or r["kind"] == kind)]
@@ -161,21 +177,21 @@ def main() -> None:
         "full_recompute": BlendConfig(strategy="full_recompute"),
         "full_reuse": BlendConfig(strategy="full_reuse"),
     }
-    selections = [s for s in args.selections.split(",") if s.strip()]
+    selections = [s.strip() for s in args.selections.split(",") if s.strip()]
     labels = [f"{selection}@{r:g}" for selection in selections for r in ratios]
     for label in [*labels, f"query@{args.escalate:g}"]:
         selection, _, r = label.partition("@")
         configs[label] = BlendConfig(
             strategy="cacheblend", selection=selection, recompute_ratio=float(r), exact_when_faster=False
         )
-    reference = json.loads(args.reference.read_text())["rows"] if args.reference else None
+    reference = load_reference(args.reference, args)
     rows = []
     for i, e in enumerate(examples):
         segments = engine.chat_segments(e.user_segments([handles[p] for p in e.passages]))
         row = {"question": e.question, "gold": e.answers, "kind": kinds[i]}
         for label, config in configs.items():
             if reference is not None and label in ("full_recompute", "full_reuse"):
-                if reference[i]["question"] != e.question:
+                if i >= len(reference) or reference[i]["question"] != e.question:
                     raise SystemExit(f"--reference row {i} is another question: give a run of the same questions")
                 row[label] = reference[i][label]
                 continue

@@ -38,13 +38,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from blend_guard import kept
+from blend_guard import kept, load_reference
 from context_precompute import ANSWERED, contexts, precompute
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
-from cacheblend_rag.engine import attention_mass, reused_prompt, run_plan
-from cacheblend_rag.engine.prefill import prefill
-from cacheblend_rag.engine.research import PlanRun
+from cacheblend_rag.engine import PlanRun, attention_mass, reused_prompt, run_plan
 from cacheblend_rag.eval.datasets import load_examples
 from cacheblend_rag.eval.metrics import best_over, f1_score
 from cacheblend_rag.kernels.dispatch import Kernels
@@ -70,6 +68,8 @@ class Reads:
         if layer < self.first_layer:
             return
         host = rows.cpu()
+        if rows.shape[0] == 1 and not self.joint:  # the last layer computes only the last row: no reader there
+            return
         pick = torch.isin(host, self.readers) if rows.shape[0] > 1 else torch.ones(1, dtype=torch.bool)
         idx = pick.nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -164,9 +164,7 @@ def hops(engine, prompt, score1, chunk_of, k: int, mode: str, h: float, first_la
     if mode in ("join", "add"):
         return greedy(engine, prompt.plan(torch.cat([hop1, hop2]).sort().values))
     # seq: hop 1's K/V stays as the hop pass left it; hop 2 and the uncached rows are computed on it
-    with torch.inference_mode():
-        result = prefill(run.fwd, replace(prompt.plan(hop2), cache_ready=True), run.cache)
-    return greedy(engine, run=PlanRun(result, run.cache, run.fwd, prompt.n))
+    return greedy(engine, run=run_plan(engine, replace(prompt.plan(hop2), cache_ready=True), on=run))
 
 
 def main() -> None:
@@ -185,7 +183,7 @@ def main() -> None:
     examples = load_examples("town", args.n)
     spec = json.loads((Path(__file__).resolve().parents[1] / "cacheblend_rag/data/town_questions.json").read_text())
     kinds = ["two" if len(q["documents"]) > 1 else "one" for q in spec["questions"]]
-    reference = json.loads(args.reference.read_text())["rows"] if args.reference else None
+    reference = load_reference(args.reference, args)
     corpus = sorted({p for e in examples for p in e.passages})
     _, handles = precompute(engine, corpus, contexts(args.way, corpus, "", [e.passages for e in examples]))
     first_layer = engine.model_forward.n_layers // 2  # FIRST_SCORED_LAYER of the query selection
@@ -196,7 +194,7 @@ def main() -> None:
         prompt = reused_prompt(engine, segments)
         row = {"question": e.question, "gold": e.answers, "kind": kinds[i]}
         if reference is not None:
-            if reference[i]["question"] != e.question:
+            if i >= len(reference) or reference[i]["question"] != e.question:
                 raise SystemExit(f"--reference row {i} is another question; give a run of the same questions")
             answers = {label: reference[i][label]["answer"] for label in ("full_recompute", "full_reuse")}
         else:

@@ -29,8 +29,8 @@ class BlendConfig:
     selection: how cacheblend picks the cached tokens to recompute. ``"query"`` (the default): a probe pass over the
         stored KV measures the attention the prompt's tail pays each cached token at every layer; the most-read
         tokens are recomputed through every layer (engine/strategies/query.py). ``"bridge"``: the same budget, half
-        to the tokens the tail reads most, half to the tokens of other chunks that those read most (a pass more over
-        the uncached tokens; engine/strategies/bridge.py). ``"deviation"`` (the paper): the
+        to the tokens the tail reads most, half to the tokens of other chunks that those read most (a pass more, over
+        the first half; engine/strategies/bridge.py). ``"deviation"`` (the paper): the
         tokens whose K or V deviates most at the check layers. ``"attention"``: that deviation weighted by the
         attention the prompt's tail (e.g. the question) pays each token at the check layer
         (engine/strategies/deviation.py).

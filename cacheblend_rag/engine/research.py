@@ -7,8 +7,8 @@
   every layer (with the uncached rows and the last row); ``ReusedPrompt.full_plan()``: full recompute, optionally
   capturing every row's K/V. Both take an ``observe(layer, q, rows, keys)`` callback (``attention_mass`` turns its
   arguments into the attention each key receives).
-- ``run_plan(engine, plan)``: the prefill of a plan into a fresh cache (a ``PlanRun``: its logits, captured K/V,
-  ``decode(token)``).
+- ``run_plan(engine, plan)``: the prefill of a plan into a fresh cache, or on an earlier run's (a ``PlanRun``: its
+  logits, captured K/V, ``decode(token)``).
 - ``teacher_force(run, targets)``: score a selection: log-probs along a reference answer after a ``PlanRun`` or a
   ``PreparedRequest`` (``engine.prepare``), e.g. to compare with full recompute's by KL.
 """
@@ -133,11 +133,14 @@ class PlanRun:
             return decode_step(self.fwd, self.cache, token)
 
 
-def run_plan(engine, plan: PrefillPlan, extra_capacity: int = 0, backend: str | None = None) -> PlanRun:
+def run_plan(
+    engine, plan: PrefillPlan, extra_capacity: int = 0, backend: str | None = None, on: PlanRun | None = None
+) -> PlanRun:
     """Run ``plan`` on ``engine``'s model (kernels of ``backend``, default the engine's) into a new cache with room
-    for ``extra_capacity`` decoded tokens."""
+    for ``extra_capacity`` decoded tokens, or into the cache of the earlier run ``on`` (a ``cache_ready`` plan then
+    computes its rows on the K/V that run left)."""
     fwd = engine.model_forward.with_backend(backend or engine.default_config.backend)
-    cache = KVCache.for_model(fwd, plan.n + extra_capacity)
+    cache = on.cache if on is not None else KVCache.for_model(fwd, plan.n + extra_capacity)
     with torch.inference_mode():
         result = prefill(fwd, plan, cache)
     return PlanRun(result, cache, fwd, plan.n)

@@ -43,7 +43,7 @@ def test_bridge_recomputes_as_many_rows_as_the_query_selection(make_engine):
     assert set(bridge.stats.layer_rows) == {uncached_after_head + k - round(HOP_SHARE * k)}
     # the same rows computed as often as the query selection's (hop 1 in the hop pass, without its last layer's
     # attention and MLP): about the same FLOPs
-    assert bridge.stats.prefill_flops == pytest.approx(query.stats.prefill_flops, rel=0.1)
+    assert bridge.stats.prefill_flops == pytest.approx(query.stats.prefill_flops, rel=0.02)
     assert not torch.equal(bridge.logits, query.logits)
     assert 0 < bridge.stats.probe_s <= bridge.stats.prefill_s
 

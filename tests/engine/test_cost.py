@@ -45,17 +45,20 @@ def test_cost_grows_with_the_ratio_and_the_probe():
 
 
 @pytest.mark.cost_model
-def test_a_short_prompt_is_computed_in_full_and_stats_say_why(make_engine):
+@pytest.mark.parametrize("selection", ["query", "bridge"])
+def test_a_short_prompt_is_computed_in_full_and_stats_say_why(make_engine, selection):
     from tests.conftest import PASSAGES, config
 
     engine = make_engine("llama", seed=3)
     segments = ["Read the passages.\n", *engine.precompute(PASSAGES), "\nQuestion: which river reaches the Black Sea?"]
     full = engine.generate(segments, max_new_tokens=6, config=config("full_recompute"))
-    exact = engine.generate(segments, max_new_tokens=6, config=config("cacheblend"))
+    exact = engine.generate(segments, max_new_tokens=6, config=config("cacheblend", selection=selection))
     assert exact.stats.fallback is not None and "computed in full" in exact.stats.fallback
     assert exact.stats.recomputed_tokens == exact.stats.prompt_tokens and exact.stats.recompute_ratio is None
     assert exact.token_ids == full.token_ids  # the exact path: full recompute's answer
-    blended = engine.generate(segments, max_new_tokens=6, config=config("cacheblend", exact_when_faster=False))
+    blended = engine.generate(
+        segments, max_new_tokens=6, config=config("cacheblend", selection=selection, exact_when_faster=False)
+    )
     assert blended.stats.fallback is None and blended.stats.recompute_ratio is not None
     assert blended.stats.recomputed_tokens < blended.stats.prompt_tokens
 

@@ -14,10 +14,12 @@ budget: three passes over the layers, each on the cache the one before left.
    of *other* chunks that each row gets (second half of the layers); hop 1's K/V stays in the cache;
 3. the prefill proper: the forced rows plus the rest of the budget by that share (hop 2), on that cache.
 
-The rows computed are the query selection's, as many and as often (hop 1 in the hop pass, the forced rows and
-hop 2 in the prefill proper); hop 1 never sees hop 2 fresh (as every recomputed row in CacheBlend never sees the rows
-left stale). So with every cached row recomputed the plan is the query selection's (nothing is left to choose, and
-one pass over all of them is exact). Measured in docs/BENCHMARKS.md (1.10).
+As many rows are computed as by the query selection, as often (hop 1 in the hop pass, the forced rows and hop 2
+in the prefill proper: about its FLOPs, plus the hop pass's own overhead and its scores, [Hkv, G x 64, N] per
+block of 64 hop-1 rows at each scored layer, growing with the budget times the prompt). Hop 1 never sees hop 2
+fresh, as in CacheBlend no recomputed row sees the rows left stale. So with every cached row recomputed the plan
+is the query selection's (nothing is left to choose, and one pass over all of them is exact). Measured in
+docs/BENCHMARKS.md (1.10): it helps chunks computed alone on two-passage questions, nothing else.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import replace
 
 import torch
 
@@ -70,14 +71,15 @@ class CacheBlend(Strategy):
     def exact_reason(self, runs, fwd) -> str | None:
         """Why the prompt of placed ``runs`` is computed in full instead (blending would be no faster), or None."""
         config = self.config
-        # the cost model knows the passes of these rules (the bridge's hop pass computes only rows the query's
-        # prefill proper would: the cached ones it keeps)
-        if not config.exact_when_faster or self.selection.name not in ("query", "bridge"):
+        if not config.exact_when_faster or self.selection.name not in ("query", "bridge"):  # rules the model knows
             return None
         spans = [(r.start, r.end) for r in runs if r.handle is not None]
         if not spans:
             return None
         ratio = config.recompute_ratio if config.fidelity_target is None else config.min_ratio
         ratio = max(ratio, config.recompute_chunk_head * len(spans) / sum(b - a for a, b in spans))
-        estimate = self.cost.estimate(ModelShape.of(fwd), runs[-1].end, spans, ratio, probe=True)
+        shape = ModelShape.of(fwd)
+        estimate = self.cost.estimate(shape, runs[-1].end, spans, ratio, probe=True)
+        if self.selection.name == "bridge":  # its hop pass: a pass's own cost (its rows are counted in ``ratio``)
+            estimate = replace(estimate, blend=estimate.blend + self.cost.pass_cost(shape, 0, 0, 0))
         return None if estimate.blend_wins else estimate.reason
