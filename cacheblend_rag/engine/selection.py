@@ -28,19 +28,27 @@ def deviation_scores(deviation: str, sel, k_new, v_new, keys, values, sel_cached
     return kernels.deviation(fresh, stored, sel_cached, rows=sel)
 
 
-def attention_mass(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention probability each key receives, summed over heads and queries.
+def query_attention(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each query's attention probabilities over the keys, summed over the heads.
 
-    q: [Hq, P, D] rotated probe queries at positions q_pos: [P]; keys: [Hkv, N, D] rotated, key j at position j.
-    Returns [N] float32.
-    """
+    q: [Hq, P, D] rotated queries at positions q_pos: [P]; keys: [Hkv, N, D] rotated, key j at position j.
+    Returns [P, N] float32 (each row sums to the number of heads)."""
     hq, p, d = q.shape
     hkv, n, _ = keys.shape
     qg = q.float().reshape(hkv, (hq // hkv) * p, d)
     scores = (qg @ keys.float().transpose(1, 2)) * scale  # [Hkv, G*P, N]
     hidden = torch.arange(n, device=q.device)[None, :] > q_pos[:, None]  # [P, N]
     scores = scores.view(hkv, hq // hkv, p, n).masked_fill_(hidden, float("-inf"))
-    return torch.softmax(scores, dim=-1).sum(dim=(0, 1, 2))
+    return torch.softmax(scores, dim=-1).sum(dim=(0, 1))
+
+
+def attention_mass(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention probability each key receives, summed over heads and queries.
+
+    q: [Hq, P, D] rotated probe queries at positions q_pos: [P]; keys: [Hkv, N, D] rotated, key j at position j.
+    Returns [N] float32.
+    """
+    return query_attention(q, q_pos, keys, scale).sum(dim=0)
 
 
 def cross_chunk_shares(
@@ -52,13 +60,7 @@ def cross_chunk_shares(
     q: [Hq, P, D] rotated queries at positions q_pos: [P] (row j at position j); keys: [Hkv, N, D] rotated;
     chunk_of: [N] int64, each row's chunk (-1: not cached). Returns [N] float32 (0 on uncached rows and on each
     query's own chunk)."""
-    hq, p, d = q.shape
-    hkv, n, _ = keys.shape
-    qg = q.float().reshape(hkv, (hq // hkv) * p, d)
-    scores = (qg @ keys.float().transpose(1, 2)) * scale  # [Hkv, G*P, N]
-    hidden = torch.arange(n, device=q.device)[None, :] > q_pos[:, None]  # [P, N]
-    scores = scores.view(hkv, hq // hkv, p, n).masked_fill_(hidden, float("-inf"))
-    mass = torch.softmax(scores, dim=-1).sum(dim=(0, 1))  # [P, N]
+    mass = query_attention(q, q_pos, keys, scale)  # [P, N]
     other = (chunk_of[None, :] >= 0) & (chunk_of[None, :] != chunk_of[q_pos][:, None])  # [P, N]
     mass = mass * other
     return (mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30)).sum(dim=0)

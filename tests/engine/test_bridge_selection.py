@@ -6,27 +6,8 @@ from torch.testing import assert_close
 
 from cacheblend_rag.engine.selection import cross_chunk_shares
 from cacheblend_rag.engine.strategies.bridge import HOP_SHARE, CrossChunkReads
-from tests.conftest import PASSAGES, config
-
-QUESTION = "\nQuestion: which river reaches the Black Sea?"
-
-
-def prompt(engine):
-    handles = engine.precompute(PASSAGES)
-    return ["Read the passages.\n", *handles, QUESTION], sum(h.n_tokens for h in handles)
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_bridge_spans_full_reuse_to_full_recompute(arch, make_engine):
-    engine = make_engine(arch, seed=21)
-    segments, _ = prompt(engine)
-    full = engine.prepare(segments, config=config("full_recompute"))
-    reuse = engine.prepare(segments, config=config("full_reuse"))
-    none = engine.prepare(segments, config=config("cacheblend", selection="bridge", recompute_ratio=0.0))
-    every = engine.prepare(segments, config=config("cacheblend", selection="bridge", recompute_ratio=1.0))
-    assert_close(none.logits, reuse.logits, atol=1e-5, rtol=1e-5)
-    assert_close(every.logits, full.logits, atol=1e-5, rtol=1e-5)
-    assert every.stats.recompute_ratio == 1.0 and none.stats.recompute_ratio == 0.0
+from tests.conftest import config
+from tests.engine.test_query_selection import prompt
 
 
 def test_bridge_recomputes_as_many_rows_as_the_query_selection(make_engine):

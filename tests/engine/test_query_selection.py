@@ -17,14 +17,15 @@ def prompt(engine):
     return ["Read the passages.\n", *handles, QUESTION], sum(h.n_tokens for h in handles)
 
 
+@pytest.mark.parametrize("selection", ["query", "bridge"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_query_selection_spans_full_reuse_to_full_recompute(arch, make_engine):
+def test_query_selection_spans_full_reuse_to_full_recompute(arch, selection, make_engine):
     engine = make_engine(arch, seed=11)
     segments, _ = prompt(engine)
     full = engine.prepare(segments, config=config("full_recompute"))
     reuse = engine.prepare(segments, config=config("full_reuse"))
-    none = engine.prepare(segments, config=config("cacheblend", selection="query", recompute_ratio=0.0))
-    every = engine.prepare(segments, config=config("cacheblend", selection="query", recompute_ratio=1.0))
+    none = engine.prepare(segments, config=config("cacheblend", selection=selection, recompute_ratio=0.0))
+    every = engine.prepare(segments, config=config("cacheblend", selection=selection, recompute_ratio=1.0))
     # the same rows, but the head's in the probe pass, so in matmuls of other sizes: fp32 summation order apart
     assert_close(none.logits, reuse.logits, atol=1e-5, rtol=1e-5)
     assert_close(every.logits, full.logits, atol=1e-5, rtol=1e-5)
