@@ -36,12 +36,18 @@ def test_bridge_refuses_the_guard(make_engine):
         engine.prepare(segments, config=config("cacheblend", selection="bridge", guard_ratio=0.5))
 
 
+def scores_case(seed: int, queries: int):
+    """10 rows (head row 0, chunks 0: rows 1-3, 1: rows 4-6, a separator at 7, chunk 2: rows 8-9), one KV head of 8
+    dims and two query heads: keys [1, 10, 8], q [2, queries, 8], chunk_of [10]."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 10, 8, generator=gen)
+    q = torch.randn(2, queries, 8, generator=gen)
+    return keys, q, torch.tensor([-1, 0, 0, 0, 1, 1, 1, -1, 2, 2])
+
+
 def test_cross_chunk_shares_count_other_chunks_only():
-    gen = torch.Generator().manual_seed(0)
-    n, d = 10, 8
-    keys = torch.randn(1, n, d, generator=gen)
-    q = torch.randn(2, 2, d, generator=gen)
-    chunk_of = torch.tensor([-1, 0, 0, 0, 1, 1, 1, -1, 2, 2])
+    keys, q, chunk_of = scores_case(0, 2)
+    n = keys.shape[1]
     q_pos = torch.tensor([5, 9])  # a row of chunk 1 and one of chunk 2
     got = cross_chunk_shares(q, q_pos, keys, 0.5, chunk_of)
     want = torch.zeros(n)
@@ -55,11 +61,7 @@ def test_cross_chunk_shares_count_other_chunks_only():
 
 
 def test_cross_chunk_reads_skip_the_first_half_and_score_only_readers():
-    gen = torch.Generator().manual_seed(1)
-    n, d = 10, 8
-    keys = torch.randn(1, n, d, generator=gen)
-    q = torch.randn(2, 3, d, generator=gen)
-    chunk_of = torch.tensor([-1, 0, 0, 0, 1, 1, 1, -1, 2, 2])
+    keys, q, chunk_of = scores_case(1, 3)
     rows = torch.tensor([2, 5, 9])
     reads = CrossChunkReads(chunk_of, readers=torch.tensor([1]), scale=0.5, first_layer=2)
     reads(1, q, rows, keys)

@@ -100,9 +100,8 @@ class BridgeSelection(QuerySelection):
             return self.proper_plan(reused, keep, k, report)
         proper = self.proper_forced(reused)  # [N] bool
         candidates = tail.from_cache & ~reused.forced  # [N] bool
-        nothing = torch.zeros_like(proper)
-        rows1 = choose(tail.scores, nothing, candidates, hop1, 0)  # [k1] sorted: hop 1 alone
-        is_hop1 = nothing.index_fill_(0, rows1, True)  # [N] bool
+        rows1 = choose(tail.scores, torch.zeros_like(proper), candidates, hop1, 0)  # [k1] sorted: hop 1 alone
+        is_hop1 = torch.zeros_like(proper).index_fill_(0, rows1, True)  # [N] bool
         readers = torch.arange(hop1, device=rows1.device)  # every row the hop pass computes reads
         reads = CrossChunkReads(chunk_index(reused), readers, fwd.scale, int(FIRST_SCORED_LAYER * fwd.n_layers))
         hop_plan = PrefillPlan(
