@@ -13,8 +13,9 @@ selection's probe pass computes it anyway); the reference never decides.
     python benchmarks/blend_guard.py --model qwen2.5-coder-1.5b --ratios 0.05,0.1,0.15 --escalate 0.5 \\
         --out results/blend_guard.json
 
-``--selections query,bridge`` answers with each selection at each share; ``--reference`` reuses full recompute's and
-full_reuse's answers and TTFTs from an earlier run of the same ``--way`` (its TTFT speedups then compare runs).
+``--selections query,bridge`` answers with each selection at each share; ``--reference`` reuses full recompute's
+answers and TTFTs from an earlier run of the same model, and full_reuse's where that run computed the chunks the same
+``--way`` (its TTFT speedups then compare runs).
 """
 
 from __future__ import annotations
@@ -58,20 +59,21 @@ def answer(engine, segments, config: BlendConfig) -> dict:
     }
 
 
-def load_reference(path: Path | None, args) -> list[dict] | None:
-    """The rows of an earlier run to take full recompute's and full_reuse's answers from: refused unless it ran the
-    same model on chunks computed the same way (both decide those answers)."""
+def load_reference(path: Path | None, args) -> tuple[list[dict] | None, tuple[str, ...]]:
+    """The rows of an earlier run and the answers to take from it: refused unless it ran the same model; full
+    recompute's answers depend on nothing else, full_reuse's also on how the chunks were computed (taken only from
+    a run of the same way)."""
     if path is None:
-        return None
+        return None, ()
     earlier = json.loads(path.read_text())
     ran = earlier.get("args", {})
-    for option in ("model", "way"):
-        if ran.get(option) != str(getattr(args, option)):
-            raise SystemExit(
-                f"--reference {path} ran --{option} {ran.get(option)!r}, this run {getattr(args, option)!r}: "
-                "give a run of the same model and way"
-            )
-    return earlier["rows"]
+    if ran.get("model") != str(args.model):
+        raise SystemExit(
+            f"--reference {path} ran --model {ran.get('model')!r}, this run {args.model!r}: "
+            "give a run of the same model"
+        )
+    same_way = ran.get("way") == str(args.way)
+    return earlier["rows"], ("full_recompute", "full_reuse") if same_way else ("full_recompute",)
 
 
 def kept(rows: list[dict], pick, kind: str | None) -> dict:
@@ -161,7 +163,8 @@ def main() -> None:
         "--reference",
         type=Path,
         default=None,
-        help="take full recompute's and full_reuse's answers (and TTFTs) from this earlier run of the same --way",
+        help="take full recompute's answers (and TTFTs) from this earlier run of the same model, and full_reuse's "
+        "where it ran the same --way",
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -184,13 +187,13 @@ def main() -> None:
         configs[label] = BlendConfig(
             strategy="cacheblend", selection=selection, recompute_ratio=float(r), exact_when_faster=False
         )
-    reference = load_reference(args.reference, args)
+    reference, taken = load_reference(args.reference, args)
     rows = []
     for i, e in enumerate(examples):
         segments = engine.chat_segments(e.user_segments([handles[p] for p in e.passages]))
         row = {"question": e.question, "gold": e.answers, "kind": kinds[i]}
         for label, config in configs.items():
-            if reference is not None and label in ("full_recompute", "full_reuse"):
+            if label in taken:
                 if i >= len(reference) or reference[i]["question"] != e.question:
                     raise SystemExit(f"--reference row {i} is another question: give a run of the same questions")
                 row[label] = reference[i][label]

@@ -21,8 +21,9 @@ query selection recomputes the cached rows the question reads (hop 1); the rows 
   kernels are patched in this process.
 
 Gold F1 kept over full recompute's on the town questions it answers (F1 >= 0.5), one- and two-passage apart,
-and answers worse than ``full_reuse``; every answer is in the JSON. ``--reference`` takes full recompute's and
-full_reuse's answers from a ``blend_guard.py`` run with the same ``--way`` instead of computing them again.
+and answers worse than ``full_reuse``; every answer is in the JSON. ``--reference`` takes full recompute's answers
+from a ``blend_guard.py`` run of the same model, and full_reuse's where it ran the same ``--way``, instead of
+computing them again.
 
     python benchmarks/bridge_study.py --model qwen2.5-coder-1.5b --way alone \\
         --methods token,join:0.5,seq:0.5,add:0.33,ape:full_reuse,ape:token --out results/bridge_study_alone.json
@@ -174,7 +175,7 @@ def main() -> None:
     parser.add_argument("--way", default="alone", help="how chunks are precomputed (context_precompute.py)")
     parser.add_argument("--ratio", type=float, default=0.15)
     parser.add_argument("--methods", default="token,join:0.5,seq:0.5")
-    parser.add_argument("--reference", type=Path, default=None, help="a blend_guard.py JSON of the same --way")
+    parser.add_argument("--reference", type=Path, default=None, help="a blend_guard.py JSON of the same model")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -183,7 +184,7 @@ def main() -> None:
     examples = load_examples("town", args.n)
     spec = json.loads((Path(__file__).resolve().parents[1] / "cacheblend_rag/data/town_questions.json").read_text())
     kinds = ["two" if len(q["documents"]) > 1 else "one" for q in spec["questions"]]
-    reference = load_reference(args.reference, args)
+    reference, taken = load_reference(args.reference, args)
     corpus = sorted({p for e in examples for p in e.passages})
     _, handles = precompute(engine, corpus, contexts(args.way, corpus, "", [e.passages for e in examples]))
     first_layer = engine.model_forward.n_layers // 2  # FIRST_SCORED_LAYER of the query selection
@@ -193,15 +194,14 @@ def main() -> None:
         segments = engine.chat_segments(e.user_segments([handles[p] for p in e.passages]))
         prompt = reused_prompt(engine, segments)
         row = {"question": e.question, "gold": e.answers, "kind": kinds[i]}
-        if reference is not None:
-            if i >= len(reference) or reference[i]["question"] != e.question:
-                raise SystemExit(f"--reference row {i} is another question; give a run of the same questions")
-            answers = {label: reference[i][label]["answer"] for label in ("full_recompute", "full_reuse")}
-        else:
-            answers = {
-                label: engine_answer(engine, segments, BlendConfig(strategy=label))
-                for label in ("full_recompute", "full_reuse")
-            }
+        if reference is not None and (i >= len(reference) or reference[i]["question"] != e.question):
+            raise SystemExit(f"--reference row {i} is another question; give a run of the same questions")
+        answers = {
+            label: reference[i][label]["answer"]
+            if label in taken
+            else engine_answer(engine, segments, BlendConfig(strategy=label))
+            for label in ("full_recompute", "full_reuse")
+        }
         n, cached = prompt.n, prompt.cached
         chunk_of = torch.full((n,), -1, dtype=torch.long)
         for c, span in enumerate(prompt.spans):
