@@ -63,11 +63,13 @@ def variants(base, example, engines):
     """(label, engine whose chunks are reused, segments maker) per prompt start."""
 
     def chat(engine, system=None):
-        return lambda: engine.chat_segments([PREFIX, *engine.precompute(example.passages), example.query()], system)
+        return lambda: engine.chat_segments(
+            [PREFIX, *engine.precompute(example.passages, context=0), example.query()], system
+        )
 
     def raw(engine, instruction=True):
         head = [PREFIX] if instruction else []
-        return lambda: [*head, *engine.precompute(example.passages), example.query()]
+        return lambda: [*head, *engine.precompute(example.passages, context=0), example.query()]
 
     out = [("default", base, chat(base))]
     for name, system in SYSTEMS.items():

@@ -13,7 +13,9 @@ one-passage and two-passage questions apart:
 - ``fixed``: after one fixed, topic-free text (the same for every chunk): ``--fixed-text`` or a built-in one;
 - ``retrieved:K``: after the K passages before it (cyclic) in the first prompt that holds it: what a retriever
   that computes each new document among the ones retrieved with it stores (``engine.attach``: the LangChain
-  retriever, the LlamaIndex postprocessor), later prompts reusing that KV as it is.
+  retriever, the LlamaIndex postprocessor), later prompts reusing that KV as it is;
+- ``previous:K``: after the K passages before it (cyclic) in the corpus as the benchmark lists it (sorted by
+  text, an order unrelated to content): what ``engine.precompute(corpus)`` stores by default (K = 2).
 
 Every chunk of the corpus is precomputed once per way (the town corpus: 29 short documents), then every question
 runs against those chunks. ``flops`` is the prefill's FLOPs over full recompute's (probe pass included).
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
+from cacheblend_rag.engine.chunk_source import context_texts
 from cacheblend_rag.eval.datasets import load_examples
 from cacheblend_rag.eval.metrics import best_over, f1_score
 from cacheblend_rag.neighbours import nearest_texts
@@ -71,6 +74,8 @@ def contexts(
         return out
     if name == "similar":
         return dict(zip(passages, nearest_texts(passages, k)))  # MiniLM cosine, least similar first
+    if name == "previous":
+        return dict(zip(passages, context_texts(passages, k)))
     if name == "retrieved":
         out = {}
         for group in prompts or []:
@@ -79,7 +84,7 @@ def contexts(
                 if p not in out:
                     out[p] = [group[(i - j) % n] for j in range(min(k, n - 1), 0, -1)]
         return {p: out.get(p, []) for p in passages}
-    raise SystemExit(f"unknown way {way!r}: use alone, fixed, similar:K, random:K or retrieved:K")
+    raise SystemExit(f"unknown way {way!r}: use alone, fixed, similar:K, random:K, retrieved:K or previous:K")
 
 
 def precompute(engine, passages: list[str], context: dict[str, list[str]]) -> tuple[float, dict]:

@@ -118,8 +118,8 @@ def counters(engine: CacheBlendEngine) -> dict:
 
 def run_engine(engine: CacheBlendEngine, configs, corrupt: bool = False) -> dict:
     """Every config of ``configs`` on every request (precomputing the chunks first)."""
-    handles = engine.precompute(PASSAGES)
-    scoped = engine.precompute(PASSAGES[:2], scope=SCOPE)
+    handles = engine.precompute(PASSAGES, context=0)
+    scoped = engine.precompute(PASSAGES[:2], scope=SCOPE, context=0)
     out: dict = {}
     for name, strategy, options, runs in configs:
         # the blended path itself, however short the prompt (the cost model would compute these prompts in full)

@@ -107,7 +107,7 @@ def prefill_rows(report: Report, args, device: torch.device, dtype: torch.dtype)
         for n in args.prefill_lengths:
             chunks = prompts.chunks(n)
             t = time.perf_counter()
-            handles = engine.precompute(chunks)
+            handles = engine.precompute(chunks, context=0)
             sync(device)
             seconds = time.perf_counter() - t
             rate = sum(h.n_tokens for h in handles) / seconds

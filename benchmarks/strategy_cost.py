@@ -46,7 +46,7 @@ def chunk_text(engine, index: int, tokens: int) -> str:
 
 def measure(engine, n_chunks: int, chunk_tokens: int, repeats: int) -> list[dict]:
     texts = [chunk_text(engine, 100 * chunk_tokens + i, chunk_tokens) for i in range(n_chunks)]
-    handles = engine.precompute(texts)
+    handles = engine.precompute(texts, context=0)
     parts = ["Read the notes.\n"]
     for handle in handles:
         parts += [handle, "\n"]

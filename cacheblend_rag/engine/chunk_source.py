@@ -72,12 +72,13 @@ class ChunkSource:
         texts: Iterable[str],
         progress: bool = False,
         scope: str | None = None,
-        context: Sequence[Sequence[str]] | int | None = None,
+        context: Sequence[Sequence[str]] | int | None = 2,
     ) -> list[ChunkHandle]:
         """Compute and store the KV of every chunk not already stored in ``scope``; return one handle per text.
 
-        context: None (each chunk alone after the chunk prefix), one list of texts per text (its KV is computed
-        after them), or an int k (each text after the k texts before it in ``texts``, cyclic)."""
+        context: an int k (each text after the k texts before it in ``texts``, cyclic; fewer, the first dropped,
+        where a chunk and its context would not fit the context window), 0 or None (each chunk alone after the
+        chunk prefix), or one list of texts per text (its KV is computed after them)."""
         if isinstance(texts, str):
             raise TypeError("precompute takes a list of texts; wrap a single text: precompute([text])")
         texts = list(texts)
@@ -85,6 +86,8 @@ class ChunkSource:
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is a {type(text).__name__}; precompute takes strings")
         contexts = context_texts(texts, context)
+        if isinstance(context, int):
+            contexts = [self.fitting_context(t, c) for t, c in zip(texts, contexts)]
         handles = [self.keys.handle(t, scope, self.keys.context_ids(c)) for t, c in zip(texts, contexts)]
         self.store_missing(handles, progress)
         return handles

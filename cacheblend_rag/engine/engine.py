@@ -162,15 +162,18 @@ class CacheBlendEngine:
         register: bool = True,
         *,
         scope: str | None = None,
-        context: Sequence[Sequence[str]] | int | None = None,
+        context: Sequence[Sequence[str]] | int | None = 2,
     ) -> list[ChunkHandle]:
         """Compute and store the KV of every chunk not already stored in registry scope ``scope``; return one handle
         per text (registered in ``scope`` for ``generate(prompt=...)`` unless ``register=False``).
 
-        context: None (each chunk computed alone after the chunk prefix), one list of texts per text (its KV is
-        computed after them, e.g. its neighbours in an index: chunks computed among other passages of their corpus
-        keep far more of full recompute's quality under reuse), or an int k (each text after the k texts before
-        it in ``texts``, cyclic). The context is part of the handle's key."""
+        context: an int k (default 2: each text after the k texts before it in ``texts``, cyclic, as
+        ``attach`` computes a new text; fewer where a chunk and its context would not fit the context window),
+        one list of texts per text (its KV is computed after them, e.g. its nearest chunks in an index), or 0 /
+        None (each chunk alone after the chunk prefix, as the CacheBlend paper computes it). Chunks computed among
+        other passages keep far more of full recompute's quality under reuse than chunks computed alone
+        (docs/BENCHMARKS.md 1.9). The context is part of the handle's key: reuse the handles this returns (or
+        pass the same texts in the same order again), not ``handle(text)`` without ``context_ids``."""
         handles = self.chunk_source.precompute(texts, progress, check_scope(scope), context)
         if register:
             registry = self.registry_for(scope)
@@ -269,9 +272,10 @@ class CacheBlendEngine:
                 self._scoped.popitem(last=False)
             return registry
 
-    def compute_chunk(self, token_ids: Sequence[int]) -> ChunkKV:
-        """KV of ``chunk_prefix + token_ids`` computed alone, prefix rows dropped, keys before RoPE."""
-        return self.chunk_source.compute(token_ids)
+    def compute_chunk(self, token_ids: Sequence[int], context_ids: Sequence[int] = ()) -> ChunkKV:
+        """KV of ``chunk_prefix + context_ids + token_ids`` (none: the chunk alone), prefix and context rows dropped,
+        keys before RoPE: what the store holds for a handle with these ``token_ids`` and ``context_ids``."""
+        return self.chunk_source.compute(token_ids, context_ids=context_ids)
 
     def chunk_kv(self, handle: ChunkHandle) -> tuple[ChunkKV, bool]:
         """The stored KV of a chunk (read in full), computing and storing it on a miss. Returns (kv, was_hit)."""

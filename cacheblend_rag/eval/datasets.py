@@ -57,7 +57,7 @@ class Example:
         (``passage_contexts``)."""
         passages = self.passages[:k]
         if context is None:
-            return engine.chat_segments(self.user_segments(engine.precompute(passages)))
+            return engine.chat_segments(self.user_segments(engine.precompute(passages, context=0)))
         missing = [i for i, p in enumerate(passages) if p not in context]
         if missing:
             raise ValueError(f"context has no entry for passage {missing[0]} of {self.question!r}")

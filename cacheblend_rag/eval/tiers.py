@@ -174,7 +174,7 @@ def bench_tiers(
         try:
             for index, example in enumerate(examples):
                 engine.store = base
-                handles = engine.precompute(example.passages, register=False)
+                handles = engine.precompute(example.passages, register=False, context=0)
                 segments = engine.chat_segments(example.user_segments(handles))
                 keys = [h.key for h in handles]
                 blocks = {k: base.get(k) for k in keys}
@@ -288,7 +288,7 @@ def bench_compression(
             )
             twin.name = engine.name
             results[dtype] = evaluate(twin, examples, configs, max_new_tokens=max_new_tokens, progress=progress)
-            handles = {h.key: h for e in examples for h in twin.precompute(e.passages, register=False)}
+            handles = {h.key: h for e in examples for h in twin.precompute(e.passages, register=False, context=0)}
             sizes[dtype] = {
                 "bytes": twin.store.tiers[1].usage()["bytes"],
                 "tokens": sum(h.n_tokens for h in handles.values()),

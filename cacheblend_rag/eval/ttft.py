@@ -74,7 +74,7 @@ def bench_ttft(
 
 
 def _warm_up(engine, strategies: Sequence[str], ratio: float) -> None:
-    handles = engine.precompute(["Warm-up passage one.", "Warm-up passage two."], register=False)
+    handles = engine.precompute(["Warm-up passage one.", "Warm-up passage two."], register=False, context=0)
     for strategy in strategies:
         engine.generate(["Q: ", *handles, " A:"], max_new_tokens=1, config=strategy_config(strategy, ratio))
 

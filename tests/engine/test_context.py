@@ -92,7 +92,10 @@ def test_context_k_picks_the_k_previous_texts_cyclic(engine):
     for i, handle in enumerate(handles):
         want = engine.tokenize(texts[(i - 2) % 3]) + engine.tokenize(texts[(i - 1) % 3])
         assert list(handle.context_ids) == want
-    assert engine.precompute(texts, context=0, register=False) == engine.precompute(texts, register=False)
+    assert engine.precompute(texts, register=False) == handles  # the default: the 2 texts before each
+    alone = engine.precompute(texts, context=0, register=False)
+    assert alone == engine.precompute(texts, context=None, register=False)
+    assert [h.key for h in alone] == [engine.handle(t).key for t in texts]
     (only,) = engine.precompute(texts[:1], context=3, register=False)  # no other text: alone
     assert only.context_ids == ()
 
@@ -160,15 +163,21 @@ def test_attach_computes_new_texts_among_the_others_and_keeps_known_ones(engine)
     torch.testing.assert_close((kv.k, kv.v), (k, v))
 
 
-def test_attach_drops_context_that_would_not_fit_the_window(make_engine):
+@pytest.mark.parametrize("call", ["attach", "precompute"])
+def test_context_k_drops_texts_that_would_not_fit_the_window(make_engine, call):
+    """attach and precompute's default context=2 trim a chunk's context to the window; a context list given
+    explicitly is computed as given or refused."""
     engine = make_engine("llama", seed=7)
     window = engine.context_window - len(engine.chunk_prefix_ids)
     sizes = [len(engine.tokenize(p)) for p in PASSAGES[:3]]
     engine.chunk_source.context_window = len(engine.chunk_prefix_ids) + sizes[2] + sizes[1] + 1  # room for one text
     assert window > sizes[2] + sizes[1] + sizes[0]
-    handles = engine.attach(PASSAGES[:3])
+    handles = getattr(engine, call)(PASSAGES[:3])
     assert list(handles[2].context_ids) == engine.tokenize(PASSAGES[1])  # its first context text dropped
     assert engine.chunk_contexts(PASSAGES[:3], 2)[2] == [PASSAGES[1]]
+    if call == "precompute":
+        with pytest.raises(ValueError, match=r"after \d+ of context"):
+            engine.precompute([PASSAGES[2]], context=[[PASSAGES[0], PASSAGES[1]]])
 
 
 def test_attach_rejects_bad_input_clearly(engine):

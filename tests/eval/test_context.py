@@ -70,7 +70,7 @@ def test_context_0_stores_the_handles_of_today(engine):
         assert engine.store.contains(engine.handle(p).key)
     segments = EXAMPLES[1].prompt(engine)
     today = [s.key for s in segments if isinstance(s, ChunkHandle)]
-    assert today == [h.key for h in engine.precompute(EXAMPLES[1].passages)]
+    assert today == [h.key for h in engine.precompute(EXAMPLES[1].passages, context=0)]
 
 
 def test_context_2_computes_each_passage_once_after_exactly_its_2_nearest(engine):

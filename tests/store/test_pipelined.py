@@ -148,7 +148,9 @@ def test_a_read_failing_midway_is_recomputed_and_counted_as_a_miss(make_engine, 
     if failure == "checksum of layer 2":
         assert "unusable" in caplog.text and disk.stats.corrupt == 1
         fresh = disk.get(handles[1].key)  # the bad file was deleted, then written again from the recompute
-        assert fresh is not None and torch.equal(fresh.v, engine.compute_chunk(handles[1].token_ids).v)
+        assert fresh is not None and torch.equal(
+            fresh.v, engine.compute_chunk(handles[1].token_ids, handles[1].context_ids).v
+        )
     elif failure == "layer 2 too slow":
         assert "too slow" in caplog.text
     assert engine.store.tiers[1].contains(handles[1].key)

@@ -81,7 +81,7 @@ def test_two_engine_processes_share_chunks(make_engine, redis_url, tokenizer, tm
     """This process computes the chunks; another process reuses them from Redis and computes none."""
     store = ["memory://?max_bytes=1GB", redis_url]
     first = make_engine("llama", seed=3, store=store)
-    handles = first.precompute(PASSAGES)
+    handles = first.precompute(PASSAGES, context=0)  # alone: the other process names them by text alone
     expected = first.generate(segments(handles), max_new_tokens=6, config=config("cacheblend"))
     assert first.metrics()["store"]["redis"]["writes"] == 3
     out = run_python(
@@ -214,7 +214,9 @@ def test_bad_redis_value_is_a_miss_never_used(make_engine, redis_url, caplog, co
     assert again.stats.cache_misses == 1 and again.stats.cache_hits == 2
     assert "unusable" in caplog.text and tier.stats.corrupt == 1
     fresh = tier.get(handles[1].key)  # the bad value was replaced by the recomputed one
-    assert fresh is not None and torch.equal(fresh.k, engine.compute_chunk(handles[1].token_ids).k)
+    assert fresh is not None and torch.equal(
+        fresh.k, engine.compute_chunk(handles[1].token_ids, handles[1].context_ids).k
+    )
 
 
 def test_int8_store_round_trips_through_redis(redis_url):
