@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
-from cacheblend_rag.engine.chunk_source import context_texts
 from cacheblend_rag.eval.datasets import load_examples
 from cacheblend_rag.eval.metrics import best_over, f1_score
 from cacheblend_rag.neighbours import nearest_texts
@@ -53,6 +52,12 @@ def configs(ratio: float) -> dict[str, BlendConfig]:
         "full_reuse": BlendConfig(strategy="full_reuse"),
         f"query@{ratio:g}": BlendConfig(strategy="cacheblend", recompute_ratio=ratio),
     }
+
+
+def previous(texts: list[str], i: int, k: int) -> list[str]:
+    """The k texts before ``texts[i]``, cyclic, nearest last (``engine.precompute(texts, context=k)``'s context)."""
+    n = len(texts)
+    return [texts[(i - j) % n] for j in range(min(k, n - 1), 0, -1)]
 
 
 def contexts(
@@ -75,14 +80,12 @@ def contexts(
     if name == "similar":
         return dict(zip(passages, nearest_texts(passages, k)))  # MiniLM cosine, least similar first
     if name == "previous":
-        return dict(zip(passages, context_texts(passages, k)))
+        return {p: previous(passages, i, k) for i, p in enumerate(passages)}
     if name == "retrieved":
         out = {}
         for group in prompts or []:
-            n = len(group)
             for i, p in enumerate(group):
-                if p not in out:
-                    out[p] = [group[(i - j) % n] for j in range(min(k, n - 1), 0, -1)]
+                out.setdefault(p, previous(group, i, k))
         return {p: out.get(p, []) for p in passages}
     raise SystemExit(f"unknown way {way!r}: use alone, fixed, similar:K, random:K, retrieved:K or previous:K")
 
