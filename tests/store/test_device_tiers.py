@@ -69,9 +69,9 @@ def test_promotion_into_the_device_tier_keeps_every_budget(tmp_path):
     assert host.contains("k0") and not host.contains("k2")
     assert dev.nbytes <= 2 * one and host.nbytes <= 3 * one
     assert store.stats()["disk"]["hits"] == 1 and store.stats()["device"]["evictions"] == 4
-    store.fetch(["k2"])  # the pipelined read promotes too, once the block is in
-    for _ in range(200):
-        if dev.contains("k2"):
+    store.fetch(["k2"])  # the pipelined read promotes too, once the block is in (device tier first, then host)
+    for _ in range(500):
+        if dev.contains("k2") and host.contains("k2"):
             break
         time.sleep(0.01)
     assert dev.contains("k2") and host.contains("k2") and dev.nbytes <= 2 * one
