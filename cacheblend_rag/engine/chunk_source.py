@@ -85,12 +85,18 @@ class ChunkSource:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is a {type(text).__name__}; precompute takes strings")
-        contexts = context_texts(texts, context)
-        if isinstance(context, int):
-            contexts = [self.fitting_context(t, c) for t, c in zip(texts, contexts)]
+        contexts = self.contexts(texts, context)
         handles = [self.keys.handle(t, scope, self.keys.context_ids(c)) for t, c in zip(texts, contexts)]
         self.store_missing(handles, progress)
         return handles
+
+    def contexts(self, texts: list[str], context: Sequence[Sequence[str]] | int | None) -> list[list[str]]:
+        """The texts each of ``texts`` is computed after (``precompute``'s ``context``); an int k's, trimmed to the
+        context window (``fitting_context``); given lists as they are."""
+        contexts = context_texts(texts, context)
+        if isinstance(context, int):
+            contexts = [self.fitting_context(t, c) for t, c in zip(texts, contexts)]
+        return contexts
 
     def fitting_context(self, text: str, context: Sequence[str]) -> list[str]:
         """``context`` without its first texts while ``text`` would not fit the context window after it (down to

@@ -226,8 +226,7 @@ class CacheBlendEngine:
         """For each of ``texts``, the ``context`` texts before it (cyclic), fewer (the first dropped) where the chunk
         and its context would not fit the model's context window together: what ``attach`` computes a new text
         after, and what ``precompute(texts, context=...)`` takes."""
-        texts = list(texts)
-        return [self.chunk_source.fitting_context(t, c) for t, c in zip(texts, context_texts(texts, context))]
+        return self.chunk_source.contexts(list(texts), context)
 
     def register(self, handles: Iterable[ChunkHandle], *, scope: str | None = None) -> None:
         """Make ``generate(prompt=...)`` in registry scope ``scope`` recognise these chunks' texts (handles made in
