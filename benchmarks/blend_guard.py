@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from context_precompute import ANSWERED, contexts, precompute
+from context_precompute import ANSWERED, contexts, precompute, question_kind
 
 from cacheblend_rag import BlendConfig, CacheBlendEngine
 from cacheblend_rag.eval.datasets import load_examples
@@ -153,7 +153,12 @@ def print_table(summary: list[dict], n: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-1.5b")
-    parser.add_argument("--n", type=int, default=None, help="first n town questions (default: all)")
+    parser.add_argument(
+        "--data",
+        default="town",
+        help="'town' (the bundled questions) or a folder with questions.json and corpus/*.md (benchmarks/data/valley)",
+    )
+    parser.add_argument("--n", type=int, default=None, help="first n questions (default: all)")
     parser.add_argument("--way", default="similar:2", help="how chunks are precomputed (context_precompute.py)")
     parser.add_argument("--ratios", default="0.05,0.1,0.15", help="shares to answer with")
     parser.add_argument("--selections", default="query", help="cacheblend selections to answer with (query, bridge)")
@@ -170,9 +175,8 @@ def main() -> None:
     args = parser.parse_args()
 
     engine = CacheBlendEngine.from_pretrained(args.model, store=["memory://?max_bytes=8GB"])
-    examples = load_examples("town", args.n)
-    spec = json.loads((Path(__file__).resolve().parents[1] / "cacheblend_rag/data/town_questions.json").read_text())
-    kinds = ["two" if len(q["documents"]) > 1 else "one" for q in spec["questions"]]
+    examples = load_examples(args.data, args.n)
+    kinds = [question_kind(e) for e in examples]
     corpus = sorted({p for e in examples for p in e.passages})
     _, handles = precompute(engine, corpus, contexts(args.way, corpus, "", [e.passages for e in examples]))
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]

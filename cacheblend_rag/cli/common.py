@@ -70,7 +70,10 @@ DEVICE = typer.Option("auto", help="auto, cpu or cuda.", callback=_check_device)
 DTYPE = typer.Option("auto", help="auto, float32 or bfloat16.", callback=_check_dtype)
 CACHE_DIR = typer.Option(None, "--cache-dir", help="Model conversions and KV store (default ~/.cache/cacheblend_rag).")
 DATA = typer.Option(
-    None, "--data", help="Evaluation data: a MuSiQue-style JSON file, a folder of wikimqa samples, or 'town' (bundled)."
+    None,
+    "--data",
+    help="Evaluation data: a MuSiQue-style JSON file, a folder of wikimqa samples, a folder with questions.json and "
+    "corpus/*.md, or 'town' (bundled).",
 )
 CHUNK_PREFIX = typer.Option(
     None, "--chunk-prefix", help="Text chunks are computed after (default: the chat template's start)."
@@ -119,7 +122,8 @@ def load_examples_or_exit(data: Path | None, n: int):
     if data is None:
         console.print(
             "[red]error:[/red] --data is required: a MuSiQue-style JSON file (e.g. --data "
-            "../shared/data/musique_dev.json), a folder of wikimqa samples, or --data town"
+            "../shared/data/musique_dev.json), a folder of wikimqa samples, a folder with questions.json and "
+            "corpus/*.md, or --data town"
         )
         raise typer.Exit(2)
     try:

@@ -1,9 +1,10 @@
 """Evaluation data in the paper's prompt layout (each passage one chunk).
 
-Three sources: a MuSiQue-style JSON file (``ctxs``, ``question``, ``answers``), a folder of 2WikiMQA-style
-samples (``0``, ``1``, ... chunk texts, ``query``; no gold answers), and ``town``: questions over the bundled
+Four sources: a MuSiQue-style JSON file (``ctxs``, ``question``, ``answers``), a folder of 2WikiMQA-style
+samples (``0``, ``1``, ... chunk texts, ``query``; no gold answers), ``town``: questions over the bundled
 Port Merrow corpus (cacheblend_rag/data/town_questions.json) whose answers the corpus holds, each asked with its
-documents among distractors, so that a small model can answer them and gold F1 means something.
+documents among distractors, so that a small model can answer them and gold F1 means something, and any folder laid
+out as that one: ``questions.json`` (the same schema) beside ``corpus/*.md``.
 """
 
 from __future__ import annotations
@@ -75,14 +76,18 @@ def passage_contexts(examples: Sequence[Example], k: int, embed: Embed | None = 
 
 TOWN = "town"
 TOWN_DOCUMENTS = 10  # documents per town prompt: the ones holding the answer, then distractors
+QUESTIONS = "questions.json"  # in a corpus folder, beside corpus/*.md
 
 
 def load_examples(path: str | Path, n: int | None = None) -> list[Example]:
-    """Examples from ``town``, a folder of 2WikiMQA-style samples, or a MuSiQue-style JSON list (items with
-    ``ctxs`` [{title, text}], ``question``, ``answers``); the first ``n``."""
+    """Examples from ``town``, a folder with ``questions.json`` and ``corpus/*.md`` (as the town's), a folder of
+    2WikiMQA-style samples, or a MuSiQue-style JSON list (items with ``ctxs`` [{title, text}], ``question``,
+    ``answers``); the first ``n``."""
     if str(path) == TOWN:
         return town_examples()[:n]
     path = Path(path)
+    if path.is_dir() and (path / QUESTIONS).is_file():
+        return corpus_examples(path / QUESTIONS, path / "corpus")[:n]
     if path.is_dir():
         return _wikimqa_examples(path)[:n]
     if not path.is_file():
@@ -152,24 +157,44 @@ def _wikimqa_examples(folder: Path) -> list[Example]:
 def town_examples(documents: int = TOWN_DOCUMENTS) -> list[Example]:
     """The bundled town questions, each with the documents that answer it followed by distractors (chosen and
     ordered by a fixed seed per question), one chunk per document."""
+    data = Path(__file__).resolve().parents[1] / "data"
+    return corpus_examples(data / "town_questions.json", data / "corpus", documents)
+
+
+def corpus_examples(questions: Path, corpus_dir: Path, documents: int = TOWN_DOCUMENTS) -> list[Example]:
+    """Questions over a folder of documents (``questions``: {"questions": [{question, answers, documents}]}, the
+    documents named by file name in ``corpus_dir``), each asked with its documents among distractors of the same
+    corpus, chosen and ordered by a fixed seed per question: ``documents`` chunks a prompt, one per document."""
     import random
 
-    data = Path(__file__).resolve().parents[1] / "data"
-    corpus = {p.name: p.read_text(encoding="utf-8") for p in sorted((data / "corpus").glob("*.md"))}
-    spec = json.loads((data / "town_questions.json").read_text(encoding="utf-8"))
+    corpus = {p.name: p.read_text(encoding="utf-8") for p in sorted(corpus_dir.glob("*.md"))}
+    try:
+        spec = json.loads(questions.read_text(encoding="utf-8"))
+        items = spec["questions"]
+        names = [list(item["documents"]) for item in items]
+        pairs = [(item["question"], list(item["answers"])) for item in items]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"{questions}: not a questions file ({type(exc).__name__}: {exc}); it needs "
+            '{"questions": [{"question": ..., "answers": [...], "documents": ["name.md", ...]}]}'
+        ) from None
+    missing = sorted({name for needed in names for name in needed if name not in corpus})
+    if missing:
+        raise DataError(f"{questions} names documents that {corpus_dir} lacks: {', '.join(missing[:5])}")
+    if len(corpus) < documents:
+        raise DataError(f"{corpus_dir} holds {len(corpus)} .md documents; a prompt needs {documents}")
     examples = []
-    for i, item in enumerate(spec["questions"]):
+    for i, (needed, (question, answers)) in enumerate(zip(names, pairs)):
         rng = random.Random(i)
-        others = [name for name in corpus if name not in item["documents"]]
-        names = list(item["documents"]) + rng.sample(others, documents - len(item["documents"]))
-        rng.shuffle(names)
-        passages = [f"{corpus[name].strip()}\n\n" for name in names]
+        others = [name for name in corpus if name not in needed]
+        chosen = needed + rng.sample(others, documents - len(needed))
+        rng.shuffle(chosen)
         examples.append(
             Example(
-                question=item["question"],
-                passages=passages,
-                answers=list(item["answers"]),
-                gold_passages=len(item["documents"]),
+                question=question,
+                passages=[f"{corpus[name].strip()}\n\n" for name in chosen],
+                answers=answers,
+                gold_passages=len(needed),
             )
         )
     return examples
