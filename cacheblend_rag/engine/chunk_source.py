@@ -9,6 +9,7 @@ request reads goes through ``chunk_reads.RequestChunks``.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -25,6 +26,9 @@ from .plan import PrefillPlan
 from .prefill import prefill
 from .stats import EngineMetrics
 
+CONTEXT_TOKENS = 512  # a chunk's trimmed context holds <= max(chunk tokens, this) tokens per context text
+MIN_CUT_TOKENS = 16  # a context text cut to fewer tokens than this is dropped instead
+WORD_START = re.compile(r"\s+")
 HEADS_REMEMBERED = 4096  # prompt heads whose keys ``head_seen`` remembers (the least recent forgotten first)
 
 
@@ -76,8 +80,8 @@ class ChunkSource:
     ) -> list[ChunkHandle]:
         """Compute and store the KV of every chunk not already stored in ``scope``; return one handle per text.
 
-        context: an int k (each text after the k texts before it in ``texts``, cyclic; fewer, the first dropped,
-        where a chunk and its context would not fit the context window), 0 or None (each chunk alone after the
+        context: an int k (each text after the k texts before it in ``texts``, cyclic, trimmed by
+        ``fitting_context``), 0 or None (each chunk alone after the
         chunk prefix), or one list of texts per text (its KV is computed after them)."""
         if isinstance(texts, str):
             raise TypeError("precompute takes a list of texts; wrap a single text: precompute([text])")
@@ -91,21 +95,34 @@ class ChunkSource:
         return handles
 
     def contexts(self, texts: list[str], context: Sequence[Sequence[str]] | int | None) -> list[list[str]]:
-        """The texts each of ``texts`` is computed after (``precompute``'s ``context``); an int k's, trimmed to the
-        context window (``fitting_context``); given lists as they are."""
+        """The texts each of ``texts`` is computed after (``precompute``'s ``context``); an int k's trimmed
+        (``fitting_context``); given lists as they are."""
         contexts = context_texts(texts, context)
         if isinstance(context, int):
             contexts = [self.fitting_context(t, c) for t, c in zip(texts, contexts)]
         return contexts
 
     def fitting_context(self, text: str, context: Sequence[str]) -> list[str]:
-        """``context`` without its first texts while ``text`` would not fit the context window after it (down to
-        none)."""
-        limit = self.context_window - len(self.prefix_ids) - len(self.keys.prompt_format.tokenize(text))
-        context = list(context)
-        while context and len(self.keys.context_ids(context)) > limit:
-            context = context[1:]
-        return context
+        """``context`` trimmed for a chunk of ``text``: at most ``len(context) * max(chunk tokens, CONTEXT_TOKENS)``
+        tokens (a neighbour of thousands of tokens before a short chunk would cost its whole prefill every time the
+        chunk is computed) and no more than fits the context window with the chunk. The texts nearest the chunk
+        (the last) are kept whole; the first that would overflow keeps its end, from a word on, unless fewer than
+        ``MIN_CUT_TOKENS`` tokens would be left of it; those before it are dropped."""
+        tokenize = self.keys.prompt_format.tokenize
+        n = len(tokenize(text))
+        room = min(len(context) * max(n, CONTEXT_TOKENS), self.context_window - len(self.prefix_ids) - n)
+        kept: list[str] = []
+        for item in reversed(list(context)):
+            size = len(tokenize(item))
+            if size <= room:
+                kept.append(item)
+                room -= size
+                continue
+            tail = text_tail(item, room, tokenize) if room >= MIN_CUT_TOKENS else ""
+            if tail:
+                kept.append(tail)
+            break
+        return kept[::-1]
 
     def store_missing(self, handles: list[ChunkHandle], progress: bool = False) -> None:
         """Compute and store every one of ``handles`` (each after its ``context_ids``) the store lacks; a handle that
@@ -266,3 +283,16 @@ def context_texts(texts: list[str], context: Sequence[Sequence[str]] | int | Non
                 raise ValueError(f"context[{i}][{j}] is a {type(item).__name__}; context texts are strings")
         out.append(list(items))
     return out
+
+
+def text_tail(text: str, tokens: int, tokenize) -> str:
+    """The end of ``text`` that ``tokenize`` (str -> ids) makes at most ``tokens`` tokens of, starting at a word
+    where the text has whitespace there; "" if none fits."""
+    start = len(text) - len(text) * tokens // max(len(tokenize(text)), 1)
+    while True:
+        space = WORD_START.search(text, start)
+        begin = space.end() if space is not None and space.end() < len(text) else start
+        n = len(tokenize(text[begin:]))
+        if n <= tokens:
+            return text[begin:]
+        start = begin + max(1, (len(text) - begin) * (n - tokens) // n)

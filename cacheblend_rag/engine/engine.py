@@ -168,8 +168,9 @@ class CacheBlendEngine:
         per text (registered in ``scope`` for ``generate(prompt=...)`` unless ``register=False``).
 
         context: an int k (default 2: each text after the k texts before it in ``texts``, cyclic, as
-        ``attach`` computes a new text; fewer where a chunk and its context would not fit the context window),
-        one list of texts per text (its KV is computed after them, e.g. its nearest chunks in an index), or 0 /
+        ``attach`` computes a new text, trimmed as ``chunk_contexts`` trims it), one list of texts per text (its
+        KV is computed after them as given, e.g. its nearest chunks in an index: ``chunk_contexts(texts, lists)``
+        trims them the same way), or 0 /
         None (each chunk alone after the chunk prefix, as the CacheBlend paper computes it). Chunks computed among
         other passages keep far more of full recompute's quality under reuse than chunks computed alone
         (docs/BENCHMARKS.md 1.9). The context is part of the handle's key: reuse the handles this returns (or
@@ -194,7 +195,7 @@ class CacheBlendEngine:
 
         A text keeps the handle it already has: ``handles[i]`` where given (e.g. one recorded at ingestion), else the
         one registered for it in ``scope``. Any other is computed after the ``context`` texts before it in ``texts``
-        (cyclic; fewer where a chunk and its context would not fit the context window) and registered, so later
+        (cyclic, trimmed as ``chunk_contexts`` trims them) and registered, so later
         prompts reuse that KV whatever it is retrieved with. A chunk computed among the passages it is retrieved
         with keeps far more of full recompute's quality under reuse than one computed alone (docs/BENCHMARKS.md 1.9);
         ``context=0`` computes each alone."""
@@ -222,11 +223,15 @@ class CacheBlendEngine:
             registry.register(handle)  # again for a known one: the registry keeps it as recently used
         return out
 
-    def chunk_contexts(self, texts: Sequence[str], context: int) -> list[list[str]]:
-        """For each of ``texts``, the ``context`` texts before it (cyclic), fewer (the first dropped) where the chunk
-        and its context would not fit the model's context window together: what ``attach`` computes a new text
-        after, and what ``precompute(texts, context=...)`` takes."""
-        return self.chunk_source.contexts(list(texts), context)
+    def chunk_contexts(self, texts: Sequence[str], context: Sequence[Sequence[str]] | int) -> list[list[str]]:
+        """For each of ``texts``, what a chunk of it is computed after: the ``context`` texts before it (an int k,
+        cyclic) or the list given for it (e.g. its nearest neighbours in an index), trimmed to at most k times
+        max(the chunk's tokens, 512) tokens and to what fits the model's context window with the chunk (the texts
+        nearest the chunk kept, the first that would overflow cut to its end, those before it dropped): what
+        ``attach`` computes a new text after, and what ``precompute(texts, context=...)`` takes."""
+        texts = list(texts)
+        source = self.chunk_source
+        return [source.fitting_context(t, c) for t, c in zip(texts, context_texts(texts, context))]
 
     def register(self, handles: Iterable[ChunkHandle], *, scope: str | None = None) -> None:
         """Make ``generate(prompt=...)`` in registry scope ``scope`` recognise these chunks' texts (handles made in

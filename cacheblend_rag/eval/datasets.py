@@ -55,14 +55,14 @@ class Example:
         precomputed chunks: what every benchmark sends to ``engine.generate``.
 
         context: None (each chunk computed alone) or, for every passage text, the texts its KV is computed after
-        (``passage_contexts``)."""
+        (``passage_contexts``), trimmed by ``engine.chunk_contexts``."""
         passages = self.passages[:k]
         if context is None:
             return engine.chat_segments(self.user_segments(engine.precompute(passages, context=0)))
         missing = [i for i, p in enumerate(passages) if p not in context]
         if missing:
             raise ValueError(f"context has no entry for passage {missing[0]} of {self.question!r}")
-        handles = engine.precompute(passages, context=[list(context[p]) for p in passages])
+        handles = engine.precompute(passages, context=engine.chunk_contexts(passages, [context[p] for p in passages]))
         return engine.chat_segments(self.user_segments(handles))
 
 

@@ -180,6 +180,33 @@ def test_context_k_drops_texts_that_would_not_fit_the_window(make_engine, call):
             engine.precompute([PASSAGES[2]], context=[[PASSAGES[0], PASSAGES[1]]])
 
 
+def test_a_long_neighbour_is_cut_to_its_end_before_a_short_chunk(engine):
+    """A context=k (attach, precompute) or a neighbour list (chunk_contexts) holds at most k * max(chunk tokens,
+    CONTEXT_TOKENS) tokens: the texts nearest the chunk whole, the first that would overflow cut to its end (from a
+    word on), those before it dropped; the chunk's KV is its rows of a prefill after exactly that."""
+    from cacheblend_rag.engine.chunk_source import CONTEXT_TOKENS
+
+    long = " ".join(f"Item {i} of the long ledger is entry number {i * 7}." for i in range(90))
+    short, mid = PASSAGES[0], PASSAGES[1]
+    assert len(engine.tokenize(long)) > 2 * CONTEXT_TOKENS
+    budget = 2 * max(len(engine.tokenize(short)), CONTEXT_TOKENS)
+    (ctx,) = engine.chunk_contexts([short], [[long, mid]])
+    assert ctx[1] == mid and long.endswith(ctx[0]) and long[-len(ctx[0]) - 1] == " "  # cut at a word
+    used = sum(len(engine.tokenize(c)) for c in ctx)
+    assert budget - 16 <= used <= budget  # filled up to the budget, never past it
+    (nearest_long,) = engine.chunk_contexts([short], [[mid, long]])  # the long text nearest: mid dropped
+    assert len(nearest_long) == 1 and long.endswith(nearest_long[0])
+    assert budget - 16 <= len(engine.tokenize(nearest_long[0])) <= budget
+    # attach computes a new text after the same trimmed context (the previous texts, cyclic)
+    handles = engine.attach([long, mid, short])
+    assert list(handles[2].context_ids) == [t for c in ctx for t in engine.tokenize(c)]
+    kv, _ = engine.chunk_kv(handles[2])
+    k, v = chunk_rows(engine, handles[2].context_ids, handles[2].token_ids)
+    torch.testing.assert_close((kv.k, kv.v), (k, v))
+    # a long chunk keeps its neighbours whole: the budget grows with the chunk
+    assert engine.chunk_contexts([long], [[short, mid]]) == [[short, mid]]
+
+
 def test_attach_rejects_bad_input_clearly(engine):
     with pytest.raises(TypeError, match="wrap a single text"):
         engine.attach(PASSAGES[0])

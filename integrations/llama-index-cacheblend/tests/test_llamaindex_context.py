@@ -57,3 +57,27 @@ def test_a_retrieved_node_reuses_its_context_kv(engine, settings, embed_model, r
 def test_context_needs_embeddings(engine):
     with pytest.raises(ValueError, match="put the embedding model before CacheBlendPrecompute"):
         CacheBlendPrecompute(engine=engine, context=2)([TextNode(text=TEXTS[0]), TextNode(text=TEXTS[1])])
+
+
+def test_a_long_neighbour_is_trimmed_before_a_short_node(engine):
+    """A node's neighbours are trimmed as engine.chunk_contexts trims them (at most context * max(node tokens, 512)
+    tokens, the nearest kept, the first that would overflow cut to its end): a short node beside a long document
+    costs a bounded prefill, and the recorded handle names the trimmed context."""
+    long = " ".join(f"Ledger line {i} records a payment of {i * 3} crowns." for i in range(150))
+    nodes = [
+        TextNode(text=TEXTS[0], embedding=[1.0, 0.0]),
+        TextNode(text=long, embedding=[0.9, 0.1]),  # the short node's nearest neighbour
+        TextNode(text=TEXTS[2], embedding=[0.0, 1.0]),
+    ]
+    transform = CacheBlendPrecompute(engine=engine, context=1)
+    planned = dict((id(node), handle) for node, handle in transform.handles(nodes))
+    transform(nodes)
+    texts = [n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes]
+    assert len(engine.tokenize(texts[1])) > 512
+    (context,) = engine.chunk_contexts([texts[0]], [[texts[1]]])
+    assert texts[1].endswith(context[0]) and 512 - 16 <= len(engine.tokenize(context[0])) <= 512
+    short = planned[id(nodes[0])]
+    assert list(short.context_ids) == engine.tokenize(context[0]) and node_handle_key(nodes[0]) == short.key
+    assert engine.store.contains(short.key)
+    # the long node keeps its short neighbour whole
+    assert list(planned[id(nodes[1])].context_ids) == engine.tokenize(texts[0])

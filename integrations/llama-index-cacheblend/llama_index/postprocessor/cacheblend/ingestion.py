@@ -61,11 +61,13 @@ class CacheBlendPrecompute(TransformComponent):
 
     def contexts(self, nodes: Sequence[BaseNode]) -> tuple[list[BaseNode], list[str], list[list[str]] | None]:
         """The nodes that get KV (those whose LLM text has tokens), their LLM texts, and the texts each is computed
-        after (None: alone)."""
+        after (None: alone): its nearest nodes, trimmed by ``engine.chunk_contexts``."""
         pairs = [(node, llm_text(node)) for node in _nodes(nodes)]
         pairs = [(node, text) for node, text in pairs if self._engine.tokenize(text)]
         kept, texts = [node for node, _ in pairs], [text for _, text in pairs]
-        return kept, texts, neighbour_texts(kept, texts, self.context) if self.context else None
+        if not self.context:
+            return kept, texts, None
+        return kept, texts, self._engine.chunk_contexts(texts, neighbour_texts(kept, texts, self.context))
 
     def handles(self, nodes: Sequence[BaseNode]) -> list[tuple[BaseNode, ChunkHandle]]:
         """(node, the handle its KV will be stored under) for the nodes that get KV; computes nothing."""
