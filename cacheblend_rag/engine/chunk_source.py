@@ -136,7 +136,7 @@ class ChunkSource:
                 raise ValueError(
                     f"texts[{i}] has {handle.n_tokens} tokens{after}, more than a chunk can have in the model's "
                     f"context window ({limit} of {self.context_window}); split it into smaller chunks"
-                    + (" or give it a shorter context" if after else "")
+                    + (" or give it a shorter context (engine.chunk_contexts trims one)" if after else "")
                 )
         todo = {h.key: h for h in handles if not self.store.contains(h.key)}
         self.metrics.add(precompute_cache_hits=len(handles) - len(todo))
