@@ -178,6 +178,11 @@ def corpus_examples(questions: Path, corpus_dir: Path, documents: int = TOWN_DOC
             f"{questions}: not a questions file ({type(exc).__name__}: {exc}); it needs "
             '{"questions": [{"question": ..., "answers": [...], "documents": ["name.md", ...]}]}'
         ) from None
+    for i, (needed, (question, answers)) in enumerate(zip(names, pairs)):
+        if not isinstance(question, str) or not question.strip() or not all(isinstance(a, str) for a in answers):
+            raise DataError(f"{questions}, question {i}: 'question' must be a non-empty string, 'answers' strings")
+        if not 1 <= len(needed) <= documents:
+            raise DataError(f"{questions}, question {i}: 'documents' must name 1 to {documents} files of the corpus")
     missing = sorted({name for needed in names for name in needed if name not in corpus})
     if missing:
         raise DataError(f"{questions} names documents that {corpus_dir} lacks: {', '.join(missing[:5])}")

@@ -48,6 +48,8 @@ def test_bundled_town_is_a_corpus_folder_of_its_own():
         ([{"question": "q", "answers": ["a"], "documents": ["nope.md"]}], 12, "lacks: nope.md"),
         ([{"question": "q", "answers": ["a"]}], 12, "it needs"),
         (QUESTIONS, 8, "holds 8 .md documents; a prompt needs 10"),
+        ([{"question": "", "answers": ["a"], "documents": ["doc-01.md"]}], 12, "non-empty string"),
+        ([{"question": "q", "answers": ["a"], "documents": []}], 12, "must name 1 to 10 files"),
     ],
 )
 def test_bad_corpus_folder_is_a_clear_error(tmp_path, questions, documents, message):
