@@ -178,7 +178,7 @@ def main() -> None:
     examples = load_examples(args.data, args.n)
     kinds = [question_kind(e) for e in examples]
     corpus = sorted({p for e in examples for p in e.passages})
-    _, handles = precompute(engine, corpus, contexts(args.way, corpus, "", [e.passages for e in examples]))
+    _, handles = precompute(engine, corpus, contexts(args.way, corpus, "", [e.passages for e in examples], engine))
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     configs = {
         "full_recompute": BlendConfig(strategy="full_recompute"),

@@ -186,7 +186,7 @@ def main() -> None:
     kinds = ["two" if len(q["documents"]) > 1 else "one" for q in spec["questions"]]
     reference, taken = load_reference(args.reference, args)
     corpus = sorted({p for e in examples for p in e.passages})
-    _, handles = precompute(engine, corpus, contexts(args.way, corpus, "", [e.passages for e in examples]))
+    _, handles = precompute(engine, corpus, contexts(args.way, corpus, "", [e.passages for e in examples], engine))
     first_layer = engine.model_forward.n_layers // 2  # FIRST_SCORED_LAYER of the query selection
     methods = [m for m in args.methods.split(",") if m]
     rows = []

@@ -9,13 +9,15 @@ one-passage and two-passage questions apart:
 
 - ``alone``: today's chunks (computed after the chunk prefix only);
 - ``similar:K``: after the K passages of the corpus most similar to it (MiniLM cosine), least similar first;
+- ``lexical:K``: after its K lexically nearest passages (TF-IDF cosine over the model's token ids; no embedding
+  model), least similar first: what ``engine.precompute(corpus)`` stores by default (K = 2);
 - ``random:K``: after K other passages of the corpus picked at random (seeded by the chunk);
 - ``fixed``: after one fixed, topic-free text (the same for every chunk): ``--fixed-text`` or a built-in one;
 - ``retrieved:K``: after the K passages before it (cyclic) in the first prompt that holds it: what a retriever
   that computes each new document among the ones retrieved with it stores (``engine.attach``: the LangChain
   retriever, the LlamaIndex postprocessor), later prompts reusing that KV as it is;
 - ``previous:K``: after the K passages before it (cyclic) in the corpus as the benchmark lists it (sorted by
-  text, an order unrelated to content): what ``engine.precompute(corpus)`` stores by default (K = 2).
+  text, an order unrelated to content): what ``engine.precompute(corpus)`` stored by default before ``lexical``.
 
 Every chunk of the corpus is precomputed once per way (the town corpus: 29 short documents), then every question
 runs against those chunks. ``flops`` is the prefill's FLOPs over full recompute's (probe pass included).
@@ -68,10 +70,10 @@ def previous(texts: list[str], i: int, k: int) -> list[str]:
 
 
 def contexts(
-    way: str, passages: list[str], fixed_text: str, prompts: list[list[str]] | None = None
+    way: str, passages: list[str], fixed_text: str, prompts: list[list[str]] | None = None, engine=None
 ) -> dict[str, list[str]]:
     """For every passage, the texts its KV is computed after (beyond the chunk prefix); ``prompts``: each example's
-    passages in prompt order (for ``retrieved:K``)."""
+    passages in prompt order (for ``retrieved:K``); ``engine``: the engine (for ``lexical:K``)."""
     name, _, k = way.partition(":")
     if name == "alone":
         return {p: [] for p in passages}
@@ -86,6 +88,8 @@ def contexts(
         return out
     if name == "similar":
         return dict(zip(passages, nearest_texts(passages, k)))  # MiniLM cosine, least similar first
+    if name == "lexical":
+        return dict(zip(passages, engine.nearest_contexts(passages, k)))  # precompute(context=k)'s choice
     if name == "previous":
         return {p: previous(passages, i, k) for i, p in enumerate(passages)}
     if name == "retrieved":
@@ -94,7 +98,9 @@ def contexts(
             for i, p in enumerate(group):
                 out.setdefault(p, previous(group, i, k))
         return {p: out.get(p, []) for p in passages}
-    raise SystemExit(f"unknown way {way!r}: use alone, fixed, similar:K, random:K, retrieved:K or previous:K")
+    raise SystemExit(
+        f"unknown way {way!r}: use alone, fixed, similar:K, lexical:K, random:K, retrieved:K or previous:K"
+    )
 
 
 def precompute(engine, passages: list[str], context: dict[str, list[str]]) -> tuple[float, dict]:
@@ -186,7 +192,7 @@ def main() -> None:
     labels, precompute_s = [], {}
     for way in ways:
         precompute_s[way], handles = precompute(
-            engine, corpus, contexts(way, corpus, args.fixed_text, [e.passages for e in examples])
+            engine, corpus, contexts(way, corpus, args.fixed_text, [e.passages for e in examples], engine)
         )
         for name, config in configs(args.ratio).items():
             label = f"{way}/{name}"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cacheblend_rag import neighbours
-from cacheblend_rag.neighbours import nearest, nearest_texts
+from cacheblend_rag.neighbours import lexical_nearest, nearest, nearest_texts
 
 
 def test_nearest_is_least_similar_first_and_never_itself():
@@ -72,3 +72,33 @@ def test_the_minilm_neighbours_of_a_passage_share_its_topic():
         "Fenwick apples are pressed each October into a cider sold at the village market.",
     ]
     assert nearest_texts(texts, 1) == [[texts[2]], [texts[3]], [texts[0]], [texts[1]]]
+
+
+def test_lexical_nearest_ranks_shared_rare_tokens_above_shared_common_ones():
+    # token 1 is in every text (idf ~0); 7 and 8 are shared by two texts each
+    docs = [[1, 7, 2], [1, 7, 3], [1, 8, 4], [1, 8, 5, 5], [1, 6]]
+    got = lexical_nearest(docs, 1)
+    assert got[:4] == [[1], [0], [3], [2]]
+    assert lexical_nearest(docs, 0) == [[]] * 5 and lexical_nearest(docs[:1], 2) == [[]]
+    two = lexical_nearest(docs, 2)
+    assert all(i not in row and len(row) == 2 for i, row in enumerate(two))  # never itself
+    assert [row[-1] for row in two[:4]] == [1, 0, 3, 2]  # the nearest stands last
+    assert lexical_nearest([[], [3, 4], [3, 4, 9]], 1)[1:] == [[2], [1]]  # an empty text is similar to none
+
+
+def test_lexical_nearest_in_blocks_is_the_full_tfidf_cosine_ranking(monkeypatch):
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 40, size=int(rng.integers(5, 30))).tolist() for _ in range(13)]
+    n = len(docs)
+    tf = np.zeros((n, 40))
+    for i, d in enumerate(docs):
+        np.add.at(tf[i], d, 1)
+    df = (tf > 0).sum(0)
+    idf = np.log1p((n - df + 0.5) / (df + 0.5))
+    w = np.where(tf > 0, 1 + np.log(np.maximum(tf, 1)), 0) * idf  # [N, V]
+    unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    want = [sorted(np.argsort(-row, kind="stable")[:3].tolist(), key=lambda j: row[j]) for row in sims]
+    monkeypatch.setattr(neighbours, "LEXICAL_ROWS", 5)  # 13 texts: blocks of 5, 5 and 3
+    assert lexical_nearest(docs, 3) == want

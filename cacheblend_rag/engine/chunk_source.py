@@ -18,6 +18,7 @@ from concurrent.futures import Future
 import torch
 
 from ..model.forward import ModelForward
+from ..neighbours import lexical_nearest
 from ..store import ChunkHandle, ChunkKV, KVStore, LazyChunk
 from .batch_compute import batches, compute_batch, default_batch_tokens
 from .chunk_keys import ChunkKeys
@@ -80,9 +81,9 @@ class ChunkSource:
     ) -> list[ChunkHandle]:
         """Compute and store the KV of every chunk not already stored in ``scope``; return one handle per text.
 
-        context: an int k (each text after the k texts before it in ``texts``, cyclic, trimmed by
-        ``fitting_context``), 0 or None (each chunk alone after the
-        chunk prefix), or one list of texts per text (its KV is computed after them)."""
+        context: an int k (each text after its k lexically nearest others in ``texts``, ``nearest_contexts``,
+        trimmed by ``fitting_context``), 0 or None (each chunk alone after the chunk prefix), or one list of texts
+        per text (its KV is computed after them)."""
         if isinstance(texts, str):
             raise TypeError("precompute takes a list of texts; wrap a single text: precompute([text])")
         texts = list(texts)
@@ -95,12 +96,12 @@ class ChunkSource:
         return handles
 
     def contexts(self, texts: list[str], context: Sequence[Sequence[str]] | int | None) -> list[list[str]]:
-        """The texts each of ``texts`` is computed after (``precompute``'s ``context``); an int k's trimmed
-        (``fitting_context``); given lists as they are."""
-        contexts = context_texts(texts, context)
-        if isinstance(context, int):
-            contexts = [self.fitting_context(t, c) for t, c in zip(texts, contexts)]
-        return contexts
+        """The texts each of ``texts`` is computed after (``precompute``'s ``context``): for an int k its k nearest
+        (``nearest_contexts``) trimmed by ``fitting_context``; given lists as they are."""
+        if context is None or isinstance(context, bool) or not isinstance(context, int):
+            return context_texts(texts, context)
+        nearest = nearest_contexts(texts, context, self.keys.prompt_format.tokenize)
+        return [self.fitting_context(t, c) for t, c in zip(texts, nearest)]
 
     def fitting_context(self, text: str, context: Sequence[str]) -> list[str]:
         """``context`` trimmed for a chunk of ``text``: at most ``len(context) * max(chunk tokens, CONTEXT_TOKENS)``
@@ -257,7 +258,8 @@ def kv_rows(kv: ChunkKV | LazyChunk, offset: int, n: int) -> ChunkKV | LazyChunk
 
 
 def context_texts(texts: list[str], context: Sequence[Sequence[str]] | int | None) -> list[list[str]]:
-    """The context texts of each of ``texts`` (see ``ChunkSource.precompute``), checked."""
+    """The context texts of each of ``texts``, checked: none (None), the k texts before it (an int k, cyclic, nearest
+    last: how ``attach`` and ``chunk_contexts`` read a list of passages retrieved together) or the list given."""
     if context is None:
         return [[] for _ in texts]
     if isinstance(context, int):
@@ -283,6 +285,18 @@ def context_texts(texts: list[str], context: Sequence[Sequence[str]] | int | Non
                 raise ValueError(f"context[{i}][{j}] is a {type(item).__name__}; context texts are strings")
         out.append(list(items))
     return out
+
+
+def nearest_contexts(texts: list[str], k: int, tokenize) -> list[list[str]]:
+    """For each of ``texts``, its ``k`` lexically nearest other texts (TF-IDF cosine over the token ids ``tokenize``
+    (str -> ids) makes; ``neighbours.lexical_nearest``), least similar first, so the nearest stands right before the
+    chunk; copies of a text are one text (never each other's neighbour)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"context=k takes a number of neighbours k >= 0, got {k!r}")
+    distinct = list(dict.fromkeys(texts))
+    picked = lexical_nearest([tokenize(t) for t in distinct], k) if k and len(distinct) > 1 else []
+    of = {t: [distinct[j] for j in row] for t, row in zip(distinct, picked)}
+    return [list(of.get(t, [])) for t in texts]
 
 
 def text_tail(text: str, tokens: int, tokenize) -> str:

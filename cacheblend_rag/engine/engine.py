@@ -155,6 +155,11 @@ class CacheBlendEngine:
         nothing)."""
         return self.chunk_source.keys.handle(text, scope, context_ids)
 
+    def context_ids(self, context: Sequence[str]) -> tuple[int, ...]:
+        """The ``context_ids`` of a chunk computed after the texts ``context`` (e.g. one of ``chunk_contexts``'s
+        lists): each tokenized as a chunk is, one after another."""
+        return self.chunk_source.keys.context_ids(context)
+
     def precompute(
         self,
         texts: Iterable[str],
@@ -167,14 +172,15 @@ class CacheBlendEngine:
         """Compute and store the KV of every chunk not already stored in registry scope ``scope``; return one handle
         per text (registered in ``scope`` for ``generate(prompt=...)`` unless ``register=False``).
 
-        context: an int k (default 2: each text after the k texts before it in ``texts``, cyclic, as
-        ``attach`` computes a new text, trimmed as ``chunk_contexts`` trims it), one list of texts per text (its
-        KV is computed after them as given, e.g. its nearest chunks in an index: ``chunk_contexts(texts, lists)``
-        trims them the same way), or 0 /
-        None (each chunk alone after the chunk prefix, as the CacheBlend paper computes it). Chunks computed among
-        other passages keep far more of full recompute's quality under reuse than chunks computed alone
-        (docs/BENCHMARKS.md 1.9). The context is part of the handle's key: reuse the handles this returns (or
-        pass the same texts in the same order again), not ``handle(text)`` without ``context_ids``."""
+        context: an int k (default 2: each text after its k lexically nearest others in ``texts``, least similar
+        first: TF-IDF cosine over token ids, ``neighbours.lexical_nearest``; trimmed as ``chunk_contexts`` trims a
+        context), one list of texts per text (its KV is computed after them as given, e.g. its nearest chunks in an
+        index by embedding: ``chunk_contexts(texts, lists)`` trims them the same way), or 0 / None (each chunk alone
+        after the chunk prefix, as the CacheBlend paper computes it). Chunks computed among other passages keep far
+        more of full recompute's quality under reuse than chunks computed alone, and among their nearest passages
+        more than among unrelated ones (docs/BENCHMARKS.md 1.9, 1.14): give precompute a corpus, or the passages
+        that are retrieved together, in one call. The context is part of the handle's key: reuse the handles this
+        returns (or pass the same texts again), not ``handle(text)`` without ``context_ids``."""
         handles = self.chunk_source.precompute(texts, progress, check_scope(scope), context)
         if register:
             registry = self.registry_for(scope)
@@ -228,10 +234,17 @@ class CacheBlendEngine:
         cyclic) or the list given for it (e.g. its nearest neighbours in an index), trimmed to at most k times
         max(the chunk's tokens, 512) tokens and to what fits the model's context window with the chunk (the texts
         nearest the chunk kept, the first that would overflow cut to its end, those before it dropped): what
-        ``attach`` computes a new text after, and what ``precompute(texts, context=...)`` takes."""
+        ``attach`` computes a new text after, and what ``precompute(texts, context=lists)`` takes (an int k given to
+        ``precompute`` picks each text's k nearest instead: ``chunk_source.nearest_contexts``)."""
         texts = list(texts)
         source = self.chunk_source
         return [source.fitting_context(t, c) for t, c in zip(texts, context_texts(texts, context))]
+
+    def nearest_contexts(self, texts: Sequence[str], k: int) -> list[list[str]]:
+        """For each of ``texts``, what ``precompute(texts, context=k)`` computes it after: its ``k`` lexically nearest
+        others in ``texts`` (TF-IDF cosine over token ids; copies of a text are one text), least similar first,
+        trimmed as ``chunk_contexts`` trims a context."""
+        return self.chunk_source.contexts(list(texts), k)
 
     def register(self, handles: Iterable[ChunkHandle], *, scope: str | None = None) -> None:
         """Make ``generate(prompt=...)`` in registry scope ``scope`` recognise these chunks' texts (handles made in

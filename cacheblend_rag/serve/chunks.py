@@ -135,9 +135,7 @@ async def checked_handles(state: ServerState, body: ChunksRequest, scope: str | 
         known = [registry.lookup(t) for t in body.texts]
         contexts = engine.chunk_contexts(body.texts, body.context)
         return [
-            h
-            if h is not None
-            else engine.handle(t, scope=scope, context_ids=[i for c in ctx for i in engine.tokenize(c)])
+            h if h is not None else engine.handle(t, scope=scope, context_ids=engine.context_ids(ctx))
             for h, t, ctx in zip(known, body.texts, contexts)
         ]
 

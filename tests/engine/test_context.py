@@ -86,18 +86,37 @@ def test_generate_reuses_a_context_handle(engine, strategy):
     assert engine.registry.lookup(PASSAGES[1]) == handles[1]
 
 
-def test_context_k_picks_the_k_previous_texts_cyclic(engine):
-    texts = PASSAGES[:3]
-    handles = engine.precompute(texts, context=2, register=False)
+RIVER = [
+    "The Tarrow river floods the Wexland lowlands each spring; the Tarrow ferry stops running in flood.",
+    "A bridge over the Tarrow river replaced the Tarrow ferry in 1893, after the worst flood on record.",
+    "The Calder mill grinds barley from the hill farms; the Calder millers bake bread on Sundays.",
+    "Bread from the Calder mill is sold at the market, where the millers also sell barley flour.",
+]
+
+
+def test_precompute_context_k_picks_the_k_lexically_nearest_texts(engine):
+    from cacheblend_rag.engine.chunk_source import nearest_contexts
+
+    handles = engine.precompute(RIVER, context=1, register=False)
+    partner = [1, 0, 3, 2]  # the text sharing its rare words
     for i, handle in enumerate(handles):
-        want = engine.tokenize(texts[(i - 2) % 3]) + engine.tokenize(texts[(i - 1) % 3])
-        assert list(handle.context_ids) == want
-    assert engine.precompute(texts, register=False) == handles  # the default: the 2 texts before each
-    alone = engine.precompute(texts, context=0, register=False)
-    assert alone == engine.precompute(texts, context=None, register=False)
-    assert [h.key for h in alone] == [engine.handle(t).key for t in texts]
-    (only,) = engine.precompute(texts[:1], context=3, register=False)  # no other text: alone
+        assert list(handle.context_ids) == engine.tokenize(RIVER[partner[i]])
+    two = nearest_contexts(RIVER, 2, engine.tokenize)
+    assert [c[-1] for c in two] == [RIVER[j] for j in partner]  # the nearest stands right before the chunk
+    handles = engine.precompute(RIVER, register=False)  # the default: the 2 nearest
+    assert [list(h.context_ids) for h in handles] == [[t for c in ctx for t in engine.tokenize(c)] for ctx in two]
+    copy, _, again = engine.precompute([RIVER[0], RIVER[2], RIVER[0]], context=1, register=False)
+    assert copy == again and list(copy.context_ids) == engine.tokenize(RIVER[2])  # a copy is not a neighbour
+    alone = engine.precompute(RIVER, context=0, register=False)
+    assert alone == engine.precompute(RIVER, context=None, register=False)
+    assert [h.key for h in alone] == [engine.handle(t).key for t in RIVER]
+    (only,) = engine.precompute(RIVER[:1], context=3, register=False)  # no other text: alone
     assert only.context_ids == ()
+    # attach reads a retrieved list in order: each new text after the k before it (cyclic)
+    attached = engine.attach(RIVER[:3], context=2)
+    for i, handle in enumerate(attached):
+        want = engine.tokenize(RIVER[(i - 2) % 3]) + engine.tokenize(RIVER[(i - 1) % 3])
+        assert list(handle.context_ids) == want
 
 
 @pytest.mark.parametrize(
@@ -167,17 +186,24 @@ def test_attach_computes_new_texts_among_the_others_and_keeps_known_ones(engine)
 def test_context_k_drops_texts_that_would_not_fit_the_window(make_engine, call):
     """attach and precompute's default context=2 trim a chunk's context to the window; a context list given
     explicitly is computed as given or refused."""
+    from cacheblend_rag.engine.chunk_source import nearest_contexts
+
     engine = make_engine("llama", seed=7)
+    texts = PASSAGES[:3]
     window = engine.context_window - len(engine.chunk_prefix_ids)
-    sizes = [len(engine.tokenize(p)) for p in PASSAGES[:3]]
-    engine.chunk_source.context_window = len(engine.chunk_prefix_ids) + sizes[2] + sizes[1] + 1  # room for one text
-    assert window > sizes[2] + sizes[1] + sizes[0]
-    handles = getattr(engine, call)(PASSAGES[:3])
-    assert list(handles[2].context_ids) == engine.tokenize(PASSAGES[1])  # its first context text dropped
-    assert engine.chunk_contexts(PASSAGES[:3], 2)[2] == [PASSAGES[1]]
-    if call == "precompute":
+    sizes = [len(engine.tokenize(p)) for p in texts]
+    assert window > sum(sizes)
+    # the nearest text before texts[2]: the one before it in the list (attach), its lexically nearest (precompute)
+    nearest = texts[1] if call == "attach" else nearest_contexts(texts, 2, engine.tokenize)[2][-1]
+    room = sizes[2] + len(engine.tokenize(nearest)) + 1  # room for one context text
+    engine.chunk_source.context_window = len(engine.chunk_prefix_ids) + room
+    handles = getattr(engine, call)(texts)
+    assert list(handles[2].context_ids) == engine.tokenize(nearest)  # its farther context text dropped
+    if call == "attach":
+        assert engine.chunk_contexts(texts, 2)[2] == [texts[1]]
+    else:
         with pytest.raises(ValueError, match=r"after \d+ of context"):
-            engine.precompute([PASSAGES[2]], context=[[PASSAGES[0], PASSAGES[1]]])
+            engine.precompute([texts[2]], context=[[texts[0], texts[1]]])
 
 
 def test_a_long_neighbour_is_cut_to_its_end_before_a_short_chunk(engine):

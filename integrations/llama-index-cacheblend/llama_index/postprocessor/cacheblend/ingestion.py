@@ -74,7 +74,7 @@ class CacheBlendPrecompute(TransformComponent):
         kept, texts, contexts = self.contexts(nodes)
         contexts = contexts or [[] for _ in texts]
         return [
-            (node, self._engine.handle(text, context_ids=[t for c in context for t in self._engine.tokenize(c)]))
+            (node, self._engine.handle(text, context_ids=self._engine.context_ids(context)))
             for node, text, context in zip(kept, texts, contexts)
         ]
 
