@@ -4,9 +4,10 @@ The pipeline is LlamaIndex's own, with the pieces of this integration. Documents
 (``sections.py``); ``plan_ingest`` then says how many chunks and how much KV the ingest will compute and
 write, and ``build(max_kv_bytes=...)`` refuses before computing anything when that is over the cap.
 ``CacheBlendPrecompute`` computes every node's KV cache at ingestion (into the engine's store, by default
-memory then disk), each after the texts of its ``context`` nearest nodes (MiniLM cosine, default 2: chunks computed
-among other passages of their corpus keep far more of full recompute's quality under reuse than chunks computed
-alone), and the query engine answers with ``CacheBlendLLM`` after ``CacheBlendNodePostprocessor``
+memory then disk), each after the texts of its ``context`` nearest nodes (default 2, lexically nearest as
+``engine.precompute`` picks them; ``neighbours="embedding"``: by MiniLM cosine): chunks computed among other
+passages of their corpus keep far more of full recompute's quality under reuse than chunks computed alone. The
+query engine answers with ``CacheBlendLLM`` after ``CacheBlendNodePostprocessor``
 has registered the retrieved nodes, so each prompt reuses their KV. The index (docstore + faiss) persists to
 a folder; the KV lives in the engine's store, keyed by content, so a later process finds it again.
 
@@ -39,6 +40,8 @@ FORMAT = 1
 EMBEDDING = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_TOP_K = 8
 DEFAULT_CONTEXT = 2  # nearest nodes each node's KV is computed after (docs/BENCHMARKS.md 1.9)
+DEFAULT_NEIGHBOURS = "lexical"  # how they are found: TF-IDF over token ids (BENCHMARKS.md 1.14), or "embedding"
+NEIGHBOURS = ("lexical", "embedding")
 INSTALL = "pip install -e integrations/llama-index-cacheblend -e app (from the repository root)"
 
 
@@ -84,12 +87,13 @@ def kv_bytes_per_token(engine) -> int:
     return fwd.n_layers * fwd.n_kv_heads * per_head
 
 
-def plan_ingest(engine, nodes, context: int = 0) -> IngestPlan:
-    """How many of ``nodes`` need their KV computed (each after its ``context`` nearest neighbours: the nodes need
-    their embeddings then), and about how many bytes of KV that writes."""
+def plan_ingest(engine, nodes, context: int = 0, neighbours: str = DEFAULT_NEIGHBOURS) -> IngestPlan:
+    """How many of ``nodes`` need their KV computed (each after its ``context`` nearest neighbours, found as
+    ``neighbours`` says: with "embedding" the nodes need their embeddings), and about how many bytes of KV that
+    writes."""
     from llama_index.postprocessor.cacheblend import CacheBlendPrecompute
 
-    pairs = CacheBlendPrecompute(engine=engine, context=context).handles(nodes)
+    pairs = CacheBlendPrecompute(engine=engine, context=context, neighbours=neighbours).handles(nodes)
     handles = {handle.key: handle for _, handle in pairs}
     new = [h for key, h in handles.items() if not engine.store.contains(key)]
     tokens = sum(h.n_tokens for h in new)
@@ -153,9 +157,11 @@ class RagIndex:
         max_kv_bytes: int | None = None,
         on_plan: Callable[[IngestPlan], None] | None = None,
         context: int = DEFAULT_CONTEXT,
+        neighbours: str = DEFAULT_NEIGHBOURS,
     ) -> RagIndex:
         """Split, embed and index ``documents``; compute and store every node's KV (progress bars if asked), each
-        after the texts of its ``context`` nearest nodes (MiniLM cosine; 0: alone).
+        after the texts of its ``context`` nearest nodes (0: alone), found as ``neighbours`` says: "lexical" (TF-IDF
+        over token ids, as ``engine.precompute`` picks them) or "embedding" (the embed model's cosine).
 
         After splitting, ``on_plan`` gets the IngestPlan (chunks, KV bytes to write); with ``max_kv_bytes``, a
         plan over it raises KVBudgetError before anything is computed."""
@@ -165,6 +171,8 @@ class RagIndex:
             raise ValueError(f"chunk_overlap must be smaller than chunk_size, got {chunk_overlap} >= {chunk_size}")
         if isinstance(context, bool) or not isinstance(context, int) or context < 0:
             raise ValueError(f"context must be an int >= 0 (nearest nodes each is computed after), got {context!r}")
+        if neighbours not in NEIGHBOURS:
+            raise ValueError(f"neighbours must be 'lexical' or 'embedding', got {neighbours!r}")
         require_llama_index()
         from llama_index.core import Document, StorageContext, VectorStoreIndex
         from llama_index.postprocessor.cacheblend import CacheBlendPrecompute, faiss_vector_store
@@ -184,9 +192,9 @@ class RagIndex:
         # the steps of VectorStoreIndex.from_documents, run one by one so each shows its own progress bar
         nodes = split_nodes(engine, docs, chunk_size=chunk_size, chunk_overlap=chunk_overlap, progress=progress)
         embed_model = embed_model or minilm()
-        if context:  # the neighbours come from the embeddings; VectorStoreIndex keeps them (it embeds no node twice)
+        if context and neighbours == "embedding":  # VectorStoreIndex keeps the embeddings (embeds no node twice)
             nodes = embed_model(nodes, show_progress=progress)
-        plan = plan_ingest(engine, nodes, context)
+        plan = plan_ingest(engine, nodes, context, neighbours)
         if on_plan is not None:
             on_plan(plan)
         if max_kv_bytes is not None and plan.kv_bytes > max_kv_bytes:
@@ -195,7 +203,8 @@ class RagIndex:
                 f"{plan.new_tokens:,} tokens), over the cap of {human_bytes(max_kv_bytes)}; nothing was computed. "
                 "Raise the cap (cacheblend ingest --max-kv-bytes), ingest fewer files, or use a larger --chunk-size"
             )
-        nodes = CacheBlendPrecompute(engine=engine, context=context)(nodes, show_progress=progress)
+        precompute = CacheBlendPrecompute(engine=engine, context=context, neighbours=neighbours)
+        nodes = precompute(nodes, show_progress=progress)
         storage = StorageContext.from_defaults(vector_store=faiss_vector_store())
         for doc in docs:
             storage.docstore.set_document_hash(doc.id_, doc.hash)
@@ -207,6 +216,7 @@ class RagIndex:
             "chunk_size": chunk_size,
             "chunk_overlap": chunk_overlap,
             "context": context,
+            "neighbours": neighbours if context else None,
             "nodes": len(index.docstore.docs),
             "documents": sorted(d.name for d in documents),
         }

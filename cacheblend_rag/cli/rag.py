@@ -69,8 +69,14 @@ def ingest(
         2,
         "--context",
         min=0,
-        help="Compute each chunk's KV after its K nearest chunks of the index (MiniLM), as a retrieved prompt holds "
-        "it among other passages; 0: each chunk alone.",
+        help="Compute each chunk's KV after its K nearest chunks of the index (see --neighbours), as a retrieved "
+        "prompt holds it among other passages; 0: each chunk alone.",
+    ),
+    neighbours: str = typer.Option(
+        "lexical",
+        "--neighbours",
+        help="How --context finds a chunk's nearest chunks: 'lexical' (TF-IDF over token ids, as engine.precompute "
+        "does) or 'embedding' (the index's MiniLM embeddings).",
     ),
 ) -> None:
     """Index documents and precompute each chunk's KV cache (replaces the index in --index-dir).
@@ -83,6 +89,8 @@ def ingest(
 
     if chunk_overlap >= chunk_size:
         raise fail(f"--chunk-overlap must be smaller than --chunk-size, got {chunk_overlap} >= {chunk_size}")
+    if neighbours not in ("lexical", "embedding"):
+        raise fail(f"--neighbours must be 'lexical' or 'embedding', got {neighbours!r}")
     try:
         cap = None if max_kv_bytes.strip().lower() in ("none", "unlimited") else parse_bytes(max_kv_bytes)
     except ValueError as exc:
@@ -116,6 +124,7 @@ def ingest(
             max_kv_bytes=cap,
             on_plan=show_plan,
             context=context,
+            neighbours=neighbours,
         )
     except rag.KVBudgetError as exc:
         raise fail(str(exc)) from None

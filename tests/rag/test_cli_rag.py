@@ -41,6 +41,7 @@ def test_ingest_indexes_and_precomputes(ingested):
     assert "3 chunks computed, 0 already stored" in out
     manifest = json.loads((root / "cache" / "index" / "cacheblend_index.json").read_text())
     assert manifest["documents"] == ["bakery.md", "lighthouse.md", "notes/ferry.txt"] and manifest["nodes"] == 3
+    assert manifest["context"] == 2 and manifest["neighbours"] == "lexical"
     assert len(list((root / "cache" / "kv").rglob("*.safetensors"))) >= 3
 
 
@@ -101,6 +102,8 @@ def test_ingest_again_finds_the_stored_kv(ingested):
     assert "indexed 1 documents as 1 chunks" in out and "1 chunks computed, 0 already stored" in out
     out = run("ingest", root / "docs", *options, "--context", "0", "--index-dir", root / "alone")
     assert "2 chunks computed, 1 already stored" in out  # computed alone: lighthouse.md's, stored just above
+    out = run("ingest", root / "docs", *options, "--neighbours", "bm25", "--index-dir", root / "bad", code=2)
+    assert "--neighbours must be 'lexical' or 'embedding'" in out
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,7 @@ def test_chunks_are_computed_after_their_nearest_chunks_and_reused_by_another_pr
 
     writer = make_engine("llama", seed=1, disk=True)
     index = RagIndex.build(writer, read_documents(docs_dir), chunk_size=128, chunk_overlap=0)
-    assert index.manifest["context"] == 2
+    assert index.manifest["context"] == 2 and index.manifest["neighbours"] == "lexical"
     nodes = list(index.index.docstore.docs.values())
     texts = {n.node_id: n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes}
     for node in nodes:

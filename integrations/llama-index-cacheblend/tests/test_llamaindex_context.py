@@ -20,14 +20,16 @@ TEXTS = [
 ]
 
 
-def test_a_retrieved_node_reuses_its_context_kv(engine, settings, embed_model, reuse):
-    transform = CacheBlendPrecompute(engine=engine, context=1)
+@pytest.mark.parametrize("neighbours", ["lexical", "embedding"])
+def test_a_retrieved_node_reuses_its_context_kv(engine, settings, embed_model, reuse, neighbours):
+    transform = CacheBlendPrecompute(engine=engine, context=1, neighbours=neighbours)
     splitter = SentenceSplitter(chunk_size=64, chunk_overlap=0, tokenizer=engine.tokenize)
     pipeline = IngestionPipeline(transformations=[splitter, embed_model, transform])
     nodes = pipeline.run(documents=[Document(text=t) for t in TEXTS])
-    assert len(nodes) == 4 and reuse()["precomputed_chunks"] == 4
+    counts = reuse()
+    assert len(nodes) == 4 and counts["precomputed_chunks"] + counts["precompute_cache_hits"] == 4  # stored, once
     texts = [n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes]
-    neighbour = {0: 1, 1: 0, 2: 3, 3: 2}  # same topic: the nearest node
+    neighbour = {0: 1, 1: 0, 2: 3, 3: 2}  # same topic and names: the nearest node, either way
     planned = transform.handles(nodes)
     for i, node in enumerate(nodes):
         handle = engine.handle(texts[i], context_ids=engine.tokenize(texts[neighbour[i]]))
@@ -54,9 +56,18 @@ def test_a_retrieved_node_reuses_its_context_kv(engine, settings, embed_model, r
     assert reuse()["computed_on_miss"] == before["computed_on_miss"]
 
 
-def test_context_needs_embeddings(engine):
+def test_embedding_neighbours_need_embeddings_lexical_ones_do_not(engine):
+    nodes = [TextNode(text=t) for t in TEXTS]
     with pytest.raises(ValueError, match="put the embedding model before CacheBlendPrecompute"):
-        CacheBlendPrecompute(engine=engine, context=2)([TextNode(text=TEXTS[0]), TextNode(text=TEXTS[1])])
+        CacheBlendPrecompute(engine=engine, context=2, neighbours="embedding")(nodes[:2])
+    transform = CacheBlendPrecompute(engine=engine, context=2)  # lexical by default
+    assert transform.neighbours == "lexical"
+    planned = transform.handles(nodes)
+    texts = [n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes]
+    want = engine.nearest_contexts(texts, 2)
+    assert [list(h.context_ids) for _, h in planned] == [list(engine.context_ids(c)) for c in want]
+    with pytest.raises(ValueError):
+        CacheBlendPrecompute(engine=engine, context=2, neighbours="bm25")
 
 
 def test_a_long_neighbour_is_trimmed_before_a_short_node(engine):
@@ -69,7 +80,7 @@ def test_a_long_neighbour_is_trimmed_before_a_short_node(engine):
         TextNode(text=long, embedding=[0.9, 0.1]),  # the short node's nearest neighbour
         TextNode(text=TEXTS[2], embedding=[0.0, 1.0]),
     ]
-    transform = CacheBlendPrecompute(engine=engine, context=1)
+    transform = CacheBlendPrecompute(engine=engine, context=1, neighbours="embedding")
     planned = dict((id(node), handle) for node, handle in transform.handles(nodes))
     transform(nodes)
     texts = [n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes]

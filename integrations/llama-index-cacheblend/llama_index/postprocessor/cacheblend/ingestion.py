@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.schema import BaseNode, TransformComponent
@@ -26,9 +26,11 @@ class CacheBlendPrecompute(TransformComponent):
             transformations=[SentenceSplitter(chunk_size=256), CacheBlendPrecompute(engine=engine)])
 
     With ``context=k`` each node's KV is computed after the LLM texts of its k nearest neighbours among the nodes
-    of the call (cosine of ``node.embedding``: put the embedding model before this step), which keeps far more of
-    full recompute's answer quality when the KV is reused than computing each node alone (the default, 0). The
-    recorded handle carries the context, so ``CacheBlendNodePostprocessor`` finds the same KV.
+    of the call, which keeps far more of full recompute's answer quality when the KV is reused than computing each
+    node alone (the default, 0). ``neighbours`` says which are nearest: ``"lexical"`` (default; TF-IDF cosine over
+    the engine's token ids, as ``engine.precompute`` picks them, anywhere in the pipeline) or ``"embedding"`` (cosine
+    of ``node.embedding``: put the embedding model before this step). The recorded handle carries the context, so
+    ``CacheBlendNodePostprocessor`` finds the same KV.
 
     Already stored KV is not computed again. Nodes are returned unchanged apart from the handle in
     ``node.metadata["cacheblend_kv"]`` (excluded from the LLM and embedding views).
@@ -42,7 +44,12 @@ class CacheBlendPrecompute(TransformComponent):
         default=0,
         ge=0,
         description="Compute each node's KV after its `context` nearest neighbours among the nodes of the call "
-        "(by node embedding; put the embedding model first); 0: each node alone.",
+        "(see `neighbours`); 0: each node alone.",
+    )
+    neighbours: Literal["lexical", "embedding"] = Field(
+        default="lexical",
+        description="How a node's nearest neighbours are found: 'lexical' (TF-IDF over token ids, as "
+        "engine.precompute does) or 'embedding' (node embeddings: put the embedding model first).",
     )
     _engine: CacheBlendEngine = PrivateAttr()
 
@@ -61,12 +68,14 @@ class CacheBlendPrecompute(TransformComponent):
 
     def contexts(self, nodes: Sequence[BaseNode]) -> tuple[list[BaseNode], list[str], list[list[str]] | None]:
         """The nodes that get KV (those whose LLM text has tokens), their LLM texts, and the texts each is computed
-        after (None: alone): its nearest nodes, trimmed by ``engine.chunk_contexts``."""
+        after (None: alone): its nearest nodes (``neighbours``), trimmed as ``engine.chunk_contexts`` trims them."""
         pairs = [(node, llm_text(node)) for node in _nodes(nodes)]
         pairs = [(node, text) for node, text in pairs if self._engine.tokenize(text)]
         kept, texts = [node for node, _ in pairs], [text for _, text in pairs]
         if not self.context:
             return kept, texts, None
+        if self.neighbours == "lexical":
+            return kept, texts, self._engine.nearest_contexts(texts, self.context)
         return kept, texts, self._engine.chunk_contexts(texts, neighbour_texts(kept, texts, self.context))
 
     def handles(self, nodes: Sequence[BaseNode]) -> list[tuple[BaseNode, ChunkHandle]]:

@@ -1,4 +1,5 @@
-"""The context a node's KV is computed after: its nearest neighbours among the nodes ingested with it.
+"""The context a node's KV is computed after, with ``CacheBlendPrecompute(neighbours="embedding")``: its nearest
+neighbours among the nodes ingested with it, by node embedding (the default, lexical neighbours, are the engine's).
 
 The neighbours come from the node embeddings (cosine), least similar first, so the nearest passage sits right
 before the chunk: ``nearest`` of the core (``cacheblend_rag.neighbours``, where the reasons are), over the
@@ -20,8 +21,9 @@ def neighbour_texts(nodes: Sequence[BaseNode], texts: Sequence[str], k: int) -> 
     missing = [i for i, node in enumerate(nodes) if node.embedding is None]
     if missing:
         raise ValueError(
-            f"context={k} needs node embeddings, and nodes[{missing[0]}] has none: put the embedding model before "
-            "CacheBlendPrecompute in the transformations (or use context=0: each node computed alone)"
+            f"context={k} with neighbours='embedding' needs node embeddings, and nodes[{missing[0]}] has none: put "
+            "the embedding model before CacheBlendPrecompute in the transformations (or use neighbours='lexical', "
+            "or context=0: each node computed alone)"
         )
     if not nodes:
         return []
