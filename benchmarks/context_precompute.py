@@ -64,7 +64,8 @@ def configs(ratio: float) -> dict[str, BlendConfig]:
 
 
 def previous(texts: list[str], i: int, k: int) -> list[str]:
-    """The k texts before ``texts[i]``, cyclic, nearest last (``engine.precompute(texts, context=k)``'s context)."""
+    """The k texts before ``texts[i]``, cyclic, nearest last (``engine.attach(texts, context=k)``'s context for a new
+    text; ``engine.precompute``'s default until it picked the lexically nearest)."""
     n = len(texts)
     return [texts[(i - j) % n] for j in range(min(k, n - 1), 0, -1)]
 
@@ -172,7 +173,7 @@ def main() -> None:
         "--data", default="town", help="'town' (the bundled questions) or a folder with questions.json and corpus/*.md"
     )
     parser.add_argument("--n", type=int, default=None, help="first n questions (default: all)")
-    parser.add_argument("--ways", default="alone,similar:2,random:2,fixed")
+    parser.add_argument("--ways", default="alone,lexical:2,similar:2,random:2,fixed")
     parser.add_argument("--ratio", type=float, default=0.15, help="cacheblend's recompute ratio")
     parser.add_argument("--fixed-text", default=FIXED_TEXT)
     parser.add_argument("--dtype", default="auto")

@@ -57,7 +57,10 @@ def main() -> None:
     corpus, needed = documents(args.data)
     passages = sorted(corpus.values())
     rows = []
-    for way in [w.strip() for w in args.ways.split(",") if w.strip()]:
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    if any(w.startswith("retrieved") for w in ways):
+        raise SystemExit("retrieved:K depends on the prompts' order: measure it with context_precompute.py")
+    for way in ways:
         hits, pairs = coverage(contexts(way, passages, "", None, engine), corpus, needed)
         rows.append({"way": way, "hits": hits, "pairs": pairs})
         print(f"{way:14s} the other gold document in the context: {hits} of {pairs} (two-document questions)")

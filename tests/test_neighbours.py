@@ -99,6 +99,23 @@ def test_lexical_nearest_in_blocks_is_the_full_tfidf_cosine_ranking(monkeypatch)
     unit = w / np.linalg.norm(w, axis=1, keepdims=True)
     sims = unit @ unit.T
     np.fill_diagonal(sims, -np.inf)
-    want = [sorted(np.argsort(-row, kind="stable")[:3].tolist(), key=lambda j: row[j]) for row in sims]
+    want = [sorted(np.argsort(-row, kind="stable")[:3].tolist(), key=lambda j: (row[j], -j)) for row in sims]
     monkeypatch.setattr(neighbours, "LEXICAL_ROWS", 5)  # 13 texts: blocks of 5, 5 and 3
     assert lexical_nearest(docs, 3) == want
+
+
+def test_ties_go_to_the_lower_column_whatever_the_partition_does():
+    from cacheblend_rag.neighbours import top_others
+
+    assert top_others(np.zeros((1, 50)), 0, 3) == [[3, 2, 1]]  # all equal: the lowest columns (not itself), 1 nearest
+    rng = np.random.default_rng(0)
+    sims = rng.integers(0, 3, size=(4, 200)).astype(np.float32)  # many ties at the cut
+    got = top_others(sims.copy(), 0, 3)
+    for r, row in enumerate(sims):
+        row = row.copy()
+        row[r] = -np.inf
+        want = sorted(range(200), key=lambda j: (-row[j], j))[:3]  # most similar first, lower column first
+        assert got[r] == want[::-1]
+    # a difference in the last bits (another BLAS) does not change the choice
+    noisy = sims + rng.normal(scale=1e-9, size=sims.shape).astype(np.float32)
+    assert top_others(noisy, 0, 3) == got

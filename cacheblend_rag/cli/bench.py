@@ -172,8 +172,8 @@ def eval_cmd(
         "lexical",
         "--neighbours",
         help="How --context picks a passage's neighbours: 'lexical' (TF-IDF over token ids, what "
-        "engine.precompute(corpus) does) or 'minilm' (all-MiniLM-L6-v2 embeddings, as `cacheblend ingest` with "
-        "the app's default embedding model; needs the rag extra).",
+        "engine.precompute(corpus) and `cacheblend ingest` do) or 'minilm' (also 'embedding': all-MiniLM-L6-v2 "
+        "embeddings, as `cacheblend ingest --neighbours embedding`; needs the rag extra).",
     ),
     out: Path = typer.Option(Path("results/eval.json"), "--out", help="JSON output (per example and summary)."),
 ) -> None:
@@ -195,16 +195,16 @@ def eval_cmd(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    if neighbours not in ("lexical", "minilm"):
-        raise typer.BadParameter(f"--neighbours must be 'lexical' or 'minilm', got {neighbours!r}")
+    if neighbours not in ("lexical", "minilm", "embedding"):
+        raise typer.BadParameter(f"--neighbours must be 'lexical' or 'minilm' ('embedding'), got {neighbours!r}")
     embed = None
-    if context and neighbours == "minilm":  # the embedding model is checked (and loaded) before the LLM
+    if context and neighbours != "lexical":  # the embedding model is checked (and loaded) before the LLM
         from ..neighbours import minilm, minilm_embeddings
 
         try:
             minilm()
         except (ImportError, FileNotFoundError) as exc:
-            raise fail(f"{exc}; or --neighbours lexical (no embedding model)") from None
+            raise fail(f"{exc} (lexically here: --neighbours lexical)") from None
         embed = minilm_embeddings
     engine = load_engine(model, device, dtype, cache_dir, store=["memory://?max_bytes=8GB"], chunk_prefix=chunk_prefix)
     result = evaluate(

@@ -98,7 +98,7 @@ class ChunkSource:
     def contexts(self, texts: list[str], context: Sequence[Sequence[str]] | int | None) -> list[list[str]]:
         """The texts each of ``texts`` is computed after (``precompute``'s ``context``): for an int k its k nearest
         (``nearest_contexts``) trimmed by ``fitting_context``; given lists as they are."""
-        if context is None or isinstance(context, bool) or not isinstance(context, int):
+        if context is None or not isinstance(context, int):
             return context_texts(texts, context)
         nearest = nearest_contexts(texts, context, self.keys.prompt_format.tokenize)
         return [self.fitting_context(t, c) for t, c in zip(texts, nearest)]
@@ -290,13 +290,18 @@ def context_texts(texts: list[str], context: Sequence[Sequence[str]] | int | Non
 def nearest_contexts(texts: list[str], k: int, tokenize) -> list[list[str]]:
     """For each of ``texts``, its ``k`` lexically nearest other texts (TF-IDF cosine over the token ids ``tokenize``
     (str -> ids) makes; ``neighbours.lexical_nearest``), least similar first, so the nearest stands right before the
-    chunk; copies of a text are one text (never each other's neighbour)."""
+    chunk. Texts with the same tokens are one text (never each other's neighbour). The weights count every text
+    given, so adding texts to a call can change other texts' neighbours (and so their keys)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"context=k takes a number of neighbours k >= 0, got {k!r}")
-    distinct = list(dict.fromkeys(texts))
-    picked = lexical_nearest([tokenize(t) for t in distinct], k) if k and len(distinct) > 1 else []
-    of = {t: [distinct[j] for j in row] for t, row in zip(distinct, picked)}
-    return [list(of.get(t, [])) for t in texts]
+    ids = [tuple(tokenize(t)) for t in texts]
+    distinct = list(dict.fromkeys(ids))
+    picked = lexical_nearest(distinct, k) if k and len(distinct) > 1 else [[] for _ in distinct]
+    first = {}  # token ids -> the first text that has them (the text a neighbour is given as)
+    for text, key in zip(texts, ids):
+        first.setdefault(key, text)
+    of = {key: [first[distinct[j]] for j in row] for key, row in zip(distinct, picked)}
+    return [list(of[key]) for key in ids]
 
 
 def text_tail(text: str, tokens: int, tokenize) -> str:

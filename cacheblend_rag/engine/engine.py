@@ -243,7 +243,10 @@ class CacheBlendEngine:
     def nearest_contexts(self, texts: Sequence[str], k: int) -> list[list[str]]:
         """For each of ``texts``, what ``precompute(texts, context=k)`` computes it after: its ``k`` lexically nearest
         others in ``texts`` (TF-IDF cosine over token ids; copies of a text are one text), least similar first,
-        trimmed as ``chunk_contexts`` trims a context."""
+        trimmed as ``chunk_contexts`` trims a context. The weights count every text given: adding texts can change
+        other texts' neighbours."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be an int >= 0 (neighbours per text), got {k!r}")
         return self.chunk_source.contexts(list(texts), k)
 
     def register(self, handles: Iterable[ChunkHandle], *, scope: str | None = None) -> None:

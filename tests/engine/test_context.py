@@ -107,6 +107,12 @@ def test_precompute_context_k_picks_the_k_lexically_nearest_texts(engine):
     assert [list(h.context_ids) for h in handles] == [[t for c in ctx for t in engine.tokenize(c)] for ctx in two]
     copy, _, again = engine.precompute([RIVER[0], RIVER[2], RIVER[0]], context=1, register=False)
     assert copy == again and list(copy.context_ids) == engine.tokenize(RIVER[2])  # a copy is not a neighbour
+    assert engine.precompute(RIVER[::-1], register=False) == handles[::-1]  # the order of the call does not matter
+    assert engine.nearest_contexts(RIVER, 2) == two
+    with pytest.raises(ValueError, match="k must be an int >= 0"):
+        engine.nearest_contexts(RIVER, [[RIVER[1]]] * 4)
+    with pytest.raises(ValueError, match="neighbours k >= 0"):
+        engine.precompute(RIVER, context=True)
     alone = engine.precompute(RIVER, context=0, register=False)
     assert alone == engine.precompute(RIVER, context=None, register=False)
     assert [h.key for h in alone] == [engine.handle(t).key for t in RIVER]

@@ -129,3 +129,5 @@ def test_context_zero_computes_each_chunk_alone(engine, docs_dir):
     assert all("context_ids" not in n.metadata["cacheblend_kv"] for n in index.index.docstore.docs.values())
     with pytest.raises(ValueError, match="context must be an int >= 0"):
         RagIndex.build(engine, read_documents(docs_dir), context=-1)
+    with pytest.raises(ValueError, match="neighbours must be 'lexical' or 'embedding'"):
+        RagIndex.build(engine, read_documents(docs_dir), neighbours="bm25")

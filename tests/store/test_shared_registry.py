@@ -29,7 +29,7 @@ def test_a_chunk_registered_by_one_engine_is_reused_by_another(make_engine, redi
     a, b = make_engine(seed=7, store=store), make_engine(seed=7, store=store)
     shared_a, shared_b = share_registry(a), share_registry(b)
     assert isinstance(shared_a, SharedChunkRegistry) and a.registry is shared_a and b.registry is shared_b
-    handles = a.precompute(PASSAGES)  # each after the 2 before it: the registry carries the context
+    handles = a.precompute(PASSAGES)  # each after its 2 nearest: the registry carries the context
     expected = a.generate(prompt=chat_prompt(a), max_new_tokens=6, config=config("cacheblend"))
     assert expected.stats.cache_hits == 3
 
