@@ -5,9 +5,10 @@ its number of texts (``max_chunk_texts``, before the body is validated), their b
 off the engine's thread (``max_chunk_tokens``): 413 naming the option; then the caller's quota (``quota.py``):
 429. The texts are computed a few at a time, one step per scheduler turn (``ChunkJob``), so decoding requests keep
 their turns and a client that leaves stops the job between steps (what was computed before stays stored and
-registered). A text already registered in the caller's scope keeps its KV; any other is computed after the
-``context`` texts before it in the request (default 2; 0: alone; ``engine.chunk_contexts``): chunks computed among
-other passages keep far more of full recompute's quality under reuse. The limits count the texts' own tokens;
+registered). A text already registered in the caller's scope keeps its KV; any other is computed after its
+``context`` lexically nearest texts of the request (default 2; 0: alone; ``engine.nearest_contexts``, as
+``engine.precompute`` picks them): chunks computed among their nearest passages keep far more of full recompute's
+quality under reuse. The limits count the texts' own tokens;
 computing a text after k others costs about k + 1 texts' compute.
 """
 
@@ -133,7 +134,7 @@ async def checked_handles(state: ServerState, body: ChunksRequest, scope: str | 
     def final() -> list:
         registry = engine.registry_for(scope)
         known = [registry.lookup(t) for t in body.texts]
-        contexts = engine.chunk_contexts(body.texts, body.context)
+        contexts = engine.nearest_contexts(body.texts, body.context)
         return [
             h if h is not None else engine.handle(t, scope=scope, context_ids=engine.context_ids(ctx))
             for h, t, ctx in zip(known, body.texts, contexts)

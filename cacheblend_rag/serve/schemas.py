@@ -265,9 +265,10 @@ class ChunksRequest(BaseModel):
     texts: list[str] = Field(min_length=1)
     model: str | None = None
     context: int = Field(default=2, ge=0, le=MAX_CHUNK_CONTEXT)
-    """Each text's KV is computed after the ``context`` texts before it in ``texts`` (cyclic; fewer where they would
-    not fit the context window): chunks computed among other passages of their corpus keep far more of full
-    recompute's quality under reuse than chunks computed alone (0)."""
+    """Each text's KV is computed after its ``context`` lexically nearest others in ``texts`` (as
+    ``engine.precompute`` picks them; trimmed to fit the context window): chunks computed among the passages of
+    their corpus nearest to them keep far more of full recompute's quality under reuse than chunks computed alone
+    (0)."""
 
     def check(self) -> None:
         """Raise BadRequest for an empty text."""

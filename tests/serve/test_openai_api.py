@@ -37,21 +37,23 @@ def post(server, path: str, body: dict, **kw) -> httpx.Response:
 
 
 def test_chunks_are_precomputed_registered_and_reported(server, engine):
-    new = "A new chunk about the Nile delta and its farms."
+    new = "The Nile river flows north through Egypt; after the Amazon it is the longest river on Earth."
     response = post(server, "/v1/chunks", {"texts": [*PASSAGES, new]})
     body = response.json()
 
     def after(text: str, context: list[str]) -> str:
         return engine.handle(text, context_ids=[t for c in context for t in engine.tokenize(c)]).key
 
-    # at start each passage was computed after the 2 texts before it in its request (cyclic); registered, they keep
-    # that KV; the new text is computed after the 2 texts before it in this request
-    expected = [after(p, c) for p, c in zip(PASSAGES, engine.chunk_contexts(PASSAGES, 2))]
-    assert response.status_code == 200 and [d["key"] for d in body["data"]] == [*expected, after(new, PASSAGES[1:])]
-    assert expected[0] == after(PASSAGES[0], PASSAGES[1:]) != engine.handle(PASSAGES[0]).key
+    # at start each passage was computed after its 2 lexically nearest texts of that request; registered, they keep
+    # that KV; the new text is computed after its 2 nearest of this request
+    expected = [after(p, c) for p, c in zip(PASSAGES, engine.nearest_contexts(PASSAGES, 2))]
+    new_context = engine.nearest_contexts([*PASSAGES, new], 2)[3]
+    assert response.status_code == 200 and [d["key"] for d in body["data"]] == [*expected, after(new, new_context)]
+    assert new_context[-1] == PASSAGES[0] and new not in new_context  # the other river nearest, right before it
+    assert expected[0] != engine.handle(PASSAGES[0]).key
     assert body["computed"] == 1 and body["already_stored"] == 3  # the three passages were registered at start
     assert all(engine.registry.lookup(p) is not None for p in PASSAGES)
-    assert body["data"][3]["n_tokens"] == len(engine.tokenize("A new chunk about the Nile delta and its farms."))
+    assert body["data"][3]["n_tokens"] == len(engine.tokenize(new))
 
 
 def test_chat_completion_reuses_the_registered_chunks(server, engine):
