@@ -87,13 +87,14 @@ def kv_bytes_per_token(engine) -> int:
     return fwd.n_layers * fwd.n_kv_heads * per_head
 
 
-def plan_ingest(engine, nodes, context: int = 0, neighbours: str = DEFAULT_NEIGHBOURS) -> IngestPlan:
+def plan_ingest(engine, nodes, context: int = 0, neighbours: str = DEFAULT_NEIGHBOURS, precompute=None) -> IngestPlan:
     """How many of ``nodes`` need their KV computed (each after its ``context`` nearest neighbours, found as
     ``neighbours`` says: with "embedding" the nodes need their embeddings), and about how many bytes of KV that
-    writes."""
+    writes. ``precompute``: the CacheBlendPrecompute that will compute them (it keeps the neighbours it found)."""
     from llama_index.postprocessor.cacheblend import CacheBlendPrecompute
 
-    pairs = CacheBlendPrecompute(engine=engine, context=context, neighbours=neighbours).handles(nodes)
+    precompute = precompute or CacheBlendPrecompute(engine=engine, context=context, neighbours=neighbours)
+    pairs = precompute.handles(nodes)
     handles = {handle.key: handle for _, handle in pairs}
     new = [h for key, h in handles.items() if not engine.store.contains(key)]
     tokens = sum(h.n_tokens for h in new)
@@ -194,7 +195,8 @@ class RagIndex:
         embed_model = embed_model or minilm()
         if context and neighbours == "embedding":  # VectorStoreIndex keeps the embeddings (embeds no node twice)
             nodes = embed_model(nodes, show_progress=progress)
-        plan = plan_ingest(engine, nodes, context, neighbours)
+        precompute = CacheBlendPrecompute(engine=engine, context=context, neighbours=neighbours)
+        plan = plan_ingest(engine, nodes, context, neighbours, precompute)
         if on_plan is not None:
             on_plan(plan)
         if max_kv_bytes is not None and plan.kv_bytes > max_kv_bytes:
@@ -203,7 +205,6 @@ class RagIndex:
                 f"{plan.new_tokens:,} tokens), over the cap of {human_bytes(max_kv_bytes)}; nothing was computed. "
                 "Raise the cap (cacheblend ingest --max-kv-bytes), ingest fewer files, or use a larger --chunk-size"
             )
-        precompute = CacheBlendPrecompute(engine=engine, context=context, neighbours=neighbours)
         nodes = precompute(nodes, show_progress=progress)
         storage = StorageContext.from_defaults(vector_store=faiss_vector_store())
         for doc in docs:

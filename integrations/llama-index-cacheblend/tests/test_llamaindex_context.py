@@ -66,6 +66,16 @@ def test_embedding_neighbours_need_embeddings_lexical_ones_do_not(engine):
     texts = [n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes]
     want = engine.nearest_contexts(texts, 2)
     assert [list(h.context_ids) for _, h in planned] == [list(engine.context_ids(c)) for c in want]
+    calls = []
+    real = engine.nearest_contexts
+    engine.nearest_contexts = lambda *a: calls.append(a) or real(*a)
+    try:
+        transform(nodes)  # the ingest after its plan: the neighbours are not looked for again
+        assert calls == [] and [node_handle_key(n) for n in nodes] == [h.key for _, h in planned]
+        CacheBlendPrecompute(engine=engine, context=1).handles(nodes)  # another k: looked for
+        assert len(calls) == 1
+    finally:
+        del engine.nearest_contexts
     with pytest.raises(ValueError):
         CacheBlendPrecompute(engine=engine, context=2, neighbours="bm25")
 

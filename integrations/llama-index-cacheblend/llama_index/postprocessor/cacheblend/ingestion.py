@@ -52,6 +52,7 @@ class CacheBlendPrecompute(TransformComponent):
         "engine.precompute does) or 'embedding' (node embeddings: put the embedding model first).",
     )
     _engine: CacheBlendEngine = PrivateAttr()
+    _last_lexical: tuple | None = PrivateAttr(default=None)  # (texts, k, contexts): ``handles`` then a call reuse it
 
     def __init__(self, engine: CacheBlendEngine, **kwargs: Any) -> None:
         engine = check_engine(engine)
@@ -74,8 +75,11 @@ class CacheBlendPrecompute(TransformComponent):
         kept, texts = [node for node, _ in pairs], [text for _, text in pairs]
         if not self.context:
             return kept, texts, None
-        if self.neighbours == "lexical":
-            return kept, texts, self._engine.nearest_contexts(texts, self.context)
+        if self.neighbours == "lexical":  # O(N^2) over the nodes: computed once for a plan and the ingest after it
+            last = self._last_lexical
+            if last is None or last[0] != texts or last[1] != self.context:
+                last = self._last_lexical = (texts, self.context, self._engine.nearest_contexts(texts, self.context))
+            return kept, texts, [list(c) for c in last[2]]
         return kept, texts, self._engine.chunk_contexts(texts, neighbour_texts(kept, texts, self.context))
 
     def handles(self, nodes: Sequence[BaseNode]) -> list[tuple[BaseNode, ChunkHandle]]:
