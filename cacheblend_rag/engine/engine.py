@@ -245,6 +245,8 @@ class CacheBlendEngine:
         others in ``texts`` (TF-IDF cosine over token ids; copies of a text are one text), least similar first,
         trimmed as ``chunk_contexts`` trims a context. The weights count every text given: adding texts can change
         other texts' neighbours."""
+        if isinstance(texts, str):
+            raise TypeError("nearest_contexts takes a list of texts; wrap a single text: nearest_contexts([text], k)")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be an int >= 0 (neighbours per text), got {k!r}")
         return self.chunk_source.contexts(list(texts), k)

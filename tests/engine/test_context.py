@@ -111,6 +111,8 @@ def test_precompute_context_k_picks_the_k_lexically_nearest_texts(engine):
     assert engine.nearest_contexts(RIVER, 2) == two
     with pytest.raises(ValueError, match="k must be an int >= 0"):
         engine.nearest_contexts(RIVER, [[RIVER[1]]] * 4)
+    with pytest.raises(TypeError, match="wrap a single text"):
+        engine.nearest_contexts(RIVER[0], 1)
     with pytest.raises(ValueError, match="neighbours k >= 0"):
         engine.precompute(RIVER, context=True)
     alone = engine.precompute(RIVER, context=0, register=False)
