@@ -175,13 +175,15 @@ def cases(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         "sorted_subset": sub,
         "unsorted_subset": sub[torch.randperm(sub.numel(), generator=gen)],
         "suffix": torch.arange(n // 2, n),  # what prefix_cache computes
+        # what a blend computes: the head, scattered chunk rows, the question's contiguous run at the end
+        "blend": torch.cat([torch.arange(5), sub[(sub >= 5) & (sub < n - 40)], torch.arange(n - 40, n)]),
     }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(4, 4), (6, 2)])
 @pytest.mark.parametrize(
-    "which", ["prefill", "decode", "decode_many", "first", "sorted_subset", "unsorted_subset", "suffix"]
+    "which", ["prefill", "decode", "decode_many", "first", "sorted_subset", "unsorted_subset", "suffix", "blend"]
 )
 def test_cpu_path_equals_reference(dtype, q_heads, kv_heads, which):
     gen = torch.Generator().manual_seed(q_heads)
