@@ -117,10 +117,11 @@ def _block_attention(
     if first == 0:
         return own
     before, lse_before = _FLASH_LSE(q, k[None, :, :first], v[None, :, :first], 0.0, False, scale=scale)
-    top = torch.maximum(lse_before, lse_own)
-    w_before = torch.exp(lse_before - top)[..., None]  # [1, Hkv, G*Mb, 1] float32
-    w_own = torch.exp(lse_own - top)[..., None]
-    return ((before.float() * w_before + own.float() * w_own) / (w_before + w_own)).to(q.dtype)
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    top = torch.maximum(lse_before, lse_own).to(acc)
+    w_before = torch.exp(lse_before.to(acc) - top)[..., None]  # [1, Hkv, G*Mb, 1]
+    w_own = torch.exp(lse_own.to(acc) - top)[..., None]
+    return ((before.to(acc) * w_before + own.to(acc) * w_own) / (w_before + w_own)).to(q.dtype)
 
 
 def selected_attention_cpu(

@@ -180,7 +180,7 @@ def cases(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(4, 4), (6, 2)])
 @pytest.mark.parametrize(
     "which", ["prefill", "decode", "decode_many", "first", "sorted_subset", "unsorted_subset", "suffix", "blend"]
@@ -193,7 +193,8 @@ def test_cpu_path_equals_reference(dtype, q_heads, kv_heads, which):
     k = torch.randn(kv_heads, n, 16, generator=gen).to(dtype)
     v = torch.randn(n, kv_heads, 16, generator=gen).to(dtype).transpose(0, 1)
     expected = selected_attention_torch(q, q_pos, k, v, 0.25)
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype)
+    tol = {"rtol": tol, "atol": tol} if tol else {"rtol": 1.6e-2, "atol": 1e-2}
     assert_close(selected_attention_cpu(q, q_pos, k, v, 0.25), expected, **tol)
     assert_close(selected_attention(q, q_pos, k, v, 0.25), expected, **tol)  # the CPU wrapper's choice
 
