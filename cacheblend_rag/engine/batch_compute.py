@@ -1,12 +1,13 @@
 """Batched precompute: the KV of many chunks from one forward pass (varlen: the chunks' rows are concatenated).
 
-Each chunk is computed alone, after the chunk prefix, at positions 0..len-1 (``chunk_source.py``). Here the sequences
-``prefix + chunk`` of a batch are laid end to end as one [S] row set: the row-wise work (norms, projections, the
-MLP: almost all of the FLOPs) runs as one matrix product per weight over all S rows, and attention runs per
-sequence on its own rows (a block-diagonal causal mask, written as one attention call per sequence, so a chunk
-never sees another). The numbers are those of computing each chunk alone up to the matmul's summation order
-(``tests/engine/test_batch_compute.py``). Index tensors are built on the host and uploaded once; nothing in
-the layer loop reads the device.
+Each chunk is computed after the chunk prefix and its own context (none, or the texts it is stored after), at
+positions 0..len-1 (``chunk_source.py``). Here the sequences ``prefix + context + chunk`` of a batch are laid end
+to end as one [S] row set: the row-wise work (norms, projections, the MLP: almost all of the FLOPs) runs as one
+matrix product per weight over all S rows, and attention runs per sequence on its own rows (a block-diagonal
+causal mask, written as one attention call per sequence, so a chunk never sees another). The numbers are those of
+computing each chunk after its context alone, up to the matmul's summation order
+(``tests/engine/test_batch_compute.py``).
+Index tensors are built on the host and uploaded once; nothing in the layer loop reads the device.
 """
 
 from __future__ import annotations
@@ -43,11 +44,20 @@ def batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
-def compute_batch(fwd: ModelForward, prefix_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> list[ChunkKV]:
-    """The stored KV of every chunk in ``chunks`` (token ids), each computed after ``prefix_ids`` at positions
-    0..len-1, prefix rows dropped, keys before RoPE: one ChunkKV [L, Hkv, T_i, D] per chunk."""
-    p = len(prefix_ids)
-    seqs = [list(prefix_ids) + list(c) for c in chunks]
+def compute_batch(
+    fwd: ModelForward,
+    prefix_ids: Sequence[int],
+    chunks: Sequence[Sequence[int]],
+    contexts: Sequence[Sequence[int]] | None = None,
+) -> list[ChunkKV]:
+    """The stored KV of every chunk in ``chunks`` (token ids), each computed after ``prefix_ids`` and its own
+    ``contexts[i]`` (token ids; none by default) at positions 0..len-1, prefix and context rows dropped, keys
+    before RoPE: one ChunkKV [L, Hkv, T_i, D] per chunk."""
+    contexts = contexts if contexts is not None else [()] * len(chunks)
+    if len(contexts) != len(chunks):
+        raise ValueError(f"{len(contexts)} contexts for {len(chunks)} chunks; give one per chunk")
+    seqs = [[*prefix_ids, *ctx, *c] for ctx, c in zip(contexts, chunks)]
+    leads = [len(prefix_ids) + len(ctx) for ctx in contexts]  # the rows before each chunk's own
     lengths = [len(s) for s in seqs]
     offsets = [sum(lengths[:i]) for i in range(len(seqs))]
     device = fwd.device
@@ -72,7 +82,7 @@ def compute_batch(fwd: ModelForward, prefix_ids: Sequence[int], chunks: Sequence
             attn[:, o : o + n] = fwd.attend(q[:, o : o + n], pos, k_rot[:, o : o + n], v[:, o : o + n])
         h = fwd.finish_layer(layer, h, attn)  # [S, hidden]
     out = []
-    for o, n in zip(offsets, lengths):
-        rows = slice(o + p, o + n)
+    for o, n, lead in zip(offsets, lengths, leads):
+        rows = slice(o + lead, o + n)
         out.append(ChunkKV(torch.stack([k[:, rows] for k in ks]), torch.stack([v[:, rows] for v in vs])))
     return out

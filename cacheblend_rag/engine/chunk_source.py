@@ -141,16 +141,15 @@ class ChunkSource:
                 )
         todo = {h.key: h for h in handles if not self.store.contains(h.key)}
         self.metrics.add(precompute_cache_hits=len(handles) - len(todo))
-        alone = [h for h in todo.values() if not h.context_ids]
-        if self.batch_tokens > 0 and len(alone) == len(todo):
-            self._precompute_batched(alone, progress)
+        if self.batch_tokens > 0:
+            self._precompute_batched(list(todo.values()), progress)
             return
         items = todo.values()
         if progress and todo:
             from tqdm.auto import tqdm
 
             items = tqdm(items, total=len(todo), desc="precompute KV", unit="chunk")
-        for handle in items:  # chunks with a context are computed one by one
+        for handle in items:
             self.store.put(handle.key, self.compute(handle.token_ids, context_ids=handle.context_ids))
             self.metrics.add(precomputed_chunks=1)
 
@@ -158,7 +157,7 @@ class ChunkSource:
         """Compute ``handles`` several per forward (``batch_compute.py``), ``batch_tokens`` rows at most each."""
         fwd = self.forward.with_backend(self.backend)
         p = len(self.prefix_ids)
-        groups = batches([p + h.n_tokens for h in handles], self.batch_tokens)
+        groups = batches([p + len(h.context_ids) + h.n_tokens for h in handles], self.batch_tokens)
         bar = None
         if progress and handles:
             from tqdm.auto import tqdm
@@ -166,7 +165,8 @@ class ChunkSource:
             bar = tqdm(total=len(handles), desc="precompute KV", unit="chunk")
         for group in groups:
             with torch.inference_mode():
-                kvs = compute_batch(fwd, self.prefix_ids, [handles[i].token_ids for i in group])
+                chunks = [handles[i].token_ids for i in group]
+                kvs = compute_batch(fwd, self.prefix_ids, chunks, [handles[i].context_ids for i in group])
             for i, kv in zip(group, kvs):
                 self.store.put(handles[i].key, kv)
             self.metrics.add(precomputed_chunks=len(group))
